@@ -1,0 +1,105 @@
+// Argument checks shared by the CPU and CUDA glue. Every message names the op, the problem and
+// what to do about it.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "../core/sparse24.h"
+
+namespace pysparse::aten {
+
+inline int elem_size_for(const at::Tensor& t, const char* op, const char* name) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kDouble, op,
+              ": ", name, " must be float32, bfloat16, float16 or float64, got ", st);
+  return static_cast<int>(t.element_size());
+}
+
+inline void check_2d_weight(const at::Tensor& w, const char* op, const char* name) {
+  TORCH_CHECK(w.dim() == 2, op, ": ", name, " must be 2-D [out_features, in_features], got shape ",
+              w.sizes());
+  TORCH_CHECK(w.size(1) % 4 == 0, op, ": in_features (", name, ".size(1)) must be a multiple of 4 for 2:4, got ",
+              w.size(1), "; pad the weight with zero columns (and x with zeros) to the next multiple of 4");
+}
+
+// values [N, K/2] and meta uint8 [N, ceil(K/8)] describing a K-column weight.
+inline void check_packed(const at::Tensor& values, const at::Tensor& meta, int64_t K,
+                         const char* op) {
+  TORCH_CHECK(values.dim() == 2, op, ": values must be 2-D [out_features, in_features/2], got shape ",
+              values.sizes());
+  TORCH_CHECK(meta.dim() == 2, op, ": meta must be 2-D [out_features, ceil(in_features/8)], got shape ",
+              meta.sizes());
+  TORCH_CHECK(meta.scalar_type() == at::kByte, op, ": meta must be uint8 (as made by compress24), got ",
+              meta.scalar_type());
+  TORCH_CHECK(K % 4 == 0, op, ": in_features must be a multiple of 4 for 2:4, got ", K,
+              "; pad the weight to the next multiple of 4");
+  TORCH_CHECK(values.size(1) * 2 == K, op, ": values has ", values.size(1),
+              " columns, which packs in_features=", values.size(1) * 2, ", not ", K,
+              "; values must be [out_features, in_features/2] as made by compress24");
+  TORCH_CHECK(meta.size(0) == values.size(0), op, ": meta has ", meta.size(0),
+              " rows but values has ", values.size(0), "; they must come from the same compress24 call");
+  TORCH_CHECK(meta.size(1) == core::meta_cols(K), op, ": meta has ", meta.size(1),
+              " columns but in_features=", K, " needs ceil(K/8)=", core::meta_cols(K),
+              "; pass the meta made by compress24 for this weight");
+  TORCH_CHECK(values.device() == meta.device(), op, ": values is on ", values.device(),
+              " but meta is on ", meta.device(), "; move both with Sparse24Weight.to(device)");
+}
+
+// Checks for sparse24_linear; returns K.
+inline int64_t check_linear(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                            const c10::optional<at::Tensor>& bias) {
+  constexpr const char* op = "sparse24_linear";
+  TORCH_CHECK(values.dim() == 2, op, ": values must be 2-D [out_features, in_features/2], got shape ",
+              values.sizes());
+  const int64_t K = values.size(1) * 2;
+  check_packed(values, meta, K, op);
+  const auto st = values.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16, op,
+              ": weights must be float32 or bfloat16, got ", st,
+              "; convert the dense weight before compress24");
+  TORCH_CHECK(x.scalar_type() == st, op, ": x is ", x.scalar_type(), " but the weight is ", st,
+              "; cast x with x.to(", st, ")");
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
+  TORCH_CHECK(x.size(-1) == K, op, ": x.shape[-1] is ", x.size(-1), " but the weight has in_features=",
+              K, " (x shape ", x.sizes(), ")");
+  TORCH_CHECK(x.device() == values.device(), op, ": x is on ", x.device(), " but the weight is on ",
+              values.device(), "; move one of them");
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == values.size(0), op, ": bias must be [",
+                values.size(0), "], got shape ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == st, op, ": bias is ", bias->scalar_type(),
+                " but the weight is ", st, "; cast the bias");
+    TORCH_CHECK(bias->device() == values.device(), op, ": bias is on ", bias->device(),
+                " but the weight is on ", values.device());
+  }
+  return K;
+}
+
+inline std::vector<int64_t> linear_out_shape(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+// x as a 2-D [M, K] matrix whose rows have unit stride (a view when possible).
+inline at::Tensor as_rows(const at::Tensor& x, int64_t K) {
+  at::Tensor x2 = x.reshape({-1, K});
+  if (x2.size(0) > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
+  if (x2.size(0) <= 1 && !x2.is_contiguous()) x2 = x2.contiguous();
+  return x2;
+}
+
+inline std::string compress_error(const core::Compress24Status& st) {
+  std::ostringstream os;
+  os << "compress24: row " << st.row << ", group " << st.group << " (columns " << 4 * st.group
+     << ".." << 4 * st.group + 3 << ") has " << st.nonzeros
+     << " nonzeros; a 2:4 weight has at most 2 in every group of 4 along in_features. Prune it "
+        "first, e.g. w = torch.ops.pysparse.prune24(w) (or a mask pass), then compress";
+  return os.str();
+}
+
+}  // namespace pysparse::aten

@@ -1,0 +1,241 @@
+// CUDA implementations of the pysparse ops. Host-only C++ (ATen + c10/cuda headers); the device
+// code lives in csrc/cuda/ behind plain launchers.
+//
+// sparse24_linear on CUDA:
+//   M <= 16                       -> our 2:4 GEMV kernel (reads values+meta once)
+//   bf16, N % 16 == 0, K % 16 == 0 -> cuSPARSELt; the weight's cuSPARSELt form is built on first
+//                                    use and cached (see CsltCache), M padded to a multiple of 8
+//   otherwise (fp32, odd dims)    -> decompress to dense + cuBLAS (cuSPARSELt's fp32 pattern is
+//                                    1:2, so a 2:4 fp32 weight cannot use it)
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/intrusive_ptr.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <mutex>
+#include <sstream>
+#include <vector>
+
+#include "../cuda/sparse24_cuda.h"
+#include "common.h"
+
+namespace pysparse::aten {
+namespace {
+
+namespace pc = pysparse::cuda;
+
+void check_cuda(int err, const char* op) {
+  TORCH_CHECK(err == 0, op, ": CUDA error: ", pc::cuda_error_string(err));
+}
+
+void* stream_of(const at::Tensor& t) {
+  return static_cast<void*>(c10::cuda::getCurrentCUDAStream(t.device().index()).stream());
+}
+
+pc::DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return pc::DType::F32;
+    case at::kBFloat16: return pc::DType::BF16;
+    case at::kHalf: return pc::DType::F16;
+    default: return pc::DType::F64;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> compress24_cuda(const at::Tensor& dense) {
+  constexpr const char* op = "compress24";
+  check_2d_weight(dense, op, "dense");
+  const int es = elem_size_for(dense, op, "dense");
+  const c10::cuda::CUDAGuard guard(dense.device());
+  at::Tensor d = dense.contiguous();
+  const int64_t N = d.size(0), K = d.size(1);
+  at::Tensor values = at::empty({N, K / 2}, d.options());
+  at::Tensor meta = at::empty({N, core::meta_cols(K)}, d.options().dtype(at::kByte));
+  at::Tensor bad = at::full({1}, std::numeric_limits<int64_t>::max(), d.options().dtype(at::kLong));
+  check_cuda(pc::compress24(d.data_ptr(), N, K, es, values.data_ptr(), meta.data_ptr<uint8_t>(),
+                            bad.data_ptr<int64_t>(), stream_of(d)),
+             op);
+  const int64_t first_bad = bad.item<int64_t>();  // synchronises: errors must surface here
+  if (first_bad != std::numeric_limits<int64_t>::max()) {
+    core::Compress24Status st;
+    st.row = first_bad / (K / 4);
+    st.group = first_bad % (K / 4);
+    st.nonzeros = (d[st.row].narrow(0, 4 * st.group, 4) != 0).sum().item<int>();
+    TORCH_CHECK(false, compress_error(st));
+  }
+  return {values, meta};
+}
+
+at::Tensor decompress24_cuda(const at::Tensor& values, const at::Tensor& meta, int64_t K) {
+  constexpr const char* op = "decompress24";
+  check_packed(values, meta, K, op);
+  const int es = elem_size_for(values, op, "values");
+  const c10::cuda::CUDAGuard guard(values.device());
+  at::Tensor v = values.contiguous();
+  at::Tensor m = meta.contiguous();
+  at::Tensor dense = at::empty({v.size(0), K}, v.options());
+  check_cuda(pc::decompress24(v.data_ptr(), m.data_ptr<uint8_t>(), v.size(0), K, es,
+                              dense.data_ptr(), stream_of(v)),
+             op);
+  return dense;
+}
+
+at::Tensor prune24_cuda(const at::Tensor& w, const c10::optional<at::Tensor>& score) {
+  constexpr const char* op = "prune24";
+  check_2d_weight(w, op, "w");
+  const int es = elem_size_for(w, op, "w");
+  const c10::cuda::CUDAGuard guard(w.device());
+  at::Tensor wc = w.contiguous();
+  at::Tensor s;
+  if (score.has_value() && score->defined()) {
+    TORCH_CHECK(score->sizes() == w.sizes(), op, ": score must have the shape of w ", w.sizes(),
+                ", got ", score->sizes());
+    TORCH_CHECK(at::isFloatingType(score->scalar_type()), op,
+                ": score must be a floating tensor, got ", score->scalar_type());
+    TORCH_CHECK(score->device() == w.device(), op, ": score is on ", score->device(),
+                " but w is on ", w.device());
+    s = score->to(at::kFloat).contiguous();
+  } else {
+    s = wc.abs().to(at::kFloat).contiguous();
+  }
+  at::Tensor out = at::empty_like(wc);
+  check_cuda(pc::prune24(wc.data_ptr(), s.data_ptr<float>(), wc.size(0), wc.size(1), es,
+                         out.data_ptr(), stream_of(wc)),
+             op);
+  return out;
+}
+
+// The cuSPARSELt form of packed weights, keyed by the identity of the values/meta tensors.
+// Entries hold weak references to the TensorImpls, so an entry neither keeps a weight alive nor can
+// be matched by a different tensor that reuses the address; an in-place change of the weight bumps
+// its version counter and invalidates the entry. Dead entries are dropped on every insertion.
+class CsltCache {
+ public:
+  at::Tensor lookup_or_build(const at::Tensor& values, const at::Tensor& meta) {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const Entry& e : entries_)
+      if (e.matches(values, meta)) return e.compressed;
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
+                                  [](const Entry& e) { return e.values.expired() || e.meta.expired(); }),
+                   entries_.end());
+    entries_.emplace_back(values, meta, build(values, meta));
+    return entries_.back().compressed;
+  }
+
+ private:
+  using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+  struct Entry {
+    Entry(const at::Tensor& v, const at::Tensor& m, at::Tensor c)
+        : values(v.getIntrusivePtr()),
+          meta(m.getIntrusivePtr()),
+          values_ptr(v.data_ptr()),
+          meta_ptr(m.data_ptr()),
+          values_version(version(v)),
+          meta_version(version(m)),
+          compressed(std::move(c)) {}
+    WeakImpl values, meta;
+    const void* values_ptr;
+    const void* meta_ptr;
+    int64_t values_version, meta_version;
+    at::Tensor compressed;
+    bool matches(const at::Tensor& v, const at::Tensor& m) const {
+      if (values.expired() || meta.expired()) return false;
+      return values._unsafe_get_target() == v.unsafeGetTensorImpl() &&
+             meta._unsafe_get_target() == m.unsafeGetTensorImpl() && values_ptr == v.data_ptr() &&
+             meta_ptr == m.data_ptr() && values_version == version(v) &&
+             meta_version == version(m);
+    }
+  };
+  // Inference tensors carry no version counter (and cannot be modified outside inference mode).
+  static int64_t version(const at::Tensor& t) {
+    return t.is_inference() ? -1 : static_cast<int64_t>(t._version());
+  }
+  static at::Tensor build(const at::Tensor& values, const at::Tensor& meta) {
+    const int64_t N = values.size(0), K = values.size(1) * 2;
+    const int dev = values.device().index();
+    at::Tensor dense = decompress24_cuda(values, meta, K);
+    size_t size = 0, tmp_size = 0;
+    int st = pc::cslt_compressed_size(dev, dtype_of(values), N, K, &size, &tmp_size);
+    TORCH_CHECK(st == 0, "sparse24_linear: cuSPARSELt compressed-size query failed: ",
+                pc::cslt_error_string(st));
+    at::Tensor out = at::empty({static_cast<int64_t>(size)}, values.options().dtype(at::kByte));
+    at::Tensor tmp =
+        at::empty({static_cast<int64_t>(std::max<size_t>(tmp_size, 1))}, values.options().dtype(at::kByte));
+    st = pc::cslt_compress(dev, dtype_of(values), dense.data_ptr(), N, K, out.data_ptr(),
+                           tmp.data_ptr(), stream_of(values));
+    TORCH_CHECK(st == 0, "sparse24_linear: cuSPARSELt compression failed: ", pc::cslt_error_string(st));
+    return out;
+  }
+  std::mutex mu_;
+  std::vector<Entry> entries_;
+};
+
+CsltCache& cslt_cache() {
+  static CsltCache* c = new CsltCache();
+  return *c;
+}
+
+bool cslt_usable(int device) {
+  static std::mutex mu;
+  static std::vector<int> state(64, -1);  // -1 unknown, 0 no, 1 yes
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0 || device >= 64) return false;
+  if (state[device] < 0) state[device] = pc::cslt_info(device).available ? 1 : 0;
+  return state[device] == 1;
+}
+
+at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values,
+                                const at::Tensor& meta, const c10::optional<at::Tensor>& bias) {
+  constexpr const char* op = "sparse24_linear";
+  const int64_t K = check_linear(x, values, meta, bias);
+  const int64_t N = values.size(0);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor v = values.contiguous();
+  at::Tensor m = meta.contiguous();
+  at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) b = bias->contiguous();
+  const auto out_shape = linear_out_shape(x, N);
+  if (M <= pc::kGemvMaxRows) {
+    at::Tensor y = at::empty({M, N}, x.options());
+    check_cuda(pc::sparse24_gemv(dtype_of(v), x2.data_ptr(), M, v.data_ptr(), m.data_ptr<uint8_t>(),
+                                 N, K, b.defined() ? b.data_ptr() : nullptr, y.data_ptr(),
+                                 stream_of(x2)),
+               op);
+    return y.view(out_shape);
+  }
+  const int dev = x.device().index();
+  if (v.scalar_type() == at::kBFloat16 && N % 16 == 0 && K % 16 == 0 && cslt_usable(dev)) {
+    // The cache is keyed on the caller's tensors (v/m are the same tensors when contiguous).
+    at::Tensor compressed = cslt_cache().lookup_or_build(v, m);
+    const int64_t Mp = (M + 7) / 8 * 8;
+    at::Tensor xp = Mp == M ? x2 : at::cat({x2, at::zeros({Mp - M, K}, x2.options())}, 0);
+    at::Tensor y = at::empty({Mp, N}, x.options());
+    size_t ws = 0;
+    int st = pc::cslt_workspace(dev, dtype_of(v), Mp, N, K, &ws);
+    TORCH_CHECK(st == 0, op, ": cuSPARSELt plan failed: ", pc::cslt_error_string(st));
+    at::Tensor work = at::empty({static_cast<int64_t>(std::max<size_t>(ws, 1))}, x.options().dtype(at::kByte));
+    st = pc::cslt_matmul(dev, dtype_of(v), compressed.data_ptr(), xp.data_ptr(), Mp, N, K,
+                         y.data_ptr(), work.data_ptr(), stream_of(x2));
+    TORCH_CHECK(st == 0, op, ": cuSPARSELt matmul failed: ", pc::cslt_error_string(st));
+    if (Mp != M) y = y.narrow(0, 0, M);
+    if (b.defined()) y.add_(b);
+    return y.reshape(out_shape);
+  }
+  at::Tensor dense = decompress24_cuda(v, m, K);
+  at::Tensor y = b.defined() ? at::addmm(b, x2, dense.t()) : at::mm(x2, dense.t());
+  return y.view(out_shape);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pysparse, CUDA, m) {
+  m.impl("compress24", &compress24_cuda);
+  m.impl("decompress24", &decompress24_cuda);
+  m.impl("prune24", &prune24_cuda);
+  m.impl("sparse24_linear", &sparse24_linear_cuda);
+}
+
+}  // namespace pysparse::aten

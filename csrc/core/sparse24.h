@@ -1,0 +1,89 @@
+// Torch-free 2:4 sparse kernels: compression, pruning and the sparse linear layer.
+//
+// Packed layout (shared by every CPU kernel and by the hand-written CUDA kernels):
+//   values [N, K/2]       the two kept weights of each group of 4 along K, in ascending index order
+//   meta   [N, ceil(K/8)] uint8; per group one nibble = idx0 | idx1 << 2 (idx0 < idx1, each 0..3),
+//                         two groups per byte, the even group in the low nibble. When K/4 is odd the
+//                         last high nibble is 0.
+// A group with fewer than two nonzeros stores explicit zeros; its indices are the nonzero ones
+// completed with the lowest free indices, so the packed form of a tensor is unique.
+//
+// Everything here takes raw pointers and sizes so the googletests build without libtorch.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+namespace pysparse::core {
+
+// ---- bf16 <-> fp32 -------------------------------------------------------------------------
+inline float bf16_to_float(uint16_t h) {
+  uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Round to nearest, ties to even (what torch does); NaN stays a quiet NaN.
+inline uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof(bits));
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x0040u);
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+
+inline int64_t meta_cols(int64_t K) { return (K / 4 + 1) / 2; }
+
+// ---- compression -----------------------------------------------------------------------------
+// Outcome of compress24: ok, or the first group (row-major order) holding more than two nonzeros.
+struct Compress24Status {
+  int64_t row = -1;
+  int64_t group = -1;
+  int nonzeros = 0;
+  bool ok() const { return row < 0; }
+};
+
+// dense: [N, K] with row stride ld (elements); elem_size 2, 4 or 8 bytes. A value counts as zero
+// when all its bits but the sign are clear (+0 and -0), which is right for every IEEE type.
+// On failure nothing past the offending row is written.
+Compress24Status compress24(const void* dense, int64_t N, int64_t K, int64_t ld, int elem_size,
+                            void* values, uint8_t* meta);
+
+void decompress24(const void* values, const uint8_t* meta, int64_t N, int64_t K, int elem_size,
+                  void* dense);
+
+// Keeps the two largest scores of each group of 4 (ties: lower index first; NaN scores rank
+// lowest), copies those elements of w bitwise and zeroes the rest. w and out: [N, K] contiguous.
+void prune24(const void* w, const float* score, int64_t N, int64_t K, int elem_size, void* out);
+
+// ---- sparse linear: y[M, N] = x[M, K] @ W^T + bias ---------------------------------------------
+// x rows have stride ldx, y rows stride ldy (elements). bias may be null. nthreads <= 0 means
+// "OpenMP default". fp32: everything float. bf16: x, values, bias and y are bf16 bit patterns;
+// products are accumulated in fp32 and y is rounded once.
+void sparse24_linear_f32(const float* x, int64_t M, int64_t ldx, const float* values,
+                         const uint8_t* meta, int64_t N, int64_t K, const float* bias, float* y,
+                         int64_t ldy, int nthreads);
+void sparse24_linear_bf16(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* values,
+                          const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
+                          uint16_t* y, int64_t ldy, int nthreads);
+
+// ---- CPU features and kernel selection --------------------------------------------------------
+struct CpuFeatures {
+  bool avx2 = false;
+  bool fma = false;
+  bool f16c = false;
+};
+CpuFeatures cpu_features();
+
+// Which implementation the linear kernels use: "avx2" or "scalar". The AVX2 path is taken when the
+// CPU has AVX2+FMA, unless the environment variable PYSPARSE_DISABLE_AVX2=1 is set (read on every
+// call, so tests can exercise the scalar fallback in the same process).
+const char* sparse24_linear_impl();
+
+// Rows of x at or below which the GEMV (row-at-a-time) kernel is used instead of the GEMM kernel
+// that vectorises over rows of x.
+int sparse24_gemv_max_rows();
+
+}  // namespace pysparse::core

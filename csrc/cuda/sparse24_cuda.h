@@ -1,0 +1,54 @@
+// Plain-C++ interface to the CUDA kernels (no torch headers on either side, so the .cu files
+// compile in seconds). All launchers are asynchronous on `stream` and return a cudaError_t as int
+// (0 = success); the ATen glue turns a failure into a Python error.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace pysparse::cuda {
+
+// dtype codes shared with the glue.
+enum class DType : int { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
+
+// Packed layout as on the CPU (see csrc/core/sparse24.h). `bad_group` (device int64, preset to
+// INT64_MAX by the caller) receives the lowest flat group index (row * K/4 + group) that has more
+// than two nonzeros; nothing is written for such a row.
+int compress24(const void* dense, int64_t N, int64_t K, int elem_size, void* values, uint8_t* meta,
+               int64_t* bad_group, void* stream);
+int decompress24(const void* values, const uint8_t* meta, int64_t N, int64_t K, int elem_size,
+                 void* dense, void* stream);
+int prune24(const void* w, const float* score, int64_t N, int64_t K, int elem_size, void* out,
+            void* stream);
+
+// Hand-written 2:4 GEMV/skinny GEMM, y[M,N] = x[M,K] W^T (+ bias), for M <= kGemvMaxRows.
+// fp32 or bf16 (x, W, bias, y share the dtype); fp32 accumulation.
+constexpr int kGemvMaxRows = 16;
+int sparse24_gemv(DType dtype, const void* x, int64_t M, const void* values, const uint8_t* meta,
+                  int64_t N, int64_t K, const void* bias, void* y, void* stream);
+
+// ---- cuSPARSELt (bf16/fp16 only: for fp32 its 50% pattern is 1:2, not 2:4) -------------------
+struct CsltInfo {
+  bool available = false;  // a handle could be created (needs a GPU)
+  int version = 0;         // library version as major*1000 + minor*100 + patch
+  int status = 0;          // cusparseStatus_t of the failed init when !available
+};
+CsltInfo cslt_info(int device);
+int cslt_header_version();
+
+// Size in bytes of the compressed form of a dense [N, K] row-major structured matrix.
+int cslt_compressed_size(int device, DType dtype, int64_t N, int64_t K, size_t* size,
+                         size_t* buffer_size);
+// dense: [N, K] row-major 2:4 along K. out: cslt_compressed_size bytes; tmp: buffer_size bytes.
+int cslt_compress(int device, DType dtype, const void* dense, int64_t N, int64_t K, void* out,
+                  void* tmp, void* stream);
+// Workspace needed by cslt_matmul for this problem (plans are cached per device/shape/dtype).
+int cslt_workspace(int device, DType dtype, int64_t M, int64_t N, int64_t K, size_t* size);
+// y[M, N] = x[M, K] @ W^T; M a multiple of 8, N and K multiples of 16 (the glue pads M and adds
+// the bias itself, so plans do not depend on a bias pointer).
+int cslt_matmul(int device, DType dtype, const void* compressed, const void* x, int64_t M,
+                int64_t N, int64_t K, void* y, void* workspace, void* stream);
+const char* cslt_error_string(int status);
+const char* cuda_error_string(int err);
+
+}  // namespace pysparse::cuda

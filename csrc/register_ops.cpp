@@ -1,0 +1,15 @@
+// Every pysparse op schema, in one place. Kernels register themselves beside their code with
+// TORCH_LIBRARY_IMPL (csrc/aten/*_cpu.cpp, *_cuda.cpp); fakes/autograd live in pysparse/ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(pysparse, m) {
+  // dense [N, K] (K % 4 == 0, <= 2 nonzeros per group of 4 along K) ->
+  //   values [N, K/2] (same dtype), meta uint8 [N, ceil(K/8)] (see csrc/core/sparse24.h)
+  m.def("compress24(Tensor dense) -> (Tensor values, Tensor meta)");
+  // Exact inverse of compress24.
+  m.def("decompress24(Tensor values, Tensor meta, int K) -> Tensor");
+  // Keeps the 2 largest score (default |w|) per group of 4 along K; ties -> lower index.
+  m.def("prune24(Tensor w, Tensor? score=None) -> Tensor");
+  // y = x @ W^T + bias with W packed 2:4; x [..., K]; fp32 or bf16 (fp32 accumulation).
+  m.def("sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
+}

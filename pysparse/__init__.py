@@ -1,0 +1,68 @@
+"""pysparse: a compiler-style toolchain for serving sparse LLMs.
+
+Two kinds of sparsity, on kernels of our own: 2:4 weight sparsity (ProxSparse masks, compressed to
+the packed 2:4 layout) and activation sparsity (ProSparse ReLU FFNs). This module loads the
+compiled extension ``pysparse._C`` (which registers ``torch.ops.pysparse.*``) defensively: if it is
+missing or was built against another torch, the pure-Python parts still import and using an op
+raises an error that says how to rebuild.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+
+import torch  # the extension has no rpath of its own to torch's libraries: load them first
+
+__version__ = "0.1.0"
+_log = logging.getLogger(__name__)
+
+_C = None
+_C_ERROR: str | None = None
+
+REBUILD_HINT = (
+    "Rebuild pysparse against the installed torch from the repository root with: "
+    "pip install --no-build-isolation ."
+)
+
+try:
+    _C = importlib.import_module("pysparse._C")
+except ImportError as exc:  # missing, or an ABI/undefined-symbol mismatch with this torch
+    _C_ERROR = f"pysparse._C could not be loaded ({exc}). {REBUILD_HINT}"
+else:
+    _built = _C.build_info()["torch_version"]
+    if _built != torch.__version__:
+        _C_ERROR = (
+            f"pysparse._C was built against torch {_built} but torch {torch.__version__} is "
+            f"installed. {REBUILD_HINT}"
+        )
+        _C = None
+
+
+def extension_error() -> str | None:
+    """Why the compiled extension is unusable, or None when it loaded."""
+    return _C_ERROR
+
+
+def require_extension() -> None:
+    """Raises RuntimeError with a rebuild hint when the compiled kernels are not available."""
+    if _C_ERROR is not None:
+        raise RuntimeError(_C_ERROR)
+
+
+def build_info() -> dict:
+    """How the extension was built and what this machine offers (CPU features, CUDA, cuSPARSELt)."""
+    require_extension()
+    info = dict(_C.build_info())
+    info["cpu"] = dict(_C.cpu_info())
+    if info["cuda"] and torch.cuda.is_available():
+        info["cusparselt"] = dict(_C.cusparselt_info(torch.cuda.current_device()))
+    else:
+        info["cusparselt"] = {"available": False, "status": "CUDA unavailable"}
+    return info
+
+
+from pysparse import ops  # noqa: E402  (needs the extension state above)
+from pysparse.formats import Sparse24Weight  # noqa: E402
+
+__all__ = ["Sparse24Weight", "build_info", "extension_error", "ops", "require_extension"]

@@ -1,0 +1,131 @@
+"""Sparse24Weight: the container for a 2:4-compressed weight, and its round trip to dense.
+
+A ``Sparse24Weight`` holds only plain tensors (``values``, ``meta``) plus a few ints, so it fits in
+a state dict, moves with ``.to(device)``, and is what the Compress24/Lower passes store as module
+buffers. ``layout`` records which packed form the tensors hold: ``"pysparse24"`` is the layout of
+pysparse.ops (CPU and our CUDA kernels). cuSPARSELt's opaque compressed buffer is derived from it on
+the GPU on first use and cached by the op, so it never has to be saved.
+
+Weights whose in_features is not a multiple of 4 are padded with zero columns (a warning says so);
+``linear`` pads x to match, and ``to_dense`` drops the padding again.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from pysparse import ops
+
+_log = logging.getLogger(__name__)
+
+LAYOUT_PYSPARSE24 = "pysparse24"
+
+
+@dataclass
+class Sparse24Weight:
+    values: torch.Tensor  # [N, Kp/2]
+    meta: torch.Tensor  # uint8 [N, ceil(Kp/8)]
+    in_features: int  # K of the original weight (before padding)
+    layout: str = LAYOUT_PYSPARSE24
+
+    @property
+    def out_features(self) -> int:
+        return int(self.values.shape[0])
+
+    @property
+    def padded_in_features(self) -> int:
+        return int(self.values.shape[1]) * 2
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def nbytes(self) -> int:
+        """Bytes the kernels read per pass over the weight (values + meta)."""
+        return self.values.numel() * self.values.element_size() + self.meta.numel()
+
+    @classmethod
+    def from_dense(cls, w: torch.Tensor, *, prune: bool = False) -> Sparse24Weight:
+        """Compresses a dense 2:4-masked weight ``[out_features, in_features]``.
+
+        With ``prune=True`` the weight is first magnitude-pruned to 2:4 (``ops.prune24``); otherwise a
+        weight that is not 2:4 raises an error naming the first offending row and group.
+        """
+        if w.dim() != 2:
+            raise ValueError(f"Sparse24Weight.from_dense: expected a 2-D weight, got shape {tuple(w.shape)}")
+        w = w.detach()
+        K = int(w.shape[1])
+        pad = (-K) % 4
+        if pad:
+            _log.warning(
+                "Sparse24Weight: in_features=%d is not a multiple of 4; padding with %d zero column(s)",
+                K,
+                pad,
+            )
+            w = torch.nn.functional.pad(w, (0, pad))
+        if prune:
+            w = ops.prune24(w)
+        values, meta = ops.compress24(w)
+        return cls(values=values, meta=meta, in_features=K)
+
+    def to_dense(self) -> torch.Tensor:
+        """The dense ``[out_features, in_features]`` weight (zeros where pruned)."""
+        dense = ops.decompress24(self.values, self.meta, self.padded_in_features)
+        return dense[:, : self.in_features] if self.padded_in_features != self.in_features else dense
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Sparse24Weight:
+        """Moves (and optionally casts) the weight; casting packed values is exact for zeros, so the
+        pattern is preserved."""
+        values = self.values.to(device=device, dtype=dtype)
+        meta = self.meta.to(device=device)
+        return Sparse24Weight(values=values, meta=meta, in_features=self.in_features, layout=self.layout)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T + bias`` on the 2:4 kernels; x is zero-padded if the weight was."""
+        if self.padded_in_features != self.in_features:
+            x = torch.nn.functional.pad(x, (0, self.padded_in_features - self.in_features))
+        return ops.sparse24_linear(x, self.values, self.meta, bias)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Plain tensors only, so it can live inside a module state dict or a safetensors file."""
+        return {
+            "values": self.values,
+            "meta": self.meta,
+            "in_features": torch.tensor(self.in_features, dtype=torch.int64),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> Sparse24Weight:
+        missing = {"values", "meta", "in_features"} - set(state)
+        if missing:
+            raise KeyError(f"Sparse24Weight.from_state_dict: missing entries {sorted(missing)}")
+        w = cls(values=state["values"], meta=state["meta"], in_features=int(state["in_features"]))
+        expected = ops.meta_cols(w.padded_in_features)
+        if w.meta.dtype != torch.uint8 or tuple(w.meta.shape) != (w.out_features, expected):
+            raise ValueError(
+                f"Sparse24Weight.from_state_dict: meta must be uint8 [{w.out_features}, {expected}], "
+                f"got {w.meta.dtype} {tuple(w.meta.shape)}"
+            )
+        if not 0 <= w.padded_in_features - w.in_features < 4:
+            raise ValueError(
+                f"Sparse24Weight.from_state_dict: in_features={w.in_features} does not fit values "
+                f"with {w.padded_in_features} packed columns"
+            )
+        return w
+
+    def __repr__(self) -> str:
+        return (
+            f"Sparse24Weight(shape={self.shape}, dtype={self.dtype}, device={self.device}, "
+            f"layout={self.layout!r}, {self.nbytes() / 1e6:.2f} MB)"
+        )

@@ -1,0 +1,146 @@
+"""Typed Python entry points to the ``torch.ops.pysparse`` kernels, with their fake (meta)
+implementations for torch.compile / torch.export and the autograd formula of the linear op.
+
+The schemas themselves are defined once, in C++ (csrc/register_ops.cpp).
+
+Packed 2:4 layout (every op here, CPU and CUDA):
+    values  [N, K/2]        the two kept weights of each group of 4 along K, ascending index order
+    meta    uint8 [N, ceil(K/8)]  per group one nibble ``idx0 | idx1 << 2`` (idx0 < idx1), two groups
+                             per byte, the even group in the low nibble; when K/4 is odd the last
+                             high nibble is 0. Groups with fewer than two nonzeros store explicit
+                             zeros at the nonzero indices completed by the lowest free ones.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import pysparse
+
+__all__ = ["compress24", "decompress24", "prune24", "sparse24_linear", "meta_cols"]
+
+
+def meta_cols(K: int) -> int:
+    """Bytes of metadata per row for ``K`` input features: ceil(K / 8)."""
+    return (K // 4 + 1) // 2
+
+
+def compress24(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packs a 2:4-sparse weight.
+
+    Args:
+        dense: ``[N, K]`` float32/bfloat16/float16/float64, ``K % 4 == 0``, at most two nonzeros in
+            every group of 4 consecutive elements along K. Anything else is an error that names the
+            first offending row and group (the weight is never pruned silently; use ``prune24``).
+
+    Returns:
+        ``(values [N, K/2] same dtype, meta uint8 [N, ceil(K/8)])`` in the layout of this module.
+    """
+    pysparse.require_extension()
+    return torch.ops.pysparse.compress24.default(dense)
+
+
+def decompress24(values: torch.Tensor, meta: torch.Tensor, K: int) -> torch.Tensor:
+    """Exact inverse of ``compress24``.
+
+    Args:
+        values: ``[N, K/2]``.
+        meta: uint8 ``[N, ceil(K/8)]``.
+        K: in_features of the dense weight (``2 * values.shape[1]``).
+
+    Returns:
+        The dense ``[N, K]`` weight (zeros where nothing was kept).
+    """
+    pysparse.require_extension()
+    return torch.ops.pysparse.decompress24.default(values, meta, K)
+
+
+def prune24(w: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tensor:
+    """Magnitude (or score) 2:4 pruning.
+
+    Args:
+        w: ``[N, K]`` weight, ``K % 4 == 0``.
+        score: optional ``[N, K]`` importance (compared in float32); default ``|w|``. In each group
+            of 4 along K the two largest scores are kept; ties go to the lower index and NaN scores
+            rank lowest, so exactly two entries per group survive.
+
+    Returns:
+        ``w`` with the other two entries of each group set to zero (same dtype and shape).
+    """
+    pysparse.require_extension()
+    return torch.ops.pysparse.prune24.default(w, score)
+
+
+def sparse24_linear(
+    x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y = x @ W.T + bias`` with ``W`` in the packed 2:4 layout.
+
+    Args:
+        x: ``[..., K]``, same dtype as ``values`` (float32 or bfloat16).
+        values, meta: the packed weight from ``compress24`` (``W`` is ``[N, K]``).
+        bias: optional ``[N]`` of the same dtype.
+
+    Returns:
+        ``[..., N]`` in x's dtype. bfloat16 weights are read as bfloat16 and accumulated in float32;
+        the result is rounded once.
+    """
+    pysparse.require_extension()
+    return torch.ops.pysparse.sparse24_linear.default(x, values, meta, bias)
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("pysparse::compress24")
+    def _compress24_fake(dense):
+        torch._check(dense.dim() == 2, lambda: "compress24: dense must be 2-D")
+        N, K = dense.shape
+        torch._check(K % 4 == 0, lambda: f"compress24: in_features must be a multiple of 4, got {K}")
+        values = dense.new_empty((N, K // 2))
+        meta = dense.new_empty((N, meta_cols(K)), dtype=torch.uint8)
+        return values, meta
+
+    @torch.library.register_fake("pysparse::decompress24")
+    def _decompress24_fake(values, meta, K):
+        torch._check(values.dim() == 2 and meta.dim() == 2, lambda: "decompress24: 2-D inputs")
+        torch._check(values.shape[1] * 2 == K, lambda: "decompress24: values must be [N, K/2]")
+        torch._check(meta.dtype == torch.uint8, lambda: "decompress24: meta must be uint8")
+        return values.new_empty((values.shape[0], K))
+
+    @torch.library.register_fake("pysparse::prune24")
+    def _prune24_fake(w, score=None):
+        torch._check(w.dim() == 2, lambda: "prune24: w must be 2-D")
+        torch._check(w.shape[1] % 4 == 0, lambda: "prune24: in_features must be a multiple of 4")
+        return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("pysparse::sparse24_linear")
+    def _sparse24_linear_fake(x, values, meta, bias=None):
+        torch._check(values.dim() == 2, lambda: "sparse24_linear: values must be 2-D")
+        K = values.shape[1] * 2
+        torch._check(x.shape[-1] == K, lambda: "sparse24_linear: x.shape[-1] must equal in_features")
+        torch._check(x.dtype == values.dtype, lambda: "sparse24_linear: x and weight dtypes differ")
+        torch._check(meta.dtype == torch.uint8, lambda: "sparse24_linear: meta must be uint8")
+        return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+    def _linear_setup_context(ctx, inputs, output):
+        x, values, meta, bias = inputs
+        ctx.save_for_backward(values, meta)
+        ctx.has_bias = bias is not None
+
+    def _linear_backward(ctx, grad):
+        values, meta = ctx.saved_tensors
+        K = values.shape[1] * 2
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            w = torch.ops.pysparse.decompress24.default(values, meta, K)
+            grad_x = grad @ w
+        if ctx.has_bias and ctx.needs_input_grad[3]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, None, None, grad_bias
+
+    torch.library.register_autograd(
+        "pysparse::sparse24_linear", _linear_backward, setup_context=_linear_setup_context
+    )
+
+
+if pysparse.extension_error() is None:
+    _register_fakes()
