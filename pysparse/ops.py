@@ -119,6 +119,10 @@ def _register_fakes() -> None:
         torch._check(x.shape[-1] == K, lambda: "sparse24_linear: x.shape[-1] must equal in_features")
         torch._check(x.dtype == values.dtype, lambda: "sparse24_linear: x and weight dtypes differ")
         torch._check(meta.dtype == torch.uint8, lambda: "sparse24_linear: meta must be uint8")
+        torch._check(
+            x.device == values.device,
+            lambda: f"sparse24_linear: x is on {x.device} but the weight is on {values.device}",
+        )
         return x.new_empty((*x.shape[:-1], values.shape[0]))
 
     def _linear_setup_context(ctx, inputs, output):

@@ -1,0 +1,96 @@
+"""Benchmark: pysparse 2:4 linear vs torch dense linear on the same masked weight, same run.
+
+For each weight shape [N, K] (out x in), batch M and dtype it prints the median time of both after
+warm-up and the ratio dense/sparse (> 1 means pysparse is faster). For M = 1 (decode, memory-bound)
+it also prints the bandwidth the 2:4 kernel achieves (values + meta bytes / time) beside a streaming
+read of a buffer of the same size timed in the same run (torch.sum over it), and their ratio.
+
+    python bench/linear24.py                 # the full table of the foundation issue
+    python bench/linear24.py --quick         # fewer shapes and repeats
+    python bench/linear24.py --shapes 11008x4096 --batches 1 --dtypes float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import pysparse
+from pysparse import ops
+
+DEFAULT_SHAPES = ["4096x4096", "11008x4096", "4096x11008", "1536x384"]
+DEFAULT_BATCHES = [1, 8, 64, 512]
+
+
+def median_time(fn, min_repeats: int, min_seconds: float, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_repeats or (time.perf_counter() - start) < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return statistics.median(times)
+
+
+def stream_read_gbs(nbytes: int, repeats: int, min_seconds: float) -> float:
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    t = median_time(lambda: buf.sum(), repeats, min_seconds)
+    return nbytes / t / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="NxK (out x in)")
+    ap.add_argument("--batches", nargs="*", type=int, default=DEFAULT_BATCHES)
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    args = ap.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeats, min_s = (3, 0.2) if args.quick else (7, 0.5)
+    info = pysparse.build_info()
+    print(
+        f"# pysparse {info['version']} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+        f"cpu kernel {info['cpu']['linear_impl']} (gemv for M <= {info['cpu']['gemv_max_rows']})"
+    )
+    print("| dtype | N x K | M | dense ms | 2:4 ms | speed-up | 2:4 GB/s | stream GB/s | % of stream |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    torch.manual_seed(0)
+    for dtype_name in args.dtypes:
+        dtype = getattr(torch, dtype_name)
+        for shape in args.shapes:
+            N, K = (int(s) for s in shape.lower().split("x"))
+            w = ops.prune24(torch.randn(N, K, dtype=torch.float32)).to(dtype)
+            sw = pysparse.Sparse24Weight.from_dense(w)
+            stream = None
+            for M in args.batches:
+                x = torch.randn(M, K, dtype=torch.float32).to(dtype)
+                with torch.inference_mode():
+                    t_dense = median_time(lambda: torch.nn.functional.linear(x, w), repeats, min_s)
+                    t_sparse = median_time(
+                        lambda: torch.ops.pysparse.sparse24_linear(x, sw.values, sw.meta), repeats, min_s
+                    )
+                cols = ["", "", ""]
+                if M == 1:
+                    if stream is None:
+                        stream = stream_read_gbs(sw.nbytes(), repeats, min_s)
+                    gbs = sw.nbytes() / t_sparse / 1e9
+                    cols = [f"{gbs:.1f}", f"{stream:.1f}", f"{100 * gbs / stream:.0f}%"]
+                print(
+                    f"| {dtype_name} | {N}x{K} | {M} | {t_dense * 1e3:.3f} | {t_sparse * 1e3:.3f} | "
+                    f"{t_dense / t_sparse:.2f}x | " + " | ".join(cols) + " |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()

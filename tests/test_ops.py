@@ -1,0 +1,280 @@
+"""pysparse CPU ops against their float64 references (pysparse/reference.py), on random inputs with
+awkward shapes, both kernel implementations (AVX2 and the scalar fallback), plus opcheck and the
+errors bad inputs get."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import pysparse
+from pysparse import ops
+from pysparse import reference as R
+
+DTYPES = [torch.float32, torch.bfloat16]
+MS = [1, 3, 17, 64]
+KS = [4, 12, 388, 4100]
+NS = [1, 7, 33]
+
+
+@pytest.fixture(params=["avx2", "scalar"])
+def impl(request, monkeypatch):
+    """Runs a test on the AVX2 kernels and again on the scalar fallback (chosen per call)."""
+    if request.param == "scalar":
+        monkeypatch.setenv("PYSPARSE_DISABLE_AVX2", "1")
+    else:
+        monkeypatch.delenv("PYSPARSE_DISABLE_AVX2", raising=False)
+        if not pysparse._C.cpu_info()["avx2"]:
+            pytest.skip("this CPU has no AVX2")
+    assert pysparse._C.cpu_info()["linear_impl"] == request.param
+    return request.param
+
+
+def random_24(N: int, K: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """A 2:4 weight with random patterns, including groups with 0 or 1 nonzeros."""
+    w = torch.randn(N, K, generator=gen)
+    w = ops.prune24(w)
+    drop = torch.rand(N, K, generator=gen) < 0.15
+    return w.masked_fill(drop, 0.0).to(dtype)
+
+
+def assert_close_to_reference(y, ref, mag, n_terms, dtype):
+    """fp32 accumulation of n_terms products errs by ~sqrt(n)*eps*sum|x*w| (we allow 4x that);
+    bf16 output adds one rounding, half an ulp = 2^-9 relative (we allow 2^-8)."""
+    err = (y.to(torch.float64) - ref).abs()
+    tol = 4.0 * math.sqrt(n_terms + 1) * torch.finfo(torch.float32).eps * mag + 1e-6
+    if dtype == torch.bfloat16:
+        tol = tol + ref.abs() * 2.0**-8
+    bad = err > tol
+    assert not bad.any(), (
+        f"{int(bad.sum())} outputs off; worst err {float(err.max()):.3g} vs tol {float(tol[bad].min()):.3g}"
+    )
+
+
+def magnitude(x, values, meta, bias):
+    K = values.shape[1] * 2
+    w = R.reference_decompress24(values, meta, K).to(torch.float64).abs()
+    m = x.to(torch.float64).abs() @ w.T
+    return m + (bias.to(torch.float64).abs() if bias is not None else 0)
+
+
+# ---- compress / decompress / prune ----------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("N,K", [(1, 4), (7, 12), (33, 388), (3, 4100)])
+def test_compress_matches_reference_and_round_trips(dtype, N, K):
+    gen = torch.Generator().manual_seed(N * 1000 + K)
+    w = random_24(N, K, dtype, gen)
+    values, meta = ops.compress24(w)
+    rv, rm = R.reference_compress24(w)
+    assert values.dtype == dtype and meta.dtype == torch.uint8
+    assert values.shape == (N, K // 2) and meta.shape == (N, ops.meta_cols(K))
+    torch.testing.assert_close(values, rv, rtol=0, atol=0)  # a pure copy: bit-exact
+    torch.testing.assert_close(meta, rm, rtol=0, atol=0)
+    torch.testing.assert_close(ops.decompress24(values, meta, K), w, rtol=0, atol=0)
+    torch.testing.assert_close(R.reference_decompress24(values, meta, K), w, rtol=0, atol=0)
+
+
+def test_compress_accepts_strided_rows():
+    gen = torch.Generator().manual_seed(5)
+    big = random_24(6, 24, torch.float32, gen)
+    view = big[:, 8:20]  # rows with stride 24, groups still aligned to 4
+    values, meta = ops.compress24(view)
+    torch.testing.assert_close(ops.decompress24(values, meta, 12), view, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("with_score", [False, True])
+def test_prune_matches_reference(dtype, with_score):
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(17, 388, generator=gen).to(dtype)
+    w[0, :8] = 1.0  # exact ties
+    score = torch.randn(17, 388, generator=gen) if with_score else None
+    if score is not None:
+        score[1, :4] = float("nan")
+        score[2, 4:8] = 0.5
+    out = ops.prune24(w, score)
+    torch.testing.assert_close(out, R.reference_prune24(w, score), rtol=0, atol=0)
+    assert R.is_24_sparse(out)
+    assert ((out != 0).reshape(17, -1, 4).sum(-1) <= 2).all()
+
+
+def test_prune_tie_rule_is_lower_index():
+    w = torch.tensor([[1.0, -1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    assert ops.prune24(w).tolist() == [[1.0, -1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
+
+
+# ---- sparse24_linear ------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("K", KS)
+@pytest.mark.parametrize("N", NS)
+def test_linear_matches_reference(impl, dtype, M, K, N):
+    gen = torch.Generator().manual_seed(hash((M, K, N)) % 2**31)
+    w = random_24(N, K, dtype, gen)
+    values, meta = ops.compress24(w)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype) if M % 2 else None
+    y = ops.sparse24_linear(x, values, meta, bias)
+    assert y.shape == (M, N) and y.dtype == dtype
+    ref = R.reference_sparse24_linear(x, values, meta, bias)
+    assert_close_to_reference(y, ref, magnitude(x, values, meta, bias), K // 2, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
+def test_linear_large_shape_against_dense(impl, dtype):
+    """A LLaMA-sized row count through both the GEMV (M=1) and the GEMM (M=70) kernels."""
+    gen = torch.Generator().manual_seed(1)
+    w = random_24(300, 4096, dtype, gen)
+    values, meta = ops.compress24(w)
+    for M in (1, 2, 5, 70):
+        x = torch.randn(M, 4096, generator=gen).to(dtype)
+        y = ops.sparse24_linear(x, values, meta)
+        ref = R.reference_sparse24_linear(x, values, meta)
+        assert_close_to_reference(y, ref, magnitude(x, values, meta, None), 2048, dtype)
+
+
+def test_linear_leading_dims_and_noncontiguous_x(impl):
+    gen = torch.Generator().manual_seed(2)
+    w = random_24(9, 40, torch.float32, gen)
+    values, meta = ops.compress24(w)
+    x = torch.randn(2, 3, 80, generator=gen)[..., ::2]  # non-contiguous last dim
+    y = ops.sparse24_linear(x, values, meta)
+    assert y.shape == (2, 3, 9)
+    ref = R.reference_sparse24_linear(x.reshape(-1, 40), values, meta).reshape(2, 3, 9)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    xt = torch.randn(40, 6, generator=gen).T  # rows with stride 1 along M: transposed view
+    torch.testing.assert_close(
+        ops.sparse24_linear(xt, values, meta).double(),
+        R.reference_sparse24_linear(xt, values, meta),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
+def test_linear_empty_batch():
+    w = ops.prune24(torch.randn(5, 8))
+    values, meta = ops.compress24(w)
+    assert ops.sparse24_linear(torch.empty(0, 8), values, meta).shape == (0, 5)
+
+
+def test_linear_gradients_match_dense():
+    gen = torch.Generator().manual_seed(4)
+    w = random_24(6, 16, torch.float64, gen).float()
+    values, meta = ops.compress24(w)
+    x = torch.randn(3, 16, generator=gen, requires_grad=True)
+    b = torch.randn(6, generator=gen, requires_grad=True)
+    ops.sparse24_linear(x, values, meta, b).square().sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    b2 = b.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(x2, w, b2).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b.grad, b2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_results_are_deterministic_across_thread_counts():
+    gen = torch.Generator().manual_seed(8)
+    w = random_24(257, 1024, torch.float32, gen)
+    values, meta = ops.compress24(w)
+    x = torch.randn(33, 1024, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2, 1):
+            torch.set_num_threads(nt)
+            outs.append(ops.sparse24_linear(x, values, meta))
+    finally:
+        torch.set_num_threads(before)
+    # Each output is one row's reduction in a fixed order, whatever the thread split.
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+# ---- opcheck --------------------------------------------------------------------------------------
+def _opcheck_cases():
+    gen = torch.Generator().manual_seed(3)
+    cases = []
+    for dtype in DTYPES:
+        w = random_24(7, 12, dtype, gen)
+        values, meta = ops.compress24(w)
+        cases += [
+            (torch.ops.pysparse.compress24.default, (w,)),
+            (torch.ops.pysparse.decompress24.default, (values, meta, 12)),
+            (torch.ops.pysparse.prune24.default, (torch.randn(5, 8, generator=gen).to(dtype), None)),
+            (torch.ops.pysparse.prune24.default, (torch.randn(5, 8, generator=gen).to(dtype),
+                                                  torch.randn(5, 8, generator=gen))),
+            (torch.ops.pysparse.sparse24_linear.default,
+             (torch.randn(3, 12, generator=gen).to(dtype), values, meta, None)),
+            (torch.ops.pysparse.sparse24_linear.default,
+             (torch.randn(2, 1, 12, generator=gen).to(dtype), values, meta,
+              torch.randn(7, generator=gen).to(dtype))),
+        ]
+    x = torch.randn(4, 12, generator=gen, requires_grad=True)
+    w = random_24(7, 12, torch.float32, gen)
+    values, meta = ops.compress24(w)
+    cases.append((torch.ops.pysparse.sparse24_linear.default,
+                  (x, values, meta, torch.randn(7, generator=gen, requires_grad=True))))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(_opcheck_cases())))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    opcheck(op, args)
+
+
+def test_export_with_sparse_linear():
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            w = ops.prune24(torch.randn(8, 16))
+            values, meta = ops.compress24(w)
+            self.register_buffer("w_values", values)
+            self.register_buffer("w_meta", meta)
+
+        def forward(self, x):
+            return torch.ops.pysparse.sparse24_linear(x, self.w_values, self.w_meta)
+
+    m = Tiny()
+    x = torch.randn(3, 16)
+    ep = torch.export.export(m, (x,))
+    torch.testing.assert_close(ep.module()(x), m(x))
+    assert any("pysparse.sparse24_linear" in str(n.target) for n in ep.graph.nodes)
+
+
+# ---- bad inputs -----------------------------------------------------------------------------------
+def _packed(N=4, K=8, dtype=torch.float32):
+    return ops.compress24(ops.prune24(torch.randn(N, K)).to(dtype))
+
+
+BAD_INPUTS = [
+    ("K not multiple of 4", lambda: ops.compress24(torch.zeros(3, 6)), r"multiple of 4.*pad"),
+    ("not 2:4", lambda: ops.compress24(torch.tensor([[0.0, 0, 0, 0, 1, 1, 1, 0]])),
+     r"row 0, group 1 \(columns 4..7\) has 3 nonzeros.*prune24"),
+    ("compress 1-D", lambda: ops.compress24(torch.zeros(8)), r"must be 2-D"),
+    ("compress int", lambda: ops.compress24(torch.zeros(2, 8, dtype=torch.int32)), r"float32, bfloat16"),
+    ("prune K", lambda: ops.prune24(torch.zeros(2, 10)), r"multiple of 4"),
+    ("prune score shape", lambda: ops.prune24(torch.zeros(2, 8), torch.zeros(2, 4)), r"score must have the shape"),
+    ("decompress K mismatch", lambda: ops.decompress24(*_packed(), 12), r"packs in_features=8, not 12"),
+    ("decompress meta dtype", lambda: ops.decompress24(_packed()[0], _packed()[1].int(), 8), r"meta must be uint8"),
+    ("linear x dtype", lambda: ops.sparse24_linear(torch.zeros(2, 8, dtype=torch.bfloat16), *_packed()),
+     r"x is BFloat16 but the weight is Float.*cast x"),
+    ("linear x K", lambda: ops.sparse24_linear(torch.zeros(2, 12), *_packed()), r"x.shape\[-1\] is 12"),
+    ("linear meta size", lambda: ops.sparse24_linear(torch.zeros(2, 8), _packed()[0], torch.zeros(4, 3, dtype=torch.uint8)),
+     r"meta has 3 columns but in_features=8 needs ceil\(K/8\)=1"),
+    ("linear meta rows", lambda: ops.sparse24_linear(torch.zeros(2, 8), _packed()[0], torch.zeros(5, 1, dtype=torch.uint8)),
+     r"meta has 5 rows but values has 4"),
+    ("linear weight dtype", lambda: ops.sparse24_linear(torch.zeros(2, 8, dtype=torch.float64), *_packed(dtype=torch.float64)),
+     r"weights must be float32 or bfloat16"),
+    ("linear bias shape", lambda: ops.sparse24_linear(torch.zeros(2, 8), *_packed(), torch.zeros(3)), r"bias must be \[4\]"),
+    ("linear bias dtype", lambda: ops.sparse24_linear(torch.zeros(2, 8), *_packed(), torch.zeros(4, dtype=torch.float64)),
+     r"bias is Double"),
+    ("linear device", lambda: ops.sparse24_linear(torch.zeros(2, 8, device="meta"), *_packed()), r"x is on meta but the weight is on cpu"),
+]
+
+
+@pytest.mark.parametrize("name,fn,pattern", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_error_names_problem_and_fix(name, fn, pattern):
+    with pytest.raises(RuntimeError, match=pattern):
+        fn()
