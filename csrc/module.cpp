@@ -48,6 +48,7 @@ PYBIND11_MODULE(_C, m) {
     d["avx2"] = f.avx2;
     d["fma"] = f.fma;
     d["f16c"] = f.f16c;
+    d["avx512f"] = f.avx512f;
     d["linear_impl"] = pysparse::core::sparse24_linear_impl();
     d["gemv_max_rows"] = pysparse::core::sparse24_gemv_max_rows();
     return d;

@@ -28,7 +28,7 @@ def test_passes_subpackage_ships_with_the_wheel():
 def test_build_info_reports_cpu_and_cuda():
     info = pysparse.build_info()
     assert info["torch_version"] == torch.__version__
-    assert info["cpu"]["linear_impl"] in ("avx2", "scalar")
+    assert info["cpu"]["linear_impl"] in ("avx512", "avx2", "scalar")
     if not torch.cuda.is_available():
         assert info["cusparselt"]["available"] is False
 

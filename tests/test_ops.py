@@ -20,15 +20,21 @@ KS = [4, 12, 388, 4100]
 NS = [1, 7, 33]
 
 
-@pytest.fixture(params=["avx2", "scalar"])
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
 def impl(request, monkeypatch):
-    """Runs a test on the AVX2 kernels and again on the scalar fallback (chosen per call)."""
+    """Runs a test on every CPU kernel level this machine has: AVX-512 GEMM (+ AVX2 GEMV), AVX2,
+    and the scalar fallback (selected per call through the PYSPARSE_DISABLE_* variables)."""
+    cpu = pysparse._C.cpu_info()
+    monkeypatch.delenv("PYSPARSE_DISABLE_AVX512", raising=False)
+    monkeypatch.delenv("PYSPARSE_DISABLE_AVX2", raising=False)
+    if request.param == "avx512" and not (cpu["avx512f"] and cpu["avx2"]):
+        pytest.skip("this CPU has no AVX-512F")
+    if request.param == "avx2":
+        if not cpu["avx2"]:
+            pytest.skip("this CPU has no AVX2")
+        monkeypatch.setenv("PYSPARSE_DISABLE_AVX512", "1")
     if request.param == "scalar":
         monkeypatch.setenv("PYSPARSE_DISABLE_AVX2", "1")
-    else:
-        monkeypatch.delenv("PYSPARSE_DISABLE_AVX2", raising=False)
-        if not pysparse._C.cpu_info()["avx2"]:
-            pytest.skip("this CPU has no AVX2")
     assert pysparse._C.cpu_info()["linear_impl"] == request.param
     return request.param
 

@@ -74,12 +74,16 @@ struct CpuFeatures {
   bool avx2 = false;
   bool fma = false;
   bool f16c = false;
+  bool avx512f = false;
 };
 CpuFeatures cpu_features();
 
-// Which implementation the linear kernels use: "avx2" or "scalar". The AVX2 path is taken when the
-// CPU has AVX2+FMA, unless the environment variable PYSPARSE_DISABLE_AVX2=1 is set (read on every
-// call, so tests can exercise the scalar fallback in the same process).
+// Which implementation the linear kernels use:
+//   "avx512": AVX2 GEMV + AVX-512 GEMM (CPU has AVX-512F as well as AVX2+FMA)
+//   "avx2":   AVX2 GEMV + AVX2 GEMM   (CPU has AVX2+FMA)
+//   "scalar": portable fallback
+// PYSPARSE_DISABLE_AVX512=1 / PYSPARSE_DISABLE_AVX2=1 step down a level; they are read on every
+// call, so tests can exercise every path in one process.
 const char* sparse24_linear_impl();
 
 // Rows of x at or below which the GEMV (row-at-a-time) kernel is used instead of the GEMM kernel

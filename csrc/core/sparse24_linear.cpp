@@ -9,14 +9,20 @@
 namespace pysparse::core {
 namespace {
 
-bool avx2_disabled_by_env() {
-  const char* v = std::getenv("PYSPARSE_DISABLE_AVX2");
+bool disabled_by_env(const char* name) {
+  const char* v = std::getenv(name);
   return v != nullptr && v[0] != '\0' && v[0] != '0';
 }
 
-bool use_avx2() {
+const CpuFeatures& features() {
   static const CpuFeatures f = cpu_features();
-  return f.avx2 && f.fma && !avx2_disabled_by_env();
+  return f;
+}
+
+bool use_avx2() { return features().avx2 && features().fma && !disabled_by_env("PYSPARSE_DISABLE_AVX2"); }
+
+bool use_avx512() {
+  return use_avx2() && features().avx512f && !disabled_by_env("PYSPARSE_DISABLE_AVX512");
 }
 
 // acc += sum over the kept weights of row `n` of W times x, in fp32.
@@ -76,11 +82,14 @@ CpuFeatures cpu_features() {
   f.avx2 = __builtin_cpu_supports("avx2");
   f.fma = __builtin_cpu_supports("fma");
   f.f16c = __builtin_cpu_supports("f16c");
+  f.avx512f = __builtin_cpu_supports("avx512f");
 #endif
   return f;
 }
 
-const char* sparse24_linear_impl() { return use_avx2() ? "avx2" : "scalar"; }
+const char* sparse24_linear_impl() {
+  return use_avx512() ? "avx512" : (use_avx2() ? "avx2" : "scalar");
+}
 
 int sparse24_gemv_max_rows() { return detail::kGemvMaxRows; }
 
@@ -88,7 +97,9 @@ void sparse24_linear_f32(const float* x, int64_t M, int64_t ldx, const float* va
                          const uint8_t* meta, int64_t N, int64_t K, const float* bias, float* y,
                          int64_t ldy, int nthreads) {
   if (M == 0 || N == 0) return;
-  if (use_avx2())
+  if (M > detail::kGemvMaxRows && use_avx512())
+    detail::sparse24_gemm_f32_avx512(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
+  else if (use_avx2())
     detail::sparse24_linear_f32_avx2(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
   else
     linear_f32_scalar(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
@@ -98,7 +109,9 @@ void sparse24_linear_bf16(const uint16_t* x, int64_t M, int64_t ldx, const uint1
                           const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
                           uint16_t* y, int64_t ldy, int nthreads) {
   if (M == 0 || N == 0) return;
-  if (use_avx2())
+  if (M > detail::kGemvMaxRows && use_avx512())
+    detail::sparse24_gemm_bf16_avx512(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
+  else if (use_avx2())
     detail::sparse24_linear_bf16_avx2(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
   else
     linear_bf16_scalar(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);

@@ -56,18 +56,26 @@ void reference(const std::vector<double>& x, const std::vector<double>& w, const
     }
 }
 
+// Selects a kernel level for the duration of a test through the dispatcher's environment switches.
+enum class Impl { Native, Avx2, Scalar };
 class ScopedImpl {
  public:
-  explicit ScopedImpl(bool scalar) {
-    if (scalar) setenv("PYSPARSE_DISABLE_AVX2", "1", 1);
-    else unsetenv("PYSPARSE_DISABLE_AVX2");
+  explicit ScopedImpl(Impl impl) {
+    unsetenv("PYSPARSE_DISABLE_AVX512");
+    unsetenv("PYSPARSE_DISABLE_AVX2");
+    if (impl == Impl::Avx2) setenv("PYSPARSE_DISABLE_AVX512", "1", 1);
+    if (impl == Impl::Scalar) setenv("PYSPARSE_DISABLE_AVX2", "1", 1);
   }
-  ~ScopedImpl() { unsetenv("PYSPARSE_DISABLE_AVX2"); }
+  ~ScopedImpl() {
+    unsetenv("PYSPARSE_DISABLE_AVX512");
+    unsetenv("PYSPARSE_DISABLE_AVX2");
+  }
 };
 
 const Problem kProblems[] = {{1, 1, 4},    {1, 7, 12},    {3, 5, 12},    {1, 33, 388},
                              {4, 9, 100},  {5, 17, 388},  {17, 3, 4100}, {64, 31, 4100},
-                             {33, 64, 64}, {2, 130, 4096}, {40, 2, 20}};
+                             {33, 64, 64}, {2, 130, 4096}, {40, 2, 20},   {70, 67, 520},
+                             {129, 5, 268}};
 
 }  // namespace
 
@@ -147,11 +155,13 @@ TEST(Prune24, TiesGoToLowerIndexAndNaNRanksLowest) {
 }
 
 // ---- linear --------------------------------------------------------------------------------------
-class Sparse24Linear : public ::testing::TestWithParam<bool> {};  // param: scalar fallback
+class Sparse24Linear : public ::testing::TestWithParam<Impl> {};
 
 TEST_P(Sparse24Linear, F32MatchesReferenceOddShapes) {
   ScopedImpl impl(GetParam());
-  ASSERT_STREQ(core::sparse24_linear_impl(), GetParam() ? "scalar" : "avx2");
+  if (GetParam() == Impl::Scalar) ASSERT_STREQ(core::sparse24_linear_impl(), "scalar");
+  if (GetParam() == Impl::Avx2 && core::cpu_features().avx2)
+    ASSERT_STREQ(core::sparse24_linear_impl(), "avx2");
   std::mt19937 rng(7);
   for (auto [M, N, K] : kProblems) {
     auto w = random_24(N, K, rng);
@@ -230,5 +240,10 @@ TEST_P(Sparse24Linear, StridedRowsAndNoBias) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Impl, Sparse24Linear, ::testing::Values(false, true),
-                         [](const auto& info) { return info.param ? "Scalar" : "Avx2"; });
+INSTANTIATE_TEST_SUITE_P(Impl, Sparse24Linear,
+                         ::testing::Values(Impl::Native, Impl::Avx2, Impl::Scalar),
+                         [](const auto& info) {
+                           return info.param == Impl::Native ? "Native"
+                                  : info.param == Impl::Avx2 ? "Avx2"
+                                                             : "Scalar";
+                         });
