@@ -79,8 +79,8 @@ struct CpuFeatures {
 CpuFeatures cpu_features();
 
 // Which implementation the linear kernels use:
-//   "avx512": AVX2 GEMV + AVX-512 GEMM (CPU has AVX-512F as well as AVX2+FMA)
-//   "avx2":   AVX2 GEMV + AVX2 GEMM   (CPU has AVX2+FMA)
+//   "avx512": AVX-512 GEMV and GEMM (CPU has AVX-512F as well as AVX2+FMA)
+//   "avx2":   AVX2 GEMV and GEMM      (CPU has AVX2+FMA)
 //   "scalar": portable fallback
 // PYSPARSE_DISABLE_AVX512=1 / PYSPARSE_DISABLE_AVX2=1 step down a level; they are read on every
 // call, so tests can exercise every path in one process.

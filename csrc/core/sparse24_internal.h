@@ -14,7 +14,13 @@ void sparse24_linear_bf16_avx2(const uint16_t* x, int64_t M, int64_t ldx, const 
                                const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
                                uint16_t* y, int64_t ldy, int nthreads);
 
-// AVX-512 builds of the GEMM (sparse24_linear_avx512.cpp, compiled with -mavx512f).
+// AVX-512 builds of the GEMV and GEMM (sparse24_linear_avx512.cpp, compiled with -mavx512f).
+void sparse24_gemv_f32_avx512(const float* x, int64_t M, int64_t ldx, const float* values,
+                              const uint8_t* meta, int64_t N, int64_t K, const float* bias,
+                              float* y, int64_t ldy, int nthreads);
+void sparse24_gemv_bf16_avx512(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* values,
+                               const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
+                               uint16_t* y, int64_t ldy, int nthreads);
 void sparse24_gemm_f32_avx512(const float* x, int64_t M, int64_t ldx, const float* values,
                               const uint8_t* meta, int64_t N, int64_t K, const float* bias,
                               float* y, int64_t ldy, int nthreads);

@@ -97,8 +97,9 @@ void sparse24_linear_f32(const float* x, int64_t M, int64_t ldx, const float* va
                          const uint8_t* meta, int64_t N, int64_t K, const float* bias, float* y,
                          int64_t ldy, int nthreads) {
   if (M == 0 || N == 0) return;
-  if (M > detail::kGemvMaxRows && use_avx512())
-    detail::sparse24_gemm_f32_avx512(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
+  if (use_avx512())
+    (M <= detail::kGemvMaxRows ? detail::sparse24_gemv_f32_avx512 : detail::sparse24_gemm_f32_avx512)(
+        x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
   else if (use_avx2())
     detail::sparse24_linear_f32_avx2(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
   else
@@ -109,8 +110,10 @@ void sparse24_linear_bf16(const uint16_t* x, int64_t M, int64_t ldx, const uint1
                           const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
                           uint16_t* y, int64_t ldy, int nthreads) {
   if (M == 0 || N == 0) return;
-  if (M > detail::kGemvMaxRows && use_avx512())
-    detail::sparse24_gemm_bf16_avx512(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
+  if (use_avx512())
+    (M <= detail::kGemvMaxRows ? detail::sparse24_gemv_bf16_avx512
+                               : detail::sparse24_gemm_bf16_avx512)(x, M, ldx, values, meta, N, K,
+                                                                    bias, y, ldy, nthreads);
   else if (use_avx2())
     detail::sparse24_linear_bf16_avx2(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
   else

@@ -18,8 +18,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
-#include <array>
-#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -75,28 +73,7 @@ inline void gemv_rows(const float* x, const W* values, const uint8_t* meta, int6
   }
 }
 
-template <typename W, typename Y>
-void gemv(const float* xf, int64_t M, const W* values, const uint8_t* meta, int64_t N, int64_t K,
-          const W* bias, Y* y, int64_t ldy, int nt) {
-  constexpr int RB = 4;
-  const int64_t blocks = (N + RB - 1) / RB;
-#pragma omp parallel for schedule(static) num_threads(nt)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t n0 = b * RB;
-    const int rows = static_cast<int>(std::min<int64_t>(RB, N - n0));
-    for (int64_t m = 0; m < M; ++m) {
-      float out[RB];
-      const float* xr = xf + m * K;
-      if (rows == RB) {
-        gemv_rows<RB>(xr, values, meta, n0, K, out);
-      } else {
-        for (int r = 0; r < rows; ++r) gemv_rows<1>(xr, values, meta, n0 + r, K, out + r);
-      }
-      for (int r = 0; r < rows; ++r)
-        store1(y + m * ldy + n0 + r, out[r] + (bias ? load1(bias + n0 + r) : 0.f));
-    }
-  }
-}
+#include "sparse24_gemv.inc"
 
 struct Vec {
   using T = __m256;
@@ -111,43 +88,25 @@ struct Vec {
 
 #include "sparse24_gemm.inc"
 
-template <typename X>
-std::vector<float> to_f32_rows(const X* x, int64_t M, int64_t ldx, int64_t K) {
-  std::vector<float> xf(static_cast<size_t>(M * K));
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = load1(x + m * ldx + k);
-  return xf;
-}
 
 }  // namespace
 
 void sparse24_linear_f32_avx2(const float* x, int64_t M, int64_t ldx, const float* values,
                               const uint8_t* meta, int64_t N, int64_t K, const float* bias,
                               float* y, int64_t ldy, int nthreads) {
-  const int nt = resolve_threads(nthreads);
-  if (M <= kGemvMaxRows) {
-    if (ldx == K) {
-      gemv(x, M, values, meta, N, K, bias, y, ldy, nt);
-    } else {
-      const std::vector<float> xf = to_f32_rows(x, M, ldx, K);
-      gemv(xf.data(), M, values, meta, N, K, bias, y, ldy, nt);
-    }
-  } else {
-    gemm(x, M, ldx, values, meta, N, K, bias, y, ldy, nt);
-  }
+  if (M <= kGemvMaxRows)
+    gemv_entry(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
+  else
+    gemm(x, M, ldx, values, meta, N, K, bias, y, ldy, resolve_threads(nthreads));
 }
 
 void sparse24_linear_bf16_avx2(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* values,
                                const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
                                uint16_t* y, int64_t ldy, int nthreads) {
-  const int nt = resolve_threads(nthreads);
-  if (M <= kGemvMaxRows) {
-    // x is tiny next to W; widening it once keeps the inner loop identical to fp32.
-    const std::vector<float> xf = to_f32_rows(x, M, ldx, K);
-    gemv(xf.data(), M, values, meta, N, K, bias, y, ldy, nt);
-  } else {
-    gemm(x, M, ldx, values, meta, N, K, bias, y, ldy, nt);
-  }
+  if (M <= kGemvMaxRows)
+    gemv_entry(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
+  else
+    gemm(x, M, ldx, values, meta, N, K, bias, y, ldy, resolve_threads(nthreads));
 }
 
 }  // namespace pysparse::core::detail

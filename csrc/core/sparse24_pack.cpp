@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 namespace pysparse::core {
 namespace {
@@ -82,20 +83,35 @@ Compress24Status compress_impl(const Bits* dense, int64_t N, int64_t K, int64_t 
   return st;
 }
 
+// Each group of 4 is assembled in a register and written with one store (no zero-fill pass and no
+// read-modify-write): decompression also feeds the chunked dense path of the bf16 linear layer.
+template <typename Bits>
+inline void write_group(Bits* dst, unsigned nib, Bits v0, Bits v1) {
+  if constexpr (sizeof(Bits) <= 4) {
+    // The whole group as one integer, built with shifts: no stack round trip.
+    using Group = std::conditional_t<sizeof(Bits) == 2, uint64_t, unsigned __int128>;
+    constexpr int bits = 8 * sizeof(Bits);
+    const Group out = (Group(v0) << (bits * (nib & 3u))) | (Group(v1) << (bits * (nib >> 2)));
+    std::memcpy(dst, &out, sizeof(out));
+  } else {
+    dst[0] = dst[1] = dst[2] = dst[3] = Bits(0);
+    dst[nib & 3u] = v0;
+    dst[nib >> 2] = v1;
+  }
+}
+
 template <typename Bits>
 void decompress_impl(const Bits* values, const uint8_t* meta, int64_t N, int64_t K, Bits* dense) {
   const int64_t groups = K / 4;
   const int64_t mcols = meta_cols(K);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (N * K > 65536)
   for (int64_t n = 0; n < N; ++n) {
     Bits* row = dense + n * K;
     const Bits* vrow = values + n * (K / 2);
     const uint8_t* mrow = meta + n * mcols;
-    for (int64_t k = 0; k < K; ++k) row[k] = Bits(0);
     for (int64_t g = 0; g < groups; ++g) {
       const unsigned nibble = (mrow[g / 2] >> ((g & 1) * 4)) & 0xFu;
-      row[4 * g + (nibble & 3u)] = vrow[2 * g];
-      row[4 * g + (nibble >> 2)] = vrow[2 * g + 1];
+      write_group(row + 4 * g, nibble, vrow[2 * g], vrow[2 * g + 1]);
     }
   }
 }
