@@ -135,7 +135,7 @@ def test_linear_large_shape_against_dense(impl, dtype):
     gen = torch.Generator().manual_seed(1)
     w = random_24(300, 4096, dtype, gen)
     values, meta = ops.compress24(w)
-    for M in (1, 2, 5, 70):
+    for M in (1, 2, 5, 9, 16, 70):
         x = torch.randn(M, 4096, generator=gen).to(dtype)
         y = ops.sparse24_linear(x, values, meta)
         ref = R.reference_sparse24_linear(x, values, meta)

@@ -28,9 +28,10 @@ void sparse24_gemm_bf16_avx512(const uint16_t* x, int64_t M, int64_t ldx, const 
                                const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
                                uint16_t* y, int64_t ldy, int nthreads);
 
-// Up to this many rows of x the AVX2 code runs the GEMV kernel (row of x at a time, x gathered in
-// registers); above it the GEMM kernel that vectorises over rows of x. Measured with
-// bench/linear24.py on the 2-core AVX2 dev machine, see the comment at its definition.
-extern const int kGemvMaxRows;
+// Up to this many rows of x the GEMV kernel (x gathered in registers, W streamed once per pass) is
+// used instead of the GEMM kernel that vectorises over rows of x; per ISA level, measured (see the
+// definitions in sparse24_linear_avx2.cpp).
+extern const int kGemvMaxRowsAvx2;
+extern const int kGemvMaxRowsAvx512;
 
 }  // namespace pysparse::core::detail

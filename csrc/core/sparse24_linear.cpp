@@ -91,14 +91,16 @@ const char* sparse24_linear_impl() {
   return use_avx512() ? "avx512" : (use_avx2() ? "avx2" : "scalar");
 }
 
-int sparse24_gemv_max_rows() { return detail::kGemvMaxRows; }
+int sparse24_gemv_max_rows() {
+  return use_avx512() ? detail::kGemvMaxRowsAvx512 : (use_avx2() ? detail::kGemvMaxRowsAvx2 : 0);
+}
 
 void sparse24_linear_f32(const float* x, int64_t M, int64_t ldx, const float* values,
                          const uint8_t* meta, int64_t N, int64_t K, const float* bias, float* y,
                          int64_t ldy, int nthreads) {
   if (M == 0 || N == 0) return;
   if (use_avx512())
-    (M <= detail::kGemvMaxRows ? detail::sparse24_gemv_f32_avx512 : detail::sparse24_gemm_f32_avx512)(
+    (M <= detail::kGemvMaxRowsAvx512 ? detail::sparse24_gemv_f32_avx512 : detail::sparse24_gemm_f32_avx512)(
         x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
   else if (use_avx2())
     detail::sparse24_linear_f32_avx2(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
@@ -111,7 +113,7 @@ void sparse24_linear_bf16(const uint16_t* x, int64_t M, int64_t ldx, const uint1
                           uint16_t* y, int64_t ldy, int nthreads) {
   if (M == 0 || N == 0) return;
   if (use_avx512())
-    (M <= detail::kGemvMaxRows ? detail::sparse24_gemv_bf16_avx512
+    (M <= detail::kGemvMaxRowsAvx512 ? detail::sparse24_gemv_bf16_avx512
                                : detail::sparse24_gemm_bf16_avx512)(x, M, ldx, values, meta, N, K,
                                                                     bias, y, ldy, nthreads);
   else if (use_avx2())

@@ -28,19 +28,25 @@
 namespace pysparse::core::detail {
 
 // Crossover between the GEMV and GEMM kernels, measured with bench/linear24.py (fp32 and bf16,
-// 4096x4096 and 11008x4096) on the 2-core AVX2 dev machine: the GEMV kernel pays vpermps per row
-// of x, the GEMM kernel wastes lanes when M is far below its 8-row granularity.
-const int kGemvMaxRows = 4;
+// 4096x4096 and 11008x4096, 2 threads): the AVX2 GEMV re-decodes W for every row of x, so past ~6
+// rows the GEMM (which vectorises over rows of x) wins; the AVX-512 GEMV decodes W once for 4 rows
+// of x at a time and stays ahead up to 16 rows (fp32 11008x4096 at M=12: GEMV 7.8 ms, GEMM 14.7).
+const int kGemvMaxRowsAvx2 = 6;
+const int kGemvMaxRowsAvx512 = 16;
 
 namespace {
 
 #include "sparse24_simd_common.inc"
 
 // ---- GEMV -------------------------------------------------------------------------------------
-// RB rows of W (starting at n) against one fp32 row of x; returns the RB dot products.
-template <int RB, typename W>
+// RB rows of W (starting at n) against MT rows of x (stride K): out[m][r]. AVX2 has too few
+// registers to share W across rows of x, so MT is 1 here (kGemvXRows).
+constexpr int kGemvXRows = 1;
+
+template <int RB, int MT, typename W>
 inline void gemv_rows(const float* x, const W* values, const uint8_t* meta, int64_t n, int64_t K,
-                      float* out) {
+                      float (*out)[RB]) {
+  static_assert(MT == 1, "the AVX2 GEMV takes one row of x at a time");
   const int64_t half = K / 2;
   const int64_t mcols = meta_cols(K);
   const int64_t chunks = K / 16;  // 4 groups each
@@ -69,7 +75,7 @@ inline void gemv_rows(const float* x, const W* values, const uint8_t* meta, int6
       s += load1(v[r] + 2 * g) * x[4 * g + (nib & 3u)];
       s += load1(v[r] + 2 * g + 1) * x[4 * g + (nib >> 2)];
     }
-    out[r] = s;
+    out[0][r] = s;
   }
 }
 
@@ -94,7 +100,7 @@ struct Vec {
 void sparse24_linear_f32_avx2(const float* x, int64_t M, int64_t ldx, const float* values,
                               const uint8_t* meta, int64_t N, int64_t K, const float* bias,
                               float* y, int64_t ldy, int nthreads) {
-  if (M <= kGemvMaxRows)
+  if (M <= kGemvMaxRowsAvx2)
     gemv_entry(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
   else
     gemm(x, M, ldx, values, meta, N, K, bias, y, ldy, resolve_threads(nthreads));
@@ -103,7 +109,7 @@ void sparse24_linear_f32_avx2(const float* x, int64_t M, int64_t ldx, const floa
 void sparse24_linear_bf16_avx2(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* values,
                                const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
                                uint16_t* y, int64_t ldy, int nthreads) {
-  if (M <= kGemvMaxRows)
+  if (M <= kGemvMaxRowsAvx2)
     gemv_entry(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
   else
     gemm(x, M, ldx, values, meta, N, K, bias, y, ldy, resolve_threads(nthreads));

@@ -48,10 +48,14 @@ inline __m512 load16(const uint16_t* p) {
 
 inline float hsum512(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-// RB rows of W (starting at n) against one fp32 row of x.
-template <int RB, typename W>
+// RB rows of W (starting at n) against MT rows of x (stride K): out[m][r]. The permute indices and
+// the widened weights of each 32-column chunk are made once and used for all MT rows of x, so
+// small-batch decode costs one vpermt2ps + one FMA per 16 weights per row of x.
+constexpr int kGemvXRows = 4;
+
+template <int RB, int MT, typename W>
 inline void gemv_rows(const float* x, const W* values, const uint8_t* meta, int64_t n, int64_t K,
-                      float* out) {
+                      float (*out)[RB]) {
   const int64_t half = K / 2;
   const int64_t mcols = meta_cols(K);
   const int64_t chunks = K / 32;  // 8 groups each
@@ -59,37 +63,48 @@ inline void gemv_rows(const float* x, const W* values, const uint8_t* meta, int6
   const __m512i base = _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
   const __m512i shifts = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
   const __m512i three = _mm512_set1_epi32(3);
-  __m512 acc[RB];
+  __m512 acc[MT][RB];
   const W* v[RB];
   const uint8_t* mt[RB];
   PS_UNROLL
   for (int r = 0; r < RB; ++r) {
-    acc[r] = _mm512_setzero_ps();
     v[r] = values + (n + r) * half;
     mt[r] = meta + (n + r) * mcols;
+    PS_UNROLL
+    for (int m = 0; m < MT; ++m) acc[m][r] = _mm512_setzero_ps();
   }
   for (int64_t j = 0; j < chunks; ++j) {
-    const __m512 xa = _mm512_loadu_ps(x + 32 * j);
-    const __m512 xb = _mm512_loadu_ps(x + 32 * j + 16);
+    __m512 xa[MT], xb[MT];
+    PS_UNROLL
+    for (int m = 0; m < MT; ++m) {
+      xa[m] = _mm512_loadu_ps(x + m * K + 32 * j);
+      xb[m] = _mm512_loadu_ps(x + m * K + 32 * j + 16);
+    }
     PS_UNROLL
     for (int r = 0; r < RB; ++r) {
       int32_t word;
       std::memcpy(&word, mt[r] + 4 * j, sizeof(word));
       const __m512i idx = _mm512_add_epi32(
           base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(word), shifts), three));
-      const __m512 xs = _mm512_permutex2var_ps(xa, idx, xb);
-      acc[r] = _mm512_fmadd_ps(load16(v[r] + 16 * j), xs, acc[r]);
+      const __m512 w = load16(v[r] + 16 * j);
+      PS_UNROLL
+      for (int m = 0; m < MT; ++m)
+        acc[m][r] = _mm512_fmadd_ps(w, _mm512_permutex2var_ps(xa[m], idx, xb[m]), acc[m][r]);
     }
   }
   PS_UNROLL
-  for (int r = 0; r < RB; ++r) {
-    float s = hsum512(acc[r]);
-    for (int64_t g = chunks * 8; g < K / 4; ++g) {
-      const unsigned nib = (mt[r][g / 2] >> ((g & 1) * 4)) & 0xFu;
-      s += load1(v[r] + 2 * g) * x[4 * g + (nib & 3u)];
-      s += load1(v[r] + 2 * g + 1) * x[4 * g + (nib >> 2)];
+  for (int m = 0; m < MT; ++m) {
+    const float* xr = x + m * K;
+    PS_UNROLL
+    for (int r = 0; r < RB; ++r) {
+      float s = hsum512(acc[m][r]);
+      for (int64_t g = chunks * 8; g < K / 4; ++g) {
+        const unsigned nib = (mt[r][g / 2] >> ((g & 1) * 4)) & 0xFu;
+        s += load1(v[r] + 2 * g) * xr[4 * g + (nib & 3u)];
+        s += load1(v[r] + 2 * g + 1) * xr[4 * g + (nib >> 2)];
+      }
+      out[m][r] = s;
     }
-    out[r] = s;
   }
 }
 
