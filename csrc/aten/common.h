@@ -93,6 +93,19 @@ inline at::Tensor as_rows(const at::Tensor& x, int64_t K) {
   return x2;
 }
 
+// The float32 contiguous score prune24 ranks by: the caller's (checked against w) or |w|.
+inline at::Tensor prune_score(const at::Tensor& w, const c10::optional<at::Tensor>& score) {
+  constexpr const char* op = "prune24";
+  if (!(score.has_value() && score->defined())) return w.abs().to(at::kFloat).contiguous();
+  TORCH_CHECK(score->sizes() == w.sizes(), op, ": score must have the shape of w ", w.sizes(),
+              ", got ", score->sizes());
+  TORCH_CHECK(at::isFloatingType(score->scalar_type()), op,
+              ": score must be a floating tensor, got ", score->scalar_type());
+  TORCH_CHECK(score->device() == w.device(), op, ": score is on ", score->device(),
+              " but w is on ", w.device());
+  return score->to(at::kFloat).contiguous();
+}
+
 inline std::string compress_error(const core::Compress24Status& st) {
   std::ostringstream os;
   os << "compress24: row " << st.row << ", group " << st.group << " (columns " << 4 * st.group

@@ -87,18 +87,7 @@ at::Tensor prune24_cuda(const at::Tensor& w, const c10::optional<at::Tensor>& sc
   const int es = elem_size_for(w, op, "w");
   const c10::cuda::CUDAGuard guard(w.device());
   at::Tensor wc = w.contiguous();
-  at::Tensor s;
-  if (score.has_value() && score->defined()) {
-    TORCH_CHECK(score->sizes() == w.sizes(), op, ": score must have the shape of w ", w.sizes(),
-                ", got ", score->sizes());
-    TORCH_CHECK(at::isFloatingType(score->scalar_type()), op,
-                ": score must be a floating tensor, got ", score->scalar_type());
-    TORCH_CHECK(score->device() == w.device(), op, ": score is on ", score->device(),
-                " but w is on ", w.device());
-    s = score->to(at::kFloat).contiguous();
-  } else {
-    s = wc.abs().to(at::kFloat).contiguous();
-  }
+  const at::Tensor s = prune_score(wc, score);
   at::Tensor out = at::empty_like(wc);
   check_cuda(pc::prune24(wc.data_ptr(), s.data_ptr<float>(), wc.size(0), wc.size(1), es,
                          out.data_ptr(), stream_of(wc)),
