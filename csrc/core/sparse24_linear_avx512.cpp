@@ -84,8 +84,10 @@ inline void gemv_rows(const float* x, const W* values, const uint8_t* meta, int6
     for (int r = 0; r < RB; ++r) {
       int32_t word;
       std::memcpy(&word, mt[r] + 4 * j, sizeof(word));
-      const __m512i idx = _mm512_add_epi32(
-          base, _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(word), shifts), three));
+      // idx = base | ((word >> 2t) & 3) in one vpternlogd (0xEA = (A & B) | C): base has no bits
+      // below 4, so OR is the add. 512-bit ALU work only issues on ports 0 and 5 here.
+      const __m512i idx = _mm512_ternarylogic_epi32(
+          _mm512_srlv_epi32(_mm512_set1_epi32(word), shifts), three, base, 0xEA);
       const __m512 w = load16(v[r] + 16 * j);
       PS_UNROLL
       for (int m = 0; m < MT; ++m)
