@@ -49,6 +49,7 @@ PYBIND11_MODULE(_C, m) {
     d["fma"] = f.fma;
     d["f16c"] = f.f16c;
     d["avx512f"] = f.avx512f;
+    d["avx512bw"] = f.avx512bw;
     d["linear_impl"] = pysparse::core::sparse24_linear_impl();
     d["gemv_max_rows"] = pysparse::core::sparse24_gemv_max_rows();
     return d;

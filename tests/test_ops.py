@@ -20,22 +20,34 @@ KS = [4, 12, 388, 4100]
 NS = [1, 7, 33]
 
 
-@pytest.fixture(params=["avx512", "avx2", "scalar"])
+def _has_amx_bf16() -> bool:
+    return bool(torch._C._cpu._get_cpu_capability().get("amx_bf16", False))
+
+
+@pytest.fixture(params=["avx512", "avx2", "scalar", "amx"])
 def impl(request, monkeypatch):
-    """Runs a test on every CPU kernel level this machine has: AVX-512 GEMM (+ AVX2 GEMV), AVX2,
-    and the scalar fallback (selected per call through the PYSPARSE_DISABLE_* variables)."""
+    """Runs a test on every CPU route this machine has: AVX-512 kernels, AVX2 kernels, the scalar
+    fallback (selected per call through the PYSPARSE_DISABLE_* variables), and for bf16 with more
+    than 16 rows the AMX route (chunked decompression + torch's bf16 matmul), which the first
+    three switch off."""
     cpu = pysparse._C.cpu_info()
     monkeypatch.delenv("PYSPARSE_DISABLE_AVX512", raising=False)
     monkeypatch.delenv("PYSPARSE_DISABLE_AVX2", raising=False)
-    if request.param == "avx512" and not (cpu["avx512f"] and cpu["avx2"]):
+    monkeypatch.setenv("PYSPARSE_BF16_DENSE_MIN_ROWS", str(2**62))
+    if request.param in ("avx512", "amx") and not (cpu["avx512f"] and cpu["avx2"]):
         pytest.skip("this CPU has no AVX-512F")
+    if request.param == "amx":
+        if not _has_amx_bf16():
+            pytest.skip("this CPU has no AMX-BF16")
+        monkeypatch.delenv("PYSPARSE_BF16_DENSE_MIN_ROWS")
     if request.param == "avx2":
         if not cpu["avx2"]:
             pytest.skip("this CPU has no AVX2")
         monkeypatch.setenv("PYSPARSE_DISABLE_AVX512", "1")
     if request.param == "scalar":
         monkeypatch.setenv("PYSPARSE_DISABLE_AVX2", "1")
-    assert pysparse._C.cpu_info()["linear_impl"] == request.param
+    expected = "avx512" if request.param == "amx" else request.param
+    assert pysparse._C.cpu_info()["linear_impl"] == expected
     return request.param
 
 

@@ -1,8 +1,11 @@
 // CPU implementations of the pysparse ops: argument checks, then the torch-free core kernels.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <sstream>
 
 #include "../core/sparse24.h"
@@ -47,6 +50,53 @@ at::Tensor prune24_cpu(const at::Tensor& w, const c10::optional<at::Tensor>& sco
   return out;
 }
 
+// bf16 on a CPU with AMX-BF16: torch's dense bf16 matmul runs on the AMX tiles, far beyond what
+// FMA units give, so from a few rows of x on the fastest exact route is to decompress W in chunks
+// of rows small enough to stay in cache and hand each chunk to at::mm (W is still read from
+// memory in its packed, ~half-size form). Below the crossover the 2:4 GEMV wins (memory-bound).
+bool bf16_matmul_has_amx() {
+  static const bool amx = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    const auto it = caps.find("amx_bf16");
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  }();
+  return amx;
+}
+
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atoll(v) : fallback;
+}
+
+at::Tensor linear_via_dense_chunks(const at::Tensor& x2, const at::Tensor& v, const at::Tensor& m,
+                                   const at::Tensor& b, int64_t N, int64_t K) {
+  const int64_t M = x2.size(0);
+  const int64_t mcols = core::meta_cols(K);
+  const int es = static_cast<int>(v.element_size());
+  // 8 MB chunks: fewer, larger GEMM calls (each at::mm call has a fixed cost of ~0.1 ms here) and
+  // still cache-resident between decompression and use.
+  static const int64_t chunk_bytes = env_int("PYSPARSE_DENSE_CHUNK_KB", 8192) * 1024;
+  const int64_t rows = std::clamp<int64_t>(chunk_bytes / std::max<int64_t>(1, K * es), 16, N);
+  at::Tensor y = at::empty({M, N}, x2.options());
+  // One buffer per thread, kept between calls: a fresh multi-MB allocation costs ~1.5 us per 4 KB
+  // page in first-touch faults on this machine (~3 ms per call for 8 MB).
+  thread_local at::Tensor scratch;
+  if (!scratch.defined() || scratch.numel() < rows * K || scratch.scalar_type() != v.scalar_type())
+    scratch = at::empty({rows * K}, v.options());
+  at::Tensor wbuf = scratch.narrow(0, 0, rows * K).view({rows, K});
+  for (int64_t n0 = 0; n0 < N; n0 += rows) {
+    const int64_t nc = std::min(rows, N - n0);
+    at::Tensor wc = wbuf.narrow(0, 0, nc);
+    core::decompress24(static_cast<const char*>(v.data_ptr()) + n0 * (K / 2) * es,
+                       m.data_ptr<uint8_t>() + n0 * mcols, nc, K, es, wc.data_ptr());
+    // addmm fuses the bias before the single rounding to bf16 (adding it afterwards would round
+    // twice, which the fp32-accumulate contract of the op does not allow).
+    y.narrow(1, n0, nc).copy_(b.defined() ? at::addmm(b.narrow(0, n0, nc), x2, wc.t())
+                                          : at::mm(x2, wc.t()));
+  }
+  return y;
+}
+
 at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                                const at::Tensor& meta, const c10::optional<at::Tensor>& bias) {
   const int64_t K = check_linear(x, values, meta, bias);
@@ -58,6 +108,13 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   const int64_t ldx = M > 1 ? x2.stride(0) : K;
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
+  // Measured (bench/linear24.py, bf16, 4096x4096 and 11008x4096): up to 16 rows the 2:4 GEMV is
+  // ahead; from 64 rows the AMX route wins (M=64: 0.60-0.65x torch vs 0.49x for the FMA GEMM;
+  // M=512: 0.8-0.9x vs 0.28x).
+  // PYSPARSE_BF16_DENSE_MIN_ROWS overrides it (read per call, so tests can take either route).
+  const int64_t amx_min_rows = env_int("PYSPARSE_BF16_DENSE_MIN_ROWS", 17);
+  if (v.scalar_type() == at::kBFloat16 && M >= amx_min_rows && bf16_matmul_has_amx())
+    return linear_via_dense_chunks(x2, v, m, b, N, K).view(linear_out_shape(x, N));
   at::Tensor y = at::empty({M, N}, x.options());
   const int nt = at::get_num_threads();
   if (v.scalar_type() == at::kFloat) {

@@ -75,6 +75,7 @@ struct CpuFeatures {
   bool fma = false;
   bool f16c = false;
   bool avx512f = false;
+  bool avx512bw = false;
 };
 CpuFeatures cpu_features();
 

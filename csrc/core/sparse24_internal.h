@@ -28,6 +28,10 @@ void sparse24_gemm_bf16_avx512(const uint16_t* x, int64_t M, int64_t ldx, const 
                                const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
                                uint16_t* y, int64_t ldy, int nthreads);
 
+// 16-bit (bf16/fp16) decompression with AVX-512BW (same result as the portable one).
+void decompress16_avx512(const uint16_t* values, const uint8_t* meta, int64_t N, int64_t K,
+                         uint16_t* dense);
+
 // Up to this many rows of x the GEMV kernel (x gathered in registers, W streamed once per pass) is
 // used instead of the GEMM kernel that vectorises over rows of x; per ISA level, measured (see the
 // definitions in sparse24_linear_avx2.cpp).

@@ -83,6 +83,7 @@ CpuFeatures cpu_features() {
   f.fma = __builtin_cpu_supports("fma");
   f.f16c = __builtin_cpu_supports("f16c");
   f.avx512f = __builtin_cpu_supports("avx512f");
+  f.avx512bw = __builtin_cpu_supports("avx512bw");
 #endif
   return f;
 }
@@ -120,6 +121,13 @@ void sparse24_linear_bf16(const uint16_t* x, int64_t M, int64_t ldx, const uint1
     detail::sparse24_linear_bf16_avx2(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
   else
     linear_bf16_scalar(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
+}
+
+bool decompress16_fast(const void* values, const uint8_t* meta, int64_t N, int64_t K, void* dense) {
+  if (!use_avx512() || !features().avx512bw) return false;
+  detail::decompress16_avx512(static_cast<const uint16_t*>(values), meta, N, K,
+                              static_cast<uint16_t*>(dense));
+  return true;
 }
 
 }  // namespace pysparse::core

@@ -114,6 +114,52 @@ inline void gemv_rows(const float* x, const W* values, const uint8_t* meta, int6
 
 }  // namespace
 
+// 16-bit decompression, 8 groups (32 outputs) per step: each output lane works out from the meta
+// nibbles which packed value it takes (2g, or 2g+1 when its position is idx1) and whether it takes
+// one at all, then one masked vpermw writes all 32 lanes (zeros included) in a single 64 B store.
+void decompress16_avx512(const uint16_t* values, const uint8_t* meta, int64_t N, int64_t K,
+                         uint16_t* dense) {
+  const int64_t groups = K / 4;
+  const int64_t mcols = meta_cols(K);
+  const int64_t steps = groups / 8;
+  alignas(64) uint16_t shift[32], pos[32], base[32];
+  for (int o = 0; o < 32; ++o) {
+    shift[o] = static_cast<uint16_t>(4 * ((o / 4) % 4));
+    pos[o] = static_cast<uint16_t>(o % 4);
+    base[o] = static_cast<uint16_t>(2 * (o / 4));
+  }
+  const __m512i vshift = _mm512_load_si512(shift), vpos = _mm512_load_si512(pos);
+  const __m512i vbase = _mm512_load_si512(base);
+  const __m512i f = _mm512_set1_epi16(0xF), three = _mm512_set1_epi16(3), one = _mm512_set1_epi16(1);
+#pragma omp parallel for schedule(static) if (N * K > 65536)
+  for (int64_t n = 0; n < N; ++n) {
+    const uint16_t* vrow = values + n * (K / 2);
+    const uint8_t* mrow = meta + n * mcols;
+    uint16_t* out = dense + n * K;
+    for (int64_t j = 0; j < steps; ++j) {
+      uint16_t lo, hi;  // meta of groups 8j..8j+3 and 8j+4..8j+7
+      std::memcpy(&lo, mrow + 4 * j, 2);
+      std::memcpy(&hi, mrow + 4 * j + 2, 2);
+      const __m512i word = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16(lo)),
+                                              _mm256_set1_epi16(hi), 1);
+      const __m512i nib = _mm512_and_si512(_mm512_srlv_epi16(word, vshift), f);
+      const __mmask32 first = _mm512_cmpeq_epi16_mask(_mm512_and_si512(nib, three), vpos);
+      const __mmask32 second = _mm512_cmpeq_epi16_mask(_mm512_srli_epi16(nib, 2), vpos);
+      const __m512i src = _mm512_mask_add_epi16(vbase, second, vbase, one);
+      const __m512i vals =
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + 16 * j)));
+      _mm512_storeu_si512(out + 32 * j, _mm512_maskz_permutexvar_epi16(first | second, src, vals));
+    }
+    for (int64_t g = steps * 8; g < groups; ++g) {
+      const unsigned nib = (mrow[g / 2] >> ((g & 1) * 4)) & 0xFu;
+      uint16_t* d = out + 4 * g;
+      d[0] = d[1] = d[2] = d[3] = 0;
+      d[nib & 3u] = vrow[2 * g];
+      d[nib >> 2] = vrow[2 * g + 1];
+    }
+  }
+}
+
 void sparse24_gemv_f32_avx512(const float* x, int64_t M, int64_t ldx, const float* values,
                               const uint8_t* meta, int64_t N, int64_t K, const float* bias,
                               float* y, int64_t ldy, int nthreads) {
