@@ -275,6 +275,8 @@ BAD_INPUTS = [
     ("prune K", lambda: ops.prune24(torch.zeros(2, 10)), r"multiple of 4"),
     ("prune score shape", lambda: ops.prune24(torch.zeros(2, 8), torch.zeros(2, 4)), r"score must have the shape"),
     ("decompress K mismatch", lambda: ops.decompress24(*_packed(), 12), r"packs in_features=8, not 12"),
+    ("decompress K zero", lambda: ops.decompress24(torch.zeros(4, 0), torch.zeros(4, 0, dtype=torch.uint8), 0),
+     r"positive multiple of 4"),
     ("decompress meta dtype", lambda: ops.decompress24(_packed()[0], _packed()[1].int(), 8), r"meta must be uint8"),
     ("linear x dtype", lambda: ops.sparse24_linear(torch.zeros(2, 8, dtype=torch.bfloat16), *_packed()),
      r"x is BFloat16 but the weight is Float.*cast x"),

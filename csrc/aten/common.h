@@ -35,8 +35,8 @@ inline void check_packed(const at::Tensor& values, const at::Tensor& meta, int64
               meta.sizes());
   TORCH_CHECK(meta.scalar_type() == at::kByte, op, ": meta must be uint8 (as made by compress24), got ",
               meta.scalar_type());
-  TORCH_CHECK(K % 4 == 0, op, ": in_features must be a multiple of 4 for 2:4, got ", K,
-              "; pad the weight to the next multiple of 4");
+  TORCH_CHECK(K % 4 == 0 && K > 0, op, ": in_features must be a positive multiple of 4 for 2:4, got ",
+              K, "; pad the weight to the next multiple of 4");
   TORCH_CHECK(values.size(1) * 2 == K, op, ": values has ", values.size(1),
               " columns, which packs in_features=", values.size(1) * 2, ", not ", K,
               "; values must be [out_features, in_features/2] as made by compress24");

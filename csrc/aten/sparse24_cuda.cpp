@@ -13,6 +13,7 @@
 #include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
 
+#include <cstdint>
 #include <limits>
 #include <mutex>
 #include <sstream>
@@ -97,17 +98,23 @@ at::Tensor prune24_cuda(const at::Tensor& w, const c10::optional<at::Tensor>& sc
 
 // The cuSPARSELt form of packed weights, keyed by the identity of the values/meta tensors.
 // Entries hold weak references to the TensorImpls, so an entry neither keeps a weight alive nor can
-// be matched by a different tensor that reuses the address; an in-place change of the weight bumps
-// its version counter and invalidates the entry. Dead entries are dropped on every insertion.
+// be matched by a different tensor that reuses the address. An in-place change of the weight bumps
+// its version counter: the entry for those tensors is then rebuilt in place (never duplicated).
+// Dead entries are dropped on every lookup. Inference tensors have no version counter, so an
+// in-place update inside inference_mode would go unseen: they are never cached (compressed per call).
 class CsltCache {
  public:
   at::Tensor lookup_or_build(const at::Tensor& values, const at::Tensor& meta) {
+    if (values.is_inference() || meta.is_inference()) return build(values, meta);
     std::lock_guard<std::mutex> lock(mu_);
-    for (const Entry& e : entries_)
-      if (e.matches(values, meta)) return e.compressed;
     entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
                                   [](const Entry& e) { return e.values.expired() || e.meta.expired(); }),
                    entries_.end());
+    for (Entry& e : entries_) {
+      if (!e.same_tensors(values, meta)) continue;
+      if (!e.current(values, meta)) e = Entry(values, meta, build(values, meta));
+      return e.compressed;
+    }
     entries_.emplace_back(values, meta, build(values, meta));
     return entries_.back().compressed;
   }
@@ -120,26 +127,24 @@ class CsltCache {
           meta(m.getIntrusivePtr()),
           values_ptr(v.data_ptr()),
           meta_ptr(m.data_ptr()),
-          values_version(version(v)),
-          meta_version(version(m)),
+          values_version(v._version()),
+          meta_version(m._version()),
           compressed(std::move(c)) {}
     WeakImpl values, meta;
     const void* values_ptr;
     const void* meta_ptr;
     int64_t values_version, meta_version;
     at::Tensor compressed;
-    bool matches(const at::Tensor& v, const at::Tensor& m) const {
-      if (values.expired() || meta.expired()) return false;
+    bool same_tensors(const at::Tensor& v, const at::Tensor& m) const {
       return values._unsafe_get_target() == v.unsafeGetTensorImpl() &&
-             meta._unsafe_get_target() == m.unsafeGetTensorImpl() && values_ptr == v.data_ptr() &&
-             meta_ptr == m.data_ptr() && values_version == version(v) &&
-             meta_version == version(m);
+             meta._unsafe_get_target() == m.unsafeGetTensorImpl();
+    }
+    bool current(const at::Tensor& v, const at::Tensor& m) const {
+      return values_ptr == v.data_ptr() && meta_ptr == m.data_ptr() &&
+             values_version == static_cast<int64_t>(v._version()) &&
+             meta_version == static_cast<int64_t>(m._version());
     }
   };
-  // Inference tensors carry no version counter (and cannot be modified outside inference mode).
-  static int64_t version(const at::Tensor& t) {
-    return t.is_inference() ? -1 : static_cast<int64_t>(t._version());
-  }
   static at::Tensor build(const at::Tensor& values, const at::Tensor& meta) {
     const int64_t N = values.size(0), K = values.size(1) * 2;
     const int dev = values.device().index();
@@ -174,6 +179,40 @@ bool cslt_usable(int device) {
   return state[device] == 1;
 }
 
+// cuSPARSELt route; nullopt (after a one-time warning) when cuSPARSELt refuses the problem, so the
+// caller falls back to decompress + cuBLAS instead of failing.
+c10::optional<at::Tensor> linear_cusparselt(const at::Tensor& x2, const at::Tensor& values,
+                                            const at::Tensor& meta, const at::Tensor& v,
+                                            const at::Tensor& m, const at::Tensor& b, int dev) {
+  const int64_t M = x2.size(0), K = x2.size(1), N = v.size(0);
+  // The cache is keyed on the caller's tensors when they are already contiguous.
+  at::Tensor compressed = (v.is_same(values) && m.is_same(meta))
+                              ? cslt_cache().lookup_or_build(values, meta)
+                              : cslt_cache().lookup_or_build(v, m);
+  // M padded to a multiple of 8 (cuSPARSELt's dense-operand rule); operands 16-byte aligned, as
+  // the descriptors promise (a contiguous view can start at any element).
+  const int64_t Mp = (M + 7) / 8 * 8;
+  at::Tensor xp = x2;
+  if (Mp != M) xp = at::cat({x2, at::zeros({Mp - M, K}, x2.options())}, 0);
+  else if (reinterpret_cast<uintptr_t>(xp.data_ptr()) % 16 != 0) xp = x2.clone();
+  // With a bias, C = D = y starts as the broadcast bias and beta = 1: the bias joins the fp32
+  // accumulation and the result is rounded to bf16 once.
+  at::Tensor y = b.defined() ? b.expand({Mp, N}).contiguous() : at::empty({Mp, N}, x2.options());
+  size_t ws = 0;
+  int st = pc::cslt_workspace(dev, dtype_of(v), Mp, N, K, &ws);
+  if (st == 0) {
+    at::Tensor work = at::empty({static_cast<int64_t>(std::max<size_t>(ws, 1))}, x2.options().dtype(at::kByte));
+    st = pc::cslt_matmul(dev, dtype_of(v), compressed.data_ptr(), xp.data_ptr(), Mp, N, K,
+                         b.defined() ? 1.f : 0.f, y.data_ptr(), work.data_ptr(), ws, stream_of(x2));
+  }
+  if (st != 0) {
+    TORCH_WARN_ONCE("sparse24_linear: cuSPARSELt failed (", pc::cslt_error_string(st),
+                    "); using decompress + cuBLAS for such shapes instead");
+    return c10::nullopt;
+  }
+  return Mp != M ? y.narrow(0, 0, M) : y;
+}
+
 at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values,
                                 const at::Tensor& meta, const c10::optional<at::Tensor>& bias) {
   constexpr const char* op = "sparse24_linear";
@@ -197,21 +236,7 @@ at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values,
   }
   const int dev = x.device().index();
   if (v.scalar_type() == at::kBFloat16 && N % 16 == 0 && K % 16 == 0 && cslt_usable(dev)) {
-    // The cache is keyed on the caller's tensors (v/m are the same tensors when contiguous).
-    at::Tensor compressed = cslt_cache().lookup_or_build(v, m);
-    const int64_t Mp = (M + 7) / 8 * 8;
-    at::Tensor xp = Mp == M ? x2 : at::cat({x2, at::zeros({Mp - M, K}, x2.options())}, 0);
-    at::Tensor y = at::empty({Mp, N}, x.options());
-    size_t ws = 0;
-    int st = pc::cslt_workspace(dev, dtype_of(v), Mp, N, K, &ws);
-    TORCH_CHECK(st == 0, op, ": cuSPARSELt plan failed: ", pc::cslt_error_string(st));
-    at::Tensor work = at::empty({static_cast<int64_t>(std::max<size_t>(ws, 1))}, x.options().dtype(at::kByte));
-    st = pc::cslt_matmul(dev, dtype_of(v), compressed.data_ptr(), xp.data_ptr(), Mp, N, K,
-                         y.data_ptr(), work.data_ptr(), stream_of(x2));
-    TORCH_CHECK(st == 0, op, ": cuSPARSELt matmul failed: ", pc::cslt_error_string(st));
-    if (Mp != M) y = y.narrow(0, 0, M);
-    if (b.defined()) y.add_(b);
-    return y.reshape(out_shape);
+    if (auto y = linear_cusparselt(x2, values, meta, v, m, b, dev)) return y->reshape(out_shape);
   }
   at::Tensor dense = decompress24_cuda(v, m, K);
   at::Tensor y = b.defined() ? at::addmm(b, x2, dense.t()) : at::mm(x2, dense.t());

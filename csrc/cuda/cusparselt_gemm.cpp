@@ -106,18 +106,39 @@ int init_structured(cusparseLtHandle_t* h, cusparseLtMatDescriptor_t* d, DType d
   return 0;
 }
 
+// Builds every piece of a plan; on failure destroys what was made (no leaked descriptors).
 int build_plan(cusparseLtHandle_t* h, DType dtype, int64_t M, int64_t N, int64_t K, Plan* p) {
-  if (int s = init_structured(h, &p->a, dtype, N, K)) return s;
-  PS_CSLT(cusparseLtDenseDescriptorInit(h, &p->b, M, K, K, kAlign, to_cuda(dtype),
-                                        CUSPARSE_ORDER_ROW));
-  PS_CSLT(cusparseLtDenseDescriptorInit(h, &p->c, N, M, N, kAlign, to_cuda(dtype),
-                                        CUSPARSE_ORDER_COL));
-  PS_CSLT(cusparseLtMatmulDescriptorInit(h, &p->mm, CUSPARSE_OPERATION_NON_TRANSPOSE,
-                                         CUSPARSE_OPERATION_TRANSPOSE, &p->a, &p->b, &p->c, &p->c,
-                                         CUSPARSE_COMPUTE_32F));
-  PS_CSLT(cusparseLtMatmulAlgSelectionInit(h, &p->alg, &p->mm, CUSPARSELT_MATMUL_ALG_DEFAULT));
-  PS_CSLT(cusparseLtMatmulPlanInit(h, &p->plan, &p->mm, &p->alg));
-  PS_CSLT(cusparseLtMatmulGetWorkspace(h, &p->plan, &p->workspace));
+  int made = 0;  // 1: a, 2: +b, 3: +c, 4: +alg, 5: +plan
+  auto fail = [&](cusparseStatus_t st) {
+    if (made >= 5) cusparseLtMatmulPlanDestroy(&p->plan);
+    if (made >= 4) cusparseLtMatmulAlgSelectionDestroy(&p->alg);
+    if (made >= 3) cusparseLtMatDescriptorDestroy(&p->c);
+    if (made >= 2) cusparseLtMatDescriptorDestroy(&p->b);
+    if (made >= 1) cusparseLtMatDescriptorDestroy(&p->a);
+    return static_cast<int>(st);
+  };
+  cusparseStatus_t st = cusparseLtStructuredDescriptorInit(
+      h, &p->a, N, K, K, kAlign, to_cuda(dtype), CUSPARSE_ORDER_ROW, CUSPARSELT_SPARSITY_50_PERCENT);
+  if (st != CUSPARSE_STATUS_SUCCESS) return fail(st);
+  made = 1;
+  st = cusparseLtDenseDescriptorInit(h, &p->b, M, K, K, kAlign, to_cuda(dtype), CUSPARSE_ORDER_ROW);
+  if (st != CUSPARSE_STATUS_SUCCESS) return fail(st);
+  made = 2;
+  st = cusparseLtDenseDescriptorInit(h, &p->c, N, M, N, kAlign, to_cuda(dtype), CUSPARSE_ORDER_COL);
+  if (st != CUSPARSE_STATUS_SUCCESS) return fail(st);
+  made = 3;
+  st = cusparseLtMatmulDescriptorInit(h, &p->mm, CUSPARSE_OPERATION_NON_TRANSPOSE,
+                                      CUSPARSE_OPERATION_TRANSPOSE, &p->a, &p->b, &p->c, &p->c,
+                                      CUSPARSE_COMPUTE_32F);
+  if (st != CUSPARSE_STATUS_SUCCESS) return fail(st);
+  st = cusparseLtMatmulAlgSelectionInit(h, &p->alg, &p->mm, CUSPARSELT_MATMUL_ALG_DEFAULT);
+  if (st != CUSPARSE_STATUS_SUCCESS) return fail(st);
+  made = 4;
+  st = cusparseLtMatmulPlanInit(h, &p->plan, &p->mm, &p->alg);
+  if (st != CUSPARSE_STATUS_SUCCESS) return fail(st);
+  made = 5;
+  st = cusparseLtMatmulGetWorkspace(h, &p->plan, &p->workspace);
+  if (st != CUSPARSE_STATUS_SUCCESS) return fail(st);
   return 0;
 }
 
@@ -204,13 +225,16 @@ int cslt_workspace(int device, DType dtype, int64_t M, int64_t N, int64_t K, siz
 }
 
 int cslt_matmul(int device, DType dtype, const void* compressed, const void* x, int64_t M,
-                int64_t N, int64_t K, void* y, void* workspace, void* stream) {
+                int64_t N, int64_t K, float beta, void* y, void* workspace, size_t workspace_size,
+                void* stream) {
   std::lock_guard<std::mutex> lock(state().mu);
   cusparseLtHandle_t* h = nullptr;
   Plan* p = nullptr;
   if (int s = plan_for(device, dtype, M, N, K, &h, &p)) return s;
+  // The plan may have been evicted and rebuilt since the caller sized the workspace.
+  if (p->workspace > workspace_size) return static_cast<int>(CUSPARSE_STATUS_INSUFFICIENT_RESOURCES);
   DeviceGuard g(device);
-  const float alpha = 1.f, beta = 0.f;
+  const float alpha = 1.f;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return static_cast<int>(
       cusparseLtMatmul(h, &p->plan, &alpha, compressed, x, &beta, y, y, workspace, &s, 1));

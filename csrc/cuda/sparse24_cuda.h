@@ -44,10 +44,13 @@ int cslt_compress(int device, DType dtype, const void* dense, int64_t N, int64_t
                   void* tmp, void* stream);
 // Workspace needed by cslt_matmul for this problem (plans are cached per device/shape/dtype).
 int cslt_workspace(int device, DType dtype, int64_t M, int64_t N, int64_t K, size_t* size);
-// y[M, N] = x[M, K] @ W^T; M a multiple of 8, N and K multiples of 16 (the glue pads M and adds
-// the bias itself, so plans do not depend on a bias pointer).
+// D = W x^T + beta * C with C = D = y, i.e. y[M, N] = x[M, K] @ W^T + beta * y (beta 0 or 1: the
+// glue pre-fills y with the bias so it is added before the single rounding). M a multiple of 8,
+// N and K multiples of 16, pointers 16-byte aligned. `workspace_size` is what the caller
+// allocated; an error is returned if the plan needs more.
 int cslt_matmul(int device, DType dtype, const void* compressed, const void* x, int64_t M,
-                int64_t N, int64_t K, void* y, void* workspace, void* stream);
+                int64_t N, int64_t K, float beta, void* y, void* workspace, size_t workspace_size,
+                void* stream);
 const char* cslt_error_string(int status);
 const char* cuda_error_string(int err);
 
