@@ -24,30 +24,31 @@ def _has_amx_bf16() -> bool:
     return bool(torch._C._cpu._get_cpu_capability().get("amx_bf16", False))
 
 
-@pytest.fixture(params=["avx512", "avx2", "scalar", "amx"])
+@pytest.fixture(params=["avx512", "avx2", "scalar", "dense"])
 def impl(request, monkeypatch):
-    """Runs a test on every CPU route this machine has: AVX-512 kernels, AVX2 kernels, the scalar
-    fallback (selected per call through the PYSPARSE_DISABLE_* variables), and for bf16 with more
-    than 16 rows the AMX route (chunked decompression + torch's bf16 matmul), which the first
-    three switch off."""
+    """Runs a test on every CPU route: the AVX-512 kernels, the AVX2 kernels, the scalar fallback
+    (selected per call through PYSPARSE_DISABLE_*), and the dense route (chunked decompression +
+    torch's matmul: bf16 on AMX CPUs, small fp32 weights), which the first three switch off and
+    the last one turns on from 17 rows."""
     cpu = pysparse._C.cpu_info()
     monkeypatch.delenv("PYSPARSE_DISABLE_AVX512", raising=False)
     monkeypatch.delenv("PYSPARSE_DISABLE_AVX2", raising=False)
     monkeypatch.setenv("PYSPARSE_BF16_DENSE_MIN_ROWS", str(2**62))
-    if request.param in ("avx512", "amx") and not (cpu["avx512f"] and cpu["avx2"]):
+    monkeypatch.setenv("PYSPARSE_F32_DENSE_MAX_WEIGHTS", "0")
+    if request.param == "avx512" and not (cpu["avx512f"] and cpu["avx2"]):
         pytest.skip("this CPU has no AVX-512F")
-    if request.param == "amx":
-        if not _has_amx_bf16():
-            pytest.skip("this CPU has no AMX-BF16")
-        monkeypatch.delenv("PYSPARSE_BF16_DENSE_MIN_ROWS")
+    if request.param == "dense":
+        monkeypatch.setenv("PYSPARSE_BF16_DENSE_MIN_ROWS", "17" if _has_amx_bf16() else str(2**62))
+        monkeypatch.setenv("PYSPARSE_F32_DENSE_MAX_WEIGHTS", str(2**62))
+        monkeypatch.setenv("PYSPARSE_F32_DENSE_MIN_ROWS", "17")
     if request.param == "avx2":
         if not cpu["avx2"]:
             pytest.skip("this CPU has no AVX2")
         monkeypatch.setenv("PYSPARSE_DISABLE_AVX512", "1")
     if request.param == "scalar":
         monkeypatch.setenv("PYSPARSE_DISABLE_AVX2", "1")
-    expected = "avx512" if request.param == "amx" else request.param
-    assert pysparse._C.cpu_info()["linear_impl"] == expected
+    if request.param != "dense":
+        assert pysparse._C.cpu_info()["linear_impl"] == request.param
     return request.param
 
 
@@ -82,7 +83,7 @@ def magnitude(x, values, meta, bias):
 # ---- compress / decompress / prune ----------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("N,K", [(1, 4), (7, 12), (33, 388), (3, 4100)])
-def test_compress_matches_reference_and_round_trips(dtype, N, K):
+def test_compress_matches_reference_and_round_trips(impl, dtype, N, K):
     gen = torch.Generator().manual_seed(N * 1000 + K)
     w = random_24(N, K, dtype, gen)
     values, meta = ops.compress24(w)

@@ -28,9 +28,11 @@ void sparse24_gemm_bf16_avx512(const uint16_t* x, int64_t M, int64_t ldx, const 
                                const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
                                uint16_t* y, int64_t ldy, int nthreads);
 
-// 16-bit (bf16/fp16) decompression with AVX-512BW (same result as the portable one).
+// 16-bit (AVX-512BW) and 32-bit (AVX-512F) decompression: same bytes as the portable code.
 void decompress16_avx512(const uint16_t* values, const uint8_t* meta, int64_t N, int64_t K,
                          uint16_t* dense);
+void decompress32_avx512(const uint32_t* values, const uint8_t* meta, int64_t N, int64_t K,
+                         uint32_t* dense);
 
 // Up to this many rows of x the GEMV kernel (x gathered in registers, W streamed once per pass) is
 // used instead of the GEMM kernel that vectorises over rows of x; per ISA level, measured (see the

@@ -123,11 +123,20 @@ void sparse24_linear_bf16(const uint16_t* x, int64_t M, int64_t ldx, const uint1
     linear_bf16_scalar(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
 }
 
-bool decompress16_fast(const void* values, const uint8_t* meta, int64_t N, int64_t K, void* dense) {
-  if (!use_avx512() || !features().avx512bw) return false;
-  detail::decompress16_avx512(static_cast<const uint16_t*>(values), meta, N, K,
-                              static_cast<uint16_t*>(dense));
-  return true;
+bool decompress_fast(const void* values, const uint8_t* meta, int64_t N, int64_t K, int elem_size,
+                     void* dense) {
+  if (!use_avx512()) return false;
+  if (elem_size == 4) {
+    detail::decompress32_avx512(static_cast<const uint32_t*>(values), meta, N, K,
+                                static_cast<uint32_t*>(dense));
+    return true;
+  }
+  if (elem_size == 2 && features().avx512bw) {
+    detail::decompress16_avx512(static_cast<const uint16_t*>(values), meta, N, K,
+                                static_cast<uint16_t*>(dense));
+    return true;
+  }
+  return false;
 }
 
 }  // namespace pysparse::core

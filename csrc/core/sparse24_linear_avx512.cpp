@@ -160,6 +160,42 @@ void decompress16_avx512(const uint16_t* values, const uint8_t* meta, int64_t N,
   }
 }
 
+// The same for 32-bit elements: 4 groups (16 outputs) per step, one masked vpermps.
+void decompress32_avx512(const uint32_t* values, const uint8_t* meta, int64_t N, int64_t K,
+                         uint32_t* dense) {
+  const int64_t groups = K / 4;
+  const int64_t mcols = meta_cols(K);
+  const int64_t steps = groups / 4;
+  const __m512i vshift = _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12);
+  const __m512i vpos = _mm512_setr_epi32(0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3);
+  const __m512i vbase = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+  const __m512i f = _mm512_set1_epi32(0xF), three = _mm512_set1_epi32(3), one = _mm512_set1_epi32(1);
+#pragma omp parallel for schedule(static) if (N * K > 65536)
+  for (int64_t n = 0; n < N; ++n) {
+    const uint32_t* vrow = values + n * (K / 2);
+    const uint8_t* mrow = meta + n * mcols;
+    uint32_t* out = dense + n * K;
+    for (int64_t j = 0; j < steps; ++j) {
+      uint16_t word;  // meta of groups 4j..4j+3
+      std::memcpy(&word, mrow + 2 * j, 2);
+      const __m512i nib = _mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(word), vshift), f);
+      const __mmask16 first = _mm512_cmpeq_epi32_mask(_mm512_and_si512(nib, three), vpos);
+      const __mmask16 second = _mm512_cmpeq_epi32_mask(_mm512_srli_epi32(nib, 2), vpos);
+      const __m512i src = _mm512_mask_add_epi32(vbase, second, vbase, one);
+      const __m512i vals =
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + 8 * j)));
+      _mm512_storeu_si512(out + 16 * j, _mm512_maskz_permutexvar_epi32(first | second, src, vals));
+    }
+    for (int64_t g = steps * 4; g < groups; ++g) {
+      const unsigned nib = (mrow[g / 2] >> ((g & 1) * 4)) & 0xFu;
+      uint32_t* d = out + 4 * g;
+      d[0] = d[1] = d[2] = d[3] = 0;
+      d[nib & 3u] = vrow[2 * g];
+      d[nib >> 2] = vrow[2 * g + 1];
+    }
+  }
+}
+
 void sparse24_gemv_f32_avx512(const float* x, int64_t M, int64_t ldx, const float* values,
                               const uint8_t* meta, int64_t N, int64_t K, const float* bias,
                               float* y, int64_t ldy, int nthreads) {

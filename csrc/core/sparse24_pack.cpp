@@ -155,13 +155,14 @@ Compress24Status compress24(const void* dense, int64_t N, int64_t K, int64_t ld,
   }
 }
 
-// Defined in sparse24_linear.cpp (which owns the CPU-feature dispatch): the AVX-512BW 16-bit
-// decompressor, when the CPU has it; false means "use the portable code".
-bool decompress16_fast(const void* values, const uint8_t* meta, int64_t N, int64_t K, void* dense);
+// Defined in sparse24_linear.cpp (which owns the CPU-feature dispatch): the AVX-512 decompressors,
+// when the CPU has them; false means "use the portable code".
+bool decompress_fast(const void* values, const uint8_t* meta, int64_t N, int64_t K, int elem_size,
+                     void* dense);
 
 void decompress24(const void* values, const uint8_t* meta, int64_t N, int64_t K, int elem_size,
                   void* dense) {
-  if (elem_size == 2 && decompress16_fast(values, meta, N, K, dense)) return;
+  if (decompress_fast(values, meta, N, K, elem_size, dense)) return;
   switch (elem_size) {
     case 2:
       return decompress_impl(static_cast<const uint16_t*>(values), meta, N, K,

@@ -80,7 +80,11 @@ const Problem kProblems[] = {{1, 1, 4},    {1, 7, 12},    {3, 5, 12},    {1, 33,
 }  // namespace
 
 // ---- packing -------------------------------------------------------------------------------------
-TEST(Compress24_f32, RoundTripOddShapes) {
+class Compress24Impl : public ::testing::TestWithParam<Impl> {};
+
+// Decompression has AVX-512 versions (16- and 32-bit) and the portable one: all must agree.
+TEST_P(Compress24Impl, RoundTripOddShapes) {
+  ScopedImpl impl(GetParam());
   std::mt19937 rng(1);
   for (auto [M, N, K] : kProblems) {
     (void)M;
@@ -95,7 +99,8 @@ TEST(Compress24_f32, RoundTripOddShapes) {
   }
 }
 
-TEST(Compress24_bits16, RoundTripKeepsBitPatterns) {
+TEST_P(Compress24Impl, RoundTripKeepsBitPatterns16) {
+  ScopedImpl impl(GetParam());
   // 16-bit payloads are copied bitwise (bf16 and fp16 alike); -0 counts as zero.
   const int64_t N = 3, K = 12;
   std::vector<uint16_t> w(N * K, 0);
@@ -153,6 +158,14 @@ TEST(Prune24, TiesGoToLowerIndexAndNaNRanksLowest) {
   const float expect[K] = {1, 2, 0, 0, 0, 6, 0, 8, 0, 0, 11, 12};
   for (int i = 0; i < K; ++i) EXPECT_EQ(out[i], expect[i]) << i;
 }
+
+INSTANTIATE_TEST_SUITE_P(Impl, Compress24Impl,
+                         ::testing::Values(Impl::Native, Impl::Avx2, Impl::Scalar),
+                         [](const auto& info) {
+                           return info.param == Impl::Native ? "Native"
+                                  : info.param == Impl::Avx2 ? "Avx2"
+                                                             : "Scalar";
+                         });
 
 // ---- linear --------------------------------------------------------------------------------------
 class Sparse24Linear : public ::testing::TestWithParam<Impl> {};
