@@ -1,5 +1,5 @@
 """Typed Python entry points to the ``torch.ops.pysparse`` kernels, with their fake (meta)
-implementations for torch.compile / torch.export and the autograd formula of the linear op.
+implementations for torch.compile / torch.export (the linear op's autograd is in C++).
 
 The schemas themselves are defined once, in C++ (csrc/register_ops.cpp).
 
@@ -125,25 +125,8 @@ def _register_fakes() -> None:
         )
         return x.new_empty((*x.shape[:-1], values.shape[0]))
 
-    def _linear_setup_context(ctx, inputs, output):
-        x, values, meta, bias = inputs
-        ctx.save_for_backward(values, meta)
-        ctx.has_bias = bias is not None
-
-    def _linear_backward(ctx, grad):
-        values, meta = ctx.saved_tensors
-        K = values.shape[1] * 2
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            w = torch.ops.pysparse.decompress24.default(values, meta, K)
-            grad_x = grad @ w
-        if ctx.has_bias and ctx.needs_input_grad[3]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return grad_x, None, None, grad_bias
-
-    torch.library.register_autograd(
-        "pysparse::sparse24_linear", _linear_backward, setup_context=_linear_setup_context
-    )
+    # The autograd formula of sparse24_linear is registered in C++ (csrc/aten/sparse24_autograd.cpp):
+    # a Python registration would put a Python call on every eager invocation.
 
 
 if pysparse.extension_error() is None:

@@ -179,11 +179,12 @@ def test_linear_empty_batch():
     assert ops.sparse24_linear(torch.empty(0, 8), values, meta).shape == (0, 5)
 
 
-def test_linear_gradients_match_dense():
+@pytest.mark.parametrize("lead", [(3,), (2, 3)])
+def test_linear_gradients_match_dense(lead):
     gen = torch.Generator().manual_seed(4)
     w = random_24(6, 16, torch.float64, gen).float()
     values, meta = ops.compress24(w)
-    x = torch.randn(3, 16, generator=gen, requires_grad=True)
+    x = torch.randn(*lead, 16, generator=gen, requires_grad=True)
     b = torch.randn(6, generator=gen, requires_grad=True)
     ops.sparse24_linear(x, values, meta, b).square().sum().backward()
     x2 = x.detach().clone().requires_grad_(True)
@@ -191,6 +192,13 @@ def test_linear_gradients_match_dense():
     torch.nn.functional.linear(x2, w, b2).square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b.grad, b2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_without_grad_needs_no_autograd_graph():
+    w = ops.prune24(torch.randn(6, 16))
+    values, meta = ops.compress24(w)
+    y = ops.sparse24_linear(torch.randn(2, 16), values, meta)
+    assert y.grad_fn is None and not y.requires_grad
 
 
 def test_results_are_deterministic_across_thread_counts():
