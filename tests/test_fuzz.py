@@ -1,0 +1,106 @@
+"""Property tests (hypothesis) for the CPU ops: random shapes (K = 4 .. 260, odd N, M = 0 .. 40,
+leading batch dims), strided views of x, random sparsity patterns, fp32/bf16, and every kernel
+route, each compared with the float64 reference. A fast profile for CI; PYSPARSE_FUZZ=long runs
+more examples."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pysparse import ops
+from pysparse import reference as R
+
+EXAMPLES = 1000 if os.environ.get("PYSPARSE_FUZZ") == "long" else 200
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+ROUTES = {
+    "native": {},
+    "avx2": {"PYSPARSE_DISABLE_AVX512": "1"},
+    "scalar": {"PYSPARSE_DISABLE_AVX2": "1"},
+    "dense": {"PYSPARSE_BF16_DENSE_MIN_ROWS": "1", "PYSPARSE_F32_DENSE_MAX_WEIGHTS": str(2**62),
+              "PYSPARSE_F32_DENSE_MIN_ROWS": "1"},
+}
+KNOBS = ["PYSPARSE_DISABLE_AVX512", "PYSPARSE_DISABLE_AVX2", "PYSPARSE_BF16_DENSE_MIN_ROWS",
+         "PYSPARSE_F32_DENSE_MAX_WEIGHTS", "PYSPARSE_F32_DENSE_MIN_ROWS"]
+
+
+@pytest.fixture
+def set_route(monkeypatch):
+    def apply(name: str) -> None:
+        for k in KNOBS:
+            monkeypatch.delenv(k, raising=False)
+        for k, v in ROUTES[name].items():
+            monkeypatch.setenv(k, v)
+    yield apply
+
+
+@FUZZ
+@given(
+    N=st.integers(1, 40),
+    groups=st.integers(1, 65),
+    M=st.integers(0, 40),
+    lead=st.sampled_from([(), (2,), (1, 3)]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    density=st.floats(0.0, 1.0),
+    strided=st.booleans(),
+    bias=st.booleans(),
+    route=st.sampled_from(sorted(ROUTES)),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_sparse24_linear_matches_reference(set_route, N, groups, M, lead, dtype, density, strided,
+                                           bias, route, seed):
+    set_route(route)
+    K = 4 * groups
+    gen = torch.Generator().manual_seed(seed)
+    w = ops.prune24(torch.randn(N, K, generator=gen))
+    w = w.masked_fill(torch.rand(N, K, generator=gen) > density, 0.0).to(dtype)
+    values, meta = ops.compress24(w)
+    torch.testing.assert_close(ops.decompress24(values, meta, K), w, rtol=0, atol=0)
+    shape = (*lead, M, K)
+    if strided:  # every other column of a wider buffer: a non-contiguous x
+        x = torch.randn(*lead, M, 2 * K, generator=gen).to(dtype)[..., ::2]
+    else:
+        x = torch.randn(*shape, generator=gen).to(dtype)
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    y = ops.sparse24_linear(x, values, meta, b)
+    assert y.shape == (*lead, M, N) and y.dtype == dtype
+    x2 = x.reshape(-1, K)
+    ref = R.reference_sparse24_linear(x2, values, meta, b)
+    wd = w.double().abs()
+    mag = x2.double().abs() @ wd.T + (b.double().abs() if b is not None else 0)
+    tol = 4 * math.sqrt(K / 2 + 1) * torch.finfo(torch.float32).eps * mag + 1e-6
+    if dtype == torch.bfloat16:
+        tol = tol + ref.abs() * 2.0**-8
+    err = (y.reshape(-1, N).double() - ref).abs()
+    assert (err <= tol).all(), f"route {route}: max err {float(err.max()):.3g}"
+
+
+@FUZZ
+@given(
+    N=st.integers(1, 30),
+    groups=st.integers(1, 40),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),
+    ties=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_prune_and_compress_properties(N, groups, dtype, ties, seed):
+    K = 4 * groups
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=gen)
+    if ties:
+        w = w.round()  # many equal magnitudes and zeros
+    w = w.to(dtype)
+    p = ops.prune24(w)
+    torch.testing.assert_close(p, R.reference_prune24(w), rtol=0, atol=0)
+    assert R.is_24_sparse(p)
+    values, meta = ops.compress24(p)
+    rv, rm = R.reference_compress24(p)
+    assert torch.equal(values, rv) and torch.equal(meta, rm)
+    assert torch.equal(ops.decompress24(values, meta, K), p)
