@@ -1,8 +1,26 @@
-"""pysparse.passes: the graph rewrite passes (ReLU substitution, ProSparse, ProxSparse, baseline
-2:4 masks, Compress24, Lower).
+"""pysparse.passes: the graph rewrite passes run by ``pysparse.compile``.
 
 This folder sits at the top of the repository and ships inside the wheel as ``pysparse.passes``.
-The passes themselves arrive with the pipeline; for now the package only has to import.
+Passes are referred to by object or by name (``PASS_REGISTRY``).
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+from typing import Callable
+
+from pysparse.pipeline import Pass
+
+from .baselines import MagnitudePrune, WandaPrune
+from .compress24 import Compress24
+from .lower import Lower
+from .relu import ReluSubstitution
+
+PASS_REGISTRY: dict[str, Callable[[], Pass]] = {
+    "relu": ReluSubstitution,
+    "magnitude": MagnitudePrune,
+    "wanda": WandaPrune,
+    "compress24": Compress24,
+    "lower": Lower,
+}
+
+__all__ = ["PASS_REGISTRY", "Compress24", "Lower", "MagnitudePrune", "ReluSubstitution", "WandaPrune"]

@@ -64,5 +64,8 @@ def build_info() -> dict:
 
 from pysparse import ops  # noqa: E402  (needs the extension state above)
 from pysparse.formats import Sparse24Weight  # noqa: E402
+from pysparse.pipeline import SparseModel, compile  # noqa: E402,A004
+from pysparse.trace import trace  # noqa: E402
 
-__all__ = ["Sparse24Weight", "build_info", "extension_error", "ops", "require_extension"]
+__all__ = ["SparseModel", "Sparse24Weight", "build_info", "compile", "extension_error", "ops",
+           "require_extension", "trace"]

@@ -1,0 +1,48 @@
+"""Compress24: pack every 2:4-masked prunable linear into the packed 2:4 layout (pysparse.ops.
+compress24) and attach the packed tensors to the graph module as buffers. The graph itself is
+unchanged (Lower swaps the linears); a prunable weight that is not 2:4 is an error naming it."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from pysparse import ops
+from pysparse.pipeline import MASK_PASSES, Pass, PassContext, PassError, PassResult
+from pysparse.reference import is_24_sparse
+
+from .baselines import prunable_linears
+
+
+def packed_names(weight_target: str) -> tuple[str, str]:
+    base = "pysparse__" + weight_target.replace(".", "__")
+    return base + "__values", base + "__meta"
+
+
+class Compress24(Pass):
+    name = "compress24"
+    needs_one_of = MASK_PASSES
+    preserves_numerics = True
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        packed, dense_bytes, packed_bytes = 0, 0, 0
+        for node, info in prunable_linears(gm):
+            w = gm.get_parameter(info["weight"]).detach()
+            if w.dtype not in (torch.float32, torch.bfloat16):
+                info["packed"] = None
+                continue
+            if not is_24_sparse(w):
+                raise PassError(
+                    f"compress24: weight {info['weight']} (role {info['role']}, layer "
+                    f"{info['layer']}) is not 2:4 sparse; run a mask pass over it first"
+                )
+            values, meta = ops.compress24(w.contiguous())
+            vname, mname = packed_names(info["weight"])
+            gm.register_buffer(vname, values)
+            gm.register_buffer(mname, meta)
+            info["packed"] = [vname, mname]
+            packed += 1
+            dense_bytes += w.numel() * w.element_size()
+            packed_bytes += values.numel() * values.element_size() + meta.numel()
+        return PassResult(gm, packed > 0, {"linears_packed": packed, "dense_mb": round(dense_bytes / 1e6, 2),
+                                           "packed_mb": round(packed_bytes / 1e6, 2)})

@@ -1,0 +1,55 @@
+"""ReluSubstitution: the first step of ProSparse (arXiv 2402.13516) — replace the activation of
+every FFN (SiLU, GELU, any element-wise one) with ReLU, or with FATReLU ``x if x >= t else 0`` when
+a threshold is given. Only the activation node of each annotated FFN block changes: attention,
+GELUs outside FFNs, norms and everything else are left alone. Gated FFNs keep their up branch
+linear (``relu(gate(x)) * up(x)``), as the paper prescribes."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from pysparse.pipeline import Pass, PassContext, PassResult
+
+aten = torch.ops.aten
+
+
+class ReluSubstitution(Pass):
+    name = "relu"
+
+    def __init__(self, threshold: float | None = None):
+        if threshold is not None and not threshold >= 0:
+            raise ValueError(f"ReluSubstitution: threshold must be >= 0, got {threshold}")
+        self.threshold = threshold
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        replaced, previous = 0, set()
+        want = "relu" if not self.threshold else "fatrelu"
+        for block in gm.meta["pysparse"]["ffns"]:
+            act = nodes[block["act"]]
+            if block.get("act_op") == want and block.get("threshold") == self.threshold:
+                continue
+            previous.add(block["act_op"])
+            x = act.args[0]
+            with gm.graph.inserting_after(act):
+                if not self.threshold:
+                    new = gm.graph.call_function(aten.relu.default, (x,))
+                else:
+                    keep = gm.graph.call_function(aten.ge.Scalar, (x, float(self.threshold)))
+                    with gm.graph.inserting_after(keep):
+                        new = gm.graph.call_function(aten.where.ScalarOther, (keep, x, 0.0))
+            new.meta = dict(act.meta)
+            act.replace_all_uses_with(new)
+            gm.graph.erase_node(act)
+            block.update(act=new.name, act_op=want, threshold=self.threshold)
+            replaced += 1
+        return PassResult(gm, replaced > 0, {"ffn_activations_replaced": replaced,
+                                             "replaced_ops": sorted(previous), "now": want})
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for block in gm.meta["pysparse"]["ffns"]:
+            act = nodes[block["act"]]
+            ok = act.target in (aten.relu.default, aten.where.ScalarOther)
+            assert ok, f"FFN layer {block['layer']} still uses {act.target}"

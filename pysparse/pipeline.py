@@ -1,0 +1,237 @@
+"""Pass machinery: Pass / PassResult / PassManager, and ``pysparse.compile``.
+
+A pass takes the annotated GraphModule (see pysparse/trace.py) and returns a PassResult whose
+``modified`` is honest. The PassManager orders the passes by their declared constraints (a stable
+topological sort: the user's order is kept where it is legal), runs ``requires`` / ``call`` /
+``ensures``, lints and recompiles the graph after each pass, optionally spot-checks the numerics
+of passes that must not change them, and records a report entry per pass (what changed, figures,
+wall time). Errors name the failing pass and the passes that ran before it.
+
+Ordering constraints (DESIGN.md): relu before prosparse; a mask pass (magnitude, wanda, sparsegpt,
+proxsparse) before compress24; compress24 before lower; lower last.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+_log = logging.getLogger(__name__)
+
+MASK_PASSES = ("magnitude", "wanda", "sparsegpt", "proxsparse")
+
+
+class PassError(RuntimeError):
+    """A pass failed or the requested passes cannot run; the message says which and why."""
+
+
+@dataclass
+class PassResult:
+    gm: fx.GraphModule
+    modified: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassContext:
+    """What passes share: example inputs, calibration batches, settings."""
+
+    example_args: tuple = ()
+    example_kwargs: dict = field(default_factory=dict)
+    calibration: list[tuple[tuple, dict]] = field(default_factory=list)
+    check_numerics: bool = True
+
+    def calibration_batches(self) -> list[tuple[tuple, dict]]:
+        return self.calibration or [(self.example_args, self.example_kwargs)]
+
+
+class Pass:
+    """Base class. Subclasses set ``name``, optionally ``after`` (names that must run earlier when
+    present), ``needs_one_of`` (at least one of these must run earlier), ``last``, and
+    ``preserves_numerics`` (the graph's outputs must not change, up to float rounding)."""
+
+    name: str = "pass"
+    after: tuple[str, ...] = ()
+    needs_one_of: tuple[str, ...] = ()
+    last: bool = False
+    preserves_numerics: bool = False
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        if "pysparse" not in gm.meta:
+            raise PassError(f"{self.name}: the graph is not annotated; capture it with pysparse.trace")
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        raise NotImplementedError
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        pass
+
+    def settings(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if not k.startswith("_") and _plain(v)}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.settings().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _plain(v: Any) -> bool:
+    return isinstance(v, (int, float, str, bool, type(None), tuple, list))
+
+
+def order_passes(passes: Sequence[Pass]) -> list[Pass]:
+    """Stable topological order under the declared constraints; errors when they cannot hold."""
+    names = [p.name for p in passes]
+    if len(set(names)) != len(names):
+        raise PassError(f"a pass is listed twice: {names}")
+    for p in passes:
+        if p.needs_one_of and not any(n in names for n in p.needs_one_of):
+            raise PassError(
+                f"pass '{p.name}' needs one of {list(p.needs_one_of)} before it; got passes {names}"
+            )
+    remaining = list(passes)
+    ordered: list[Pass] = []
+    while remaining:
+        for p in remaining:
+            deps = set(p.after) | set(p.needs_one_of)
+            blocked = any(q.name in deps for q in remaining if q is not p)
+            if p.last and len(remaining) > 1:
+                blocked = True
+            if not blocked:
+                ordered.append(p)
+                remaining.remove(p)
+                break
+        else:
+            raise PassError(f"the ordering constraints of passes {names} cannot all hold")
+    if [p.name for p in ordered] != names:
+        _log.info("passes reordered by their constraints: %s -> %s", names, [p.name for p in ordered])
+    return ordered
+
+
+def _call_graph(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
+    call_kwargs = dict(gm.meta.get("pysparse", {}).get("call_kwargs", {}))
+    call_kwargs.update(kwargs)
+    with torch.no_grad():
+        return gm(*args, **call_kwargs)
+
+
+def _flat_tensors(out: Any) -> list[torch.Tensor]:
+    leaves, _ = torch.utils._pytree.tree_flatten(out)
+    if not leaves and hasattr(out, "to_tuple"):
+        leaves, _ = torch.utils._pytree.tree_flatten(out.to_tuple())
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+class PassManager:
+    def __init__(self, passes: Sequence[Pass]):
+        self.passes = order_passes(passes)
+        self.report: list[dict[str, Any]] = []
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        done: list[str] = []
+        for p in self.passes:
+            before = None
+            if ctx.check_numerics and p.preserves_numerics:
+                before = _flat_tensors(_call_graph(gm, ctx.example_args, ctx.example_kwargs))
+            t0 = time.perf_counter()
+            try:
+                p.requires(gm)
+                result = p.call(gm, ctx)
+                gm = result.gm
+                gm.graph.lint()
+                gm.recompile()
+                p.ensures(gm)
+            except Exception as exc:
+                raise PassError(
+                    f"pass '{p.name}' failed (passes run before it: {done or 'none'}): "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            seconds = time.perf_counter() - t0
+            entry = {"pass": p.name, "settings": p.settings(), "modified": result.modified,
+                     "seconds": round(seconds, 3), **result.info}
+            if before is not None:
+                after = _flat_tensors(_call_graph(gm, ctx.example_args, ctx.example_kwargs))
+                err = max(((a.double() - b.double()).abs().max().item() for a, b in zip(after, before)),
+                          default=0.0)
+                scale = max((b.double().abs().max().item() for b in before), default=1.0)
+                entry["spot_check_max_abs_err"] = err
+                if err > 1e-3 * max(scale, 1.0):
+                    raise PassError(
+                        f"pass '{p.name}' changed the model's outputs (max abs err {err:.3g}, "
+                        f"output scale {scale:.3g}); passes run before it: {done or 'none'}"
+                    )
+            _log.info("pass %s: modified=%s in %.2fs %s", p.name, result.modified, seconds,
+                      {k: v for k, v in result.info.items() if not isinstance(v, (list, dict))})
+            self.report.append(entry)
+            done.append(p.name)
+        return gm
+
+
+class SparseModel(torch.nn.Module):
+    """What ``pysparse.compile`` returns: the rewritten GraphModule, called like the model (keyword
+    arguments the capture fixed, such as ``use_cache=False``, are supplied), plus ``report``."""
+
+    def __init__(self, gm: fx.GraphModule, report: list[dict[str, Any]]):
+        super().__init__()
+        self.gm = gm
+        self.report = report
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        call_kwargs = dict(self.gm.meta.get("pysparse", {}).get("call_kwargs", {}))
+        call_kwargs.update(kwargs)
+        return self.gm(*args, **call_kwargs)
+
+
+def resolve_passes(passes: Sequence[Pass | str]) -> list[Pass]:
+    from pysparse.passes import PASS_REGISTRY
+
+    out = []
+    for p in passes:
+        if isinstance(p, Pass):
+            out.append(p)
+        elif isinstance(p, str):
+            factory: Callable[[], Pass] | None = PASS_REGISTRY.get(p)
+            if factory is None:
+                raise PassError(f"unknown pass '{p}'; known passes: {sorted(PASS_REGISTRY)}")
+            out.append(factory())
+        else:
+            raise PassError(f"a pass must be a Pass or a name, got {type(p).__name__}")
+    return out
+
+
+def compile(  # noqa: A001 - the public name DESIGN.md gives it
+    model: torch.nn.Module,
+    passes: Sequence[Pass | str] = ("relu", "magnitude", "compress24", "lower"),
+    example_inputs: tuple | torch.Tensor | None = None,
+    example_kwargs: dict | None = None,
+    *,
+    calibration: list[tuple[tuple, dict]] | None = None,
+    copy_model: bool = True,
+    check_numerics: bool = True,
+) -> SparseModel:
+    """Captures ``model``, runs ``passes`` (objects or names) and returns a runnable SparseModel.
+
+    Args:
+        model: any nn.Module (Hugging Face models included).
+        passes: pass objects or names ("relu", "magnitude", "wanda", "compress24", "lower").
+        example_inputs / example_kwargs: inputs for capture and numeric spot checks.
+        calibration: batches ``[(args, kwargs), ...]`` for data-driven passes (Wanda); default the
+            example inputs.
+        copy_model: capture a deep copy so the caller's weights are never modified.
+        check_numerics: after passes that must not change outputs, compare against the graph
+            before the pass and fail loudly if they differ.
+    """
+    from pysparse.trace import trace
+
+    pass_objs = resolve_passes(passes)
+    manager = PassManager(pass_objs)  # validates the order before any expensive work
+    gm = trace(model, example_inputs, example_kwargs, copy_model=copy_model)
+    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
+    ctx = PassContext(example_args=args, example_kwargs=dict(example_kwargs or {}),
+                      calibration=list(calibration or []), check_numerics=check_numerics)
+    gm = manager.run(gm, ctx)
+    return SparseModel(gm, manager.report)

@@ -1,0 +1,180 @@
+"""The compiler pipeline the torch.fx way: tiny models (HF LLaMA / Mistral / Qwen2 / BERT configs
+built in code, and plain nn.Modules), capture + structural annotation, each pass on its own
+(graph.lint, numerics, structure), masked-dense == compiled-sparse, ordering and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import pysparse
+from pysparse.passes import Compress24, Lower, MagnitudePrune, ReluSubstitution
+from pysparse.pipeline import PassError
+from pysparse.trace import TraceError, trace
+
+aten = torch.ops.aten
+
+
+def _decoder(name: str):
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[name]
+    torch.manual_seed(0)
+    return model_cls(cfg_cls(**common)).eval(), (torch.randint(0, 96, (2, 9)),), {}
+
+
+def _bert():
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=2, intermediate_size=64,
+                                  max_position_embeddings=32)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 100, (2, 7))
+    return transformers.BertModel(cfg).eval(), (ids,), {"attention_mask": torch.ones(2, 7, dtype=torch.long)}
+
+
+class FusedGateUp(torch.nn.Module):
+    """A plain module with a fused gate_up projection and a GELU outside the FFN."""
+
+    def __init__(self, d=32, f=48):
+        super().__init__()
+        self.pre = torch.nn.Linear(d, d)
+        self.gate_up = torch.nn.Linear(d, 2 * f, bias=False)
+        self.down = torch.nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.pre(x))  # not an FFN activation
+        g, u = self.gate_up(h).chunk(2, dim=-1)
+        return self.down(torch.nn.functional.silu(g) * u)
+
+
+def _roles(gm):
+    return [(i["role"], i["layer"]) for i in gm.meta["pysparse"]["linears"].values()]
+
+
+def _out(o):
+    if hasattr(o, "logits"):
+        return o.logits
+    if hasattr(o, "last_hidden_state"):
+        return o.last_hidden_state
+    return o
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2"])
+def test_trace_annotates_decoders_by_structure(name):
+    model, args, kwargs = _decoder(name)
+    gm = trace(model, args, kwargs)
+    gm.graph.lint()
+    ffns = gm.meta["pysparse"]["ffns"]
+    assert [f["kind"] for f in ffns] == ["gated", "gated"]
+    assert [f["act_op"] for f in ffns] == ["aten.silu.default"] * 2
+    expected = [("qkv", 0)] * 3 + [("o", 0), ("gate", 0), ("up", 0), ("down", 0)]
+    expected += [("qkv", 1)] * 3 + [("o", 1), ("gate", 1), ("up", 1), ("down", 1), ("head", None)]
+    assert _roles(gm) == expected
+    head = list(gm.meta["pysparse"]["linears"].values())[-1]
+    assert head["prunable"] is False
+    torch.testing.assert_close(_out(gm(*args, use_cache=False)), _out(model(*args, use_cache=False)))
+
+
+def test_trace_annotates_bert_and_skips_pooler():
+    model, args, kwargs = _bert()
+    gm = trace(model, args, kwargs)
+    assert [f["kind"] for f in gm.meta["pysparse"]["ffns"]] == ["plain", "plain"]
+    roles = _roles(gm)
+    assert roles[:6] == [("qkv", 0)] * 3 + [("o", 0), ("up", 0), ("down", 0)]
+    assert roles[-1] == ("head", None)
+
+
+def test_trace_finds_fused_gate_up_and_leaves_other_gelu():
+    gm = trace(FusedGateUp(), (torch.randn(3, 32),))
+    (ffn,) = gm.meta["pysparse"]["ffns"]
+    assert ffn["gate_up"] is not None and ffn["kind"] == "gated"
+    sm = pysparse.compile(FusedGateUp(), ["relu"], (torch.randn(3, 32),))
+    targets = [n.target for n in sm.gm.graph.nodes if n.op == "call_function"]
+    assert aten.gelu.default in targets  # the GELU outside the FFN stays
+    assert aten.silu.default not in targets
+
+
+def test_captured_graph_shares_and_trains_the_models_parameters():
+    model, args, _ = _decoder("llama")
+    gm = trace(model, args)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert gm.get_parameter(name).data_ptr() == model.get_parameter(name).data_ptr()
+    _out(gm(*args, use_cache=False)).sum().backward()
+    assert model.get_parameter(name).grad is not None
+
+
+def test_relu_pass_replaces_only_ffn_activations_and_keeps_attention():
+    model, args, kwargs = _decoder("llama")
+    base = trace(model, args, kwargs, copy_model=True)
+    sm = pysparse.compile(model, [ReluSubstitution()], args, kwargs)
+    count = lambda gm, t: sum(1 for n in gm.graph.nodes if n.target is t)  # noqa: E731
+    assert count(sm.gm, aten.silu.default) == 0 and count(sm.gm, aten.relu.default) == 2
+    sdpa = aten.scaled_dot_product_attention.default
+    assert count(sm.gm, sdpa) == count(base, sdpa) == 2
+    assert sm.report[0]["ffn_activations_replaced"] == 2
+
+
+def test_fatrelu_threshold_semantics():
+    torch.manual_seed(1)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    x = torch.randn(5, 8)
+    sm = pysparse.compile(m, [ReluSubstitution(threshold=0.1)], (x,))
+    h = m[0](x)
+    expected = m[2](torch.where(h >= 0.1, h, torch.zeros_like(h)))
+    torch.testing.assert_close(sm(x), expected)
+
+
+@pytest.mark.parametrize("mask", ["magnitude", "wanda"])
+@pytest.mark.parametrize("build", ["llama", "qwen2", "bert"])
+def test_masked_dense_equals_compiled_sparse(mask, build):
+    model, args, kwargs = _bert() if build == "bert" else _decoder(build)
+    dense = pysparse.compile(model, ["relu", mask], args, kwargs)
+    sparse = pysparse.compile(model, ["relu", mask, "compress24", "lower"], args, kwargs)
+    lowered = [n for n in sparse.gm.graph.nodes if n.target is torch.ops.pysparse.sparse24_linear.default]
+    assert len(lowered) == (12 if build == "bert" else 14)
+    assert not any(n.target is aten.linear.default and n.meta.get("pysparse", {}).get("prunable")
+                   for n in sparse.gm.graph.nodes)
+    # fp32 accumulation in a different order: agreement to float32 rounding.
+    torch.testing.assert_close(_out(sparse(*args, **kwargs)), _out(dense(*args, **kwargs)),
+                               rtol=1e-4, atol=1e-5)
+    assert sparse.report[-1]["spot_check_max_abs_err"] < 1e-4
+
+
+def test_compiled_graph_exports():
+    model, args, kwargs = _decoder("llama")
+    sm = pysparse.compile(model, ["magnitude", "compress24", "lower"], args, kwargs)
+    ep = torch.export.export(sm, args, strict=False)
+    torch.testing.assert_close(_out(ep.module()(*args)), _out(sm(*args)))
+
+
+def test_pass_order_is_resolved_and_errors_name_the_problem():
+    model, args, kwargs = _decoder("llama")
+    sm = pysparse.compile(model, [Lower(), Compress24(), MagnitudePrune()], args, kwargs)
+    assert [e["pass"] for e in sm.report] == ["magnitude", "compress24", "lower"]
+    with pytest.raises(PassError, match="unknown pass 'sparsify'.*known passes"):
+        pysparse.compile(model, ["sparsify"], args, kwargs)
+    with pytest.raises(PassError, match="'compress24' needs one of .*magnitude"):
+        pysparse.compile(model, ["compress24", "lower"], args, kwargs)
+
+
+def test_untraceable_model_gets_a_clear_error():
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent Python control flow
+                return x * 2
+            return x
+
+    with pytest.raises(TraceError, match="could not capture DataDependent.*example inputs"):
+        trace(DataDependent(), (torch.randn(3),))
+
+
+def test_compile_does_not_touch_the_callers_weights():
+    model, args, kwargs = _decoder("llama")
+    before = model.get_parameter("model.layers.0.mlp.up_proj.weight").clone()
+    pysparse.compile(model, ["magnitude"], args, kwargs)
+    assert torch.equal(model.get_parameter("model.layers.0.mlp.up_proj.weight"), before)
