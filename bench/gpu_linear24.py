@@ -31,7 +31,9 @@ def cuda_ms(fn, repeats: int = 50) -> float:
 
 
 def main() -> None:
-    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {pysparse.build_info()['cusparselt']}")
+    print(
+        f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | {pysparse.build_info()['cusparselt']}"
+    )
     print("| dtype | N x K | M | cuBLAS ms | 2:4 ms | speed-up | 2:4 GB/s |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for dtype in (torch.bfloat16, torch.float32):
@@ -41,10 +43,13 @@ def main() -> None:
             nbytes = v.numel() * v.element_size() + m.numel()
             for M in BATCHES:
                 x = torch.randn(M, K, device="cuda").to(dtype)
-                td = cuda_ms(lambda: torch.nn.functional.linear(x, w))
-                ts = cuda_ms(lambda: torch.ops.pysparse.sparse24_linear(x, v, m))
+                td = cuda_ms(lambda x=x, w=w: torch.nn.functional.linear(x, w))
+                ts = cuda_ms(lambda x=x, v=v, m=m: torch.ops.pysparse.sparse24_linear(x, v, m))
                 bw = f"{nbytes / ts / 1e6:.0f}" if M == 1 else ""
-                print(f"| {str(dtype)[6:]} | {N}x{K} | {M} | {td:.4f} | {ts:.4f} | {td / ts:.2f}x | {bw} |", flush=True)
+                print(
+                    f"| {str(dtype)[6:]} | {N}x{K} | {M} | {td:.4f} | {ts:.4f} | {td / ts:.2f}x | {bw} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

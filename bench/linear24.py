@@ -40,7 +40,9 @@ def median_time(fn, min_repeats: int, min_seconds: float, warmup: int = 2) -> fl
     return statistics.median(times)
 
 
-def paired_times(f_dense, f_sparse, min_repeats: int, min_seconds: float) -> tuple[float, float, float]:
+def paired_times(
+    f_dense, f_sparse, min_repeats: int, min_seconds: float
+) -> tuple[float, float, float]:
     """Alternates the two calls so that the machine's drift (this box is shared and noisy) hits
     both alike; returns (median dense s, median sparse s, median of the per-pair ratios)."""
     for _ in range(2):
@@ -70,11 +72,15 @@ def stream_read_gbs(nbytes: int, repeats: int, min_seconds: float) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shapes", nargs="*", default=DEFAULT_SHAPES, help="NxK (out x in)")
     ap.add_argument("--batches", nargs="*", type=int, default=DEFAULT_BATCHES)
     ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+    )
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
     args = ap.parse_args()
 
@@ -86,7 +92,9 @@ def main() -> None:
         f"# pysparse {info['version']} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
         f"cpu kernel {info['cpu']['linear_impl']} (gemv for M <= {info['cpu']['gemv_max_rows']})"
     )
-    print("| dtype | N x K | M | dense ms | 2:4 ms | speed-up | 2:4 GB/s | stream GB/s | % of stream |")
+    print(
+        "| dtype | N x K | M | dense ms | 2:4 ms | speed-up | 2:4 GB/s | stream GB/s | % of stream |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     torch.manual_seed(0)
     for dtype_name in args.dtypes:
@@ -100,8 +108,10 @@ def main() -> None:
                 x = torch.randn(M, K, dtype=torch.float32).to(dtype)
                 with torch.inference_mode():
                     t_dense, t_sparse, ratio = paired_times(
-                        lambda: torch.nn.functional.linear(x, w),
-                        lambda: torch.ops.pysparse.sparse24_linear(x, sw.values, sw.meta),
+                        lambda x=x, w=w: torch.nn.functional.linear(x, w),
+                        lambda x=x, sw=sw: torch.ops.pysparse.sparse24_linear(
+                            x, sw.values, sw.meta
+                        ),
                         repeats,
                         min_s,
                     )

@@ -6,7 +6,7 @@ Passes are referred to by object or by name (``PASS_REGISTRY``).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from pysparse.pipeline import Pass
 
@@ -23,4 +23,11 @@ PASS_REGISTRY: dict[str, Callable[[], Pass]] = {
     "lower": Lower,
 }
 
-__all__ = ["PASS_REGISTRY", "Compress24", "Lower", "MagnitudePrune", "ReluSubstitution", "WandaPrune"]
+__all__ = [
+    "PASS_REGISTRY",
+    "Compress24",
+    "Lower",
+    "MagnitudePrune",
+    "ReluSubstitution",
+    "WandaPrune",
+]

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from pysparse import ops
 from pysparse.pipeline import Pass, PassContext, PassResult, _call_graph
@@ -18,8 +18,11 @@ aten = torch.ops.aten
 
 
 def prunable_linears(gm: fx.GraphModule) -> list[tuple[fx.Node, dict[str, Any]]]:
-    return [(n, n.meta["pysparse"]) for n in gm.graph.nodes
-            if "pysparse" in n.meta and n.meta["pysparse"].get("prunable")]
+    return [
+        (n, n.meta["pysparse"])
+        for n in gm.graph.nodes
+        if "pysparse" in n.meta and n.meta["pysparse"].get("prunable")
+    ]
 
 
 class _MaskPass(Pass):
@@ -45,8 +48,15 @@ class _MaskPass(Pass):
             total += w.numel()
         for line in skipped:
             _log.warning("%s: skipped %s", self.name, line)
-        return PassResult(gm, bool(pruned), {"layers_pruned": len(pruned), "skipped": skipped,
-                                             "weight_density": round(kept / max(total, 1), 4)})
+        return PassResult(
+            gm,
+            bool(pruned),
+            {
+                "layers_pruned": len(pruned),
+                "skipped": skipped,
+                "weight_density": round(kept / max(total, 1), 4),
+            },
+        )
 
 
 class MagnitudePrune(_MaskPass):

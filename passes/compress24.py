@@ -5,7 +5,7 @@ unchanged (Lower swaps the linears); a prunable weight that is not 2:4 is an err
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from pysparse import ops
 from pysparse.pipeline import MASK_PASSES, Pass, PassContext, PassError, PassResult
@@ -44,5 +44,12 @@ class Compress24(Pass):
             packed += 1
             dense_bytes += w.numel() * w.element_size()
             packed_bytes += values.numel() * values.element_size() + meta.numel()
-        return PassResult(gm, packed > 0, {"linears_packed": packed, "dense_mb": round(dense_bytes / 1e6, 2),
-                                           "packed_mb": round(packed_bytes / 1e6, 2)})
+        return PassResult(
+            gm,
+            packed > 0,
+            {
+                "linears_packed": packed,
+                "dense_mb": round(dense_bytes / 1e6, 2),
+                "packed_mb": round(packed_bytes / 1e6, 2),
+            },
+        )

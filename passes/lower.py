@@ -6,7 +6,7 @@ outputs as before (the PassManager spot-checks it)."""
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from pysparse.pipeline import Pass, PassContext, PassResult
 
@@ -37,7 +37,9 @@ class Lower(Pass):
             with graph.inserting_before(node):
                 v = graph.get_attr(vname)
                 m = graph.get_attr(mname)
-                new = graph.call_function(torch.ops.pysparse.sparse24_linear.default, (x, v, m, bias))
+                new = graph.call_function(
+                    torch.ops.pysparse.sparse24_linear.default, (x, v, m, bias)
+                )
             new.meta = dict(node.meta)
             new.meta["pysparse"] = {**info, "lowered": "sparse24_linear"}
             node.replace_all_uses_with(new)
@@ -47,4 +49,6 @@ class Lower(Pass):
                 graph.erase_node(weight)
                 _drop_parameter(gm, weight.target)
                 dropped += 1
-        return PassResult(gm, lowered > 0, {"linears_lowered": lowered, "dense_weights_dropped": dropped})
+        return PassResult(
+            gm, lowered > 0, {"linears_lowered": lowered, "dense_weights_dropped": dropped}
+        )

@@ -7,7 +7,7 @@ linear (``relu(gate(x)) * up(x)``), as the paper prescribes."""
 from __future__ import annotations
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 from pysparse.pipeline import Pass, PassContext, PassResult
 
@@ -44,8 +44,11 @@ class ReluSubstitution(Pass):
             gm.graph.erase_node(act)
             block.update(act=new.name, act_op=want, threshold=self.threshold)
             replaced += 1
-        return PassResult(gm, replaced > 0, {"ffn_activations_replaced": replaced,
-                                             "replaced_ops": sorted(previous), "now": want})
+        return PassResult(
+            gm,
+            replaced > 0,
+            {"ffn_activations_replaced": replaced, "replaced_ops": sorted(previous), "now": want},
+        )
 
     def ensures(self, gm: fx.GraphModule) -> None:
         nodes = {n.name: n for n in gm.graph.nodes}

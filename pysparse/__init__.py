@@ -62,10 +62,18 @@ def build_info() -> dict:
     return info
 
 
-from pysparse import ops  # noqa: E402  (needs the extension state above)
-from pysparse.formats import Sparse24Weight  # noqa: E402
-from pysparse.pipeline import SparseModel, compile  # noqa: E402,A004
-from pysparse.trace import trace  # noqa: E402
+from pysparse import ops
+from pysparse.formats import Sparse24Weight
+from pysparse.pipeline import SparseModel, compile
+from pysparse.trace import trace
 
-__all__ = ["SparseModel", "Sparse24Weight", "build_info", "compile", "extension_error", "ops",
-           "require_extension", "trace"]
+__all__ = [
+    "Sparse24Weight",
+    "SparseModel",
+    "build_info",
+    "compile",
+    "extension_error",
+    "ops",
+    "require_extension",
+    "trace",
+]

@@ -44,17 +44,21 @@ def cmd_demo(args: argparse.Namespace) -> int:
     reference and times them against torch's dense linear on the same masked weight."""
     pysparse.require_extension()
     info = pysparse.build_info()
-    print(f"pysparse {info['version']} | torch {info['torch_version']} | CPU kernel: "
-          f"{info['cpu']['linear_impl']} | CUDA kernels built: {info['cuda']} | "
-          f"cuSPARSELt: {info['cusparselt']['status']}")
+    print(
+        f"pysparse {info['version']} | torch {info['torch_version']} | CPU kernel: "
+        f"{info['cpu']['linear_impl']} | CUDA kernels built: {info['cuda']} | "
+        f"cuSPARSELt: {info['cusparselt']['status']}"
+    )
     torch.manual_seed(args.seed)
     N, K = args.out_features, args.in_features
     dense = torch.randn(N, K)
     w = ops.prune24(dense)
     sw = pysparse.Sparse24Weight.from_dense(w)
     kept = (w != 0).float().mean().item()
-    print(f"weight {N}x{K}: pruned to 2:4 ({kept:.1%} kept), packed {sw.nbytes() / 1e6:.1f} MB "
-          f"vs dense {w.numel() * 4 / 1e6:.1f} MB")
+    print(
+        f"weight {N}x{K}: pruned to 2:4 ({kept:.1%} kept), packed {sw.nbytes() / 1e6:.1f} MB "
+        f"vs dense {w.numel() * 4 / 1e6:.1f} MB"
+    )
     assert torch.equal(sw.to_dense(), w), "compress/decompress round trip failed"
     print(f"{'dtype':>9} {'M':>4} {'max err':>10} {'dense ms':>9} {'2:4 ms':>8} {'speed-up':>8}")
     worst = 0.0
@@ -68,18 +72,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 ref = reference_sparse24_linear(x, swd.values, swd.meta)
                 err = ((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
                 worst = max(worst, err if dtype == torch.float32 else err / 64)
-                t_dense = _median_ms(lambda: torch.nn.functional.linear(x, wd), args.repeats)
-                t_sparse = _median_ms(lambda: swd.linear(x), args.repeats)
-            print(f"{str(dtype).split('.')[1]:>9} {M:>4} {err:>10.2e} {t_dense:>9.3f} "
-                  f"{t_sparse:>8.3f} {t_dense / t_sparse:>7.2f}x")
+                t_dense = _median_ms(
+                    lambda x=x, wd=wd: torch.nn.functional.linear(x, wd), args.repeats
+                )
+                t_sparse = _median_ms(lambda x=x, swd=swd: swd.linear(x), args.repeats)
+            print(
+                f"{str(dtype).split('.')[1]:>9} {M:>4} {err:>10.2e} {t_dense:>9.3f} "
+                f"{t_sparse:>8.3f} {t_dense / t_sparse:>7.2f}x"
+            )
     ok = worst < 1e-4
     print("kernels match the float64 reference" if ok else "MISMATCH against the reference")
     return 0 if ok else 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pysparse", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pysparse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("info", help="build and machine information as JSON")
@@ -92,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.func(args)
     except RuntimeError as exc:

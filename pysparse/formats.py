@@ -63,7 +63,9 @@ class Sparse24Weight:
         weight that is not 2:4 raises an error naming the first offending row and group.
         """
         if w.dim() != 2:
-            raise ValueError(f"Sparse24Weight.from_dense: expected a 2-D weight, got shape {tuple(w.shape)}")
+            raise ValueError(
+                f"Sparse24Weight.from_dense: expected a 2-D weight, got shape {tuple(w.shape)}"
+            )
         w = w.detach()
         K = int(w.shape[1])
         pad = (-K) % 4
@@ -82,14 +84,20 @@ class Sparse24Weight:
     def to_dense(self) -> torch.Tensor:
         """The dense ``[out_features, in_features]`` weight (zeros where pruned)."""
         dense = ops.decompress24(self.values, self.meta, self.padded_in_features)
-        return dense[:, : self.in_features] if self.padded_in_features != self.in_features else dense
+        return (
+            dense[:, : self.in_features] if self.padded_in_features != self.in_features else dense
+        )
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Sparse24Weight:
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> Sparse24Weight:
         """Moves (and optionally casts) the weight; casting packed values is exact for zeros, so the
         pattern is preserved."""
         values = self.values.to(device=device, dtype=dtype)
         meta = self.meta.to(device=device)
-        return Sparse24Weight(values=values, meta=meta, in_features=self.in_features, layout=self.layout)
+        return Sparse24Weight(
+            values=values, meta=meta, in_features=self.in_features, layout=self.layout
+        )
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ W.T + bias`` on the 2:4 kernels; x is zero-padded if the weight was."""

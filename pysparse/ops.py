@@ -17,7 +17,7 @@ import torch
 
 import pysparse
 
-__all__ = ["compress24", "decompress24", "prune24", "sparse24_linear", "meta_cols"]
+__all__ = ["compress24", "decompress24", "meta_cols", "prune24", "sparse24_linear"]
 
 
 def meta_cols(K: int) -> int:
@@ -94,7 +94,9 @@ def _register_fakes() -> None:
     def _compress24_fake(dense):
         torch._check(dense.dim() == 2, lambda: "compress24: dense must be 2-D")
         N, K = dense.shape
-        torch._check(K % 4 == 0, lambda: f"compress24: in_features must be a multiple of 4, got {K}")
+        torch._check(
+            K % 4 == 0, lambda: f"compress24: in_features must be a multiple of 4, got {K}"
+        )
         values = dense.new_empty((N, K // 2))
         meta = dense.new_empty((N, meta_cols(K)), dtype=torch.uint8)
         return values, meta
@@ -116,7 +118,9 @@ def _register_fakes() -> None:
     def _sparse24_linear_fake(x, values, meta, bias=None):
         torch._check(values.dim() == 2, lambda: "sparse24_linear: values must be 2-D")
         K = values.shape[1] * 2
-        torch._check(x.shape[-1] == K, lambda: "sparse24_linear: x.shape[-1] must equal in_features")
+        torch._check(
+            x.shape[-1] == K, lambda: "sparse24_linear: x.shape[-1] must equal in_features"
+        )
         torch._check(x.dtype == values.dtype, lambda: "sparse24_linear: x and weight dtypes differ")
         torch._check(meta.dtype == torch.uint8, lambda: "sparse24_linear: meta must be uint8")
         torch._check(

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 _log = logging.getLogger(__name__)
 
@@ -63,7 +64,9 @@ class Pass:
 
     def requires(self, gm: fx.GraphModule) -> None:
         if "pysparse" not in gm.meta:
-            raise PassError(f"{self.name}: the graph is not annotated; capture it with pysparse.trace")
+            raise PassError(
+                f"{self.name}: the graph is not annotated; capture it with pysparse.trace"
+            )
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
@@ -108,7 +111,9 @@ def order_passes(passes: Sequence[Pass]) -> list[Pass]:
         else:
             raise PassError(f"the ordering constraints of passes {names} cannot all hold")
     if [p.name for p in ordered] != names:
-        _log.info("passes reordered by their constraints: %s -> %s", names, [p.name for p in ordered])
+        _log.info(
+            "passes reordered by their constraints: %s -> %s", names, [p.name for p in ordered]
+        )
     return ordered
 
 
@@ -151,12 +156,19 @@ class PassManager:
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
             seconds = time.perf_counter() - t0
-            entry = {"pass": p.name, "settings": p.settings(), "modified": result.modified,
-                     "seconds": round(seconds, 3), **result.info}
+            entry = {
+                "pass": p.name,
+                "settings": p.settings(),
+                "modified": result.modified,
+                "seconds": round(seconds, 3),
+                **result.info,
+            }
             if before is not None:
                 after = _flat_tensors(_call_graph(gm, ctx.example_args, ctx.example_kwargs))
-                err = max(((a.double() - b.double()).abs().max().item() for a, b in zip(after, before)),
-                          default=0.0)
+                err = max(
+                    ((a.double() - b.double()).abs().max().item() for a, b in zip(after, before)),
+                    default=0.0,
+                )
                 scale = max((b.double().abs().max().item() for b in before), default=1.0)
                 entry["spot_check_max_abs_err"] = err
                 if err > 1e-3 * max(scale, 1.0):
@@ -164,8 +176,13 @@ class PassManager:
                         f"pass '{p.name}' changed the model's outputs (max abs err {err:.3g}, "
                         f"output scale {scale:.3g}); passes run before it: {done or 'none'}"
                     )
-            _log.info("pass %s: modified=%s in %.2fs %s", p.name, result.modified, seconds,
-                      {k: v for k, v in result.info.items() if not isinstance(v, (list, dict))})
+            _log.info(
+                "pass %s: modified=%s in %.2fs %s",
+                p.name,
+                result.modified,
+                seconds,
+                {k: v for k, v in result.info.items() if not isinstance(v, (list, dict))},
+            )
             self.report.append(entry)
             done.append(p.name)
         return gm
@@ -203,7 +220,7 @@ def resolve_passes(passes: Sequence[Pass | str]) -> list[Pass]:
     return out
 
 
-def compile(  # noqa: A001 - the public name DESIGN.md gives it
+def compile(
     model: torch.nn.Module,
     passes: Sequence[Pass | str] = ("relu", "magnitude", "compress24", "lower"),
     example_inputs: tuple | torch.Tensor | None = None,
@@ -230,8 +247,16 @@ def compile(  # noqa: A001 - the public name DESIGN.md gives it
     pass_objs = resolve_passes(passes)
     manager = PassManager(pass_objs)  # validates the order before any expensive work
     gm = trace(model, example_inputs, example_kwargs, copy_model=copy_model)
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
-    ctx = PassContext(example_args=args, example_kwargs=dict(example_kwargs or {}),
-                      calibration=list(calibration or []), check_numerics=check_numerics)
+    args = (
+        (example_inputs,)
+        if isinstance(example_inputs, torch.Tensor)
+        else tuple(example_inputs or ())
+    )
+    ctx = PassContext(
+        example_args=args,
+        example_kwargs=dict(example_kwargs or {}),
+        calibration=list(calibration or []),
+        check_numerics=check_numerics,
+    )
     gm = manager.run(gm, ctx)
     return SparseModel(gm, manager.report)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "reference_prune24",
+    "is_24_sparse",
     "reference_compress24",
     "reference_decompress24",
+    "reference_prune24",
     "reference_sparse24_linear",
-    "is_24_sparse",
 ]
 
 

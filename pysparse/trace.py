@@ -30,25 +30,39 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.fx as fx
+from torch import fx
 
 _log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
 # Element-wise activations an FFN may use (ReLU substitution replaces them).
 ACTIVATIONS = {
-    aten.silu.default, aten.gelu.default, aten.relu.default, aten.sigmoid.default,
-    aten.tanh.default, aten.hardswish.default, aten.mish.default, aten.leaky_relu.default,
-    aten.elu.default, aten.hardtanh.default,
+    aten.silu.default,
+    aten.gelu.default,
+    aten.relu.default,
+    aten.sigmoid.default,
+    aten.tanh.default,
+    aten.hardswish.default,
+    aten.mish.default,
+    aten.leaky_relu.default,
+    aten.elu.default,
+    aten.hardtanh.default,
 }
 # Ops that pass a tensor through unchanged at inference (skipped when matching patterns).
 TRANSPARENT = {
-    aten.dropout.default, aten.clone.default, aten.alias.default, aten.contiguous.default,
+    aten.dropout.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten.contiguous.default,
     aten.detach.default,
 }
 ATTENTION = {aten.scaled_dot_product_attention.default, aten._softmax.default, aten.softmax.int}
-SPLITS = {aten.split.Tensor, aten.chunk.default, aten.split_with_sizes.default,
-          aten.unsafe_split.Tensor}
+SPLITS = {
+    aten.split.Tensor,
+    aten.chunk.default,
+    aten.split_with_sizes.default,
+    aten.unsafe_split.Tensor,
+}
 
 
 class TraceError(RuntimeError):
@@ -108,23 +122,49 @@ def _match_ffn(down: fx.Node) -> FFNBlock | None:
     if inp.target in ACTIVATIONS:  # plain: down(act(up(x)))
         up = _skip(inp.args[0])
         if isinstance(up, fx.Node) and _is_linear(up):
-            return FFNBlock(layer=-1, kind="plain", act=inp.name, down=down.name, up=up.name,
-                            act_op=str(inp.target))
+            return FFNBlock(
+                layer=-1,
+                kind="plain",
+                act=inp.name,
+                down=down.name,
+                up=up.name,
+                act_op=str(inp.target),
+            )
         return None
     if inp.target is aten.mul.Tensor:  # gated: down(act(gate(x)) * up(x))
         a, b = (_skip(x) for x in inp.args[:2])
         for act, other in ((a, b), (b, a)):
-            if not (isinstance(act, fx.Node) and act.op == "call_function" and act.target in ACTIVATIONS):
+            if not (
+                isinstance(act, fx.Node) and act.op == "call_function" and act.target in ACTIVATIONS
+            ):
                 continue
             gate = _skip(act.args[0])
-            if isinstance(gate, fx.Node) and _is_linear(gate) and isinstance(other, fx.Node) and _is_linear(other):
-                if _skip(gate.args[0]) is _skip(other.args[0]):
-                    return FFNBlock(layer=-1, kind="gated", act=act.name, down=down.name,
-                                    gate=gate.name, up=other.name, act_op=str(act.target))
+            both_linear = (
+                isinstance(gate, fx.Node)
+                and _is_linear(gate)
+                and isinstance(other, fx.Node)
+                and _is_linear(other)
+            )
+            if both_linear and _skip(gate.args[0]) is _skip(other.args[0]):
+                return FFNBlock(
+                    layer=-1,
+                    kind="gated",
+                    act=act.name,
+                    down=down.name,
+                    gate=gate.name,
+                    up=other.name,
+                    act_op=str(act.target),
+                )
             fused, fused_other = _split_source(gate), _split_source(other)
             if fused is not None and fused is fused_other:
-                return FFNBlock(layer=-1, kind="gated", act=act.name, down=down.name,
-                                gate_up=fused.name, act_op=str(act.target))
+                return FFNBlock(
+                    layer=-1,
+                    kind="gated",
+                    act=act.name,
+                    down=down.name,
+                    gate_up=fused.name,
+                    act_op=str(act.target),
+                )
     return None
 
 
@@ -151,7 +191,8 @@ def annotate(gm: fx.GraphModule) -> Annotation:
     order = {n: i for i, n in enumerate(nodes)}
     ann = Annotation()
     embedding_weights = {
-        _param_target(n.args[0]) for n in nodes
+        _param_target(n.args[0])
+        for n in nodes
         if n.op == "call_function" and n.target is aten.embedding.default
     }
     # Gated matches first: they are the more specific pattern. A plain match is kept only when
@@ -239,7 +280,11 @@ def trace(
     if copy_model:
         model = copy.deepcopy(model)
     model.eval()
-    args = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs or ())
+    args = (
+        (example_inputs,)
+        if isinstance(example_inputs, torch.Tensor)
+        else tuple(example_inputs or ())
+    )
     kwargs = _prepare_kwargs(model, example_kwargs)
     try:
         ep = torch.export.export(model, args, kwargs, strict=False)
@@ -253,7 +298,9 @@ def trace(
         ) from exc
     gm = ep.module()
     annotate(gm)
-    gm.meta["pysparse"]["call_kwargs"] = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    gm.meta["pysparse"]["call_kwargs"] = {
+        k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)
+    }
     n_ffn = len(gm.meta["pysparse"]["ffns"])
     n_lin = sum(1 for i in gm.meta["pysparse"]["linears"].values() if i["prunable"])
     _log.info("captured %s: %d FFN blocks, %d prunable linears", type(model).__name__, n_ffn, n_lin)

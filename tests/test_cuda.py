@@ -16,7 +16,11 @@ from pysparse import ops
 from pysparse import reference as R
 
 pytestmark = pytest.mark.skipif(
-    not (torch.cuda.is_available() and pysparse.extension_error() is None and pysparse.build_info()["cuda"]),
+    not (
+        torch.cuda.is_available()
+        and pysparse.extension_error() is None
+        and pysparse.build_info()["cuda"]
+    ),
     reason="needs an NVIDIA GPU and pysparse built with CUDA",
 )
 
@@ -28,7 +32,9 @@ def random_24(N, K, dtype, seed):
 
 
 def check_close(y, x, values, meta, bias, dtype):
-    ref = R.reference_sparse24_linear(x.cpu(), values.cpu(), meta.cpu(), None if bias is None else bias.cpu())
+    ref = R.reference_sparse24_linear(
+        x.cpu(), values.cpu(), meta.cpu(), None if bias is None else bias.cpu()
+    )
     w = R.reference_decompress24(values.cpu(), meta.cpu(), values.shape[1] * 2).double().abs()
     mag = x.cpu().double().abs() @ w.T + (0 if bias is None else bias.cpu().double().abs())
     n = values.shape[1]
@@ -85,7 +91,13 @@ def test_cusparselt_cache_sees_in_place_weight_updates():
 def test_opcheck_on_cuda():
     w = random_24(32, 64, torch.bfloat16, 5)
     v, m = (t.cuda() for t in ops.compress24(w))
-    opcheck(torch.ops.pysparse.sparse24_linear.default, (torch.randn(3, 64, dtype=torch.bfloat16, device="cuda"), v, m, None))
-    opcheck(torch.ops.pysparse.sparse24_linear.default, (torch.randn(40, 64, dtype=torch.bfloat16, device="cuda"), v, m, None))
+    opcheck(
+        torch.ops.pysparse.sparse24_linear.default,
+        (torch.randn(3, 64, dtype=torch.bfloat16, device="cuda"), v, m, None),
+    )
+    opcheck(
+        torch.ops.pysparse.sparse24_linear.default,
+        (torch.randn(40, 64, dtype=torch.bfloat16, device="cuda"), v, m, None),
+    )
     opcheck(torch.ops.pysparse.compress24.default, (w.cuda(),))
     opcheck(torch.ops.pysparse.decompress24.default, (v, m, 64))

@@ -18,7 +18,9 @@ def test_round_trip_and_linear_match_dense():
     assert torch.equal(sw.to_dense(), w)
     x = torch.randn(3, 40)
     b = torch.randn(9)
-    torch.testing.assert_close(sw.linear(x, b), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        sw.linear(x, b), torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5
+    )
     assert sw.nbytes() == 9 * 20 * 4 + 9 * 5
 
 

@@ -17,18 +17,30 @@ from pysparse import ops
 from pysparse import reference as R
 
 EXAMPLES = 1000 if os.environ.get("PYSPARSE_FUZZ") == "long" else 200
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=False,
-                suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=False,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 ROUTES = {
     "native": {},
     "avx2": {"PYSPARSE_DISABLE_AVX512": "1"},
     "scalar": {"PYSPARSE_DISABLE_AVX2": "1"},
-    "dense": {"PYSPARSE_BF16_DENSE_MIN_ROWS": "1", "PYSPARSE_F32_DENSE_MAX_WEIGHTS": str(2**62),
-              "PYSPARSE_F32_DENSE_MIN_ROWS": "1"},
+    "dense": {
+        "PYSPARSE_BF16_DENSE_MIN_ROWS": "1",
+        "PYSPARSE_F32_DENSE_MAX_WEIGHTS": str(2**62),
+        "PYSPARSE_F32_DENSE_MIN_ROWS": "1",
+    },
 }
-KNOBS = ["PYSPARSE_DISABLE_AVX512", "PYSPARSE_DISABLE_AVX2", "PYSPARSE_BF16_DENSE_MIN_ROWS",
-         "PYSPARSE_F32_DENSE_MAX_WEIGHTS", "PYSPARSE_F32_DENSE_MIN_ROWS"]
+KNOBS = [
+    "PYSPARSE_DISABLE_AVX512",
+    "PYSPARSE_DISABLE_AVX2",
+    "PYSPARSE_BF16_DENSE_MIN_ROWS",
+    "PYSPARSE_F32_DENSE_MAX_WEIGHTS",
+    "PYSPARSE_F32_DENSE_MIN_ROWS",
+]
 
 
 @pytest.fixture
@@ -38,6 +50,7 @@ def set_route(monkeypatch):
             monkeypatch.delenv(k, raising=False)
         for k, v in ROUTES[name].items():
             monkeypatch.setenv(k, v)
+
     yield apply
 
 
@@ -54,8 +67,9 @@ def set_route(monkeypatch):
     route=st.sampled_from(sorted(ROUTES)),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_sparse24_linear_matches_reference(set_route, N, groups, M, lead, dtype, density, strided,
-                                           bias, route, seed):
+def test_sparse24_linear_matches_reference(
+    set_route, N, groups, M, lead, dtype, density, strided, bias, route, seed
+):
     set_route(route)
     K = 4 * groups
     gen = torch.Generator().manual_seed(seed)

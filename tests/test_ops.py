@@ -228,20 +228,37 @@ def _opcheck_cases():
         cases += [
             (torch.ops.pysparse.compress24.default, (w,)),
             (torch.ops.pysparse.decompress24.default, (values, meta, 12)),
-            (torch.ops.pysparse.prune24.default, (torch.randn(5, 8, generator=gen).to(dtype), None)),
-            (torch.ops.pysparse.prune24.default, (torch.randn(5, 8, generator=gen).to(dtype),
-                                                  torch.randn(5, 8, generator=gen))),
-            (torch.ops.pysparse.sparse24_linear.default,
-             (torch.randn(3, 12, generator=gen).to(dtype), values, meta, None)),
-            (torch.ops.pysparse.sparse24_linear.default,
-             (torch.randn(2, 1, 12, generator=gen).to(dtype), values, meta,
-              torch.randn(7, generator=gen).to(dtype))),
+            (
+                torch.ops.pysparse.prune24.default,
+                (torch.randn(5, 8, generator=gen).to(dtype), None),
+            ),
+            (
+                torch.ops.pysparse.prune24.default,
+                (torch.randn(5, 8, generator=gen).to(dtype), torch.randn(5, 8, generator=gen)),
+            ),
+            (
+                torch.ops.pysparse.sparse24_linear.default,
+                (torch.randn(3, 12, generator=gen).to(dtype), values, meta, None),
+            ),
+            (
+                torch.ops.pysparse.sparse24_linear.default,
+                (
+                    torch.randn(2, 1, 12, generator=gen).to(dtype),
+                    values,
+                    meta,
+                    torch.randn(7, generator=gen).to(dtype),
+                ),
+            ),
         ]
     x = torch.randn(4, 12, generator=gen, requires_grad=True)
     w = random_24(7, 12, torch.float32, gen)
     values, meta = ops.compress24(w)
-    cases.append((torch.ops.pysparse.sparse24_linear.default,
-                  (x, values, meta, torch.randn(7, generator=gen, requires_grad=True))))
+    cases.append(
+        (
+            torch.ops.pysparse.sparse24_linear.default,
+            (x, values, meta, torch.randn(7, generator=gen, requires_grad=True)),
+        )
+    )
     return cases
 
 
@@ -277,29 +294,86 @@ def _packed(N=4, K=8, dtype=torch.float32):
 
 BAD_INPUTS = [
     ("K not multiple of 4", lambda: ops.compress24(torch.zeros(3, 6)), r"multiple of 4.*pad"),
-    ("not 2:4", lambda: ops.compress24(torch.tensor([[0.0, 0, 0, 0, 1, 1, 1, 0]])),
-     r"row 0, group 1 \(columns 4..7\) has 3 nonzeros.*prune24"),
+    (
+        "not 2:4",
+        lambda: ops.compress24(torch.tensor([[0.0, 0, 0, 0, 1, 1, 1, 0]])),
+        r"row 0, group 1 \(columns 4..7\) has 3 nonzeros.*prune24",
+    ),
     ("compress 1-D", lambda: ops.compress24(torch.zeros(8)), r"must be 2-D"),
-    ("compress int", lambda: ops.compress24(torch.zeros(2, 8, dtype=torch.int32)), r"float32, bfloat16"),
+    (
+        "compress int",
+        lambda: ops.compress24(torch.zeros(2, 8, dtype=torch.int32)),
+        r"float32, bfloat16",
+    ),
     ("prune K", lambda: ops.prune24(torch.zeros(2, 10)), r"multiple of 4"),
-    ("prune score shape", lambda: ops.prune24(torch.zeros(2, 8), torch.zeros(2, 4)), r"score must have the shape"),
-    ("decompress K mismatch", lambda: ops.decompress24(*_packed(), 12), r"packs in_features=8, not 12"),
-    ("decompress K zero", lambda: ops.decompress24(torch.zeros(4, 0), torch.zeros(4, 0, dtype=torch.uint8), 0),
-     r"positive multiple of 4"),
-    ("decompress meta dtype", lambda: ops.decompress24(_packed()[0], _packed()[1].int(), 8), r"meta must be uint8"),
-    ("linear x dtype", lambda: ops.sparse24_linear(torch.zeros(2, 8, dtype=torch.bfloat16), *_packed()),
-     r"x is BFloat16 but the weight is Float.*cast x"),
-    ("linear x K", lambda: ops.sparse24_linear(torch.zeros(2, 12), *_packed()), r"x.shape\[-1\] is 12"),
-    ("linear meta size", lambda: ops.sparse24_linear(torch.zeros(2, 8), _packed()[0], torch.zeros(4, 3, dtype=torch.uint8)),
-     r"meta has 3 columns but in_features=8 needs ceil\(K/8\)=1"),
-    ("linear meta rows", lambda: ops.sparse24_linear(torch.zeros(2, 8), _packed()[0], torch.zeros(5, 1, dtype=torch.uint8)),
-     r"meta has 5 rows but values has 4"),
-    ("linear weight dtype", lambda: ops.sparse24_linear(torch.zeros(2, 8, dtype=torch.float64), *_packed(dtype=torch.float64)),
-     r"weights must be float32 or bfloat16"),
-    ("linear bias shape", lambda: ops.sparse24_linear(torch.zeros(2, 8), *_packed(), torch.zeros(3)), r"bias must be \[4\]"),
-    ("linear bias dtype", lambda: ops.sparse24_linear(torch.zeros(2, 8), *_packed(), torch.zeros(4, dtype=torch.float64)),
-     r"bias is Double"),
-    ("linear device", lambda: ops.sparse24_linear(torch.zeros(2, 8, device="meta"), *_packed()), r"x is on meta but the weight is on cpu"),
+    (
+        "prune score shape",
+        lambda: ops.prune24(torch.zeros(2, 8), torch.zeros(2, 4)),
+        r"score must have the shape",
+    ),
+    (
+        "decompress K mismatch",
+        lambda: ops.decompress24(*_packed(), 12),
+        r"packs in_features=8, not 12",
+    ),
+    (
+        "decompress K zero",
+        lambda: ops.decompress24(torch.zeros(4, 0), torch.zeros(4, 0, dtype=torch.uint8), 0),
+        r"positive multiple of 4",
+    ),
+    (
+        "decompress meta dtype",
+        lambda: ops.decompress24(_packed()[0], _packed()[1].int(), 8),
+        r"meta must be uint8",
+    ),
+    (
+        "linear x dtype",
+        lambda: ops.sparse24_linear(torch.zeros(2, 8, dtype=torch.bfloat16), *_packed()),
+        r"x is BFloat16 but the weight is Float.*cast x",
+    ),
+    (
+        "linear x K",
+        lambda: ops.sparse24_linear(torch.zeros(2, 12), *_packed()),
+        r"x.shape\[-1\] is 12",
+    ),
+    (
+        "linear meta size",
+        lambda: ops.sparse24_linear(
+            torch.zeros(2, 8), _packed()[0], torch.zeros(4, 3, dtype=torch.uint8)
+        ),
+        r"meta has 3 columns but in_features=8 needs ceil\(K/8\)=1",
+    ),
+    (
+        "linear meta rows",
+        lambda: ops.sparse24_linear(
+            torch.zeros(2, 8), _packed()[0], torch.zeros(5, 1, dtype=torch.uint8)
+        ),
+        r"meta has 5 rows but values has 4",
+    ),
+    (
+        "linear weight dtype",
+        lambda: ops.sparse24_linear(
+            torch.zeros(2, 8, dtype=torch.float64), *_packed(dtype=torch.float64)
+        ),
+        r"weights must be float32 or bfloat16",
+    ),
+    (
+        "linear bias shape",
+        lambda: ops.sparse24_linear(torch.zeros(2, 8), *_packed(), torch.zeros(3)),
+        r"bias must be \[4\]",
+    ),
+    (
+        "linear bias dtype",
+        lambda: ops.sparse24_linear(
+            torch.zeros(2, 8), *_packed(), torch.zeros(4, dtype=torch.float64)
+        ),
+        r"bias is Double",
+    ),
+    (
+        "linear device",
+        lambda: ops.sparse24_linear(torch.zeros(2, 8, device="meta"), *_packed()),
+        r"x is on meta but the weight is on cpu",
+    ),
 ]
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from pysparse.passes import Compress24, Lower, MagnitudePrune, ReluSubstitution
 
 import pysparse
-from pysparse.passes import Compress24, Lower, MagnitudePrune, ReluSubstitution
 from pysparse.pipeline import PassError
 from pysparse.trace import TraceError, trace
 
@@ -17,8 +17,15 @@ aten = torch.ops.aten
 
 
 def _decoder(name: str):
-    common = dict(vocab_size=96, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    common = {
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "intermediate_size": 176,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+    }
     cfg_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
@@ -29,12 +36,21 @@ def _decoder(name: str):
 
 
 def _bert():
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=2, intermediate_size=64,
-                                  max_position_embeddings=32)
+    cfg = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     ids = torch.randint(0, 100, (2, 7))
-    return transformers.BertModel(cfg).eval(), (ids,), {"attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    return (
+        transformers.BertModel(cfg).eval(),
+        (ids,),
+        {"attention_mask": torch.ones(2, 7, dtype=torch.long)},
+    )
 
 
 class FusedGateUp(torch.nn.Module):
@@ -77,7 +93,9 @@ def test_trace_annotates_decoders_by_structure(name):
     assert _roles(gm) == expected
     head = list(gm.meta["pysparse"]["linears"].values())[-1]
     assert head["prunable"] is False
-    torch.testing.assert_close(_out(gm(*args, use_cache=False)), _out(model(*args, use_cache=False)))
+    torch.testing.assert_close(
+        _out(gm(*args, use_cache=False)), _out(model(*args, use_cache=False))
+    )
 
 
 def test_trace_annotates_bert_and_skips_pooler():
@@ -112,7 +130,7 @@ def test_relu_pass_replaces_only_ffn_activations_and_keeps_attention():
     model, args, kwargs = _decoder("llama")
     base = trace(model, args, kwargs, copy_model=True)
     sm = pysparse.compile(model, [ReluSubstitution()], args, kwargs)
-    count = lambda gm, t: sum(1 for n in gm.graph.nodes if n.target is t)  # noqa: E731
+    count = lambda gm, t: sum(1 for n in gm.graph.nodes if n.target is t)
     assert count(sm.gm, aten.silu.default) == 0 and count(sm.gm, aten.relu.default) == 2
     sdpa = aten.scaled_dot_product_attention.default
     assert count(sm.gm, sdpa) == count(base, sdpa) == 2
@@ -135,13 +153,18 @@ def test_masked_dense_equals_compiled_sparse(mask, build):
     model, args, kwargs = _bert() if build == "bert" else _decoder(build)
     dense = pysparse.compile(model, ["relu", mask], args, kwargs)
     sparse = pysparse.compile(model, ["relu", mask, "compress24", "lower"], args, kwargs)
-    lowered = [n for n in sparse.gm.graph.nodes if n.target is torch.ops.pysparse.sparse24_linear.default]
+    lowered = [
+        n for n in sparse.gm.graph.nodes if n.target is torch.ops.pysparse.sparse24_linear.default
+    ]
     assert len(lowered) == (12 if build == "bert" else 14)
-    assert not any(n.target is aten.linear.default and n.meta.get("pysparse", {}).get("prunable")
-                   for n in sparse.gm.graph.nodes)
+    assert not any(
+        n.target is aten.linear.default and n.meta.get("pysparse", {}).get("prunable")
+        for n in sparse.gm.graph.nodes
+    )
     # fp32 accumulation in a different order: agreement to float32 rounding.
-    torch.testing.assert_close(_out(sparse(*args, **kwargs)), _out(dense(*args, **kwargs)),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        _out(sparse(*args, **kwargs)), _out(dense(*args, **kwargs)), rtol=1e-4, atol=1e-5
+    )
     assert sparse.report[-1]["spot_check_max_abs_err"] < 1e-4
 
 
