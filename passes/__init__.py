@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from pysparse.pipeline import Pass
 
-from .baselines import MagnitudePrune, WandaPrune
+from .baselines import MagnitudePrune, SparseGPTPrune, WandaPrune
 from .compress24 import Compress24
 from .lower import Lower
 from .relu import ReluSubstitution
@@ -19,6 +19,7 @@ PASS_REGISTRY: dict[str, Callable[[], Pass]] = {
     "relu": ReluSubstitution,
     "magnitude": MagnitudePrune,
     "wanda": WandaPrune,
+    "sparsegpt": SparseGPTPrune,
     "compress24": Compress24,
     "lower": Lower,
 }
@@ -29,5 +30,6 @@ __all__ = [
     "Lower",
     "MagnitudePrune",
     "ReluSubstitution",
+    "SparseGPTPrune",
     "WandaPrune",
 ]

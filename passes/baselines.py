@@ -1,4 +1,4 @@
-"""Baseline 2:4 masks (ALGORITHMS.md, "Baselines"): magnitude and Wanda. The masked weights stay
+"""Baseline 2:4 masks (ALGORITHMS.md, "Baselines"): magnitude, Wanda and SparseGPT. The masked weights stay
 dense here (Compress24 packs them); the mask is applied to the live parameters of the captured
 graph. Linears whose in_features is not a multiple of 4 are skipped and reported."""
 
@@ -102,3 +102,133 @@ class WandaPrune(_MaskPass):
                 w = gm.get_parameter(info["weight"]).detach().abs().double()
                 out[n.name] = (w * sumsq[n.name].sqrt()).float()
         return out
+
+
+def sparsegpt_24(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    block: int = 128,
+    damp: float = 0.01,
+    update_weights: bool = True,
+) -> torch.Tensor:
+    """SparseGPT for one layer at 2:4 (ALGORITHMS.md): H = XᵀX + damping (1% of the mean diagonal),
+    then an OBS sweep over the columns in blocks of ``block``: at the first column of every group of
+    4 choose the 2 weights per row with the smallest w² / [H⁻¹]_jj² to prune, zero them, and spread
+    each column's error over the columns not yet visited (through the upper Cholesky factor of H⁻¹).
+
+    Args:
+        w: ``[out, in]`` weight, ``in % 4 == 0``.
+        hessian: ``[in, in]`` XᵀX over the calibration tokens of this layer's input.
+        update_weights: False keeps the original weights under the chosen mask (mask-only variant).
+
+    Returns:
+        The pruned weight (same dtype as ``w``), 2:4 along in_features.
+    """
+    N, K = w.shape
+    W = w.detach().to(torch.float64).clone()
+    H = hessian.to(torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(K, dtype=H.dtype)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    prune = torch.zeros(N, K, dtype=torch.bool)
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            if i % 4 == 0:
+                score = W1[:, i : i + 4] ** 2 / torch.diag(Hinv1)[i : i + 4].unsqueeze(0) ** 2
+                drop = torch.topk(score, 2, dim=1, largest=False).indices
+                prune[:, i1 + i : i1 + i + 4].scatter_(1, drop, True)
+            col = W1[:, i]
+            q = col.masked_fill(prune[:, i1 + i], 0.0)
+            Q1[:, i] = q
+            err = (col - q) / Hinv1[i, i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    if not update_weights:
+        return w.detach().masked_fill(prune, 0.0)
+    return W.masked_fill(prune, 0.0).to(w.dtype)
+
+
+class SparseGPTPrune(Pass):
+    """SparseGPT (with weight update by default; ``update_weights=False`` keeps the original
+    weights under its mask), layer by layer: the Hessians of a transformer layer's linears are
+    collected by running the calibration batches through the graph whose earlier layers are
+    already pruned, as the method prescribes."""
+
+    name = "sparsegpt"
+
+    def __init__(self, update_weights: bool = True, block: int = 128, damp: float = 0.01):
+        self.update_weights = update_weights
+        self.block = block
+        self.damp = damp
+
+    def _hessians(
+        self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]
+    ) -> dict[str, torch.Tensor]:
+        hess: dict[str, torch.Tensor] = {}
+
+        def observe(x: torch.Tensor, key: str) -> torch.Tensor:
+            x2 = x.detach().reshape(-1, x.shape[-1]).double()
+            acc = hess.setdefault(key, torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64))
+            acc += x2.T @ x2
+            return x
+
+        observers = []
+        for node in nodes:
+            with gm.graph.inserting_before(node):
+                obs = gm.graph.call_function(observe, (node.args[0], node.name))
+            node.replace_input_with(node.args[0], obs)
+            observers.append(obs)
+        gm.recompile()
+        try:
+            for args, kwargs in ctx.calibration_batches():
+                _call_graph(gm, args, kwargs)
+        finally:
+            for obs in observers:
+                obs.replace_all_uses_with(obs.args[0])
+                gm.graph.erase_node(obs)
+            gm.recompile()
+        return hess
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        by_layer: dict[Any, list[tuple[fx.Node, dict[str, Any]]]] = {}
+        skipped = []
+        for node, info in prunable_linears(gm):
+            w = gm.get_parameter(info["weight"])
+            if w.shape[1] % 4:
+                skipped.append(f"{info['weight']}: in_features={w.shape[1]} is not a multiple of 4")
+                info["prunable"] = False
+                continue
+            by_layer.setdefault(info["layer"], []).append((node, info))
+        pruned = 0
+        for layer in sorted(by_layer, key=lambda x: (x is None, x)):
+            group = by_layer[layer]
+            hess = self._hessians(gm, ctx, [n for n, _ in group])
+            for node, info in group:
+                w = gm.get_parameter(info["weight"])
+                with torch.no_grad():
+                    w.copy_(
+                        sparsegpt_24(
+                            w,
+                            hess[node.name],
+                            block=self.block,
+                            damp=self.damp,
+                            update_weights=self.update_weights,
+                        )
+                    )
+                info["masked"] = self.name
+                pruned += 1
+        return PassResult(
+            gm,
+            pruned > 0,
+            {"layers_pruned": pruned, "skipped": skipped, "update_weights": self.update_weights},
+        )

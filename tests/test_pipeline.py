@@ -147,7 +147,7 @@ def test_fatrelu_threshold_semantics():
     torch.testing.assert_close(sm(x), expected)
 
 
-@pytest.mark.parametrize("mask", ["magnitude", "wanda"])
+@pytest.mark.parametrize("mask", ["magnitude", "wanda", "sparsegpt"])
 @pytest.mark.parametrize("build", ["llama", "qwen2", "bert"])
 def test_masked_dense_equals_compiled_sparse(mask, build):
     model, args, kwargs = _bert() if build == "bert" else _decoder(build)
@@ -201,3 +201,36 @@ def test_compile_does_not_touch_the_callers_weights():
     before = model.get_parameter("model.layers.0.mlp.up_proj.weight").clone()
     pysparse.compile(model, ["magnitude"], args, kwargs)
     assert torch.equal(model.get_parameter("model.layers.0.mlp.up_proj.weight"), before)
+
+
+def test_sparsegpt_with_identity_hessian_is_magnitude_pruning():
+    # H = c*I: every column's inverse-Hessian weight is equal, no error is propagated, so the
+    # OBS sweep reduces to keeping the 2 largest |w| per group.
+    from pysparse.passes.baselines import sparsegpt_24
+
+    from pysparse import ops
+
+    w = torch.randn(12, 64)
+    out = sparsegpt_24(w, 3.0 * torch.eye(64), block=16)
+    torch.testing.assert_close(out, ops.prune24(w), rtol=1e-6, atol=1e-6)
+
+
+def test_sparsegpt_update_beats_magnitude_on_correlated_inputs():
+    from pysparse.passes.baselines import sparsegpt_24
+
+    from pysparse import ops
+    from pysparse.reference import is_24_sparse
+
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(64, 64, generator=gen)
+    x = torch.randn(512, 64, generator=gen) @ mix  # strongly correlated features
+    w = torch.randn(24, 64, generator=gen)
+    h = x.double().T @ x.double()
+    upd = sparsegpt_24(w, h, block=32)
+    mask_only = sparsegpt_24(w, h, block=32, update_weights=False)
+    assert is_24_sparse(upd) and is_24_sparse(mask_only)
+    assert torch.equal(mask_only != 0, (mask_only != 0) & (w != 0))
+    ref = x @ w.T
+    err = lambda wp: float((x @ wp.T - ref).norm())
+    assert err(upd) < err(ops.prune24(w))
+    assert err(upd) < err(mask_only)
