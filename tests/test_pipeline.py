@@ -30,7 +30,13 @@ def _decoder(name: str):
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),  # fused qkv and gate_up
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),  # GELU gate, tied head
     }[name]
+    if name == "phi3":
+        common["pad_token_id"] = 0
+    if name == "gemma":
+        common["head_dim"] = 16
     torch.manual_seed(0)
     return model_cls(cfg_cls(**common)).eval(), (torch.randint(0, 96, (2, 9)),), {}
 
@@ -98,6 +104,20 @@ def test_trace_annotates_decoders_by_structure(name):
     )
 
 
+def test_trace_annotates_fused_projections_and_tied_heads():
+    model, args, _ = _decoder("phi3")
+    gm = trace(model, args)
+    assert [(f["kind"], f["gate_up"] is not None) for f in gm.meta["pysparse"]["ffns"]] == [
+        ("gated", True)
+    ] * 2
+    layer0 = [("qkv", 0), ("o", 0), ("gate_up", 0), ("down", 0)]
+    assert _roles(gm) == layer0 + [(r, 1) for r, _ in layer0] + [("head", None)]
+    model, args, _ = _decoder("gemma")
+    gm = trace(model, args)
+    assert [f["act_op"] for f in gm.meta["pysparse"]["ffns"]] == ["aten.gelu.default"] * 2
+    assert _roles(gm)[-1] == ("head", None)
+
+
 def test_trace_annotates_bert_and_skips_pooler():
     model, args, kwargs = _bert()
     gm = trace(model, args, kwargs)
@@ -148,7 +168,7 @@ def test_fatrelu_threshold_semantics():
 
 
 @pytest.mark.parametrize("mask", ["magnitude", "wanda", "sparsegpt"])
-@pytest.mark.parametrize("build", ["llama", "qwen2", "bert"])
+@pytest.mark.parametrize("build", ["llama", "qwen2", "phi3", "bert"])
 def test_masked_dense_equals_compiled_sparse(mask, build):
     model, args, kwargs = _bert() if build == "bert" else _decoder(build)
     dense = pysparse.compile(model, ["relu", mask], args, kwargs)
@@ -156,7 +176,7 @@ def test_masked_dense_equals_compiled_sparse(mask, build):
     lowered = [
         n for n in sparse.gm.graph.nodes if n.target is torch.ops.pysparse.sparse24_linear.default
     ]
-    assert len(lowered) == (12 if build == "bert" else 14)
+    assert len(lowered) == {"bert": 12, "phi3": 8}.get(build, 14)
     assert not any(
         n.target is aten.linear.default and n.meta.get("pysparse", {}).get("prunable")
         for n in sparse.gm.graph.nodes
