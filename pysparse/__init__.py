@@ -63,6 +63,7 @@ def build_info() -> dict:
 
 
 from pysparse import ops
+from pysparse.artifact import load, save  # after pipeline: it wraps compiled models
 from pysparse.formats import Sparse24Weight
 from pysparse.pipeline import SparseModel, compile
 from pysparse.trace import trace
@@ -73,7 +74,9 @@ __all__ = [
     "build_info",
     "compile",
     "extension_error",
+    "load",
     "ops",
     "require_extension",
+    "save",
     "trace",
 ]

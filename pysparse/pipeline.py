@@ -192,10 +192,19 @@ class SparseModel(torch.nn.Module):
     """What ``pysparse.compile`` returns: the rewritten GraphModule, called like the model (keyword
     arguments the capture fixed, such as ``use_cache=False``, are supplied), plus ``report``."""
 
-    def __init__(self, gm: fx.GraphModule, report: list[dict[str, Any]]):
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        report: list[dict[str, Any]],
+        example_args: tuple = (),
+        example_kwargs: dict | None = None,
+    ):
         super().__init__()
         self.gm = gm
         self.report = report
+        # Kept for save/export, which capture the compiled model again with these inputs.
+        self.example_args = example_args
+        self.example_kwargs = dict(example_kwargs or {})
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         call_kwargs = dict(self.gm.meta.get("pysparse", {}).get("call_kwargs", {}))
@@ -259,4 +268,4 @@ def compile(
         check_numerics=check_numerics,
     )
     gm = manager.run(gm, ctx)
-    return SparseModel(gm, manager.report)
+    return SparseModel(gm, manager.report, args, dict(example_kwargs or {}))

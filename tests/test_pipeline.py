@@ -254,3 +254,60 @@ def test_sparsegpt_update_beats_magnitude_on_correlated_inputs():
     err = lambda wp: float((x @ wp.T - ref).norm())
     assert err(upd) < err(ops.prune24(w))
     assert err(upd) < err(mask_only)
+
+
+def test_save_load_round_trip_in_a_fresh_process(tmp_path):
+    import subprocess
+    import sys
+
+    model, args, kwargs = _bert()
+    sm = pysparse.compile(model, ["relu", "magnitude", "compress24", "lower"], args, kwargs)
+    out = tmp_path / "artifact"
+    pysparse.save(sm, out)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "program.pt2"]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dirs left
+    torch.save(
+        {"args": args, "kwargs": kwargs, "expected": _out(sm(*args, **kwargs))}, tmp_path / "io.pt"
+    )
+    code = (
+        "import sys, torch, pysparse\n"
+        "io = torch.load(sys.argv[2])\n"
+        "m = pysparse.load(sys.argv[1])\n"
+        "o = m(*io['args'], **io['kwargs'])\n"
+        "o = o.last_hidden_state\n"
+        "torch.testing.assert_close(o, io['expected'])\n"
+        "assert [e['pass'] for e in m.report] == ['relu', 'magnitude', 'compress24', 'lower']\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(out), str(tmp_path / "io.pt")],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+
+
+def test_load_refuses_damaged_artifacts(tmp_path):
+    from pysparse.artifact import ArtifactError
+
+    model, args, kwargs = _bert()
+    sm = pysparse.compile(model, ["magnitude", "compress24", "lower"], args, kwargs)
+    good = pysparse.save(sm, tmp_path / "a")
+    prog = good / "program.pt2"
+    data = prog.read_bytes()
+    prog.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="truncated"):
+        pysparse.load(good)
+    prog.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ArtifactError, match="checksum"):
+        pysparse.load(good)
+    prog.unlink()
+    with pytest.raises(ArtifactError, match="program.pt2 is missing"):
+        pysparse.load(good)
+    (good / "manifest.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        pysparse.load(good)
+    with pytest.raises(ArtifactError, match="manifest.json is missing"):
+        pysparse.load(tmp_path / "nowhere")
