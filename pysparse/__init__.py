@@ -63,7 +63,8 @@ def build_info() -> dict:
 
 
 from pysparse import ops
-from pysparse.artifact import load, save  # after pipeline: it wraps compiled models
+from pysparse.artifact import load, save
+from pysparse.export import export  # after pipeline: it wraps compiled models
 from pysparse.formats import Sparse24Weight
 from pysparse.pipeline import SparseModel, compile
 from pysparse.trace import trace
@@ -73,6 +74,7 @@ __all__ = [
     "SparseModel",
     "build_info",
     "compile",
+    "export",
     "extension_error",
     "load",
     "ops",

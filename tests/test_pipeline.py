@@ -311,3 +311,38 @@ def test_load_refuses_damaged_artifacts(tmp_path):
         pysparse.load(good)
     with pytest.raises(ArtifactError, match="manifest.json is missing"):
         pysparse.load(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
+def test_export_formats_reload_in_a_fresh_process(tmp_path, fmt):
+    import subprocess
+    import sys
+
+    model, args, kwargs = _bert()
+    sm = pysparse.compile(model, ["magnitude", "compress24", "lower"], args, kwargs)
+    path = pysparse.export(sm, tmp_path / f"model.{fmt}", format=fmt)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left
+    torch.save(
+        {"args": args, "kwargs": kwargs, "expected": _out(sm(*args, **kwargs))}, tmp_path / "io.pt"
+    )
+    load = (
+        "torch.export.load(sys.argv[1]).module()" if fmt == "pt2" else "torch.jit.load(sys.argv[1])"
+    )
+    code = (
+        "import sys, torch, pysparse\n"
+        "io = torch.load(sys.argv[2])\n"
+        f"m = {load}\n"
+        "o = m(*io['args'], **io['kwargs']) if sys.argv[3] == 'pt2' else m(*io['args'], *io['kwargs'].values())\n"
+        "torch.testing.assert_close(o[0], io['expected'])\n"
+        "print('ok')\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(path), str(tmp_path / "io.pt"), fmt],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-3000:]
+    with pytest.raises(ValueError, match="unknown format 'onnx'"):
+        pysparse.export(sm, tmp_path / "m.onnx", format="onnx")
