@@ -3,6 +3,7 @@
 An artifact directory holds
   * ``program.pt2``   the compiled model as a ``torch.export`` program (graph + packed weights);
                       it reloads wherever ``import pysparse`` registered the ops,
+  * ``example_inputs.pt`` the example inputs of the compile (tensors only), for re-tracing,
   * ``manifest.json`` format version, pysparse/torch versions, the pass report, the call keyword
                       arguments, example input specs, output names, and the sha256 and size of
                       every file.
@@ -29,12 +30,14 @@ import torch
 
 import pysparse
 from pysparse.pipeline import SparseModel
+from pysparse.trace import _drop_guard_module, export_module
 
 _log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 PROGRAM = "program.pt2"
 MANIFEST = "manifest.json"
+EXAMPLES = "example_inputs.pt"
 
 
 class ArtifactError(RuntimeError):
@@ -104,8 +107,10 @@ def save(sm: SparseModel, directory: str | os.PathLike) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         wrapper = _PlainOutputs(sm)
-        ep = torch.export.export(wrapper, sm.example_args, sm.example_kwargs, strict=False)
+        ep = export_module(wrapper, sm.example_args, sm.example_kwargs)
         torch.export.save(ep, tmp / PROGRAM)
+        # Kept so that export and evaluation can re-trace the loaded model.
+        torch.save({"args": list(sm.example_args), "kwargs": sm.example_kwargs}, tmp / EXAMPLES)
         manifest = {
             "format": "pysparse-artifact",
             "format_version": FORMAT_VERSION,
@@ -143,6 +148,8 @@ class LoadedModel(torch.nn.Module):
         self.module = module
         self.manifest = manifest
         self.report = manifest.get("passes", [])
+        self.example_args: tuple = ()
+        self.example_kwargs: dict = {}
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         out = self.module(*args, **kwargs)
@@ -186,4 +193,10 @@ def load(directory: str | os.PathLike) -> LoadedModel:
         if _sha256(path) != rec["sha256"]:
             raise ArtifactError(f"{root}: {name} does not match its checksum (altered or corrupt)")
     ep = torch.export.load(root / PROGRAM)
-    return LoadedModel(ep.module(), manifest)
+    module = ep.module()
+    _drop_guard_module(module)
+    loaded = LoadedModel(module, manifest)
+    if (root / EXAMPLES).is_file():
+        ex = torch.load(root / EXAMPLES, weights_only=True)
+        loaded.example_args, loaded.example_kwargs = tuple(ex["args"]), dict(ex["kwargs"])
+    return loaded

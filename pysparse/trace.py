@@ -24,6 +24,7 @@ Every prunable ``aten.linear`` node gets ``node.meta["pysparse"] = {"role", "lay
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import operator
 from dataclasses import asdict, dataclass, field
@@ -258,6 +259,68 @@ def _prepare_kwargs(model: torch.nn.Module, kwargs: dict | None) -> dict:
     return kwargs
 
 
+def dynamic_shapes_for(module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """A ``dynamic_shapes`` spec marking every dimension of every tensor input ``Dim.AUTO`` (export
+    decides which are really dynamic), keyed like ``module.forward``'s signature."""
+
+    def one(v: Any) -> Any:
+        return (
+            {i: torch.export.Dim.AUTO for i in range(v.dim())}
+            if isinstance(v, torch.Tensor)
+            else None
+        )
+
+    sig = inspect.signature(module.forward)
+    bound = sig.bind(*args, **kwargs)
+    spec: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            spec[name] = tuple(one(v) for v in value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            spec[name] = {k: one(v) for k, v in value.items()}
+        else:
+            spec[name] = one(value)
+    return spec
+
+
+def export_module(
+    module: torch.nn.Module, args: tuple, kwargs: dict
+) -> torch.export.ExportedProgram:
+    """torch.export with automatic dynamic shapes (batch and sequence length vary at run time);
+    falls back to static shapes, with a warning, for models that do not export dynamically."""
+    try:
+        return torch.export.export(
+            module,
+            args,
+            kwargs,
+            strict=False,
+            dynamic_shapes=dynamic_shapes_for(module, args, kwargs),
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure here means "retry static"
+        _log.warning(
+            "dynamic-shape export of %s failed (%s: %s); exporting with static shapes: "
+            "the result only accepts inputs shaped like the examples",
+            type(module).__name__,
+            type(exc).__name__,
+            str(exc).splitlines()[0][:200],
+        )
+        return torch.export.export(module, args, kwargs, strict=False)
+
+
+def _drop_guard_module(gm: fx.GraphModule) -> None:
+    """Removes the shape-guard call that ``ep.module()`` inserts (a ``_guards_fn`` submodule). Its
+    generated code does not survive a second export (save/export re-export the compiled graph and
+    then fail to reload with "name 'L' is not defined"); the input-constraint pre-hook that
+    ``ep.module()`` also installs still checks shapes on every call."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn" and not node.users:
+            gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        gm.delete_submodule("_guards_fn")
+    gm.recompile()
+
+
 def trace(
     model: torch.nn.Module,
     example_inputs: tuple | torch.Tensor | None = None,
@@ -287,7 +350,7 @@ def trace(
     )
     kwargs = _prepare_kwargs(model, example_kwargs)
     try:
-        ep = torch.export.export(model, args, kwargs, strict=False)
+        ep = export_module(model, args, kwargs)
     except Exception as exc:  # export raises many types; all mean "not capturable as given"
         raise TraceError(
             f"pysparse could not capture {type(model).__name__} with torch.export: "
@@ -297,6 +360,7 @@ def trace(
             "forward only takes and returns tensors."
         ) from exc
     gm = ep.module()
+    _drop_guard_module(gm)
     annotate(gm)
     gm.meta["pysparse"]["call_kwargs"] = {
         k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)

@@ -264,7 +264,11 @@ def test_save_load_round_trip_in_a_fresh_process(tmp_path):
     sm = pysparse.compile(model, ["relu", "magnitude", "compress24", "lower"], args, kwargs)
     out = tmp_path / "artifact"
     pysparse.save(sm, out)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "program.pt2"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "example_inputs.pt",
+        "manifest.json",
+        "program.pt2",
+    ]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dirs left
     torch.save(
         {"args": args, "kwargs": kwargs, "expected": _out(sm(*args, **kwargs))}, tmp_path / "io.pt"
@@ -332,7 +336,7 @@ def test_export_formats_reload_in_a_fresh_process(tmp_path, fmt):
         "import sys, torch, pysparse\n"
         "io = torch.load(sys.argv[2])\n"
         f"m = {load}\n"
-        "o = m(*io['args'], **io['kwargs']) if sys.argv[3] == 'pt2' else m(*io['args'], *io['kwargs'].values())\n"
+        "o = m(*io['args'], *io['kwargs'].values())\n"
         "torch.testing.assert_close(o[0], io['expected'])\n"
         "print('ok')\n"
     )

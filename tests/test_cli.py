@@ -1,0 +1,63 @@
+"""The pysparse CLI end to end on the embedded all-MiniLM-L6-v2: compile -> artifact -> load in
+this process -> export to both formats; and the errors it prints for bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+import pysparse
+
+
+def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pysparse.cli", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+    )
+
+
+def test_compile_default_model_then_load_and_export(tmp_path):
+    res = _cli(
+        "compile",
+        "--passes",
+        "relu,wanda,compress24,lower",
+        "--out",
+        str(tmp_path / "art"),
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "compiled in" in res.stdout and "lower" in res.stdout
+    m = pysparse.load(tmp_path / "art")
+    assert [e["pass"] for e in m.report] == ["relu", "wanda", "compress24", "lower"]
+    ids = torch.randint(0, 1000, (3, 11))
+    out = m(ids, attention_mask=torch.ones(3, 11, dtype=torch.long))  # other shapes than compiled
+    assert out.last_hidden_state.shape == (3, 11, 384)
+    for fmt in ("pt2", "torchscript"):
+        res = _cli(
+            "export",
+            str(tmp_path / "art"),
+            "--format",
+            fmt,
+            "--out",
+            str(tmp_path / f"m.{fmt}"),
+            cwd=tmp_path,
+        )
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert (tmp_path / f"m.{fmt}").stat().st_size > 1_000_000
+
+
+def test_cli_errors_are_clear(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    res = _cli("compile", "--calib", str(empty), "--out", str(tmp_path / "a"), cwd=tmp_path)
+    assert res.returncode == 2 and "has no text lines" in res.stderr
+    res = _cli("compile", "--passes", "wanda,bogus", "--out", str(tmp_path / "a"), cwd=tmp_path)
+    assert res.returncode == 2 and "unknown pass 'bogus'" in res.stderr
+    res = _cli("export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"), cwd=tmp_path)
+    assert res.returncode == 2 and "manifest.json is missing" in res.stderr
+    assert not (tmp_path / "a").exists()
