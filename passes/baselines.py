@@ -25,21 +25,64 @@ def prunable_linears(gm: fx.GraphModule) -> list[tuple[fx.Node, dict[str, Any]]]
     ]
 
 
+def maskable_linears(gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, dict[str, Any]]], list[str]]:
+    """The prunable linears a 2:4 mask can apply to, and a report line for each one skipped
+    (in_features not a multiple of 4; those are marked not prunable)."""
+    keep, skipped = [], []
+    for node, info in prunable_linears(gm):
+        in_features = gm.get_parameter(info["weight"]).shape[1]
+        if in_features % 4:
+            skipped.append(f"{info['weight']}: in_features={in_features} is not a multiple of 4")
+            info["prunable"] = False
+        else:
+            keep.append((node, info))
+    return keep, skipped
+
+
+def observe_linear_inputs(
+    gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], fold: Any
+) -> dict[str, torch.Tensor]:
+    """Runs the calibration batches through ``gm`` with temporary observer nodes on the inputs of
+    ``nodes`` (removed afterwards); ``fold(acc, x2)`` accumulates a statistic of the float64
+    ``[tokens, in_features]`` inputs, ``acc`` None on the first batch. Returns node name -> acc."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def observe(x: torch.Tensor, key: str) -> torch.Tensor:
+        stats[key] = fold(stats.get(key), x.detach().reshape(-1, x.shape[-1]).double())
+        return x
+
+    observers = []
+    for node in nodes:
+        with gm.graph.inserting_before(node):
+            obs = gm.graph.call_function(observe, (node.args[0], node.name))
+        node.replace_input_with(node.args[0], obs)
+        observers.append(obs)
+    gm.recompile()
+    try:
+        for args, kwargs in ctx.calibration_batches():
+            _call_graph(gm, args, kwargs)
+    finally:
+        for obs in observers:
+            obs.replace_all_uses_with(obs.args[0])
+            gm.graph.erase_node(obs)
+        gm.recompile()
+    return stats
+
+
 class _MaskPass(Pass):
     """Shared loop: score each prunable weight, keep the top 2 of every group of 4."""
 
-    def scores(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, torch.Tensor | None]:
+    def scores(
+        self, gm: fx.GraphModule, ctx: PassContext, targets: list[tuple[fx.Node, dict[str, Any]]]
+    ) -> dict[str, torch.Tensor | None]:
         return {}
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        scores = self.scores(gm, ctx)
-        pruned, skipped, kept, total = [], [], 0, 0
-        for node, info in prunable_linears(gm):
+        targets, skipped = maskable_linears(gm)
+        scores = self.scores(gm, ctx, targets)
+        pruned, kept, total = [], 0, 0
+        for node, info in targets:
             w = gm.get_parameter(info["weight"])
-            if w.shape[1] % 4:
-                skipped.append(f"{info['weight']}: in_features={w.shape[1]} is not a multiple of 4")
-                info["prunable"] = False
-                continue
             with torch.no_grad():
                 w.copy_(ops.prune24(w.detach(), scores.get(node.name)))
             info["masked"] = self.name
@@ -67,40 +110,23 @@ class MagnitudePrune(_MaskPass):
 
 class WandaPrune(_MaskPass):
     """Score |W_ij| * ||X_j||_2, with X the inputs of each linear over the calibration batches
-    (collected by running the captured graph with an interpreter that watches aten.linear)."""
+    (collected with temporary observer nodes, see observe_linear_inputs)."""
 
     name = "wanda"
 
-    def scores(self, gm: fx.GraphModule, ctx: PassContext) -> dict[str, torch.Tensor | None]:
-        sumsq: dict[str, torch.Tensor] = {}
-
-        def observe(x: torch.Tensor, key: str) -> torch.Tensor:
-            x2 = x.detach().reshape(-1, x.shape[-1]).double()
-            acc = sumsq.setdefault(key, torch.zeros(x.shape[-1], dtype=torch.float64))
-            acc += (x2 * x2).sum(0)
-            return x
-
-        # Temporary observer nodes on the inputs of the prunable linears, removed afterwards.
-        observers = []
-        for node, _ in prunable_linears(gm):
-            with gm.graph.inserting_before(node):
-                obs = gm.graph.call_function(observe, (node.args[0], node.name))
-            node.replace_input_with(node.args[0], obs)
-            observers.append(obs)
-        gm.recompile()
-        try:
-            for args, kwargs in ctx.calibration_batches():
-                _call_graph(gm, args, kwargs)
-        finally:
-            for obs in observers:
-                obs.replace_all_uses_with(obs.args[0])
-                gm.graph.erase_node(obs)
-            gm.recompile()
+    def scores(
+        self, gm: fx.GraphModule, ctx: PassContext, targets: list[tuple[fx.Node, dict[str, Any]]]
+    ) -> dict[str, torch.Tensor | None]:
+        sumsq = observe_linear_inputs(
+            gm,
+            ctx,
+            [n for n, _ in targets],
+            lambda acc, x: (x * x).sum(0) if acc is None else acc + (x * x).sum(0),
+        )
         out: dict[str, torch.Tensor | None] = {}
-        for n, info in prunable_linears(gm):
-            if n.name in sumsq:
-                w = gm.get_parameter(info["weight"]).detach().abs().double()
-                out[n.name] = (w * sumsq[n.name].sqrt()).float()
+        for n, info in targets:
+            w = gm.get_parameter(info["weight"]).detach().abs().double()
+            out[n.name] = (w * sumsq[n.name].sqrt()).float()
         return out
 
 
@@ -171,48 +197,20 @@ class SparseGPTPrune(Pass):
         self.block = block
         self.damp = damp
 
-    def _hessians(
-        self, gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node]
-    ) -> dict[str, torch.Tensor]:
-        hess: dict[str, torch.Tensor] = {}
-
-        def observe(x: torch.Tensor, key: str) -> torch.Tensor:
-            x2 = x.detach().reshape(-1, x.shape[-1]).double()
-            acc = hess.setdefault(key, torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float64))
-            acc += x2.T @ x2
-            return x
-
-        observers = []
-        for node in nodes:
-            with gm.graph.inserting_before(node):
-                obs = gm.graph.call_function(observe, (node.args[0], node.name))
-            node.replace_input_with(node.args[0], obs)
-            observers.append(obs)
-        gm.recompile()
-        try:
-            for args, kwargs in ctx.calibration_batches():
-                _call_graph(gm, args, kwargs)
-        finally:
-            for obs in observers:
-                obs.replace_all_uses_with(obs.args[0])
-                gm.graph.erase_node(obs)
-            gm.recompile()
-        return hess
-
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        targets, skipped = maskable_linears(gm)
         by_layer: dict[Any, list[tuple[fx.Node, dict[str, Any]]]] = {}
-        skipped = []
-        for node, info in prunable_linears(gm):
-            w = gm.get_parameter(info["weight"])
-            if w.shape[1] % 4:
-                skipped.append(f"{info['weight']}: in_features={w.shape[1]} is not a multiple of 4")
-                info["prunable"] = False
-                continue
+        for node, info in targets:
             by_layer.setdefault(info["layer"], []).append((node, info))
         pruned = 0
         for layer in sorted(by_layer, key=lambda x: (x is None, x)):
             group = by_layer[layer]
-            hess = self._hessians(gm, ctx, [n for n, _ in group])
+            hess = observe_linear_inputs(
+                gm,
+                ctx,
+                [n for n, _ in group],
+                lambda acc, x: x.T @ x if acc is None else acc + x.T @ x,
+            )
             for node, info in group:
                 w = gm.get_parameter(info["weight"])
                 with torch.no_grad():

@@ -117,11 +117,14 @@ def order_passes(passes: Sequence[Pass]) -> list[Pass]:
     return ordered
 
 
+def _call(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
+    """Calls a captured graph with the keyword arguments its capture fixed (e.g. use_cache)."""
+    return gm(*args, **{**gm.meta.get("pysparse", {}).get("call_kwargs", {}), **kwargs})
+
+
 def _call_graph(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
-    call_kwargs = dict(gm.meta.get("pysparse", {}).get("call_kwargs", {}))
-    call_kwargs.update(kwargs)
     with torch.no_grad():
-        return gm(*args, **call_kwargs)
+        return _call(gm, args, kwargs)
 
 
 def _flat_tensors(out: Any) -> list[torch.Tensor]:
@@ -207,9 +210,7 @@ class SparseModel(torch.nn.Module):
         self.example_kwargs = dict(example_kwargs or {})
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        call_kwargs = dict(self.gm.meta.get("pysparse", {}).get("call_kwargs", {}))
-        call_kwargs.update(kwargs)
-        return self.gm(*args, **call_kwargs)
+        return _call(self.gm, args, kwargs)
 
 
 def resolve_passes(passes: Sequence[Pass | str]) -> list[Pass]:

@@ -91,8 +91,8 @@ class Annotation:
         return {"ffns": [asdict(f) for f in self.ffns], "linears": self.linears}
 
 
-def _is_linear(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target is aten.linear.default
+def _is_linear(n: Any) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_function" and n.target is aten.linear.default
 
 
 def _skip(n: Any) -> Any:
@@ -111,7 +111,7 @@ def _split_source(n: Any) -> fx.Node | None:
         src = _skip(n.args[0])
         if isinstance(src, fx.Node) and src.op == "call_function" and src.target in SPLITS:
             lin = _skip(src.args[0])
-            if isinstance(lin, fx.Node) and _is_linear(lin):
+            if _is_linear(lin):
                 return lin
     return None
 
@@ -122,7 +122,7 @@ def _match_ffn(down: fx.Node) -> FFNBlock | None:
         return None
     if inp.target in ACTIVATIONS:  # plain: down(act(up(x)))
         up = _skip(inp.args[0])
-        if isinstance(up, fx.Node) and _is_linear(up):
+        if _is_linear(up):
             return FFNBlock(
                 layer=-1,
                 kind="plain",
@@ -140,13 +140,11 @@ def _match_ffn(down: fx.Node) -> FFNBlock | None:
             ):
                 continue
             gate = _skip(act.args[0])
-            both_linear = (
-                isinstance(gate, fx.Node)
-                and _is_linear(gate)
-                and isinstance(other, fx.Node)
+            if (
+                _is_linear(gate)
                 and _is_linear(other)
-            )
-            if both_linear and _skip(gate.args[0]) is _skip(other.args[0]):
+                and _skip(gate.args[0]) is _skip(other.args[0])
+            ):
                 return FFNBlock(
                     layer=-1,
                     kind="gated",
@@ -210,7 +208,8 @@ def annotate(gm: fx.GraphModule) -> Annotation:
                 continue
             claimed |= names
             blocks.append(block)
-    blocks.sort(key=lambda b: order[next(n for n in nodes if n.name == b.down)])
+    by_name = {n.name: n for n in nodes}
+    blocks.sort(key=lambda b: order[by_name[b.down]])
     ffn_of: dict[str, tuple[FFNBlock, str]] = {}
     for block in blocks:
         block.layer = len(ann.ffns)
