@@ -12,6 +12,7 @@ from torch import fx
 
 from pysparse import ops
 from pysparse.pipeline import Pass, PassContext, PassResult, _call_graph
+from pysparse.progress import track
 
 _log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -40,7 +41,7 @@ def maskable_linears(gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, dict[str, 
 
 
 def observe_linear_inputs(
-    gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], fold: Any
+    gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], fold: Any, desc: str = "calibration"
 ) -> dict[str, torch.Tensor]:
     """Runs the calibration batches through ``gm`` with temporary observer nodes on the inputs of
     ``nodes`` (removed afterwards); ``fold(acc, x2)`` accumulates a statistic of the float64
@@ -59,7 +60,7 @@ def observe_linear_inputs(
         observers.append(obs)
     gm.recompile()
     try:
-        for args, kwargs in ctx.calibration_batches():
+        for args, kwargs in track(ctx.calibration_batches(), desc, unit="batch"):
             _call_graph(gm, args, kwargs)
     finally:
         for obs in observers:
@@ -122,6 +123,7 @@ class WandaPrune(_MaskPass):
             ctx,
             [n for n, _ in targets],
             lambda acc, x: (x * x).sum(0) if acc is None else acc + (x * x).sum(0),
+            desc="wanda: calibration",
         )
         out: dict[str, torch.Tensor | None] = {}
         for n, info in targets:
@@ -203,13 +205,15 @@ class SparseGPTPrune(Pass):
         for node, info in targets:
             by_layer.setdefault(info["layer"], []).append((node, info))
         pruned = 0
-        for layer in sorted(by_layer, key=lambda x: (x is None, x)):
+        layers = sorted(by_layer, key=lambda x: (x is None, x))
+        for layer in track(layers, "sparsegpt: layers", unit="layer"):
             group = by_layer[layer]
             hess = observe_linear_inputs(
                 gm,
                 ctx,
                 [n for n, _ in group],
                 lambda acc, x: x.T @ x if acc is None else acc + x.T @ x,
+                desc=f"sparsegpt: layer {layer} Hessians",
             )
             for node, info in group:
                 w = gm.get_parameter(info["weight"])

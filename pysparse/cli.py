@@ -1,15 +1,16 @@
 """The ``pysparse`` command line.
 
     pysparse info            how the extension was built and what this machine offers
-    pysparse compile [MODEL] --passes relu,wanda,compress24,lower --out DIR
+    pysparse compile [MODEL] [--passes relu,wanda,compress24,lower] [--out DIR]
                              compile a local Hugging Face checkpoint folder (default: the embedded
                              all-MiniLM-L6-v2) with calibration text (--calib FILE, default: the
                              small corpus shipped in pysparse/data) and save the artifact
-    pysparse export DIR --format pt2|torchscript --out FILE
+    pysparse export DIR --format pt2|torchscript|onnx [--out FILE]
     pysparse demo            compress a 2:4 weight and run the sparse kernels against torch dense,
                              then compile the embedded all-MiniLM-L6-v2 (wanda, compress24, lower)
 
-Later subcommands (eval, bench) and ONNX export arrive with the evaluation harness.
+Long work (calibration, SparseGPT layers, training) shows progress bars on a terminal
+(PYSPARSE_PROGRESS=1 forces them, 0 hides them).
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     for e in sm.report:
         extra = {k: v for k, v in e.items() if k not in ("pass", "settings", "modified", "seconds")}
         print(f"  {e['pass']:<11} {e['seconds']:>7.2f}s  {extra}")
-    out = pysparse.save(sm, args.out)
+    out = pysparse.save(sm, args.out, tokenizer=tok)
     print(f"compiled in {time.perf_counter() - t0:.1f}s; artifact: {out}")
     return 0
 
@@ -213,29 +214,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pysparse.artifact import load
 
     loaded = load(args.dir)
-    out = Path(args.out)
-    if args.format == "pt2":
-        # Re-exported with named positional inputs (a copy of program.pt2 would keep the variadic
-        # signature, whose shape guards torch.export.load cannot rebuild).
-        from pysparse.export import _named
-        from pysparse.trace import export_module
-
-        names = list(loaded.example_kwargs)
-        inputs = (*loaded.example_args, *(loaded.example_kwargs[k] for k in names))
-        ep = export_module(_named(loaded.module, len(loaded.example_args), names), inputs, {})
-        torch.export.save(ep, out)
-    else:
-        from pysparse.export import _Positional
-        from pysparse.trace import _drop_guard_module
-
-        names = list(loaded.example_kwargs)
-        inputs = (*loaded.example_args, *(loaded.example_kwargs[k] for k in names))
-        positional = _Positional(loaded.module, len(loaded.example_args), names)
-        static = torch.export.export(positional, inputs, strict=False).module()
-        _drop_guard_module(static)
-        traced = torch.jit.trace(static, inputs, check_trace=False, strict=False)
-        torch.jit.save(traced, str(out))
-    print(f"exported {args.dir} -> {out} ({args.format})")
+    suffix = {"pt2": ".pt2", "torchscript": ".ts", "onnx": ".onnx"}[args.format]
+    out = Path(args.out) if args.out else Path(args.dir) / f"model{suffix}"
+    t0 = time.perf_counter()
+    pysparse.export(loaded, out, format=args.format)
+    size = out.stat().st_size / 1e6
+    print(
+        f"exported {args.dir} -> {out} ({args.format}, {size:.1f} MB, {time.perf_counter() - t0:.1f}s)"
+    )
     return 0
 
 
@@ -266,12 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calib", default=None, help="calibration text file, one sample per line")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=64)
-    p.add_argument("--out", required=True, help="artifact directory")
+    p.add_argument(
+        "--out", default="pysparse-out", help="artifact directory (default: %(default)s)"
+    )
     p.set_defaults(func=cmd_compile)
     p = sub.add_parser("export", help="export a saved artifact")
     p.add_argument("dir", help="artifact directory from `pysparse compile`")
-    p.add_argument("--format", choices=["pt2", "torchscript"], default="pt2")
-    p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=["pt2", "torchscript", "onnx"], default="pt2")
+    p.add_argument("--out", default=None, help="output file (default: DIR/model.pt2|.ts|.onnx)")
     p.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
     logging.basicConfig(

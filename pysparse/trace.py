@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import json
 import logging
 import operator
 from dataclasses import asdict, dataclass, field
@@ -249,6 +250,19 @@ def annotate(gm: fx.GraphModule) -> Annotation:
     return ann
 
 
+def _model_record(model: torch.nn.Module) -> dict[str, Any]:
+    """What the artifact manifest records about the source model: its class and, for Hugging Face
+    models, the config (JSON-safe)."""
+    record: dict[str, Any] = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        try:
+            record["config"] = json.loads(json.dumps(config.to_dict(), default=str))
+        except (TypeError, ValueError):  # an exotic config: keep the class name only
+            pass
+    return record
+
+
 def _prepare_kwargs(model: torch.nn.Module, kwargs: dict | None) -> dict:
     kwargs = dict(kwargs or {})
     config = getattr(model, "config", None)
@@ -364,6 +378,7 @@ def trace(
     gm.meta["pysparse"]["call_kwargs"] = {
         k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)
     }
+    gm.meta["pysparse"]["model"] = _model_record(model)
     n_ffn = len(gm.meta["pysparse"]["ffns"])
     n_lin = sum(1 for i in gm.meta["pysparse"]["linears"].values() if i["prunable"])
     _log.info("captured %s: %d FFN blocks, %d prunable linears", type(model).__name__, n_ffn, n_lin)

@@ -37,7 +37,8 @@ def test_compile_default_model_then_load_and_export(tmp_path):
     ids = torch.randint(0, 1000, (3, 11))
     out = m(ids, attention_mask=torch.ones(3, 11, dtype=torch.long))  # other shapes than compiled
     assert out.last_hidden_state.shape == (3, 11, 384)
-    for fmt in ("pt2", "torchscript"):
+    assert m.tokenizer is not None and m.tokenizer("a b c")["input_ids"][0] == 101  # stored with it
+    for fmt in ("pt2", "torchscript", "onnx"):
         res = _cli(
             "export",
             str(tmp_path / "art"),

@@ -1,0 +1,70 @@
+"""How pysparse's custom ops appear in ONNX: standard ONNX ops over the packed tensors.
+
+``sparse24_linear(x, values, meta, bias)`` becomes a small subgraph that rebuilds the dense
+masked weight from the packed 2:4 tensors and multiplies:
+
+    nibbles  = meta (uint8, two groups per byte, low nibble = even group) split into [N, K/4]
+    cols     = 4*group + (nibble & 3), 4*group + (nibble >> 2)        -> [N, K/2] int64
+    W        = ScatterElements(zeros[N, K], cols, values, axis=1)
+    y        = x @ Wᵀ (+ bias)
+
+Why this form: it is portable (opset 18 only, no custom domain, so every ONNX runtime runs it),
+and the file keeps the packed weights (values at half size plus 1/16 byte of meta per weight),
+not the dense ones. ``values`` and ``meta`` are initializers, so runtimes constant-fold the
+decode once at session creation (onnxruntime does); torch's exporter may already fold it for
+small weights. The multiply itself is then dense in the runtime: no standard ONNX op executes 2:4
+sparsity. Float32 is what onnxruntime's CPU provider runs for every op used here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from onnxscript import opset18 as op
+
+_INT64 = 7  # onnx.TensorProto.INT64
+
+
+def _onnx_dtype(value: Any) -> int:
+    dtype = getattr(value, "dtype", None)
+    if dtype is None:
+        raise RuntimeError("ONNX export: the packed weight's dtype is unknown to the exporter")
+    return int(dtype)
+
+
+def _dense_from_packed(values: Any, meta: Any) -> Any:
+    shape = op.Shape(values)  # [N, K/2]
+    n = op.Slice(shape, [0], [1])
+    half_k = op.Slice(shape, [1], [2])
+    groups = op.Div(half_k, op.Constant(value_ints=[2]))  # K/4
+    m = op.Cast(meta, to=_INT64)  # [N, ceil(K/8)]
+    low = op.BitwiseAnd(m, op.Constant(value_int=15))
+    high = op.Div(m, op.Constant(value_int=16))
+    nib = op.Concat(op.Unsqueeze(low, [-1]), op.Unsqueeze(high, [-1]), axis=-1)
+    nib = op.Reshape(nib, op.Concat(n, op.Constant(value_ints=[-1]), axis=0))
+    nib = op.Slice(nib, [0], groups, [1])  # an odd group count leaves a padding nibble
+    base = op.Mul(
+        op.Range(op.Constant(value_int=0), op.Squeeze(groups, [0]), op.Constant(value_int=1)),
+        op.Constant(value_int=4),
+    )
+    first = op.Add(op.BitwiseAnd(nib, op.Constant(value_int=3)), base)
+    second = op.Add(op.Div(nib, op.Constant(value_int=4)), base)
+    cols = op.Concat(op.Unsqueeze(first, [-1]), op.Unsqueeze(second, [-1]), axis=-1)
+    cols = op.Reshape(cols, shape)
+    k = op.Mul(half_k, op.Constant(value_ints=[2]))
+    # Zeros of values' dtype from a plain Cast (onnxruntime cannot constant-fold CastLike, which
+    # would leave the decode running on every inference).
+    zeros = op.Cast(op.ConstantOfShape(op.Concat(n, k, axis=0)), to=_onnx_dtype(values))
+    return op.ScatterElements(zeros, cols, values, axis=1)
+
+
+def sparse24_linear(x: Any, values: Any, meta: Any, bias: Any = None) -> Any:
+    w = _dense_from_packed(values, meta)
+    y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
+    return y if bias is None else op.Add(y, bias)
+
+
+def translation_table() -> dict[Any, Any]:
+    """The ``custom_translation_table`` handed to ``torch.onnx.export`` for every pysparse op."""
+    return {torch.ops.pysparse.sparse24_linear.default: sparse24_linear}
