@@ -17,7 +17,15 @@ import torch
 
 import pysparse
 
-__all__ = ["compress24", "decompress24", "meta_cols", "prune24", "sparse24_linear"]
+__all__ = [
+    "compress24",
+    "decompress24",
+    "meta_cols",
+    "prox24",
+    "prox24_",
+    "prune24",
+    "sparse24_linear",
+]
 
 
 def meta_cols(K: int) -> int:
@@ -89,7 +97,45 @@ def sparse24_linear(
     return torch.ops.pysparse.sparse24_linear.default(x, values, meta, bias)
 
 
+def prox24(w: torch.Tensor, lam: float, max_iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """ProxSparse's proximal operator of ``lam * Reg`` on every group of 4 along the last dim.
+
+    ``Reg(w) = |w1w2w3| + |w2w3w4| + |w3w4w1| + |w4w1w2|`` (zero iff at most 2 of 4 are
+    nonzero). Per group: the best of keeping the top 2, the top 3 and all 4 magnitudes, the
+    latter two by coordinate descent run until no coordinate moves more than
+    ``tol * (1 + max|group|)`` (or ``max_iters`` sweeps); signs are kept. See
+    csrc/core/prox24_group.h for the exact iteration.
+
+    Args:
+        w: any float32/float64/bfloat16/float16 tensor whose last dim is a multiple of 4 (CPU or
+            CUDA); bf16/fp16 are computed in float32.
+        lam: the threshold (``lam1`` or ``lr * lam1``, see ``passes.proxsparse``), ``>= 0``.
+
+    Returns:
+        A new contiguous tensor; ``prox24_`` works in place.
+    """
+    pysparse.require_extension()
+    return torch.ops.pysparse.prox24.default(w, lam, max_iters, tol)
+
+
+def prox24_(w: torch.Tensor, lam: float, max_iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """In-place ``prox24`` (returns ``w``)."""
+    pysparse.require_extension()
+    torch.ops.pysparse.prox24_.default(w, lam, max_iters, tol)
+    return w
+
+
 def _register_fakes() -> None:
+    @torch.library.register_fake("pysparse::prox24")
+    def _prox24_fake(w, lam, max_iters=100, tol=1e-6):
+        torch._check(w.dim() >= 1, lambda: "prox24: w must have at least one dim")
+        torch._check(w.shape[-1] % 4 == 0, lambda: "prox24: the last dim must be a multiple of 4")
+        return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("pysparse::prox24_")
+    def _prox24_inplace_fake(w, lam, max_iters=100, tol=1e-6):
+        torch._check(w.shape[-1] % 4 == 0, lambda: "prox24_: the last dim must be a multiple of 4")
+
     @torch.library.register_fake("pysparse::compress24")
     def _compress24_fake(dense):
         torch._check(dense.dim() == 2, lambda: "compress24: dense must be 2-D")

@@ -10,8 +10,10 @@ import torch
 
 __all__ = [
     "is_24_sparse",
+    "prox24_objective",
     "reference_compress24",
     "reference_decompress24",
+    "reference_prox24",
     "reference_prune24",
     "reference_sparse24_linear",
 ]
@@ -90,3 +92,62 @@ def reference_sparse24_linear(
     if bias is not None:
         y = y + bias.cpu().to(torch.float64)
     return y
+
+
+def prox24_objective(w: torch.Tensor, z: torch.Tensor, lam: float) -> torch.Tensor:
+    """Per group of 4 along the last dim: ``1/2 ||w - z||^2 + lam * Reg(w)`` in float64, with
+    ``Reg(w) = |w1w2w3| + |w2w3w4| + |w3w4w1| + |w4w1w2|``."""
+    w = w.double().reshape(*w.shape[:-1], -1, 4)
+    z = z.double().reshape(*z.shape[:-1], -1, 4)
+    a = w.abs()
+    reg = sum(a[..., i] * a[..., (i + 1) % 4] * a[..., (i + 2) % 4] for i in range(4))
+    return 0.5 * ((w - z) ** 2).sum(-1) + lam * reg
+
+
+def reference_prox24(
+    w: torch.Tensor, lam: float, max_iters: int = 100, tol: float = 1e-6
+) -> torch.Tensor:
+    """The prox of ``lam * Reg`` per group of 4, in float64, one group at a time, straight from
+    ALGORITHMS.md: sort |z| descending (stable), candidates top-2 / top-3 / all-4 (the latter two by
+    coordinate descent ``w_i = max(a_i - lam * (sum of products of the other kept pairs), 0)`` from
+    ``w = a``, stopping when no coordinate moved more than ``tol * (1 + a_1)``), least objective
+    wins (ties: fewer nonzeros), signs and positions restored. Slow; for tests."""
+    z = w.detach().double().reshape(-1, 4)
+    out = torch.empty_like(z)
+    for gi in range(z.shape[0]):
+        g = z[gi].tolist()
+        order = sorted(range(4), key=lambda i: -abs(g[i]))  # stable: ties keep index order
+        a = [abs(g[i]) for i in order]
+        stop = tol * (1 + a[0])
+
+        def descend(n: int, a=a, stop=stop) -> list[float]:
+            x = a[:n]
+            for _ in range(max_iters):
+                moved = 0.0
+                for i in range(n):
+                    others = [x[j] for j in range(n) if j != i]
+                    pairs = sum(
+                        others[p] * others[q] for p in range(n - 1) for q in range(p + 1, n - 1)
+                    )
+                    new = max(a[i] - lam * pairs, 0.0)
+                    moved = max(moved, abs(new - x[i]))
+                    x[i] = new
+                if moved <= stop:
+                    break
+            return x + [0.0] * (4 - n)
+
+        def objective(x: list[float], a=a) -> float:
+            reg = sum(x[i] * x[(i + 1) % 4] * x[(i + 2) % 4] for i in range(4))
+            return 0.5 * sum((x[i] - a[i]) ** 2 for i in range(4)) + lam * reg
+
+        if lam <= 0:
+            best = a
+        else:
+            best = [a[0], a[1], 0.0, 0.0]
+            if a[2] > 0:
+                for cand in (descend(3), descend(4) if a[3] > 0 else None):
+                    if cand is not None and objective(cand) < objective(best):
+                        best = cand
+        for r, i in enumerate(order):
+            out[gi, i] = -best[r] if g[i] < 0 else best[r]
+    return out.reshape(w.shape)

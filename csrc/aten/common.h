@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -113,6 +114,20 @@ inline std::string compress_error(const core::Compress24Status& st) {
      << " nonzeros; a 2:4 weight has at most 2 in every group of 4 along in_features. Prune it "
         "first, e.g. w = torch.ops.pysparse.prune24(w) (or a mask pass), then compress";
   return os.str();
+}
+
+// Checks for prox24 / prox24_ (groups of 4 along the last dim).
+inline void check_prox24(const at::Tensor& w, double lam, int64_t max_iters, double tol) {
+  constexpr const char* op = "prox24";
+  const auto st = w.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
+              ": w must be float32, float64, bfloat16 or float16, got ", st);
+  TORCH_CHECK(w.dim() >= 1 && w.size(-1) % 4 == 0, op,
+              ": the last dim (in_features) must be a multiple of 4 (groups of 4 along it), got "
+              "shape ", w.sizes(), "; pad the weight with zero columns or skip this layer");
+  TORCH_CHECK(std::isfinite(lam) && lam >= 0, op, ": lam must be finite and >= 0, got ", lam);
+  TORCH_CHECK(max_iters >= 1, op, ": max_iters must be >= 1, got ", max_iters);
+  TORCH_CHECK(std::isfinite(tol) && tol >= 0, op, ": tol must be finite and >= 0, got ", tol);
 }
 
 }  // namespace pysparse::aten

@@ -141,7 +141,32 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
 
 }  // namespace
 
+// prox24_: in place. Computes in fp32 (fp64 for fp64 weights) on a contiguous buffer: the weight
+// itself when it is contiguous fp32/fp64, else a converted copy written back at the end.
+void prox24_inplace_cpu(at::Tensor& w, double lam, int64_t max_iters, double tol) {
+  check_prox24(w, lam, max_iters, tol);
+  const bool f64 = w.scalar_type() == at::kDouble;
+  const bool direct = w.is_contiguous() && (f64 || w.scalar_type() == at::kFloat);
+  at::Tensor work = direct ? w : w.to(f64 ? at::kDouble : at::kFloat).contiguous();
+  const int64_t groups = work.numel() / 4;
+  if (f64) {
+    core::prox24(work.data_ptr<double>(), groups, lam, static_cast<int>(max_iters), tol);
+  } else {
+    core::prox24(work.data_ptr<float>(), groups, static_cast<float>(lam),
+                 static_cast<int>(max_iters), static_cast<float>(tol));
+  }
+  if (!direct) w.copy_(work);
+}
+
+at::Tensor prox24_cpu(const at::Tensor& w, double lam, int64_t max_iters, double tol) {
+  at::Tensor out = w.clone(at::MemoryFormat::Contiguous);
+  prox24_inplace_cpu(out, lam, max_iters, tol);
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(pysparse, CPU, m) {
+  m.impl("prox24", &prox24_cpu);
+  m.impl("prox24_", &prox24_inplace_cpu);
   m.impl("compress24", &compress24_cpu);
   m.impl("decompress24", &decompress24_cpu);
   m.impl("prune24", &prune24_cpu);

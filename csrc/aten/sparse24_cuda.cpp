@@ -245,7 +245,30 @@ at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values,
 
 }  // namespace
 
+void prox24_inplace_cuda(at::Tensor& w, double lam, int64_t max_iters, double tol) {
+  constexpr const char* op = "prox24";
+  check_prox24(w, lam, max_iters, tol);
+  const c10::cuda::CUDAGuard guard(w.device());
+  // The fp32 kernel loads each group as one float4: contiguous and 16-byte aligned.
+  const bool direct =
+      w.is_contiguous() &&
+      (w.scalar_type() != at::kFloat || reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0);
+  at::Tensor work = direct ? w : w.contiguous().clone();
+  check_cuda(pc::prox24(dtype_of(work), work.data_ptr(), work.numel() / 4, lam,
+                        static_cast<int>(max_iters), tol, stream_of(work)),
+             op);
+  if (!direct) w.copy_(work);
+}
+
+at::Tensor prox24_cuda(const at::Tensor& w, double lam, int64_t max_iters, double tol) {
+  at::Tensor out = w.clone(at::MemoryFormat::Contiguous);
+  prox24_inplace_cuda(out, lam, max_iters, tol);
+  return out;
+}
+
 TORCH_LIBRARY_IMPL(pysparse, CUDA, m) {
+  m.impl("prox24", &prox24_cuda);
+  m.impl("prox24_", &prox24_inplace_cuda);
   m.impl("compress24", &compress24_cuda);
   m.impl("decompress24", &decompress24_cuda);
   m.impl("prune24", &prune24_cuda);

@@ -91,4 +91,10 @@ const char* sparse24_linear_impl();
 // that vectorises over rows of x.
 int sparse24_gemv_max_rows();
 
+// The ProxSparse proximal operator (prox24_group.h) applied in place to `groups` consecutive
+// groups of 4 (a contiguous weight whose rows have a multiple of 4 elements). Returns the total
+// number of coordinate-descent sweeps used (the costlier candidate of each group), for reporting.
+int64_t prox24(float* w, int64_t groups, float lam, int max_iters, float tol);
+int64_t prox24(double* w, int64_t groups, double lam, int max_iters, double tol);
+
 }  // namespace pysparse::core

@@ -21,6 +21,11 @@ int decompress24(const void* values, const uint8_t* meta, int64_t N, int64_t K, 
 int prune24(const void* w, const float* score, int64_t N, int64_t K, int elem_size, void* out,
             void* stream);
 
+// The ProxSparse proximal operator in place on `groups` contiguous groups of 4 (see
+// csrc/core/prox24_group.h); fp32 weights must be 16-byte aligned (one float4 per group).
+int prox24(DType dtype, void* w, int64_t groups, double lam, int max_iters, double tol,
+           void* stream);
+
 // Hand-written 2:4 GEMV/skinny GEMM, y[M,N] = x[M,K] W^T (+ bias), for M <= kGemvMaxRows.
 // fp32 or bf16 (x, W, bias, y share the dtype); fp32 accumulation.
 constexpr int kGemvMaxRows = 16;
