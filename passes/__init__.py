@@ -13,6 +13,7 @@ from pysparse.pipeline import Pass
 from .baselines import MagnitudePrune, SparseGPTPrune, WandaPrune
 from .compress24 import Compress24
 from .lower import Lower
+from .proxsparse import ProxSparse
 from .relu import ReluSubstitution
 
 PASS_REGISTRY: dict[str, Callable[[], Pass]] = {
@@ -22,6 +23,7 @@ PASS_REGISTRY: dict[str, Callable[[], Pass]] = {
     "sparsegpt": SparseGPTPrune,
     "compress24": Compress24,
     "lower": Lower,
+    "proxsparse": ProxSparse,
 }
 
 __all__ = [
@@ -29,6 +31,7 @@ __all__ = [
     "Compress24",
     "Lower",
     "MagnitudePrune",
+    "ProxSparse",
     "ReluSubstitution",
     "SparseGPTPrune",
     "WandaPrune",

@@ -6,6 +6,9 @@
                              all-MiniLM-L6-v2) with calibration text (--calib FILE, default: the
                              small corpus shipped in pysparse/data) and save the artifact
     pysparse export DIR --format pt2|torchscript|onnx [--out FILE]
+    pysparse eval DIR        held-out quality vs the dense original (encoders: embedding cosine
+                             and Spearman of pairwise similarities; decoders: perplexity) and
+                             FFN activation sparsity
     pysparse demo            compress a 2:4 weight and run the sparse kernels against torch dense,
                              then compile the embedded all-MiniLM-L6-v2 (wanda, compress24, lower)
 
@@ -205,6 +208,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     for e in sm.report:
         extra = {k: v for k, v in e.items() if k not in ("pass", "settings", "modified", "seconds")}
         print(f"  {e['pass']:<11} {e['seconds']:>7.2f}s  {extra}")
+    # Recorded so that `pysparse eval` finds the dense original to compare with.
+    sm.gm.meta["pysparse"].setdefault("model", {})["source"] = str(Path(model_dir).resolve())
     out = pysparse.save(sm, args.out, tokenizer=tok)
     print(f"compiled in {time.perf_counter() - t0:.1f}s; artifact: {out}")
     return 0
@@ -222,6 +227,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(
         f"exported {args.dir} -> {out} ({args.format}, {size:.1f} MB, {time.perf_counter() - t0:.1f}s)"
     )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pysparse.artifact import load
+    from pysparse.evaluate import evaluate, format_table
+
+    loaded = load(args.dir)
+    tok = loaded.tokenizer
+    source = args.reference or loaded.manifest.get("model", {}).get("source")
+    if tok is None:
+        if not source:
+            raise RuntimeError(f"{args.dir} has no tokenizer; pass --reference MODEL_DIR")
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(source)
+    reference = None
+    if source and not args.no_reference:
+        if not Path(source).is_dir():
+            raise RuntimeError(
+                f"the dense original {source} is not a folder any more; pass --reference MODEL_DIR "
+                "or --no-reference"
+            )
+        reference, _, _ = _load_hf(source)
+    texts = _calibration_text(args.text) if args.text else None
+    t0 = time.perf_counter()
+    result = evaluate(loaded, tok, reference, texts, max_length=args.max_length)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 
@@ -261,6 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", choices=["pt2", "torchscript", "onnx"], default="pt2")
     p.add_argument("--out", default=None, help="output file (default: DIR/model.pt2|.ts|.onnx)")
     p.set_defaults(func=cmd_export)
+    p = sub.add_parser("eval", help="evaluate a saved artifact against its dense original")
+    p.add_argument("dir", help="artifact directory from `pysparse compile`")
+    p.add_argument("--reference", default=None, help="dense original (default: the compiled one)")
+    p.add_argument("--no-reference", action="store_true", help="decoders: perplexity only")
+    p.add_argument(
+        "--text",
+        default=None,
+        help="evaluation text, one sample per line (default: the held-out part of pysparse.corpus)",
+    )
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--json", default=None, help="also write the result as JSON here")
+    p.set_defaults(func=cmd_eval)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

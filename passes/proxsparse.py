@@ -1,0 +1,233 @@
+"""ProxSparse (ALGORITHMS.md, "ProxSparse"): 2:4 masks learned end to end.
+
+The captured graph is trained (its parameters are the live ones; see pysparse.trace) with the
+shared trainer (pysparse.train) on
+
+    objective(W) + lam2 * R_frozen(W),   R_frozen = sum_layers ||(W / (W0 + eps*sgn*(W0))) * (W - W0)||_F^2
+
+and after every optimiser step the proximal operator of ``t * Reg`` (the ``prox24_`` kernel) is
+applied to every prunable weight, so groups of 4 are driven towards at most 2 nonzeros while the
+objective decides which two. ``t`` is ``lam1`` (``prox_scale="lam"``, the default: what the
+published code does and what its lam1 range of 0.2-1 for LLaMA was tuned for) or ``lr_t * lam1``
+(``prox_scale="lr*lam"``, textbook proximal gradient: lam1 must then be ~1/lr times larger).
+Only the prunable linears' weights are trained; everything else stays frozen.
+
+At the end the mask is the top 2 |w| of each group of the *learned* weights and the original
+weights are restored under it (``W0 * M``): only masks leave the pass (mask-only, as published).
+``recover_steps > 0`` adds a separate, clearly reported step that then trains the kept weights
+under the fixed mask with the same objective (masked distillation / fine-tuning) — not part of
+ProxSparse proper.
+
+Objective: ``"causal_lm"`` for decoders, distillation to the frozen original for encoders
+(``"hidden_mse"`` default, or ``"pooled_cosine"``), or a callable; see pysparse.objectives.
+
+Memory held: a copy of each trained weight's original values (W0, needed for the restore and for
+R_frozen) and AdamW's two moment tensors per trained weight; teacher outputs for the calibration
+batches when distilling.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+from pysparse import ops
+from pysparse.objectives import Objective, default_objective
+from pysparse.pipeline import Pass, PassContext, PassError, PassResult
+from pysparse.train import TrainConfig, Trainer
+
+from .baselines import maskable_linears
+
+_log = logging.getLogger(__name__)
+
+
+def frozen_regularizer(w: torch.Tensor, w0: torch.Tensor, eps: float) -> torch.Tensor:
+    """||(W / (W0 + eps*sgn*(W0))) * (W - W0)||_F^2 with sgn*(0) = +1: zero when every weight is
+    0 or its original value."""
+    sgn = torch.where(w0 >= 0, 1.0, -1.0).to(w0.dtype)
+    return ((w / (w0 + eps * sgn)) * (w - w0)).pow(2).sum()
+
+
+def fraction_24(ws: Sequence[torch.Tensor]) -> float:
+    """Fraction of groups of 4 (over all ``ws``) with at most two nonzeros."""
+    ok = total = 0
+    for w in ws:
+        g = (w.detach().reshape(-1, 4) != 0).sum(-1)
+        ok += int((g <= 2).sum())
+        total += g.numel()
+    return ok / max(total, 1)
+
+
+def top2_mask(w: torch.Tensor) -> torch.Tensor:
+    g = w.detach().abs().reshape(-1, 4)
+    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(1, g.topk(2, dim=1).indices, True)
+    return keep.reshape(w.shape)
+
+
+class ProxSparse(Pass):
+    """Learned 2:4 masks (see the module docstring). Every argument has a default that works on
+    encoders of MiniLM's size (found by a sweep on the training split of pysparse.corpus; see
+    bench/masks.py); decoders usually want lam1 in 0.2-1 with lr 1e-4 and ~400 steps."""
+
+    name = "proxsparse"
+    after = ("relu",)
+
+    def __init__(
+        self,
+        data: Sequence[tuple[tuple, dict]] | None = None,
+        steps: int = 200,
+        lr: float = 1e-4,
+        lam1: float = 2.0,
+        lam2: float = 0.0,
+        eps: float = 0.1,
+        objective: str | Callable[[Any, Any], torch.Tensor] | None = None,
+        prox_scale: str = "lam",
+        schedule: str = "linear",
+        warmup: float = 0.1,
+        grad_clip: float | None = 1.0,
+        accum: int = 1,
+        max_iters: int = 100,
+        recover_steps: int = 0,
+        recover_lr: float = 5e-5,
+        checkpoint_dir: str | None = None,
+        checkpoint_every: int = 50,
+    ):
+        if prox_scale not in ("lam", "lr*lam"):
+            raise ValueError(
+                f"proxsparse: prox_scale must be 'lam' or 'lr*lam', got {prox_scale!r}"
+            )
+        if lam1 < 0 or lam2 < 0 or not math.isfinite(lam1 + lam2):
+            raise ValueError(
+                f"proxsparse: lam1 and lam2 must be finite and >= 0 (got {lam1}, {lam2})"
+            )
+        self.data = data
+        self.steps, self.lr, self.lam1, self.lam2, self.eps = steps, lr, lam1, lam2, eps
+        self.objective = objective
+        self.prox_scale = prox_scale
+        self.schedule, self.warmup, self.grad_clip, self.accum = schedule, warmup, grad_clip, accum
+        self.max_iters = max_iters
+        self.recover_steps, self.recover_lr = recover_steps, recover_lr
+        self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
+
+    def settings(self) -> dict[str, Any]:
+        s = super().settings()
+        s.pop("data", None)
+        if callable(self.objective):
+            s["objective"] = getattr(self.objective, "__name__", "custom")
+        return s
+
+    def _sub_dir(self, name: str) -> str | None:
+        return f"{self.checkpoint_dir}/{name}" if self.checkpoint_dir else None
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        targets, skipped = maskable_linears(gm)
+        if not targets:
+            raise PassError(
+                "proxsparse: the model has no prunable linear whose in_features % 4 == 0"
+            )
+        weights = {info["weight"]: gm.get_parameter(info["weight"]) for _, info in targets}
+        for name, w in weights.items():
+            if not torch.isfinite(w).all():
+                raise PassError(
+                    f"proxsparse: weight {name} contains NaN or Inf; fix the checkpoint first"
+                )
+        batches = list(self.data) if self.data is not None else ctx.calibration_batches()
+        kind = self.objective or default_objective(gm, batches[0])
+        objective = Objective(gm, kind, batches)
+        w0 = {k: w.detach().clone() for k, w in weights.items()}
+        for p in gm.parameters():  # only the prunable weights train
+            p.requires_grad_(False)
+
+        def loss_fn(batch):
+            task = objective(batch)
+            metrics = {"task": float(task.detach())}
+            if self.lam2 > 0:
+                reg = sum(frozen_regularizer(w, w0[k], self.eps) for k, w in weights.items())
+                metrics["r_frozen"] = float(reg)
+                return task + self.lam2 * reg, metrics
+            return task, metrics
+
+        def after_step(step: int, lr: float) -> dict[str, float]:
+            t = self.lam1 if self.prox_scale == "lam" else lr * self.lam1
+            for w in weights.values():
+                ops.prox24_(w.data, t, self.max_iters)
+            return {"groups_24": fraction_24(list(weights.values()))}
+
+        t0 = time.perf_counter()
+        cfg = TrainConfig(
+            steps=self.steps,
+            lr=self.lr,
+            warmup=self.warmup,
+            schedule=self.schedule,
+            grad_clip=self.grad_clip,
+            accum=self.accum,
+            checkpoint_dir=self._sub_dir("learn"),
+            checkpoint_every=self.checkpoint_every,
+            desc="proxsparse",
+        )
+        history = Trainer(
+            weights,
+            loss_fn,
+            batches,
+            cfg,
+            after_step=after_step,
+            fingerprint={**self.settings(), "objective": objective.name},
+        ).run()
+        learned_24 = fraction_24(list(weights.values()))
+        changed = 0
+        with torch.no_grad():
+            for k, w in weights.items():
+                m = top2_mask(w)
+                changed += int((m != top2_mask(w0[k])).reshape(-1, 4).any(-1).sum())
+                w.copy_(w0[k] * m)
+        groups = sum(w.numel() // 4 for w in weights.values())
+        for _, info in targets:
+            info["masked"] = self.name
+        info_out: dict[str, Any] = {
+            "layers_pruned": len(weights),
+            "skipped": skipped,
+            "objective": objective.name,
+            "steps": self.steps,
+            "seconds_per_step": round((time.perf_counter() - t0) / max(self.steps, 1), 3),
+            "first_loss": round(history[0]["task"], 5) if history else None,
+            "last_loss": round(history[-1]["task"], 5) if history else None,
+            "groups_24_before_hard_mask": round(learned_24, 4),
+            "groups_differing_from_magnitude": round(changed / max(groups, 1), 4),
+            "weight_density": 0.5,
+        }
+        if self.recover_steps > 0:
+            info_out["recover"] = self._recover(weights, batches, objective)
+        return PassResult(gm, True, info_out)
+
+    def _recover(self, weights, batches, objective: Objective) -> dict[str, float]:
+        """Optional masked fine-tune of the kept weights (not ProxSparse proper): the same
+        objective (its distillation targets are the original model's, computed before learning),
+        the mask re-applied after every step."""
+        masks = {k: w.detach() != 0 for k, w in weights.items()}
+
+        def after(step: int, lr: float) -> dict[str, float]:
+            for k, w in weights.items():
+                w.data.mul_(masks[k])
+            return {}
+
+        hist = Trainer(
+            weights,
+            lambda b: (objective(b), {}),
+            batches,
+            TrainConfig(
+                steps=self.recover_steps,
+                lr=self.recover_lr,
+                checkpoint_dir=self._sub_dir("recover"),
+                checkpoint_every=self.checkpoint_every,
+                desc="proxsparse: recover",
+            ),
+            after_step=after,
+            fingerprint={"recover_of": self.settings()},
+        ).run()
+        return {"steps": self.recover_steps, "last_loss": round(hist[-1]["loss"], 5)}

@@ -1,0 +1,263 @@
+"""Evaluation harness: how far a compiled model is from its dense original, and how sparse its
+FFN activations are.
+
+  * Encoders (sentence embeddings): on held-out sentences, the mean cosine between the compiled
+    model's and the dense original's sentence embeddings (mean over real tokens of the final
+    hidden states), and the Spearman correlation between their pairwise-similarity matrices (do
+    the two models rank sentence pairs alike?).
+  * Decoders: perplexity on a text with sliding windows of ``max_length`` tokens advanced by
+    ``stride`` (default max_length / 2); each token is scored once, with at least
+    ``max_length - stride`` tokens of context except at the start.
+  * Activation sparsity, whenever the FFNs are ReLU/FATReLU: the fraction of zeros in the FFN
+    intermediate x1 (the input of the down projection) per token, padding excluded, averaged over
+    tokens per layer, then over layers (ALGORITHMS.md, ProSparse 4).
+
+Default held-out text: ``pysparse.corpus.sentences("heldout")`` (never used for calibration or
+training by pysparse). ``evaluate(...)`` returns a dict (JSON-ready); ``format_table`` prints it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx
+
+aten = torch.ops.aten
+
+
+# ---- activation sparsity ------------------------------------------------------------------------
+def _linear_like(n: Any) -> bool:
+    if not (isinstance(n, fx.Node) and n.op == "call_function"):
+        return False
+    name = str(n.target)
+    return n.target is aten.linear.default or name.startswith("pysparse.sparse")
+
+
+def _is_relu_like(n: fx.Node) -> bool:
+    if n.op != "call_function":
+        return False
+    if n.target in (aten.relu.default, aten.relu_.default):
+        return True
+    # FATReLU as written by ReluSubstitution: where(x >= t, x, 0)
+    if n.target is aten.where.ScalarOther and isinstance(n.args[0], fx.Node):
+        return n.args[0].target is aten.ge.Scalar
+    return False
+
+
+_PASS_THROUGH = {
+    aten.view.default,
+    aten.reshape.default,
+    aten.clone.default,
+    aten.dropout.default,
+    aten._unsafe_view.default,
+    aten.contiguous.default,
+}
+
+
+def activation_sites(gm: fx.GraphModule) -> list[fx.Node]:
+    """The FFN intermediates x1 of ``gm``: a ReLU-like node, or the product of one with another
+    tensor (gated FFNs), that feeds a linear (dense or pysparse) — in graph order, one per layer."""
+    sites: list[fx.Node] = []
+    for r in gm.graph.nodes:
+        if not _is_relu_like(r):
+            continue
+        frontier = [r]
+        found = None
+        for _ in range(3):  # relu -> (mul) -> (view...) -> linear
+            nxt = []
+            for n in frontier:
+                for u in n.users:
+                    if _linear_like(u) and u.args[0] is n:
+                        found = n
+                    elif u.target is aten.mul.Tensor and n is r or u.target in _PASS_THROUGH:
+                        nxt.append(u)
+            if found is not None:
+                break
+            frontier = nxt
+        if found is not None and found not in sites:
+            sites.append(found)
+    return sites
+
+
+def measure_activation_sparsity(
+    gm: fx.GraphModule, batches: Sequence[tuple[tuple, dict]], call_kwargs: dict | None = None
+) -> list[float] | None:
+    """Per-layer zero fraction of x1 (see the module docstring); None when the FFNs are not
+    ReLU-like. The graph is restored afterwards."""
+    sites = activation_sites(gm)
+    if not sites:
+        return None
+    zeros = [0.0] * len(sites)
+    tokens = [0] * len(sites)
+    current: dict[str, Any] = {}
+
+    def observe(x: torch.Tensor, i: int) -> torch.Tensor:
+        per_token = (x.detach() == 0).float().mean(-1).reshape(-1)
+        mask = current.get("mask")
+        if mask is not None and mask.numel() == per_token.numel():
+            keep = mask.reshape(-1).bool()
+            per_token = per_token[keep]
+        zeros[i] += float(per_token.sum())
+        tokens[i] += per_token.numel()
+        return x
+
+    obs_nodes = []
+    for i, node in enumerate(sites):
+        with gm.graph.inserting_after(node):
+            obs = gm.graph.call_function(observe, (node, i))
+        node.replace_all_uses_with(obs, delete_user_cb=lambda u, obs=obs: u is not obs)
+        obs_nodes.append(obs)
+    gm.recompile()
+    try:
+        with torch.no_grad():
+            for args, kwargs in batches:
+                current["mask"] = kwargs.get("attention_mask")
+                gm(*args, **{**(call_kwargs or {}), **kwargs})
+    finally:
+        for obs in obs_nodes:
+            obs.replace_all_uses_with(obs.args[0])
+            gm.graph.erase_node(obs)
+        gm.recompile()
+    return [z / max(t, 1) for z, t in zip(zeros, tokens)]
+
+
+# ---- quality ------------------------------------------------------------------------------------
+def _pooled(model: Any, batch: tuple[tuple, dict]) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(*batch[0], **batch[1])
+    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    m = batch[1].get("attention_mask")
+    m = torch.ones(h.shape[:2]) if m is None else m.to(h.dtype)
+    m = m.unsqueeze(-1)
+    return (h.float() * m).sum(1) / m.sum(1).clamp_min(1)
+
+
+def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def encoder_quality(model: Any, reference: Any, batches: Sequence[tuple[tuple, dict]]) -> dict:
+    e = torch.cat([_pooled(model, b) for b in batches])
+    r = torch.cat([_pooled(reference, b) for b in batches])
+    cos = torch.nn.functional.cosine_similarity(e, r, dim=-1)
+    en = torch.nn.functional.normalize(e, dim=-1)
+    rn = torch.nn.functional.normalize(r, dim=-1)
+    iu = torch.triu_indices(len(e), len(e), offset=1)
+    se, sr = (en @ en.T)[iu[0], iu[1]], (rn @ rn.T)[iu[0], iu[1]]
+    return {
+        "sentences": len(e),
+        "mean_cosine_to_dense": round(float(cos.mean()), 4),
+        "min_cosine_to_dense": round(float(cos.min()), 4),
+        "spearman_pairwise_similarity": round(_spearman(se, sr), 4),
+    }
+
+
+def perplexity(
+    model: Any, ids: torch.Tensor, max_length: int = 256, stride: int | None = None
+) -> float:
+    """Sliding-window perplexity of a 1-D token sequence (see the module docstring)."""
+    stride = stride or max_length // 2
+    nll, count, scored_to = 0.0, 0, 0
+    n = ids.numel()
+    for start in range(0, max(n - 1, 1), stride):
+        end = min(start + max_length, n)
+        window = ids[start:end].unsqueeze(0)
+        with torch.no_grad():
+            out = model(window)
+        logits = (out.logits if hasattr(out, "logits") else out[0]).float()
+        targets = window[0, 1:]
+        lp = torch.nn.functional.cross_entropy(logits[0, :-1], targets, reduction="none")
+        first_new = max(scored_to - start - 1, 0)  # tokens already scored by an earlier window
+        nll += float(lp[first_new:].sum())
+        count += lp[first_new:].numel()
+        scored_to = end
+        if end == n:
+            break
+    return math.exp(nll / max(count, 1))
+
+
+def encode_sentences(
+    tokenizer: Any, texts: Sequence[str], batch_size: int = 32, max_length: int = 128
+) -> list[tuple[tuple, dict]]:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    out = []
+    for i in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            list(texts[i : i + batch_size]),
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        out.append(((enc["input_ids"],), {"attention_mask": enc["attention_mask"]}))
+    return out
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    reference: Any = None,
+    texts: Sequence[str] | None = None,
+    *,
+    decoder: bool | None = None,
+    batch_size: int = 32,
+    max_length: int = 128,
+    stride: int | None = None,
+) -> dict[str, Any]:
+    """Evaluates ``model`` (compiled, loaded or plain) against ``reference`` (the dense original;
+    optional for decoders) on ``texts`` (default: the held-out corpus)."""
+    from pysparse.corpus import sentences
+
+    texts = list(texts) if texts is not None else sentences("heldout")
+    if not texts:
+        raise ValueError("evaluate: no text to evaluate on")
+    batches = encode_sentences(tokenizer, texts, batch_size, max_length)
+    if decoder is None:
+        with torch.no_grad():
+            out = model(*batches[0][0], **batches[0][1])
+        decoder = hasattr(out, "logits")
+    result: dict[str, Any] = {"kind": "decoder" if decoder else "encoder"}
+    if decoder:
+        ids = tokenizer("\n\n".join(texts), return_tensors="pt")["input_ids"][0]
+        result["tokens"] = ids.numel()
+        result["window"], result["stride"] = max_length, stride or max_length // 2
+        result["perplexity"] = round(perplexity(model, ids, max_length, stride), 4)
+        if reference is not None:
+            result["perplexity_dense"] = round(perplexity(reference, ids, max_length, stride), 4)
+    else:
+        if reference is None:
+            raise ValueError(
+                "evaluate: encoders are compared with their dense original; pass reference="
+            )
+        result.update(encoder_quality(model, reference, batches))
+    gm = getattr(model, "gm", None) or getattr(model, "module", None)
+    if isinstance(gm, fx.GraphModule):
+        call_kwargs = (
+            gm.meta.get("pysparse", {}).get("call_kwargs", {}) if hasattr(gm, "meta") else {}
+        )
+        per_layer = measure_activation_sparsity(
+            gm, batches, call_kwargs if hasattr(model, "gm") else None
+        )
+        if per_layer is not None:
+            result["activation_sparsity_per_layer"] = [round(s, 4) for s in per_layer]
+            result["activation_sparsity"] = round(sum(per_layer) / len(per_layer), 4)
+    return result
+
+
+def format_table(result: dict[str, Any]) -> str:
+    rows = [f"| {k} | {v} |" for k, v in result.items() if k != "activation_sparsity_per_layer"]
+    lines = ["| metric | value |", "|---|---|", *rows]
+    per = result.get("activation_sparsity_per_layer")
+    if per:
+        lines.append("")
+        lines.append("| layer | " + " | ".join(str(i) for i in range(len(per))) + " |")
+        lines.append("|---|" + "---:|" * len(per))
+        lines.append("| zeros in x1 | " + " | ".join(f"{s:.1%}" for s in per) + " |")
+    return "\n".join(lines)
