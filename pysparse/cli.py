@@ -4,7 +4,8 @@
     pysparse compile [MODEL] [--passes relu,wanda,compress24,lower] [--out DIR]
                              compile a local Hugging Face checkpoint folder (default: the embedded
                              all-MiniLM-L6-v2) with calibration text (--calib FILE, default: the
-                             small corpus shipped in pysparse/data) and save the artifact
+                             training part of pysparse.corpus) and save the artifact;
+                             --set PASS.KEY=VALUE sets a pass's argument
     pysparse export DIR --format pt2|torchscript|onnx [--out FILE]
     pysparse eval DIR        held-out quality vs the dense original (encoders: embedding cosine
                              and Spearman of pairwise similarities; decoders: perplexity) and
@@ -166,9 +167,7 @@ def _load_hf(model_dir: str | None):
     )
 
 
-def _calibration_text(path: str | None) -> list[str]:
-    if path is None:
-        path = str(Path(__file__).parent / "data" / "calibration.txt")
+def _calibration_text(path: str) -> list[str]:
     try:
         lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
     except UnicodeDecodeError as exc:
@@ -181,12 +180,49 @@ def _calibration_text(path: str | None) -> list[str]:
     return lines
 
 
+def _passes(names: str, settings: list[str]) -> list:
+    """Pass objects from ``--passes a,b`` and ``--set a.key=value`` (value parsed as JSON when it
+    is JSON, else kept as a string)."""
+    from pysparse.passes import PASS_REGISTRY
+
+    names_list = [n.strip() for n in names.split(",") if n.strip()]
+    kwargs: dict[str, dict] = {n: {} for n in names_list}
+    for item in settings or []:
+        key, sep, raw = item.partition("=")
+        pname, dot, field = key.partition(".")
+        if not sep or not dot or not field:
+            raise RuntimeError(f"--set {item!r}: expected PASS.KEY=VALUE, e.g. proxsparse.steps=50")
+        if pname not in kwargs:
+            raise RuntimeError(f"--set {item!r}: pass {pname!r} is not in --passes {names}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        kwargs[pname][field] = value
+    out = []
+    for n in names_list:
+        factory = PASS_REGISTRY.get(n)
+        if factory is None:
+            out.append(n)  # pysparse.compile names the unknown pass and lists the known ones
+            continue
+        try:
+            out.append(factory(**kwargs[n]))
+        except TypeError as exc:
+            raise RuntimeError(f"--set for pass {n!r}: {exc}") from exc
+    return out
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     pysparse.require_extension()
     model, tok, model_dir = _load_hf(args.model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    texts = _calibration_text(args.calib)
+    if args.calib:
+        texts = _calibration_text(args.calib)
+    else:  # the training part of the corpus that ships with Python (see pysparse.corpus)
+        from pysparse.corpus import sentences
+
+        texts = sentences("train", args.calib_lines)
     batches = []
     for i in range(0, len(texts), args.batch_size):
         enc = tok(
@@ -203,7 +239,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     )
     t0 = time.perf_counter()
     sm = pysparse.compile(
-        model, args.passes.split(","), batches[0][0], batches[0][1], calibration=batches
+        model, _passes(args.passes, args.set), batches[0][0], batches[0][1], calibration=batches
     )
     for e in sm.report:
         extra = {k: v for k, v in e.items() if k not in ("pass", "settings", "modified", "seconds")}
@@ -285,7 +321,20 @@ def main(argv: list[str] | None = None) -> int:
         help="local Hugging Face checkpoint folder (default: embedded all-MiniLM-L6-v2)",
     )
     p.add_argument("--passes", default="relu,wanda,compress24,lower")
-    p.add_argument("--calib", default=None, help="calibration text file, one sample per line")
+    p.add_argument(
+        "--calib",
+        default=None,
+        help="calibration/training text file, one sample per line (default: the training part "
+        "of the corpus that ships with Python, see pysparse.corpus)",
+    )
+    p.add_argument("--calib-lines", type=int, default=256, help="lines of the default corpus")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PASS.KEY=VALUE",
+        help="a pass setting, e.g. --set proxsparse.steps=100 --set proxsparse.lam1=0.5",
+    )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument(

@@ -62,3 +62,36 @@ def test_cli_errors_are_clear(tmp_path):
     res = _cli("export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"), cwd=tmp_path)
     assert res.returncode == 2 and "manifest.json is missing" in res.stderr
     assert not (tmp_path / "a").exists()
+
+
+def test_compile_proxsparse_then_eval(tmp_path):
+    art = tmp_path / "prox"
+    res = _cli(
+        "compile",
+        "--passes",
+        "proxsparse,compress24,lower",
+        "--set",
+        "proxsparse.steps=3",
+        "--set",
+        "proxsparse.lam1=1.0",
+        "--calib-lines",
+        "16",
+        "--out",
+        str(art),
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = pysparse.load(art)
+    rep = m.report[0]
+    assert rep["pass"] == "proxsparse" and rep["settings"]["steps"] == 3
+    assert rep["objective"] == "hidden_mse"
+    res = _cli("eval", str(art), "--json", str(tmp_path / "e.json"), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    result = json.loads((tmp_path / "e.json").read_text())
+    assert result["kind"] == "encoder" and result["sentences"] > 100
+    assert 0.3 < result["mean_cosine_to_dense"] < 1.0
+    assert "mean_cosine_to_dense" in res.stdout
+    res = _cli("compile", "--passes", "wanda", "--set", "wanda.bogus=1", cwd=tmp_path)
+    assert res.returncode == 2 and "--set for pass 'wanda'" in res.stderr
