@@ -13,6 +13,7 @@ from pysparse.pipeline import Pass
 from .baselines import MagnitudePrune, SparseGPTPrune, WandaPrune
 from .compress24 import Compress24
 from .lower import Lower
+from .prosparse import ProSparse
 from .proxsparse import ProxSparse
 from .relu import ReluSubstitution
 
@@ -24,6 +25,7 @@ PASS_REGISTRY: dict[str, Callable[[], Pass]] = {
     "compress24": Compress24,
     "lower": Lower,
     "proxsparse": ProxSparse,
+    "prosparse": ProSparse,
 }
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "Compress24",
     "Lower",
     "MagnitudePrune",
+    "ProSparse",
     "ProxSparse",
     "ReluSubstitution",
     "SparseGPTPrune",

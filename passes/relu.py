@@ -31,6 +31,12 @@ class ReluSubstitution(Pass):
             if block.get("act_op") == want and block.get("threshold") == self.threshold:
                 continue
             previous.add(block["act_op"])
+            if "original" not in block:  # how to rebuild the model's own activation (teachers)
+                block["original"] = {
+                    "target": act.target,
+                    "args": list(act.args[1:]),
+                    "kwargs": dict(act.kwargs),
+                }
             x = act.args[0]
             with gm.graph.inserting_after(act):
                 if not self.threshold:
@@ -50,9 +56,42 @@ class ReluSubstitution(Pass):
             {"ffn_activations_replaced": replaced, "replaced_ops": sorted(previous), "now": want},
         )
 
+    def settings(self):
+        return {"threshold": self.threshold}
+
     def ensures(self, gm: fx.GraphModule) -> None:
         nodes = {n.name: n for n in gm.graph.nodes}
         for block in gm.meta["pysparse"]["ffns"]:
             act = nodes[block["act"]]
             ok = act.target in (aten.relu.default, aten.where.ScalarOther)
             assert ok, f"FFN layer {block['layer']} still uses {act.target}"
+
+
+def set_activation(
+    gm: fx.GraphModule, block: dict, kind: str, threshold: float | None = None
+) -> None:
+    """Rewrites one annotated FFN block's activation node to ``kind``: ``"relu"``, ``"fatrelu"``
+    (with ``threshold``) or ``"original"`` (the op ReluSubstitution replaced). The caller
+    recompiles."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    act = nodes[block["act"]]
+    x = act.args[0]
+    if act.target is aten.where.ScalarOther:  # FATReLU: where(ge(x, t), x, 0)
+        x = act.args[1]
+    with gm.graph.inserting_after(act):
+        if kind == "relu" or (kind == "fatrelu" and not threshold):
+            new = gm.graph.call_function(aten.relu.default, (x,))
+        elif kind == "fatrelu":
+            keep = gm.graph.call_function(aten.ge.Scalar, (x, float(threshold)))
+            with gm.graph.inserting_after(keep):
+                new = gm.graph.call_function(aten.where.ScalarOther, (keep, x, 0.0))
+        else:
+            o = block["original"]
+            new = gm.graph.call_function(o["target"], (x, *o["args"]), o["kwargs"])
+    new.meta = dict(act.meta)
+    old_cond = act.args[0] if act.target is aten.where.ScalarOther else None
+    act.replace_all_uses_with(new)
+    gm.graph.erase_node(act)
+    if old_cond is not None and not old_cond.users:
+        gm.graph.erase_node(old_cond)
+    block["act"] = new.name

@@ -90,6 +90,8 @@ def measure_activation_sparsity(
     sites = activation_sites(gm)
     if not sites:
         return None
+    if call_kwargs is None:  # a captured graph knows the keyword arguments its capture fixed
+        call_kwargs = gm.meta.get("pysparse", {}).get("call_kwargs", {})
     zeros = [0.0] * len(sites)
     tokens = [0] * len(sites)
     current: dict[str, Any] = {}
@@ -115,7 +117,7 @@ def measure_activation_sparsity(
         with torch.no_grad():
             for args, kwargs in batches:
                 current["mask"] = kwargs.get("attention_mask")
-                gm(*args, **{**(call_kwargs or {}), **kwargs})
+                gm(*args, **{**call_kwargs, **kwargs})
     finally:
         for obs in obs_nodes:
             obs.replace_all_uses_with(obs.args[0])
@@ -239,12 +241,7 @@ def evaluate(
         result.update(encoder_quality(model, reference, batches))
     gm = getattr(model, "gm", None) or getattr(model, "module", None)
     if isinstance(gm, fx.GraphModule):
-        call_kwargs = (
-            gm.meta.get("pysparse", {}).get("call_kwargs", {}) if hasattr(gm, "meta") else {}
-        )
-        per_layer = measure_activation_sparsity(
-            gm, batches, call_kwargs if hasattr(model, "gm") else None
-        )
+        per_layer = measure_activation_sparsity(gm, batches)
         if per_layer is not None:
             result["activation_sparsity_per_layer"] = [round(s, 4) for s in per_layer]
             result["activation_sparsity"] = round(sum(per_layer) / len(per_layer), 4)

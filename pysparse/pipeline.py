@@ -212,6 +212,13 @@ class SparseModel(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return _call(self.gm, args, kwargs)
 
+    def train(self, mode: bool = True) -> SparseModel:
+        """Only flips ``self.training``: the captured graph was traced in eval mode (no dropout)
+        and torch.export graphs refuse ``train()``; training loops (a Hugging Face Trainer
+        included) call this and then train the graph's parameters as they are."""
+        self.training = mode
+        return self
+
 
 def resolve_passes(passes: Sequence[Pass | str]) -> list[Pass]:
     from pysparse.passes import PASS_REGISTRY
