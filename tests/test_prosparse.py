@@ -107,7 +107,10 @@ def test_sparsity_rises_over_a_short_run(tmp_path):
     before = measure_activation_sparsity(base.gm, batches, base.gm.meta["pysparse"]["call_kwargs"])
     sm = pysparse.compile(
         model,
-        ["relu", ProSparse(data=batches, steps=30, lam=100.0, lr=1e-2, plot=str(tmp_path / "p.png"))],
+        [
+            "relu",
+            ProSparse(data=batches, steps=30, lam=100.0, lr=1e-2, plot=str(tmp_path / "p.png")),
+        ],
         *batches[0],
         calibration=batches,
     )
