@@ -8,3 +8,4 @@ cd /tmp  # import the installed package, not the source folder
 python -c "import pysparse, json; print(json.dumps(pysparse.build_info(), indent=1))"
 python -m pytest -q "$OLDPWD/tests/test_cuda.py" -p no:cacheprovider
 python "$OLDPWD/bench/gpu_linear24.py"
+python "$OLDPWD/bench/prox24.py" --device cuda --lams 0.1,1,10

@@ -40,7 +40,7 @@ def main() -> None:
     )
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lam", type=float, default=0.5, help="final lambda of both schedules")
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--train", type=int, default=768, help="training sentences")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)

@@ -64,11 +64,14 @@ def mask(w: torch.Tensor) -> torch.Tensor:
 
 
 def median(fn, repeats: int) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     fn()
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -81,13 +84,14 @@ def main() -> None:
     p.add_argument("--lams", default="0.01,0.1,1,10", help="comma-separated thresholds")
     p.add_argument("--scale", type=float, default=0.02, help="weight std (LLaMA-like ~0.02)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the same comparison on the GPU)")
     args = p.parse_args()
     pysparse.require_extension()
     n, k = (int(v) for v in args.shape.split("x"))
     torch.manual_seed(0)
-    w = torch.randn(n, k) * args.scale
+    w = (torch.randn(n, k) * args.scale).to(args.device)
     print(
-        f"# prox24 | torch {torch.__version__} | threads {torch.get_num_threads()} | "
+        f"# prox24 on {args.device} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
         f"w {n}x{k} fp32, std {args.scale} | kernel: per-group convergence (tol 1e-6, max 100) | "
         "torch: 100 iterations over the whole matrix"
     )

@@ -333,7 +333,7 @@ class ProSparse(Pass):
         steps: int = 150,
         lam: float = 0.5,
         schedule: Callable[[int], float] | None = None,
-        lr: float = 5e-5,
+        lr: float = 1e-4,
         objective: str | Callable[[Any, Any], torch.Tensor] | None = None,
         threshold: float | str | None = None,
         max_quality_drop: float = 0.01,

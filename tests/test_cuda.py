@@ -101,3 +101,20 @@ def test_opcheck_on_cuda():
     )
     opcheck(torch.ops.pysparse.compress24.default, (w.cuda(),))
     opcheck(torch.ops.pysparse.decompress24.default, (v, m, 64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lam", [0.0, 0.3, 3.0])
+def test_prox24_matches_cpu(dtype, lam):
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(129, 4 * 33, generator=gen).to(dtype)
+    want = ops.prox24(w, lam)
+    got = ops.prox24(w.cuda(), lam).cpu()
+    tol = 1e-6 if dtype in (torch.float32, torch.float64) else 1e-2
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    view = w.cuda()[:, 4:]  # offset view: not 16-byte aligned for fp32 -> the copy path
+    ops.prox24_(view, lam)
+    torch.testing.assert_close(
+        view.cpu(), ops.prox24(w[:, 4:].contiguous(), lam), atol=tol, rtol=tol
+    )
+    opcheck(torch.ops.pysparse.prox24.default, (w.cuda(), lam, 100, 1e-6))
