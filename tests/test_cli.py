@@ -95,3 +95,27 @@ def test_compile_proxsparse_then_eval(tmp_path):
     assert "mean_cosine_to_dense" in res.stdout
     res = _cli("compile", "--passes", "wanda", "--set", "wanda.bogus=1", cwd=tmp_path)
     assert res.returncode == 2 and "--set for pass 'wanda'" in res.stderr
+
+
+def test_compile_relu_prosparse_reports_sparsity(tmp_path):
+    art = tmp_path / "pro"
+    res = _cli(
+        "compile",
+        "--passes",
+        "relu,prosparse",
+        "--set",
+        "prosparse.steps=2",
+        "--set",
+        'prosparse.threshold="sweep"',
+        "--calib-lines",
+        "48",
+        "--out",
+        str(art),
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = pysparse.load(art).report[-1]
+    assert rep["pass"] == "prosparse" and "threshold_sweep" in rep
+    res = _cli("eval", str(art), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "activation_sparsity" in res.stdout and "zeros in x1" in res.stdout
