@@ -472,7 +472,7 @@ class ProSparse(Pass):
         rows = []
         chosen = 0.0
         base = None
-        for mult in (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5):
+        for mult in (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5):
             t = mult * scale
             set_threshold(gm, t)
             quality = self._quality(gm, objective, val)
