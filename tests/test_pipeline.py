@@ -8,6 +8,7 @@ import pytest
 import torch
 import transformers
 from pysparse.passes import Compress24, Lower, MagnitudePrune, ReluSubstitution
+from tiny_models import bert_config
 
 import pysparse
 from pysparse.pipeline import PassError
@@ -42,14 +43,7 @@ def _decoder(name: str):
 
 
 def _bert():
-    cfg = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
+    cfg = bert_config()
     torch.manual_seed(0)
     ids = torch.randint(0, 100, (2, 7))
     return (

@@ -12,46 +12,18 @@ import torch
 import transformers
 from pysparse.passes import ProSparse, ReluSubstitution
 from pysparse.passes.prosparse import Constant, StagedSine, regularizer, set_threshold
+from tiny_models import bert_with_batches, llama_with_batches
 
 import pysparse
 from pysparse.evaluate import measure_activation_sparsity
 
 
 def _llama(seed=0):
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(1)
-    batches = [((torch.randint(0, 96, (4, 16), generator=gen),), {}) for _ in range(3)]
-    return model, batches
+    return llama_with_batches(3, seed)
 
 
 def _bert():
-    cfg = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(2)
-    batches = []
-    for _ in range(5):
-        ids = torch.randint(0, 100, (4, 9), generator=gen)
-        mask = torch.ones(4, 9, dtype=torch.long)
-        mask[0, 6:] = 0
-        batches.append(((ids,), {"attention_mask": mask}))
-    return transformers.BertModel(cfg).eval(), batches
+    return bert_with_batches(5)
 
 
 def test_staged_sine_matches_the_formula():

@@ -6,50 +6,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from pysparse.passes import Compress24, Lower, ProxSparse
 from pysparse.passes.proxsparse import frozen_regularizer
+from tiny_models import bert_with_batches, llama_with_batches
 
 import pysparse
 from pysparse.reference import is_24_sparse
 from pysparse.train import TrainConfig, Trainer
 
 
-def _llama():
-    cfg = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    gen = torch.Generator().manual_seed(1)
-    batches = [((torch.randint(0, 96, (4, 16), generator=gen),), {}) for _ in range(2)]
-    return model, batches
+def _llama(seed=0):
+    return llama_with_batches(2, seed)
 
 
 def _bert():
-    cfg = transformers.BertConfig(
-        vocab_size=100,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(2)
-    batches = []
-    for _ in range(2):
-        ids = torch.randint(0, 100, (4, 9), generator=gen)
-        mask = torch.ones(4, 9, dtype=torch.long)
-        mask[0, 6:] = 0
-        batches.append(((ids,), {"attention_mask": mask}))
-    return transformers.BertModel(cfg).eval(), batches
+    return bert_with_batches(2)
 
 
 def test_decoder_loss_falls_and_masks_are_24_with_original_weights():
