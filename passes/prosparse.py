@@ -243,7 +243,7 @@ class Regularizer:
         return self.lam * total
 
     def l1(self) -> float:
-        return float(sum(float(v) for v in self.terms.values()))
+        return float(sum(float(v.detach()) for v in self.terms.values()))
 
     def sparsity(self) -> dict[str, Any]:
         """Zero fraction of x1 per layer (last forward) and their mean."""
