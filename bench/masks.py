@@ -9,6 +9,7 @@ time of the method on this machine.
 
     python bench/masks.py                        # defaults of the ProxSparse pass
     python bench/masks.py --steps 400 --recover 100 --json masks.json
+    python bench/masks.py --eval-on validation --only proxsparse --lam1 0.2   # tuning runs
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="ProxSparse steps (default: the pass's)")
     p.add_argument("--lam1", type=float, default=None)
     p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lam2", type=float, default=None)
     p.add_argument("--objective", default=None, help="hidden_mse | pooled_cosine")
+    p.add_argument(
+        "--eval-on",
+        choices=["heldout", "validation"],
+        default="heldout",
+        help="validation = training-split sentences 768-1023 (never trained on): for tuning",
+    )
     p.add_argument("--recover", type=int, default=0, help="also run ProxSparse + N recovery steps")
     p.add_argument("--only", default=None, help="comma-separated subset of methods")
     p.add_argument("--json", default=None)
@@ -50,7 +58,8 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
     train = encode_sentences(tok, sentences("train", args.train), args.batch_size, args.max_length)
-    held = encode_sentences(tok, sentences("heldout"), 64, 128)
+    texts = sentences("heldout") if args.eval_on == "heldout" else sentences("train")[768:1024]
+    held = encode_sentences(tok, texts, 64, 128)
     example = train[0]
 
     prox_kw = {
@@ -81,7 +90,7 @@ def main() -> None:
     print(
         f"# all-MiniLM-L6-v2, 2:4 on all 36 prunable linears | train/calibration: "
         f"{args.train} sentences ({len(train)} batches of {args.batch_size}, max {args.max_length} "
-        f"tokens) | held-out: {sum(b[0][0].shape[0] for b in held)} sentences | torch "
+        f"tokens) | evaluated on {args.eval_on}: {sum(b[0][0].shape[0] for b in held)} sentences | torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads"
     )
     print("| method | mean cosine | min cosine | Spearman (pairwise sim.) | wall s |")
