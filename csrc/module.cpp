@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "core/sparse24.h"
+#include "core/sparse_ffn.h"
 #ifdef PYSPARSE_WITH_CUDA
 #include "cuda/sparse24_cuda.h"
 #endif
@@ -52,6 +53,7 @@ PYBIND11_MODULE(_C, m) {
     d["avx512bw"] = f.avx512bw;
     d["linear_impl"] = pysparse::core::sparse24_linear_impl();
     d["gemv_max_rows"] = pysparse::core::sparse24_gemv_max_rows();
+    d["ffn_impl"] = pysparse::core::sparse_ffn_impl();
     return d;
   }, "CPU features seen at run time and the 2:4 linear kernel that will be used.");
 

@@ -137,3 +137,41 @@ class Sparse24Weight:
             f"Sparse24Weight(shape={self.shape}, dtype={self.dtype}, device={self.device}, "
             f"layout={self.layout!r}, {self.nbytes() / 1e6:.2f} MB)"
         )
+
+
+def pack_down24(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Regroups a compressed FFN down projection for ``sparse_ffn24`` / ``sparse_mlp24``.
+
+    The down weight ``W_down [d_model, d_ff]`` is 2:4 along d_ff (its in_features), as every mask
+    pass makes it, and ``compress24`` packs it as ``values [d_model, d_ff/2]``, ``meta [d_model,
+    d_ff/8]``. The FFN kernels read it by groups of 4 neurons instead (a group is skipped when all
+    four are inactive), so each group becomes one contiguous block:
+
+        values [d_ff/4, 2, d_model]   plane 0: the lower kept index's weight for every output,
+                                      plane 1: the higher one's
+        meta   uint8 [d_ff/4, ceil(d_model/2)]  per output one nibble ``idx0 | idx1 << 2``,
+                                      the even output in the low nibble
+
+    Pure data movement (exact); any device.
+    """
+    if values.dim() != 2 or meta.dim() != 2 or meta.dtype != torch.uint8:
+        raise ValueError(
+            f"pack_down24: expected compress24's (values [d_model, d_ff/2], uint8 meta), got "
+            f"{tuple(values.shape)} {values.dtype} and {tuple(meta.shape)} {meta.dtype}"
+        )
+    D, half = values.shape
+    F = 2 * half
+    if F % 4 or meta.shape != (D, ops.meta_cols(F)):
+        raise ValueError(
+            f"pack_down24: meta {tuple(meta.shape)} does not describe a [{D}, {F}] weight with "
+            f"d_ff a multiple of 4; pass the pair compress24 returned"
+        )
+    G = F // 4
+    g = torch.arange(G, device=meta.device)
+    nib = (meta[:, g // 2].to(torch.int64) >> (4 * (g % 2))) & 0xF  # [D, G]
+    gvalues = values.reshape(D, G, 2).permute(1, 2, 0).contiguous()
+    nib = nib.T
+    if D % 2:
+        nib = torch.nn.functional.pad(nib, (0, 1))
+    gmeta = (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8).contiguous()
+    return gvalues, gmeta

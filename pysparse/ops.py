@@ -25,6 +25,10 @@ __all__ = [
     "prox24_",
     "prune24",
     "sparse24_linear",
+    "sparse_ffn",
+    "sparse_ffn24",
+    "sparse_mlp",
+    "sparse_mlp24",
 ]
 
 
@@ -125,6 +129,84 @@ def prox24_(w: torch.Tensor, lam: float, max_iters: int = 100, tol: float = 1e-6
     return w
 
 
+def sparse_ffn(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down_t: torch.Tensor,
+    threshold: float = 0.0,
+) -> torch.Tensor:
+    """Activation-sparse gated FFN ``(fatrelu_t(x @ w_gate.T) * (x @ w_up.T)) @ w_down_t``.
+
+    ``fatrelu_t(v) = v if v >= t else 0`` (``t = 0`` is ReLU). Exact, no predictor: the gate is
+    computed for every neuron, the up row and the down row only for neurons active for some row of
+    ``x``. Up to 16 rows of ``x`` run on pysparse's kernels (results independent of the thread
+    count); more rows on torch's dense GEMM (the union of active neurons is then nearly all).
+
+    Args:
+        x: ``[..., d_model]``, the weights' dtype (float32 or bfloat16).
+        w_gate, w_up: ``[d_ff, d_model]`` (``nn.Linear`` weights).
+        w_down_t: the down projection's weight transposed, ``[d_ff, d_model]`` contiguous.
+        threshold: ``t >= 0``.
+
+    Returns:
+        ``[..., d_model]`` in x's dtype; bfloat16 weights are read as bfloat16, the math is float32
+        and the result is rounded once.
+    """
+    pysparse.require_extension()
+    return torch.ops.pysparse.sparse_ffn.default(x, w_gate, w_up, w_down_t, threshold)
+
+
+def sparse_mlp(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor | None,
+    w2_t: torch.Tensor,
+    b2: torch.Tensor | None,
+    threshold: float = 0.0,
+) -> torch.Tensor:
+    """The plain (BERT) form: ``fatrelu_t(x @ w1.T + b1) @ w2_t + b2``; ``w1`` and ``w2_t`` are
+    ``[d_ff, d_model]`` (``w2_t`` is the second linear's weight transposed). As ``sparse_ffn``."""
+    pysparse.require_extension()
+    return torch.ops.pysparse.sparse_mlp.default(x, w1, b1, w2_t, b2, threshold)
+
+
+def sparse_ffn24(
+    x: torch.Tensor,
+    gate: tuple[torch.Tensor, torch.Tensor],
+    up: tuple[torch.Tensor, torch.Tensor],
+    down: tuple[torch.Tensor, torch.Tensor],
+    threshold: float = 0.0,
+) -> torch.Tensor:
+    """``sparse_ffn`` over 2:4 weights: both sparsities at once.
+
+    Args:
+        x: ``[..., d_model]``.
+        gate, up: ``(values, meta)`` from ``compress24`` of the ``[d_ff, d_model]`` weights.
+        down: ``(values [d_ff/4, 2, d_model], meta uint8 [d_ff/4, ceil(d_model/2)])`` from
+            ``pysparse.formats.pack_down24`` — the down weight pruned 2:4 along d_ff (what every
+            mask pass makes) regrouped so that each group of 4 neurons is one contiguous block, read
+            only when one of its neurons is active.
+        threshold: ``t >= 0``.
+    """
+    pysparse.require_extension()
+    return torch.ops.pysparse.sparse_ffn24.default(x, *gate, *up, *down, threshold)
+
+
+def sparse_mlp24(
+    x: torch.Tensor,
+    w1: tuple[torch.Tensor, torch.Tensor],
+    b1: torch.Tensor | None,
+    w2: tuple[torch.Tensor, torch.Tensor],
+    b2: torch.Tensor | None,
+    threshold: float = 0.0,
+) -> torch.Tensor:
+    """``sparse_mlp`` over 2:4 weights (``w1`` as ``compress24`` packs it, ``w2`` as
+    ``pack_down24`` does; see ``sparse_ffn24``)."""
+    pysparse.require_extension()
+    return torch.ops.pysparse.sparse_mlp24.default(x, *w1, b1, *w2, b2, threshold)
+
+
 def _register_fakes() -> None:
     @torch.library.register_fake("pysparse::prox24")
     def _prox24_fake(w, lam, max_iters=100, tol=1e-6):
@@ -174,6 +256,48 @@ def _register_fakes() -> None:
             lambda: f"sparse24_linear: x is on {x.device} but the weight is on {values.device}",
         )
         return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+    def _ffn_out(op, x, dtype, device, d_model):
+        torch._check(x.dim() >= 1, lambda: f"{op}: x must have a d_model dim")
+        torch._check(x.shape[-1] == d_model, lambda: f"{op}: x.shape[-1] must equal d_model")
+        torch._check(x.dtype == dtype, lambda: f"{op}: x and weight dtypes differ")
+        torch._check(x.device == device, lambda: f"{op}: x and the weights are on other devices")
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("pysparse::sparse_ffn")
+    def _sparse_ffn_fake(x, w_gate, w_up, w_down_t, threshold=0.0):
+        torch._check(w_gate.dim() == 2, lambda: "sparse_ffn: w_gate must be 2-D")
+        torch._check(w_up.shape == w_gate.shape, lambda: "sparse_ffn: w_up must match w_gate")
+        torch._check(w_down_t.shape == w_gate.shape, lambda: "sparse_ffn: w_down_t must be [F, D]")
+        return _ffn_out("sparse_ffn", x, w_gate.dtype, w_gate.device, w_gate.shape[1])
+
+    @torch.library.register_fake("pysparse::sparse_mlp")
+    def _sparse_mlp_fake(x, w1, b1, w2_t, b2, threshold=0.0):
+        torch._check(w1.dim() == 2, lambda: "sparse_mlp: w1 must be 2-D")
+        torch._check(w2_t.shape == w1.shape, lambda: "sparse_mlp: w2_t must be [F, D]")
+        return _ffn_out("sparse_mlp", x, w1.dtype, w1.device, w1.shape[1])
+
+    def _down24_check(op, dv, dm, F, D):
+        torch._check(
+            dv.dim() == 3 and dv.shape[0] * 4 == F and dv.shape[2] == D,
+            lambda: f"{op}: down_values must be [d_ff/4, 2, d_model]",
+        )
+        torch._check(dm.dtype == torch.uint8, lambda: f"{op}: down_meta must be uint8")
+
+    @torch.library.register_fake("pysparse::sparse_ffn24")
+    def _sparse_ffn24_fake(x, gv, gm, uv, um, dv, dm, threshold=0.0):
+        torch._check(gv.dim() == 2, lambda: "sparse_ffn24: gate_values must be 2-D")
+        F, D = gv.shape[0], gv.shape[1] * 2
+        torch._check(uv.shape == gv.shape, lambda: "sparse_ffn24: up_values must match gate")
+        _down24_check("sparse_ffn24", dv, dm, F, D)
+        return _ffn_out("sparse_ffn24", x, gv.dtype, gv.device, D)
+
+    @torch.library.register_fake("pysparse::sparse_mlp24")
+    def _sparse_mlp24_fake(x, w1v, w1m, b1, w2v, w2m, b2, threshold=0.0):
+        torch._check(w1v.dim() == 2, lambda: "sparse_mlp24: w1_values must be 2-D")
+        F, D = w1v.shape[0], w1v.shape[1] * 2
+        _down24_check("sparse_mlp24", w2v, w2m, F, D)
+        return _ffn_out("sparse_mlp24", x, w1v.dtype, w1v.device, D)
 
     # The autograd formula of sparse24_linear is registered in C++ (csrc/aten/sparse24_autograd.cpp):
     # a Python registration would put a Python call on every eager invocation.

@@ -16,6 +16,9 @@ __all__ = [
     "reference_prox24",
     "reference_prune24",
     "reference_sparse24_linear",
+    "reference_sparse_ffn",
+    "reference_sparse_mlp",
+    "reference_unpack_down24",
 ]
 
 
@@ -151,3 +154,51 @@ def reference_prox24(
         for r, i in enumerate(order):
             out[gi, i] = -best[r] if g[i] < 0 else best[r]
     return out.reshape(w.shape)
+
+
+def reference_fatrelu(v: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``v if v >= t else 0`` elementwise (t = 0: ReLU)."""
+    return torch.where(v >= threshold, v, torch.zeros((), dtype=v.dtype))
+
+
+def reference_unpack_down24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """Dense ``W_down^T [d_ff, d_model]`` from the neuron-group 2:4 layout of the FFN ops
+    (values ``[d_ff/4, 2, d_model]``, meta ``[d_ff/4, ceil(d_model/2)]``), element by element."""
+    G, _, D = values.shape
+    dense = torch.zeros(G * 4, D, dtype=values.dtype)
+    for g in range(G):
+        for n in range(D):
+            nib = (int(meta[g, n // 2]) >> (4 * (n % 2))) & 0xF
+            dense[4 * g + (nib & 3), n] = values[g, 0, n]
+            dense[4 * g + (nib >> 2), n] = values[g, 1, n]
+    return dense
+
+
+def _dense(w) -> torch.Tensor:
+    """float64 dense [d_ff, d_model] from a dense tensor or a packed ``(values, meta)`` pair."""
+    if isinstance(w, tuple):
+        values, meta = (t.cpu() for t in w)
+        if values.dim() == 3:
+            return reference_unpack_down24(values, meta).double()
+        return reference_decompress24(values, meta, values.shape[1] * 2).double()
+    return w.cpu().double()
+
+
+def reference_sparse_ffn(x, w_gate, w_up, w_down_t, threshold: float = 0.0) -> torch.Tensor:
+    """float64 gated FFN ``(fatrelu_t(x W_gate^T) * (x W_up^T)) W_down_t``; each weight dense or a
+    packed pair (compress24's for gate/up, pack_down24's for down)."""
+    x = x.cpu().double()
+    g = reference_fatrelu(x @ _dense(w_gate).T, threshold)
+    return (g * (x @ _dense(w_up).T)) @ _dense(w_down_t)
+
+
+def reference_sparse_mlp(x, w1, b1, w2_t, b2, threshold: float = 0.0) -> torch.Tensor:
+    """float64 plain FFN ``fatrelu_t(x W1^T + b1) W2_t + b2``."""
+    x = x.cpu().double()
+    h = x @ _dense(w1).T
+    if b1 is not None:
+        h = h + b1.cpu().double()
+    y = reference_fatrelu(h, threshold) @ _dense(w2_t)
+    if b2 is not None:
+        y = y + b2.cpu().double()
+    return y

@@ -98,6 +98,8 @@ at::Tensor linear_via_dense_chunks(const at::Tensor& x2, const at::Tensor& v, co
   return y;
 }
 
+}  // namespace
+
 at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                                const at::Tensor& meta, const c10::optional<at::Tensor>& bias) {
   const int64_t K = check_linear(x, values, meta, bias);
@@ -138,8 +140,6 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   }
   return y.view(linear_out_shape(x, N));
 }
-
-}  // namespace
 
 // prox24_: in place. Computes in fp32 (fp64 for fp64 weights) on a contiguous buffer: the weight
 // itself when it is contiguous fp32/fp64, else a converted copy written back at the end.

@@ -28,6 +28,17 @@ void sparse24_gemm_bf16_avx512(const uint16_t* x, int64_t M, int64_t ldx, const 
                                const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
                                uint16_t* y, int64_t ldy, int nthreads);
 
+// The AVX-512 GEMV with contiguous fp32 x and fp32 output for either weight dtype (the FFN
+// kernels' 2:4 gate, which thresholds the unrounded value).
+void sparse24_gemv_f32out_avx512(const float* x, int64_t M, const float* values, const uint8_t* meta,
+                                 int64_t N, int64_t K, const float* bias, float* y, int64_t ldy,
+                                 int nthreads);
+void sparse24_gemv_f32out_avx512(const float* x, int64_t M, const uint16_t* values,
+                                 const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
+                                 float* y, int64_t ldy, int nthreads);
+// Whether the linear layer's AVX-512 kernels are in use (CPU support, PYSPARSE_DISABLE_AVX512).
+bool sparse24_use_avx512();
+
 // 16-bit (AVX-512BW) and 32-bit (AVX-512F) decompression: same bytes as the portable code.
 void decompress16_avx512(const uint16_t* values, const uint8_t* meta, int64_t N, int64_t K,
                          uint16_t* dense);

@@ -75,6 +75,10 @@ void linear_bf16_scalar(const uint16_t* x, int64_t M, int64_t ldx, const uint16_
 
 }  // namespace
 
+namespace detail {
+bool sparse24_use_avx512() { return use_avx512(); }
+}  // namespace detail
+
 CpuFeatures cpu_features() {
   CpuFeatures f;
 #if defined(__x86_64__) || defined(__i386__)

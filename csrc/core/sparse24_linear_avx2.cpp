@@ -38,47 +38,7 @@ namespace {
 
 #include "sparse24_simd_common.inc"
 
-// ---- GEMV -------------------------------------------------------------------------------------
-// RB rows of W (starting at n) against MT rows of x (stride K): out[m][r]. AVX2 has too few
-// registers to share W across rows of x, so MT is 1 here (kGemvXRows).
-constexpr int kGemvXRows = 1;
-
-template <int RB, int MT, typename W>
-inline void gemv_rows(const float* x, const W* values, const uint8_t* meta, int64_t n, int64_t K,
-                      float (*out)[RB]) {
-  static_assert(MT == 1, "the AVX2 GEMV takes one row of x at a time");
-  const int64_t half = K / 2;
-  const int64_t mcols = meta_cols(K);
-  const int64_t chunks = K / 16;  // 4 groups each
-  __m256 acc[RB];
-  const W* v[RB];
-  const uint8_t* mt[RB];
-  for (int r = 0; r < RB; ++r) {
-    acc[r] = _mm256_setzero_ps();
-    v[r] = values + (n + r) * half;
-    mt[r] = meta + (n + r) * mcols;
-  }
-  for (int64_t j = 0; j < chunks; ++j) {
-    const __m256 xa = _mm256_loadu_ps(x + 16 * j);
-    const __m256 xb = _mm256_loadu_ps(x + 16 * j + 8);
-    for (int r = 0; r < RB; ++r) {
-      const __m256 pa = _mm256_permutevar8x32_ps(xa, perm_index(mt[r][2 * j]));
-      const __m256 pb = _mm256_permutevar8x32_ps(xb, perm_index(mt[r][2 * j + 1]));
-      const __m256 xs = _mm256_blend_ps(pa, pb, 0xF0);
-      acc[r] = _mm256_fmadd_ps(load8(v[r] + 8 * j), xs, acc[r]);
-    }
-  }
-  for (int r = 0; r < RB; ++r) {
-    float s = hsum(acc[r]);
-    for (int64_t g = chunks * 4; g < K / 4; ++g) {
-      const unsigned nib = (mt[r][g / 2] >> ((g & 1) * 4)) & 0xFu;
-      s += load1(v[r] + 2 * g) * x[4 * g + (nib & 3u)];
-      s += load1(v[r] + 2 * g + 1) * x[4 * g + (nib >> 2)];
-    }
-    out[0][r] = s;
-  }
-}
-
+#include "sparse24_gemv_rows_avx2.inc"
 #include "sparse24_gemv.inc"
 
 struct Vec {

@@ -208,6 +208,18 @@ void sparse24_gemv_bf16_avx512(const uint16_t* x, int64_t M, int64_t ldx, const 
   gemv_entry(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
 }
 
+void sparse24_gemv_f32out_avx512(const float* x, int64_t M, const float* values, const uint8_t* meta,
+                                 int64_t N, int64_t K, const float* bias, float* y, int64_t ldy,
+                                 int nthreads) {
+  gemv_entry(x, M, K, values, meta, N, K, bias, y, ldy, nthreads);
+}
+
+void sparse24_gemv_f32out_avx512(const float* x, int64_t M, const uint16_t* values,
+                                 const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
+                                 float* y, int64_t ldy, int nthreads) {
+  gemv_entry(x, M, K, values, meta, N, K, bias, y, ldy, nthreads);
+}
+
 void sparse24_gemm_f32_avx512(const float* x, int64_t M, int64_t ldx, const float* values,
                               const uint8_t* meta, int64_t N, int64_t K, const float* bias,
                               float* y, int64_t ldy, int nthreads) {

@@ -1,0 +1,141 @@
+"""Benchmark: pysparse's activation-sparse FFN (sparse_ffn) and its 2:4 form (sparse_ffn24) vs
+torch's dense gated FFN on the same weights, same run.
+
+For each shape (d_model/d_ff), dtype, activation pattern, sparsity and batch it prints the median
+time of torch dense (``F.linear`` x3 with the same FATReLU), of ``sparse_ffn`` and of
+``sparse_ffn24``, the speed-ups (median of per-pair ratios over alternating calls: this shared
+machine drifts) and, for the pysparse kernels, the bandwidth they achieve: the bytes they must read
+(gate in full; up rows and down rows of the neurons active for some row of the batch; 2:4: packed
+bytes, down by groups of 4 neurons) / time, as a fraction of the roof: the faster of a streaming read
+(``torch.sum``) and torch's dense FFN itself (bytes of its three weights / time), both timed in the
+same run. The 2:4 rows use the same activation pattern on 2:4-pruned weights (magnitude), so their
+ratio is against the same dense FFN.
+
+Activation patterns (the threshold is set per case to hit the target sparsity over the batch):
+    independent  random x rows: every token's active set is independent (the worst case at batch > 1)
+    clustered    a shared base vector + per-token noise (tokens' active sets overlap, as in text),
+                 and neurons hot or cold in blocks of 64 (active neurons bunch up by index)
+
+    python bench/ffn.py                      # the table of the issue (takes a while)
+    python bench/ffn.py --quick              # LLaMA-7B shape, fp32, batch 1, 0/90%
+    python bench/ffn.py --shapes 4096x11008 --sparsities 90 --batches 1 --dtypes float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as F
+from linear24 import paired_times, stream_read_gbs
+
+import pysparse
+from pysparse import formats, ops
+
+SHAPES = {"4096x11008": "LLaMA-7B", "2048x5632": "1B-class", "384x1536": "MiniLM"}
+
+
+def make_case(D: int, Fd: int, M: int, sparsity: float, pattern: str, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    wg = torch.randn(Fd, D, generator=g) / math.sqrt(D)
+    wu = torch.randn(Fd, D, generator=g) / math.sqrt(D)
+    wd = torch.randn(D, Fd, generator=g) / math.sqrt(Fd)
+    if pattern == "clustered":
+        heat = torch.rand(Fd // 64 + 1, generator=g).repeat_interleave(64)[:Fd] * 1.5 + 0.25
+        wg = wg * heat[:, None]
+        base = torch.randn(D, generator=g)
+        x = 0.9 * base + 0.45 * torch.randn(M, D, generator=g)
+    else:
+        x = torch.randn(M, D, generator=g)
+    gate = x @ wg.T
+    if sparsity <= 0:
+        # Every neuron active: flip each gate row so the first token's gate value is >= 0 (the
+        # batch's union is then all neurons), threshold 0.
+        wg = wg * torch.where(gate[0] >= 0, 1.0, -1.0)[:, None]
+        return x, wg, wu, wd, 0.0
+    # One threshold for the whole batch, at the sparsity's quantile of the gate values.
+    return x, wg, wu, wd, float(torch.quantile(gate.flatten()[:1_000_000], sparsity))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--shapes", nargs="*", default=list(SHAPES), help="DxF (d_model x d_ff)")
+    ap.add_argument("--sparsities", nargs="*", type=float, default=[0, 50, 80, 90, 95])
+    ap.add_argument("--batches", nargs="*", type=int, default=[1, 4, 16])
+    ap.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
+    ap.add_argument("--patterns", nargs="*", default=["independent", "clustered"])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--seconds", type=float, default=0.5)
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.shapes, args.sparsities, args.batches = ["4096x11008"], [0, 90], [1]
+        args.dtypes, args.patterns = ["float32"], ["independent"]
+    pysparse.require_extension()
+    threads = torch.get_num_threads()
+    print(
+        f"# sparse_ffn / sparse_ffn24 vs torch dense gated FFN | torch {torch.__version__} | "
+        f"threads {threads} | impl {pysparse._C.cpu_info().get('ffn_impl', '?')}"
+    )
+    print(
+        "| shape | dtype | pattern | sparsity | batch | active (union) | dense ms | ffn ms | "
+        "ffn x | ffn GB/s (% roof) | 2:4 ms | 2:4 x | 2:4 GB/s (% roof) |"
+    )
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for shape in args.shapes:
+        D, Fd = (int(v) for v in shape.split("x"))
+        for dname in args.dtypes:
+            dtype = getattr(torch, dname)
+            es = torch.tensor([], dtype=dtype).element_size()
+            stream = stream_read_gbs(Fd * D * es, args.repeats, args.seconds)
+            for pattern in args.patterns:
+                for sp in args.sparsities:
+                    for M in args.batches:
+                        x, wg, wu, wd, t = make_case(D, Fd, M, sp / 100, pattern)
+                        x, wg, wu, wd = (v.to(dtype) for v in (x, wg, wu, wd))
+                        wdt = wd.T.contiguous()
+                        g24 = ops.compress24(ops.prune24(wg))
+                        u24 = ops.compress24(ops.prune24(wu))
+                        d24 = formats.pack_down24(*ops.compress24(ops.prune24(wd)))
+
+                        def dense():
+                            gt = F.linear(x, wg)
+                            return F.linear(torch.where(gt >= t, gt, 0) * F.linear(x, wu), wd)
+
+                        def sparse():
+                            return ops.sparse_ffn(x, wg, wu, wdt, t)
+
+                        def sparse24():
+                            return ops.sparse_ffn24(x, g24, u24, d24, t)
+
+                        gate = (x.float() @ wg.float().T) >= t
+                        active = gate.any(0)
+                        n_act = int(active.sum())
+                        gate24 = (x.float() @ ops.decompress24(*g24, D).float().T >= t).any(0)
+                        groups24 = int(gate24.view(-1, 4).any(1).sum())
+                        td, ts, r = paired_times(dense, sparse, args.repeats, args.seconds)
+                        _, ts24, r24 = paired_times(dense, sparse24, args.repeats, args.seconds)
+                        need = (Fd + 2 * n_act) * D * es
+                        half = D // 2 * es + (D + 7) // 8  # one packed row
+                        need24 = (
+                            Fd * half + int(gate24.sum()) * half + groups24 * (2 * D * es + D // 2)
+                        )
+                        bw, bw24 = need / ts / 1e9, need24 / ts24 / 1e9
+                        # The roof: the faster of a plain read and torch's own dense FFN (which
+                        # reads all three weights), both timed in this run.
+                        roof = max(stream, 3 * Fd * D * es / td / 1e9)
+                        print(
+                            f"| {shape} | {dname} | {pattern} | {sp:g}% | {M} | "
+                            f"{n_act / Fd:.0%} | {td * 1e3:.2f} | {ts * 1e3:.2f} | {r:.2f}x | "
+                            f"{bw:.1f} ({bw / roof:.0%}) | {ts24 * 1e3:.2f} | {r24:.2f}x | "
+                            f"{bw24:.1f} ({bw24 / roof:.0%}) |",
+                            flush=True,
+                        )
+            print(f"<!-- {shape} {dname}: streaming read {stream:.1f} GB/s -->")
+
+
+if __name__ == "__main__":
+    main()

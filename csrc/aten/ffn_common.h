@@ -1,0 +1,113 @@
+// Argument checks and the dense routes shared by the CPU and CUDA glue of the FFN ops
+// (sparse_ffn, sparse_mlp, sparse_ffn24, sparse_mlp24; layouts in csrc/core/sparse_ffn.h).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#include "common.h"
+
+namespace pysparse::aten {
+
+// One FFN weight argument: dense [F, D], or 2:4 packed along D (values + meta).
+struct FfnArg {
+  const char* name;
+  at::Tensor values;
+  at::Tensor meta;  // undefined: dense
+};
+
+inline void check_ffn_x(const at::Tensor& x, at::ScalarType st, const at::Device& dev, int64_t D,
+                        const char* op) {
+  TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension [..., d_model], got a scalar");
+  TORCH_CHECK(x.scalar_type() == st, op, ": x is ", x.scalar_type(), " but the weights are ", st,
+              "; cast x with x.to(", st, ")");
+  TORCH_CHECK(x.size(-1) == D, op, ": x.shape[-1] is ", x.size(-1),
+              " but the weights have d_model=", D, " (x shape ", x.sizes(), ")");
+  TORCH_CHECK(x.device() == dev, op, ": x is on ", x.device(), " but the weights are on ", dev,
+              "; move one of them");
+}
+
+inline void check_threshold(double t, const char* op) {
+  TORCH_CHECK(std::isfinite(t) && t >= 0, op,
+              ": threshold must be finite and >= 0 (0 is ReLU, t > 0 FATReLU), got ", t);
+}
+
+inline at::ScalarType ffn_dtype(const at::Tensor& w, const char* op, const char* name) {
+  const auto st = w.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16, op, ": ", name,
+              " must be float32 or bfloat16, got ", st, "; convert the weights (model.to(dtype))");
+  return st;
+}
+
+// Dense [F, D] weight: returns nothing, checks shape/dtype/device against the first weight.
+inline void check_ffn_dense(const at::Tensor& w, const char* name, int64_t F, int64_t D,
+                            at::ScalarType st, const at::Device& dev, const char* op) {
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == F && w.size(1) == D, op, ": ", name, " must be [", F,
+              ", ", D, "] (d_ff, d_model), got shape ", w.sizes(),
+              (std::string(name).find("_t") != std::string::npos
+                   ? "; pass the down weight transposed and contiguous: w_down.t().contiguous()"
+                   : ""));
+  TORCH_CHECK(w.scalar_type() == st, op, ": ", name, " is ", w.scalar_type(), " but the other weights are ",
+              st, "; give every weight one dtype");
+  TORCH_CHECK(w.device() == dev, op, ": ", name, " is on ", w.device(), " but the other weights are on ",
+              dev);
+}
+
+// 2:4 packed [F, D] weight (values [F, D/2], meta [F, ceil(D/8)]).
+inline void check_ffn_packed(const at::Tensor& v, const at::Tensor& m, const char* name, int64_t F,
+                             int64_t D, at::ScalarType st, const at::Device& dev, const char* op) {
+  check_packed(v, m, D, op);
+  TORCH_CHECK(v.size(0) == F, op, ": ", name, " has ", v.size(0), " rows but d_ff is ", F);
+  TORCH_CHECK(v.scalar_type() == st, op, ": ", name, " is ", v.scalar_type(),
+              " but the other weights are ", st, "; give every weight one dtype");
+  TORCH_CHECK(v.device() == dev, op, ": ", name, " is on ", v.device(),
+              " but the other weights are on ", dev);
+}
+
+// The down projection regrouped by neuron group: values [F/4, 2, D], meta uint8 [F/4, ceil(D/2)].
+inline void check_ffn_down24(const at::Tensor& v, const at::Tensor& m, int64_t F, int64_t D,
+                             at::ScalarType st, const at::Device& dev, const char* op) {
+  const char* fix = "; make it from the compressed down weight with pysparse.formats.pack_down24";
+  TORCH_CHECK(F % 4 == 0, op, ": d_ff must be a multiple of 4 for a 2:4 down projection, got ", F);
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == F / 4 && v.size(1) == 2 && v.size(2) == D, op,
+              ": down_values must be [d_ff/4, 2, d_model] = [", F / 4, ", 2, ", D, "], got shape ",
+              v.sizes(), fix);
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == F / 4 && m.size(1) == (D + 1) / 2, op,
+              ": down_meta must be [d_ff/4, ceil(d_model/2)] = [", F / 4, ", ", (D + 1) / 2,
+              "], got shape ", m.sizes(), fix);
+  TORCH_CHECK(m.scalar_type() == at::kByte, op, ": down_meta must be uint8, got ", m.scalar_type(), fix);
+  TORCH_CHECK(v.scalar_type() == st, op, ": down_values is ", v.scalar_type(),
+              " but the other weights are ", st);
+  TORCH_CHECK(v.device() == dev && m.device() == dev, op, ": down_values/down_meta are on ",
+              v.device(), "/", m.device(), " but the other weights are on ", dev);
+}
+
+inline void check_ffn_bias(const c10::optional<at::Tensor>& b, const char* name, int64_t n,
+                           at::ScalarType st, const at::Device& dev, const char* op) {
+  if (!(b.has_value() && b->defined())) return;
+  TORCH_CHECK(b->dim() == 1 && b->size(0) == n, op, ": ", name, " must be [", n, "], got shape ",
+              b->sizes());
+  TORCH_CHECK(b->scalar_type() == st, op, ": ", name, " is ", b->scalar_type(),
+              " but the weights are ", st, "; cast the bias");
+  TORCH_CHECK(b->device() == dev, op, ": ", name, " is on ", b->device(), " but the weights are on ", dev);
+}
+
+inline at::Tensor opt(const c10::optional<at::Tensor>& b) {
+  return b.has_value() && b->defined() ? b->contiguous() : at::Tensor();
+}
+
+inline at::Tensor fatrelu_dense(const at::Tensor& g, double t) { return at::where(g >= t, g, 0); }
+
+// Dense W_down^T [F, D] from the neuron-group layout (the large-batch route; torch ops, any device).
+inline at::Tensor unpack_down24(const at::Tensor& v, const at::Tensor& m, int64_t D) {
+  const int64_t G = v.size(0);
+  at::Tensor lo = at::bitwise_and(m, 15), hi = at::bitwise_right_shift(m, 4);
+  at::Tensor nib = at::stack({lo, hi}, 2).reshape({G, -1}).narrow(1, 0, D).to(at::kLong);
+  at::Tensor dense = at::zeros({G, 4, D}, v.options());
+  dense.scatter_(1, at::bitwise_and(nib, 3).unsqueeze(1), v.narrow(1, 0, 1));
+  dense.scatter_(1, at::bitwise_right_shift(nib, 2).unsqueeze(1), v.narrow(1, 1, 1));
+  return dense.view({G * 4, D});
+}
+
+}  // namespace pysparse::aten

@@ -1,0 +1,126 @@
+// Activation-sparse FFN: dispatch, and the portable build used when the CPU lacks AVX2/FMA (or
+// PYSPARSE_DISABLE_AVX2=1). The portable kernels are also the plainest statement of what the AVX2
+// ones compute; both run the driver in sparse_ffn_driver.inc.
+#include "sparse_ffn.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "sparse24_internal.h"
+#include "sparse_ffn_internal.h"
+
+namespace pysparse::core {
+namespace {
+
+int resolve_threads(int nthreads) {
+#ifdef _OPENMP
+  return nthreads > 0 ? nthreads : omp_get_max_threads();
+#else
+  (void)nthreads;
+  return 1;
+#endif
+}
+
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
+inline void store1(float* p, float v) { *p = v; }
+inline void store1(uint16_t* p, float v) { *p = float_to_bf16(v); }
+
+template <int RB, typename W>
+void dense_dot_rows(const float* x, const W* const* rows, int64_t D, float* out) {
+  for (int r = 0; r < RB; ++r) {
+    float s = 0.f;
+    for (int64_t k = 0; k < D; ++k) s = std::fma(load1(rows[r] + k), x[k], s);
+    out[r] = s;
+  }
+}
+
+template <int RB, typename W>
+void packed_rows_dot(const float* x, const W* const* v, const uint8_t* const* mt, int64_t D,
+                     float* out) {
+  for (int r = 0; r < RB; ++r) {
+    float s = 0.f;
+    for (int64_t g = 0; g < D / 4; ++g) {
+      const unsigned nib = (mt[r][g / 2] >> ((g & 1) * 4)) & 0xFu;
+      s = std::fma(load1(v[r] + 2 * g), x[4 * g + (nib & 3u)], s);
+      s = std::fma(load1(v[r] + 2 * g + 1), x[4 * g + (nib >> 2)], s);
+    }
+    out[r] = s;
+  }
+}
+
+template <typename W>
+void packed_gate(const float* x, int64_t M, const W* values, const uint8_t* meta, const W* bias,
+                 int64_t F, int64_t D, float* a, int nt) {
+#pragma omp parallel for schedule(static) num_threads(nt) if (F * D * M >= (1 << 16))
+  for (int64_t f = 0; f < F; ++f) {
+    const W* v = values + f * (D / 2);
+    const uint8_t* mt = meta + f * meta_cols(D);
+    for (int64_t m = 0; m < M; ++m) {
+      float s;
+      packed_rows_dot<1>(x + m * D, &v, &mt, D, &s);
+      a[m * F + f] = s + (bias ? load1(bias + f) : 0.f);
+    }
+  }
+}
+
+template <int R, typename W>
+void axpy_dense_rows(const float* h, const W* const* rows, float* acc, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
+    float s = acc[i];
+    for (int r = 0; r < R; ++r) s = std::fma(h[r], load1(rows[r] + i), s);
+    acc[i] = s;
+  }
+}
+
+template <int R, typename W>
+void axpy_group_rows(const float* const* h4, const W* const* v0, const W* const* v1,
+                     const uint8_t* const* meta, float* acc, int64_t len) {
+  for (int64_t i = 0; i < len; ++i) {
+    float s = acc[i];
+    for (int r = 0; r < R; ++r) {
+      const unsigned nib = (meta[r][i / 2] >> ((i & 1) * 4)) & 0xFu;
+      s = std::fma(load1(v0[r] + i), h4[r][nib & 3u], s);
+      s = std::fma(load1(v1[r] + i), h4[r][nib >> 2], s);
+    }
+    acc[i] = s;
+  }
+}
+
+#include "sparse_ffn_driver.inc"
+
+bool use_avx2() {
+  static const CpuFeatures f = cpu_features();
+  const char* v = std::getenv("PYSPARSE_DISABLE_AVX2");
+  const bool disabled = v != nullptr && v[0] != '\0' && v[0] != '0';
+  return f.avx2 && f.fma && !disabled;
+}
+
+}  // namespace
+
+const char* sparse_ffn_impl() { return use_avx2() ? "avx2" : "scalar"; }
+
+int64_t ffn_gate(const FfnProblem& p, float* a, int32_t* active) {
+  if (p.M == 0 || p.F == 0) return 0;
+  if (use_avx2()) return detail::ffn_gate_avx2(p, a, active);
+  return p.dtype == FfnDtype::f32 ? ffn_gate_impl<float>(p, a, active)
+                                  : ffn_gate_impl<uint16_t>(p, a, active);
+}
+
+void ffn_tail(const FfnProblem& p, const float* a, const int32_t* active, int64_t nactive, void* y,
+              int64_t ldy) {
+  if (p.M == 0 || p.D == 0) return;
+  if (use_avx2()) return detail::ffn_tail_avx2(p, a, active, nactive, y, ldy);
+  if (p.dtype == FfnDtype::f32)
+    ffn_tail_impl<float, float>(p, a, active, nactive, static_cast<float*>(y), ldy);
+  else
+    ffn_tail_impl<uint16_t, uint16_t>(p, a, active, nactive, static_cast<uint16_t*>(y), ldy);
+}
+
+}  // namespace pysparse::core

@@ -1,0 +1,72 @@
+// Torch-free activation-sparse FFN kernels (ProSparse inference): the gated form
+//   y = down(fatrelu_t(gate(x)) * up(x))
+// and the plain (BERT) form
+//   y = down(fatrelu_t(up(x) + b1)) + b2
+// where fatrelu_t(v) = v if v >= t else 0 (t = 0 is ReLU). Exact: the gate (plain: up) is computed
+// for every neuron; the up row and the down row are read only for neurons that are active for at
+// least one row of x.
+//
+// Two phases, each one OpenMP region:
+//   ffn_gate  a[m][f] = fatrelu_t(x_m . gate_f + b1_f) for every neuron; returns the list of
+//             neurons active for some row (ascending).
+//   ffn_tail  for the active neurons h = a * (x . up_f) (plain: h = a), then
+//             y[m][n] = sum over active f, ascending, of h[m][f] * down_t[f][n] (+ b2[n]).
+// The down sum is split across threads by output column, not by neuron, so every output is summed
+// in the same order whatever the thread count: results are bit-identical for 1, 2 or 8 threads and
+// no per-thread partial outputs need reducing. (A one-pass design that also splits the down
+// projection by neuron needs a buffer per thread and a reduction whose order follows the thread
+// count.) Bytes read are the same as the one-pass design.
+//
+// Weights (all rows over d_model D, fp32 or bf16 bit patterns; math in fp32):
+//   gate / up (plain: w1)  dense [F, D], or 2:4 packed along D: values [F, D/2], meta [F, ceil(D/8)]
+//                          (the layout of sparse24.h)
+//   down                   dense: W_down^T [F, D];
+//                          2:4 packed "by neuron group": the down weight W_down [D, F] pruned 2:4
+//                          along F (what every mask pass produces) and regrouped so that one group
+//                          of 4 neurons owns a contiguous block: values [F/4, 2, D] (plane 0 the
+//                          lower kept index of each output's group, plane 1 the higher), meta
+//                          [F/4, ceil(D/2)] one nibble idx0 | idx1 << 2 per output n, n even in the
+//                          low nibble. A group is read when any of its 4 neurons is active.
+#pragma once
+
+#include <cstdint>
+
+namespace pysparse::core {
+
+enum class FfnDtype { f32, bf16 };
+
+// One FFN matrix with rows over D. meta == nullptr: dense.
+struct FfnMatrix {
+  const void* values = nullptr;
+  const uint8_t* meta = nullptr;
+  bool packed() const { return meta != nullptr; }
+};
+
+struct FfnProblem {
+  FfnDtype dtype = FfnDtype::f32;
+  int64_t M = 0;  // rows of x
+  int64_t D = 0;  // d_model
+  int64_t F = 0;  // d_ff
+  const float* x = nullptr;  // [M, D] fp32, contiguous (bf16 inputs are widened by the caller)
+  FfnMatrix gate;            // gated: gate; plain: w1
+  const void* gate_bias = nullptr;  // plain: b1 (weight dtype) or null
+  FfnMatrix up;                     // gated: up; plain: values == nullptr
+  FfnMatrix down;                   // see the header comment
+  const void* down_bias = nullptr;  // plain: b2 or null
+  float threshold = 0.f;
+  int nthreads = 0;  // <= 0: OpenMP default
+};
+
+// Phase 1. a: [M, F] fp32 (written for every neuron). active: room for F entries. Returns how many
+// neurons are active for at least one row.
+int64_t ffn_gate(const FfnProblem& p, float* a, int32_t* active);
+
+// Phase 2. y: [M, ldy] in the weight dtype (fp32 or bf16 bit patterns), rounded once.
+void ffn_tail(const FfnProblem& p, const float* a, const int32_t* active, int64_t nactive, void* y,
+              int64_t ldy);
+
+// "avx2" or "scalar": which implementation the FFN kernels use (PYSPARSE_DISABLE_AVX2=1 forces
+// the scalar one, as for the linear layer).
+const char* sparse_ffn_impl();
+
+}  // namespace pysparse::core

@@ -1,0 +1,130 @@
+// AVX2/FMA build of the activation-sparse FFN (driver: sparse_ffn_driver.inc).
+//
+// Batch-1 decode is memory-bound, so each phase is written to stream its bytes once:
+//   gate   dense: 8 rows in flight per thread (the stream count that kept the 2:4 GEMV nearest a
+//          plain read); 2:4: the linear layer's GEMV itself.
+//   up     one row per active neuron, read only for active neurons.
+//   down   each thread walks its own column slice of every active row (dense W_down^T rows, or the
+//          8-byte-per-output blocks of a 2:4 neuron group), accumulating in an fp32 slice that stays
+//          in L1/L2. The 2:4 group step picks h[idx] for 8 outputs with one vpermps per kept plane,
+//          the indices shifted out of a 32-bit meta word (8 nibbles).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "sparse24_internal.h"
+#include "sparse_ffn_internal.h"
+
+namespace pysparse::core::detail {
+namespace {
+
+#include "sparse24_simd_common.inc"
+#include "sparse24_gemv_rows_avx2.inc"
+#include "sparse24_gemv.inc"
+
+// One accumulator chain per row whatever RB is (see the driver): RB = 8 for the gate gives eight
+// streams and eight independent chains; the up phase uses RB = 4.
+template <int RB, typename W>
+void dense_dot_rows(const float* x, const W* const* rows, int64_t D, float* out) {
+  const int64_t body = D / 8 * 8;
+  __m256 acc[RB];
+  for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < body; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    for (int r = 0; r < RB; ++r) acc[r] = _mm256_fmadd_ps(load8(rows[r] + k), xv, acc[r]);
+  }
+  for (int r = 0; r < RB; ++r) {
+    float s = hsum(acc[r]);
+    for (int64_t k = body; k < D; ++k) s = std::fma(load1(rows[r] + k), x[k], s);
+    out[r] = s;
+  }
+}
+
+template <typename W>
+void packed_gate(const float* x, int64_t M, const W* values, const uint8_t* meta, const W* bias,
+                 int64_t F, int64_t D, float* a, int nt) {
+  // The AVX-512 GEMV (one permute per 16 kept weights instead of four) streams the packed gate
+  // nearer the memory's speed: measured 8.5 -> see bench/ffn.py.
+  if (sparse24_use_avx512() && M <= kGemvMaxRowsAvx512)
+    sparse24_gemv_f32out_avx512(x, M, values, meta, F, D, bias, a, F, nt);
+  else
+    gemv<W, float>(x, M, values, meta, F, D, bias, a, F, nt);
+}
+
+template <int R, typename W>
+void axpy_dense_rows(const float* h, const W* const* rows, float* acc, int64_t len) {
+  __m256 hv[R];
+  for (int r = 0; r < R; ++r) hv[r] = _mm256_set1_ps(h[r]);
+  const int64_t body = len / 8 * 8;
+  for (int64_t i = 0; i < body; i += 8) {
+    __m256 s = _mm256_loadu_ps(acc + i);
+    for (int r = 0; r < R; ++r) s = _mm256_fmadd_ps(hv[r], load8(rows[r] + i), s);
+    _mm256_storeu_ps(acc + i, s);
+  }
+  for (int64_t i = body; i < len; ++i) {
+    float s = acc[i];
+    for (int r = 0; r < R; ++r) s = std::fma(h[r], load1(rows[r] + i), s);
+    acc[i] = s;
+  }
+}
+
+template <int R, typename W>
+void axpy_group_rows(const float* const* h4, const W* const* v0, const W* const* v1,
+                     const uint8_t* const* meta, float* acc, int64_t len) {
+  __m256 hv[R];
+  for (int r = 0; r < R; ++r) hv[r] = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(h4[r]));
+  const __m256i shift0 = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+  const __m256i shift1 = _mm256_add_epi32(shift0, _mm256_set1_epi32(2));
+  const __m256i three = _mm256_set1_epi32(3);
+  const int64_t body = len / 8 * 8;
+  for (int64_t i = 0; i < body; i += 8) {
+    __m256 s = _mm256_loadu_ps(acc + i);
+    for (int r = 0; r < R; ++r) {
+      uint32_t word;
+      std::memcpy(&word, meta[r] + i / 2, sizeof(word));
+      const __m256i wv = _mm256_set1_epi32(static_cast<int>(word));
+      const __m256i i0 = _mm256_and_si256(_mm256_srlv_epi32(wv, shift0), three);
+      const __m256i i1 = _mm256_and_si256(_mm256_srlv_epi32(wv, shift1), three);
+      s = _mm256_fmadd_ps(load8(v0[r] + i), _mm256_permutevar8x32_ps(hv[r], i0), s);
+      s = _mm256_fmadd_ps(load8(v1[r] + i), _mm256_permutevar8x32_ps(hv[r], i1), s);
+    }
+    _mm256_storeu_ps(acc + i, s);
+  }
+  for (int64_t i = body; i < len; ++i) {
+    float s = acc[i];
+    for (int r = 0; r < R; ++r) {
+      const unsigned nib = (meta[r][i / 2] >> ((i & 1) * 4)) & 0xFu;
+      s = std::fma(load1(v0[r] + i), h4[r][nib & 3u], s);
+      s = std::fma(load1(v1[r] + i), h4[r][nib >> 2], s);
+    }
+    acc[i] = s;
+  }
+}
+
+#include "sparse_ffn_driver.inc"
+
+}  // namespace
+
+int64_t ffn_gate_avx2(const FfnProblem& p, float* a, int32_t* active) {
+  return p.dtype == FfnDtype::f32 ? ffn_gate_impl<float>(p, a, active)
+                                  : ffn_gate_impl<uint16_t>(p, a, active);
+}
+
+void ffn_tail_avx2(const FfnProblem& p, const float* a, const int32_t* active, int64_t nactive,
+                   void* y, int64_t ldy) {
+  if (p.dtype == FfnDtype::f32)
+    ffn_tail_impl<float, float>(p, a, active, nactive, static_cast<float*>(y), ldy);
+  else
+    ffn_tail_impl<uint16_t, uint16_t>(p, a, active, nactive, static_cast<uint16_t*>(y), ldy);
+}
+
+}  // namespace pysparse::core::detail

@@ -1,0 +1,327 @@
+"""The activation-sparse FFN ops (sparse_ffn, sparse_mlp and their 2:4 forms) against their
+float64 references on awkward shapes, every CPU route (AVX-512 2:4 gate, AVX2, scalar, and the
+dense route past 16 rows), bit-exact determinism across thread counts, batch invariance and
+concurrent callers, pack_down24, opcheck, export, and bad input."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import pysparse
+from pysparse import formats, ops
+from pysparse import reference as R
+
+# (M rows of x, d_model, d_ff): M = 1 (decode), odd M, the 16-row limit of the sparse route and 17
+# (dense route); d_model not a multiple of 8 (scalar column tails), d_ff not a multiple of 8.
+SHAPES = [(1, 4, 4), (1, 36, 20), (3, 44, 28), (8, 64, 100), (16, 132, 36), (17, 40, 24)]
+DENSE_ONLY_SHAPES = [(5, 37, 21), (2, 9, 3)]  # no 2:4 possible: d_model or d_ff not % 4
+
+
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
+def impl(request, monkeypatch):
+    cpu = pysparse._C.cpu_info()
+    monkeypatch.delenv("PYSPARSE_DISABLE_AVX512", raising=False)
+    monkeypatch.delenv("PYSPARSE_DISABLE_AVX2", raising=False)
+    if request.param == "avx512" and not cpu["avx512f"]:
+        pytest.skip("this CPU has no AVX-512F (the 2:4 gate's fast GEMV)")
+    if request.param == "avx2":
+        if not cpu["avx2"]:
+            pytest.skip("this CPU has no AVX2")
+        monkeypatch.setenv("PYSPARSE_DISABLE_AVX512", "1")
+    if request.param == "scalar":
+        monkeypatch.setenv("PYSPARSE_DISABLE_AVX2", "1")
+    expect = "scalar" if request.param == "scalar" else "avx2"
+    assert pysparse._C.cpu_info()["ffn_impl"] == expect
+    return request.param
+
+
+def grid(shape, gen, scale=8):
+    """Small multiples of 1/scale: every product and every sum in these tests is exact in fp32 and
+    the inputs exact in bf16, so the gate (and thus which neurons fire) is the same as in float64
+    and only the kernels' handling of the active set is under test; the tolerance covers the rest."""
+    return torch.randint(-6, 7, shape, generator=gen).float() / scale
+
+
+def make(M, D, F, dtype, seed, lead=None):
+    gen = torch.Generator().manual_seed(seed)
+    x = grid((M, D), gen)
+    if lead is not None:
+        x = x.reshape(*lead, D)
+    wg, wu = grid((F, D), gen), grid((F, D), gen)
+    wdt = grid((F, D), gen)
+    b1, b2 = grid((F,), gen), grid((D,), gen)
+    return [t.to(dtype) for t in (x, wg, wu, wdt, b1, b2)]
+
+
+def packed(wg, wu, wdt):
+    g24 = ops.compress24(ops.prune24(wg))
+    u24 = ops.compress24(ops.prune24(wu))
+    # the down weight W_down = wdt.T [D, F], pruned 2:4 along d_ff as a mask pass would
+    d24 = formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
+    return g24, u24, d24
+
+
+def check(y, ref, dtype, rows_dense):
+    """fp32: the sums are exact (grid inputs) up to reassociation of exact terms -> tiny. bf16: one
+    final rounding (half an ulp, 2^-9 relative; allow 2^-8), and on the dense route (> 16 rows)
+    torch rounds the gate/up products to bf16 too (allow 2^-6 of the output's magnitude)."""
+    assert y.dtype == dtype
+    y = y.double()
+    scale = ref.abs().max().item() + 1.0
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref, atol=1e-5 * scale, rtol=1e-6)
+    elif rows_dense:
+        torch.testing.assert_close(y, ref, atol=2.0**-6 * scale, rtol=2.0**-6)
+    else:
+        torch.testing.assert_close(y, ref, atol=1e-5 * scale, rtol=2.0**-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+@pytest.mark.parametrize("shape", SHAPES + DENSE_ONLY_SHAPES)
+def test_dense_weights_match_reference(impl, shape, threshold, dtype):
+    M, D, F = shape
+    x, wg, wu, wdt, b1, b2 = make(M, D, F, dtype, seed=hash(shape) % 1000)
+    y = ops.sparse_ffn(x, wg, wu, wdt, threshold)
+    check(y, R.reference_sparse_ffn(x, wg, wu, wdt, threshold), dtype, M > 16)
+    y = ops.sparse_mlp(x, wg, b1, wdt, b2, threshold)
+    check(y, R.reference_sparse_mlp(x, wg, b1, wdt, b2, threshold), dtype, M > 16)
+    y = ops.sparse_mlp(x, wg, None, wdt, None, threshold)
+    check(y, R.reference_sparse_mlp(x, wg, None, wdt, None, threshold), dtype, M > 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threshold", [0.0, 0.3])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_24_weights_match_reference(impl, shape, threshold, dtype):
+    M, D, F = shape
+    x, wg, wu, wdt, b1, b2 = make(M, D, F, dtype, seed=1 + hash(shape) % 1000)
+    g24, u24, d24 = packed(wg, wu, wdt)
+    y = ops.sparse_ffn24(x, g24, u24, d24, threshold)
+    check(y, R.reference_sparse_ffn(x, g24, u24, d24, threshold), dtype, M > 16)
+    y = ops.sparse_mlp24(x, g24, b1, d24, b2, threshold)
+    check(y, R.reference_sparse_mlp(x, g24, b1, d24, b2, threshold), dtype, M > 16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_floats_at_model_size(dtype):
+    """Gaussian inputs at a MiniLM-sized FFN, batch 1 and 4, ~90% sparse: the fp32 tolerance is the
+    usual accumulation bound (the grid tests above are exact); the threshold sits in a gap between
+    gate values (checked: none within 1e-4), so fp32 and fp64 agree on every decision."""
+    gen = torch.Generator().manual_seed(5)
+    D, F = 384, 1536
+    wg = torch.randn(F, D, generator=gen) / D**0.5
+    wu = torch.randn(F, D, generator=gen) / D**0.5
+    wdt = torch.randn(F, D, generator=gen) / F**0.5
+    for M in (1, 4):
+        x = torch.randn(M, D, generator=gen)
+        x_, wg_, wu_, wdt_ = (v.to(dtype) for v in (x, wg, wu, wdt))
+        # threshold: the middle of the widest gap between gate values near the 90% quantile
+        g = (x_.double() @ wg_.double().T).flatten().sort().values
+        k = int(0.9 * g.numel())
+        gaps = g[k - 20 : k + 21] - g[k - 21 : k + 20]
+        j = int(gaps.argmax())
+        t = float(g[k - 21 + j] + g[k - 20 + j]) / 2
+        assert ((g - t).abs() > 1e-4).all()
+        y = ops.sparse_ffn(x_, wg_, wu_, wdt_, t).double()
+        ref = R.reference_sparse_ffn(x_, wg_, wu_, wdt_, t)
+        tol = 1e-5 if dtype == torch.float32 else 2.0**-8
+        torch.testing.assert_close(y, ref, atol=tol * (ref.abs().max().item() + 1e-3), rtol=tol)
+        g24, u24, d24 = packed(wg_, wu_, wdt_)
+        y = ops.sparse_ffn24(x_, g24, u24, d24, t).double()
+        ref = R.reference_sparse_ffn(x_, g24, u24, d24, t)
+        torch.testing.assert_close(y, ref, atol=tol * (ref.abs().max().item() + 1e-3), rtol=tol)
+
+
+def test_leading_dims_noncontiguous_x_and_empty_batch():
+    x, wg, wu, wdt, b1, b2 = make(6, 40, 24, torch.float32, seed=3)
+    x3 = x.reshape(2, 3, 40)
+    y = ops.sparse_ffn(x3, wg, wu, wdt, 0.1)
+    assert y.shape == (2, 3, 40)
+    torch.testing.assert_close(y.reshape(6, 40), ops.sparse_ffn(x, wg, wu, wdt, 0.1))
+    wide = torch.zeros(6, 80)
+    wide[:, ::2] = x  # a strided view
+    torch.testing.assert_close(
+        ops.sparse_ffn(wide[:, ::2], wg, wu, wdt, 0.1), ops.sparse_ffn(x, wg, wu, wdt, 0.1)
+    )
+    assert ops.sparse_ffn(x[:0], wg, wu, wdt).shape == (0, 40)
+
+
+@pytest.mark.parametrize("form", ["dense", "24"])
+def test_bit_identical_across_threads_and_batch_invariant(form):
+    """The down sum is split by output column, so 1 and 2 threads give the same bits; and a row's
+    result does not depend on the other rows in its batch (up to the 16-row sparse limit)."""
+    gen = torch.Generator().manual_seed(7)
+    D, F, M = 256, 1024, 8
+    x = torch.randn(M, D, generator=gen)
+    wg, wu, wdt = (torch.randn(F, D, generator=gen) / 16 for _ in range(3))
+    if form == "dense":
+
+        def run(v):
+            return ops.sparse_ffn(v, wg, wu, wdt, 0.5)
+    else:
+        g24, u24, d24 = packed(wg, wu, wdt)
+
+        def run(v):
+            return ops.sparse_ffn24(v, g24, u24, d24, 0.5)
+
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(x)
+        torch.set_num_threads(2)
+        two = run(x)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+    assert torch.equal(run(x), run(x))
+    for m in range(M):
+        assert torch.equal(run(x[m : m + 1]), one[m : m + 1]), m
+
+
+def test_concurrent_callers_share_weights():
+    gen = torch.Generator().manual_seed(8)
+    D, F = 128, 512
+    wg, wu, wdt = (torch.randn(F, D, generator=gen) / 11 for _ in range(3))
+    g24, u24, d24 = packed(wg, wu, wdt)
+    xs = [torch.randn(1 + i % 3, D, generator=gen) for i in range(8)]
+    want = [
+        (ops.sparse_ffn(x, wg, wu, wdt, 0.2), ops.sparse_ffn24(x, g24, u24, d24, 0.2)) for x in xs
+    ]
+    got: list = [None] * 8
+    barrier = threading.Barrier(8)
+
+    def work(i):
+        barrier.wait()
+        out = []
+        for _ in range(20):
+            out = (
+                ops.sparse_ffn(xs[i], wg, wu, wdt, 0.2),
+                ops.sparse_ffn24(xs[i], g24, u24, d24, 0.2),
+            )
+        got[i] = out
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (a, b), (c, d) in zip(want, got):
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
+@pytest.mark.parametrize("D", [4, 36, 37])
+def test_pack_down24_round_trip(D):
+    gen = torch.Generator().manual_seed(D)
+    F = 28
+    w_down = ops.prune24(torch.randn(D, F, generator=gen))  # [d_model, d_ff], 2:4 along d_ff
+    gv, gm = formats.pack_down24(*ops.compress24(w_down))
+    assert gv.shape == (F // 4, 2, D) and gm.shape == (F // 4, (D + 1) // 2)
+    assert torch.equal(R.reference_unpack_down24(gv, gm), w_down.T)
+
+
+def _opcheck_cases():
+    x, wg, wu, wdt, b1, b2 = make(3, 40, 24, torch.float32, seed=9)
+    g24, u24, d24 = packed(wg, wu, wdt)
+    return [
+        (torch.ops.pysparse.sparse_ffn.default, (x, wg, wu, wdt, 0.25)),
+        (torch.ops.pysparse.sparse_ffn.default, (x[:1], wg, wu, wdt)),
+        (torch.ops.pysparse.sparse_mlp.default, (x, wg, b1, wdt, b2, 0.0)),
+        (torch.ops.pysparse.sparse_mlp.default, (x, wg, None, wdt, None, 0.5)),
+        (torch.ops.pysparse.sparse_ffn24.default, (x, *g24, *u24, *d24, 0.25)),
+        (torch.ops.pysparse.sparse_mlp24.default, (x, *g24, b1, *d24, b2, 0.0)),
+        (torch.ops.pysparse.sparse_ffn.default, (x.repeat(7, 1), wg, wu, wdt, 0.1)),  # dense route
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_opcheck_cases())))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    opcheck(op, args)
+
+
+def test_export_keeps_the_op():
+    x, wg, wu, wdt, *_ = make(1, 40, 24, torch.float32, seed=10)
+
+    class FFN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wg, self.wu, self.wdt = (
+                torch.nn.Parameter(t, requires_grad=False) for t in (wg, wu, wdt)
+            )
+
+        def forward(self, v):
+            return ops.sparse_ffn(v, self.wg, self.wu, self.wdt, 0.1)
+
+    ep = torch.export.export(FFN(), (x,))
+    assert any(n.target is torch.ops.pysparse.sparse_ffn.default for n in ep.graph.nodes)
+    torch.testing.assert_close(ep.module()(x), FFN()(x))
+
+
+def _bad_cases():
+    x, wg, wu, wdt, b1, b2 = make(2, 40, 24, torch.float32, seed=11)
+    g24, u24, d24 = packed(wg, wu, wdt)
+    return [
+        (
+            "x dtype",
+            lambda: ops.sparse_ffn(x.double(), wg, wu, wdt),
+            "x is Double but the weights are Float",
+        ),
+        (
+            "x width",
+            lambda: ops.sparse_ffn(x[:, :36], wg, wu, wdt),
+            r"x.shape\[-1\] is 36 but the weights have d_model=40",
+        ),
+        (
+            "down not transposed",
+            lambda: ops.sparse_ffn(x, wg, wu, wdt.T.contiguous()),
+            r"w_down_t must be \[24, 40\].*transposed",
+        ),
+        (
+            "mixed dtypes",
+            lambda: ops.sparse_ffn(x, wg, wu.bfloat16(), wdt),
+            "w_up is BFloat16 but the other weights are Float",
+        ),
+        (
+            "fp16",
+            lambda: ops.sparse_ffn(x.half(), wg.half(), wu.half(), wdt.half()),
+            "must be float32 or bfloat16",
+        ),
+        (
+            "threshold",
+            lambda: ops.sparse_ffn(x, wg, wu, wdt, -0.5),
+            "threshold must be finite and >= 0",
+        ),
+        (
+            "nan threshold",
+            lambda: ops.sparse_ffn(x, wg, wu, wdt, float("nan")),
+            "threshold must be finite",
+        ),
+        ("bias shape", lambda: ops.sparse_mlp(x, wg, b2, wdt, b2), r"b1 must be \[24\]"),
+        (
+            "down24 layout",
+            lambda: ops.sparse_ffn24(x, g24, u24, ops.compress24(ops.prune24(wdt.T.contiguous()))),
+            "down_values must be \\[d_ff/4, 2, d_model\\].*pack_down24",
+        ),
+        (
+            "down24 meta",
+            lambda: ops.sparse_ffn24(x, g24, u24, (d24[0], d24[1].int())),
+            "down_meta must be uint8",
+        ),
+        (
+            "gate meta",
+            lambda: ops.sparse_ffn24(x, (g24[0], g24[1][:, :2]), u24, d24),
+            "meta has 2 columns",
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())), ids=[c[0] for c in _bad_cases()])
+def test_bad_input_names_problem_and_fix(case):
+    _, fn, pattern = _bad_cases()[case]
+    with pytest.raises(RuntimeError, match=pattern):
+        fn()
