@@ -49,13 +49,55 @@ def make_case(D: int, Fd: int, M: int, sparsity: float, pattern: str, seed: int 
     else:
         x = torch.randn(M, D, generator=g)
     gate = x @ wg.T
-    if sparsity <= 0:
-        # Every neuron active: flip each gate row so the first token's gate value is >= 0 (the
-        # batch's union is then all neurons), threshold 0.
-        wg = wg * torch.where(gate[0] >= 0, 1.0, -1.0)[:, None]
-        return x, wg, wu, wd, 0.0
-    # One threshold for the whole batch, at the sparsity's quantile of the gate values.
-    return x, wg, wu, wd, float(torch.quantile(gate.flatten()[:1_000_000], sparsity))
+    t = float(torch.quantile(gate.flatten()[:1_000_000], sparsity)) if sparsity > 0 else -1.0
+    if t >= 0:  # one threshold for the whole batch, at the sparsity's quantile of the gate values
+        return x, wg, wu, wd, t
+    # The op's threshold is >= 0, so low sparsities are made with the signs instead: flip gate
+    # rows so that a random (1 - sparsity) share of neurons is positive for the first token, the
+    # rest negative, threshold 0 (the other tokens of the batch fire independently).
+    want = torch.rand(Fd, generator=g) >= sparsity
+    sign = torch.where((gate[0] >= 0) == want, 1.0, -1.0)
+    return x, wg * sign[:, None], wu, wd, 0.0
+
+
+def run_case(shape, D, Fd, M, sp, pattern, dname, args, stream) -> str:
+    """One table row: times torch dense, sparse_ffn and sparse_ffn24 on one case."""
+    dtype = getattr(torch, dname)
+    es = torch.tensor([], dtype=dtype).element_size()
+    x, wg, wu, wd, t = make_case(D, Fd, M, sp / 100, pattern)
+    x, wg, wu, wd = (v.to(dtype) for v in (x, wg, wu, wd))
+    wdt = wd.T.contiguous()
+    g24 = ops.compress24(ops.prune24(wg))
+    u24 = ops.compress24(ops.prune24(wu))
+    d24 = formats.pack_down24(*ops.compress24(ops.prune24(wd)))
+
+    def dense():
+        gt = F.linear(x, wg)
+        return F.linear(torch.where(gt >= t, gt, 0) * F.linear(x, wu), wd)
+
+    def sparse():
+        return ops.sparse_ffn(x, wg, wu, wdt, t)
+
+    def sparse24():
+        return ops.sparse_ffn24(x, g24, u24, d24, t)
+
+    n_act = int(((x.float() @ wg.float().T) >= t).any(0).sum())
+    gate24 = (x.float() @ ops.decompress24(*g24, D).float().T >= t).any(0)
+    groups24 = int(gate24.view(-1, 4).any(1).sum())
+    td, ts, r = paired_times(dense, sparse, args.repeats, args.seconds)
+    _, ts24, r24 = paired_times(dense, sparse24, args.repeats, args.seconds)
+    need = (Fd + 2 * n_act) * D * es
+    half = D // 2 * es + (D + 7) // 8  # one packed row
+    need24 = Fd * half + int(gate24.sum()) * half + groups24 * (2 * D * es + D // 2)
+    bw, bw24 = need / ts / 1e9, need24 / ts24 / 1e9
+    # The roof: the faster of a plain read and torch's own dense FFN (which reads all three
+    # weights), both timed in this run.
+    roof = max(stream, 3 * Fd * D * es / td / 1e9)
+    return (
+        f"| {shape} | {dname} | {pattern} | {sp:g}% | {M} | {n_act / Fd:.0%} | "
+        f"{td * 1e3:.2f} | {ts * 1e3:.2f} | {r:.2f}x | {bw:.1f} ({bw / roof:.0%}) | "
+        f"{ts24 * 1e3:.2f} | {r24:.2f}x | {bw24:.1f} ({bw24 / roof:.0%}) |"
+    )
 
 
 def main() -> None:
@@ -94,44 +136,8 @@ def main() -> None:
             for pattern in args.patterns:
                 for sp in args.sparsities:
                     for M in args.batches:
-                        x, wg, wu, wd, t = make_case(D, Fd, M, sp / 100, pattern)
-                        x, wg, wu, wd = (v.to(dtype) for v in (x, wg, wu, wd))
-                        wdt = wd.T.contiguous()
-                        g24 = ops.compress24(ops.prune24(wg))
-                        u24 = ops.compress24(ops.prune24(wu))
-                        d24 = formats.pack_down24(*ops.compress24(ops.prune24(wd)))
-
-                        def dense():
-                            gt = F.linear(x, wg)
-                            return F.linear(torch.where(gt >= t, gt, 0) * F.linear(x, wu), wd)
-
-                        def sparse():
-                            return ops.sparse_ffn(x, wg, wu, wdt, t)
-
-                        def sparse24():
-                            return ops.sparse_ffn24(x, g24, u24, d24, t)
-
-                        gate = (x.float() @ wg.float().T) >= t
-                        active = gate.any(0)
-                        n_act = int(active.sum())
-                        gate24 = (x.float() @ ops.decompress24(*g24, D).float().T >= t).any(0)
-                        groups24 = int(gate24.view(-1, 4).any(1).sum())
-                        td, ts, r = paired_times(dense, sparse, args.repeats, args.seconds)
-                        _, ts24, r24 = paired_times(dense, sparse24, args.repeats, args.seconds)
-                        need = (Fd + 2 * n_act) * D * es
-                        half = D // 2 * es + (D + 7) // 8  # one packed row
-                        need24 = (
-                            Fd * half + int(gate24.sum()) * half + groups24 * (2 * D * es + D // 2)
-                        )
-                        bw, bw24 = need / ts / 1e9, need24 / ts24 / 1e9
-                        # The roof: the faster of a plain read and torch's own dense FFN (which
-                        # reads all three weights), both timed in this run.
-                        roof = max(stream, 3 * Fd * D * es / td / 1e9)
                         print(
-                            f"| {shape} | {dname} | {pattern} | {sp:g}% | {M} | "
-                            f"{n_act / Fd:.0%} | {td * 1e3:.2f} | {ts * 1e3:.2f} | {r:.2f}x | "
-                            f"{bw:.1f} ({bw / roof:.0%}) | {ts24 * 1e3:.2f} | {r24:.2f}x | "
-                            f"{bw24:.1f} ({bw24 / roof:.0%}) |",
+                            run_case(shape, D, Fd, M, sp, pattern, dname, args, stream),
                             flush=True,
                         )
             print(f"<!-- {shape} {dname}: streaming read {stream:.1f} GB/s -->")

@@ -1,16 +1,29 @@
-"""Lower: replace every packed linear (see Compress24) with ``torch.ops.pysparse.sparse24_linear``
-reading the packed buffers, and drop the dense weights nothing reads any more. The result runs on
-pysparse's kernels, stays exportable (the op has a fake implementation) and must give the same
-outputs as before (the PassManager spot-checks it)."""
+"""Lower: map the annotated graph onto pysparse's kernels.
+
+1. FFN blocks whose activation is ReLU or FATReLU (after ``relu`` / ``prosparse``) become one
+   activation-sparse op each (ProSparse inference): gated ``down(act(gate(x)) * up(x))`` ->
+   ``pysparse::sparse_ffn``, plain ``down(act(up(x) + b1)) + b2`` -> ``pysparse::sparse_mlp``; when
+   all of the block's linears were compressed 2:4, the 2:4 forms ``sparse_ffn24`` /
+   ``sparse_mlp24`` (the down projection regrouped with ``formats.pack_down24``). A block is left
+   to step 2 when its shape does not fit (fused gate_up, biases on a gated FFN, views between the
+   nodes, a dtype other than fp32/bf16, only some linears compressed); the report says why.
+2. Every other packed linear (see Compress24) becomes ``pysparse::sparse24_linear``.
+
+Dense weights nothing reads any more are dropped. The result stays exportable (every op has a fake
+implementation) and must give the same outputs as before (the PassManager spot-checks it).
+``Lower(ffn=False)`` skips step 1."""
 
 from __future__ import annotations
 
 import torch
 from torch import fx
 
+from pysparse.formats import pack_down24
 from pysparse.pipeline import Pass, PassContext, PassResult
 
 from .baselines import prunable_linears
+
+aten = torch.ops.aten
 
 
 def _drop_parameter(gm: fx.GraphModule, target: str) -> None:
@@ -19,15 +32,188 @@ def _drop_parameter(gm: fx.GraphModule, target: str) -> None:
     delattr(owner, attr)
 
 
+def _drop_unused_attr(gm: fx.GraphModule, node: object) -> int:
+    if isinstance(node, fx.Node) and node.op == "get_attr" and not node.users:
+        target = node.target
+        gm.graph.erase_node(node)
+        if not any(n.op == "get_attr" and n.target == target for n in gm.graph.nodes):
+            _drop_parameter(gm, target)
+            return 1
+    return 0
+
+
+def _tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    owner_path, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(owner_path) if owner_path else gm, attr)
+
+
+def _threshold(act: fx.Node) -> float | None:
+    """0.0 for ReLU, t for FATReLU ``where(ge(x, t), x, 0)``, None for anything else."""
+    if act.target is aten.relu.default:
+        return 0.0
+    if act.target is aten.where.ScalarOther:
+        keep = act.args[0]
+        if (
+            isinstance(keep, fx.Node)
+            and keep.target is aten.ge.Scalar
+            and keep.args[0] is act.args[1]
+            and act.args[2] == 0
+        ):
+            return float(keep.args[1])
+    return None
+
+
+def _fatrelu_ge(act: fx.Node) -> list[fx.Node]:
+    """The ``ge`` node of a FATReLU ``where(ge(x, t), x, 0)`` (empty for ReLU)."""
+    return [act.args[0]] if act.target is aten.where.ScalarOther else []
+
+
+def _linear_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
+    if node.op != "call_function" or node.target is not aten.linear.default:
+        return None
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else None
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return None
+    if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
+        return None
+    return x, w, b
+
+
+class _Skip(Exception):
+    pass
+
+
 class Lower(Pass):
     name = "lower"
     after = ("compress24", "relu")
     last = True
     preserves_numerics = True
 
+    def __init__(self, ffn: bool = True):
+        self.ffn = ffn
+
+    def settings(self):
+        return {"ffn": self.ffn}
+
+    # ---- step 1: FFN blocks -------------------------------------------------------------------
+    def _lower_ffn(self, gm: fx.GraphModule, block: dict, infos: dict) -> tuple[str, int]:
+        """Rewrites one block; returns (the op used, dense weights dropped) or raises _Skip."""
+        nodes = {n.name: n for n in gm.graph.nodes}
+        if block.get("gate_up"):
+            raise _Skip("fused gate_up projection")
+        act = nodes.get(block["act"])
+        down = nodes.get(block["down"])
+        up = nodes.get(block["up"]) if block.get("up") else None
+        gate = nodes.get(block["gate"]) if block.get("gate") else None
+        if act is None or down is None or up is None:
+            raise _Skip("block nodes not found")
+        t = _threshold(act)
+        if t is None:
+            raise _Skip(f"activation {act.target} is not ReLU/FATReLU")
+        act_in = act.args[0] if act.target is aten.relu.default else act.args[1]
+        gated = block["kind"] == "gated"
+        parts = {"down": _linear_parts(down), "up": _linear_parts(up)}
+        if gated:
+            parts["gate"] = _linear_parts(gate) if gate is not None else None
+        if any(v is None for v in parts.values()):
+            raise _Skip("a projection is not a plain linear over a module weight")
+        if gated:
+            mul = down.args[0]
+            ok = (
+                act_in is gate
+                and isinstance(mul, fx.Node)
+                and mul.target is aten.mul.Tensor
+                and set(mul.args) == {act, up}
+                and parts["gate"][0] is parts["up"][0]
+            )
+            if not ok:
+                raise _Skip("nodes between the FFN's ops (views or casts)")
+            if any(parts[r][2] is not None for r in ("gate", "up", "down")):
+                raise _Skip("biases on a gated FFN")
+            inner = [gate, up, *_fatrelu_ge(act), act, mul]
+        else:
+            if not (act_in is up and down.args[0] is act):
+                raise _Skip("nodes between the FFN's ops (views or casts)")
+            inner = [up, *_fatrelu_ge(act), act]
+        for n in inner:
+            users = set(n.users)
+            allowed = {down} | set(inner)
+            if not users <= allowed:
+                raise _Skip(f"{n.name} has users outside the FFN")
+        x = parts["up"][0]
+        w = {r: _tensor(gm, p[1].target) for r, p in parts.items()}
+        dtypes = {v.dtype for v in w.values()}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16):
+            raise _Skip(f"weights are {sorted(map(str, dtypes))}, the FFN ops take fp32 or bf16")
+        linears = {"down": down, "up": up, **({"gate": gate} if gated else {})}
+        packed = {r: infos.get(n.name, {}).get("packed") for r, n in linears.items()}
+        n_packed = sum(1 for v in packed.values() if v)
+        D = w["up"].shape[1]
+        if n_packed and (n_packed != len(packed) or D % 4 or w["up"].shape[0] % 4):
+            raise _Skip("only some of the FFN's linears are 2:4 (or padded)")
+        prefix = f"pysparse_ffn{block['layer']}"
+        graph = gm.graph
+
+        def attr(name: str, tensor: torch.Tensor) -> fx.Node:
+            gm.register_buffer(f"{prefix}_{name}", tensor.detach().contiguous())
+            return graph.get_attr(f"{prefix}_{name}")
+
+        with graph.inserting_before(down):
+            if n_packed:
+                dv, dm = pack_down24(
+                    gm.get_buffer(packed["down"][0]), gm.get_buffer(packed["down"][1])
+                )
+                down_args = (attr("down24_values", dv), attr("down24_meta", dm))
+                first = parts["gate" if gated else "up"]
+                fv, fm = (graph.get_attr(n) for n in packed["gate" if gated else "up"])
+                if gated:
+                    uv, um = (graph.get_attr(n) for n in packed["up"])
+                    op = torch.ops.pysparse.sparse_ffn24.default
+                    args = (x, fv, fm, uv, um, *down_args, t)
+                else:
+                    op = torch.ops.pysparse.sparse_mlp24.default
+                    args = (x, fv, fm, first[2], *down_args, parts["down"][2], t)
+            else:
+                down_t = attr("down_t", w["down"].T)
+                if gated:
+                    op = torch.ops.pysparse.sparse_ffn.default
+                    args = (x, parts["gate"][1], parts["up"][1], down_t, t)
+                else:
+                    op = torch.ops.pysparse.sparse_mlp.default
+                    args = (x, parts["up"][1], parts["up"][2], down_t, parts["down"][2], t)
+            new = graph.call_function(op, args)
+        new.meta = dict(down.meta)
+        new.meta["pysparse"] = {"lowered": op.name(), "layer": block["layer"], "threshold": t}
+        down.replace_all_uses_with(new)
+        dead = [down, *reversed(inner)]
+        weights = [p[1] for p in parts.values()]
+        for n in dead:
+            graph.erase_node(n)
+        dropped = sum(_drop_unused_attr(gm, wn) for wn in weights)
+        if n_packed:
+            for v in packed.values():
+                for name in v:
+                    if not any(n.op == "get_attr" and n.target == name for n in graph.nodes):
+                        _drop_parameter(gm, name)
+        block["lowered"] = op.name()
+        return op.name(), dropped
+
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         lowered, dropped = 0, 0
         graph = gm.graph
+        ffn_ops: dict[str, int] = {}
+        ffn_skipped: dict[str, int] = {}
+        if self.ffn:
+            infos = {n.name: n.meta.get("pysparse", {}) for n in graph.nodes}
+            for block in gm.meta["pysparse"]["ffns"]:
+                try:
+                    op, d = self._lower_ffn(gm, block, infos)
+                except _Skip as why:
+                    ffn_skipped[str(why)] = ffn_skipped.get(str(why), 0) + 1
+                    continue
+                ffn_ops[op] = ffn_ops.get(op, 0) + 1
+                dropped += d
         for node, info in prunable_linears(gm):
             if not info.get("packed"):
                 continue
@@ -49,6 +235,9 @@ class Lower(Pass):
                 graph.erase_node(weight)
                 _drop_parameter(gm, weight.target)
                 dropped += 1
-        return PassResult(
-            gm, lowered > 0, {"linears_lowered": lowered, "dense_weights_dropped": dropped}
-        )
+        report = {"linears_lowered": lowered, "dense_weights_dropped": dropped}
+        if self.ffn:
+            report["ffns_lowered"] = ffn_ops
+            if ffn_skipped:
+                report["ffns_not_lowered"] = ffn_skipped
+        return PassResult(gm, lowered > 0 or bool(ffn_ops), report)

@@ -82,12 +82,50 @@ def activation_sites(gm: fx.GraphModule) -> list[fx.Node]:
     return sites
 
 
+_FFN_OPS = (
+    "pysparse::sparse_ffn",
+    "pysparse::sparse_mlp",
+    "pysparse::sparse_ffn24",
+    "pysparse::sparse_mlp24",
+)
+
+
+def _ffn_op(n: fx.Node) -> str | None:
+    """The name of the lowered FFN op ``n`` calls (see passes/lower.py), else None."""
+    if n.op != "call_function" or not hasattr(n.target, "name"):
+        return None
+    name = n.target.name()
+    return name if name in _FFN_OPS else None
+
+
+def lowered_ffn_x1(op: str, args: Sequence[Any]) -> torch.Tensor:
+    """x1 (the down projection's input) of a lowered FFN op, recomputed from its arguments."""
+    linear24 = torch.ops.pysparse.sparse24_linear.default
+    x = args[0]
+    if op == "pysparse::sparse_ffn":
+        g, u, t = x @ args[1].T, x @ args[2].T, args[4] if len(args) > 4 else 0.0
+    elif op == "pysparse::sparse_ffn24":
+        g, u = linear24(x, args[1], args[2]), linear24(x, args[3], args[4])
+        t = args[7] if len(args) > 7 else 0.0
+    elif op == "pysparse::sparse_mlp":
+        g = x @ args[1].T + (args[2] if args[2] is not None else 0)
+        u, t = None, args[5] if len(args) > 5 else 0.0
+    else:
+        g, u = linear24(x, args[1], args[2], args[3]), None
+        t = args[7] if len(args) > 7 else 0.0
+    a = torch.where(g >= t, g, 0)
+    return a if u is None else a * u
+
+
 def measure_activation_sparsity(
     gm: fx.GraphModule, batches: Sequence[tuple[tuple, dict]], call_kwargs: dict | None = None
 ) -> list[float] | None:
     """Per-layer zero fraction of x1 (see the module docstring); None when the FFNs are not
-    ReLU-like. The graph is restored afterwards."""
-    sites = activation_sites(gm)
+    ReLU-like. FFNs lowered to pysparse's FFN ops count too (x1 recomputed from the op's inputs).
+    The graph is restored afterwards."""
+    lowered = [n for n in gm.graph.nodes if _ffn_op(n)]
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    sites = sorted(activation_sites(gm) + lowered, key=order.__getitem__)
     if not sites:
         return None
     if call_kwargs is None:  # a captured graph knows the keyword arguments its capture fixed
@@ -106,8 +144,17 @@ def measure_activation_sparsity(
         tokens[i] += per_token.numel()
         return x
 
-    obs_nodes = []
+    def observe_lowered(op: str, args: tuple, i: int) -> None:
+        observe(lowered_ffn_x1(op, args), i)
+
+    obs_nodes, side_nodes = [], []
     for i, node in enumerate(sites):
+        if node in lowered:
+            with gm.graph.inserting_before(node):
+                side_nodes.append(
+                    gm.graph.call_function(observe_lowered, (_ffn_op(node), tuple(node.args), i))
+                )
+            continue
         with gm.graph.inserting_after(node):
             obs = gm.graph.call_function(observe, (node, i))
         node.replace_all_uses_with(obs, delete_user_cb=lambda u, obs=obs: u is not obs)
@@ -122,6 +169,8 @@ def measure_activation_sparsity(
         for obs in obs_nodes:
             obs.replace_all_uses_with(obs.args[0])
             gm.graph.erase_node(obs)
+        for side in side_nodes:
+            gm.graph.erase_node(side)
         gm.recompile()
     return [z / max(t, 1) for z, t in zip(zeros, tokens)]
 

@@ -1,6 +1,8 @@
 """How pysparse's custom ops appear in ONNX: standard ONNX ops over the packed tensors.
 
-``sparse24_linear(x, values, meta, bias)`` becomes a small subgraph that rebuilds the dense
+The activation-sparse FFN ops become their dense formulas (MatMul, GreaterOrEqual/Where for
+FATReLU, Mul), their 2:4 forms over weights rebuilt the same way (the down projection from the
+neuron-group layout). ``sparse24_linear(x, values, meta, bias)`` becomes a small subgraph that rebuilds the dense
 masked weight from the packed 2:4 tensors and multiplies:
 
     nibbles  = meta (uint8, two groups per byte, low nibble = even group) split into [N, K/4]
@@ -65,6 +67,75 @@ def sparse24_linear(x: Any, values: Any, meta: Any, bias: Any = None) -> Any:
     return y if bias is None else op.Add(y, bias)
 
 
+def _dense_down_from_groups(values: Any, meta: Any) -> Any:
+    """W_down^T [d_ff, d_model] from the neuron-group layout of the FFN ops (formats.pack_down24):
+    values [G, 2, D], meta [G, ceil(D/2)] with one nibble per output."""
+    shape = op.Shape(values)  # [G, 2, D]
+    g = op.Slice(shape, [0], [1])
+    d = op.Slice(shape, [2], [3])
+    m = op.Cast(meta, to=_INT64)
+    low = op.BitwiseAnd(m, op.Constant(value_int=15))
+    high = op.Div(m, op.Constant(value_int=16))
+    nib = op.Concat(op.Unsqueeze(low, [-1]), op.Unsqueeze(high, [-1]), axis=-1)
+    nib = op.Reshape(nib, op.Concat(g, op.Constant(value_ints=[-1]), axis=0))
+    nib = op.Slice(nib, [0], d, [1])  # an odd d_model leaves a padding nibble
+    rows = op.Concat(
+        op.Unsqueeze(op.BitwiseAnd(nib, op.Constant(value_int=3)), [1]),
+        op.Unsqueeze(op.Div(nib, op.Constant(value_int=4)), [1]),
+        axis=1,
+    )  # [G, 2, D]: which of the group's 4 neurons each kept weight belongs to
+    zeros = op.Cast(
+        op.ConstantOfShape(op.Concat(g, op.Constant(value_ints=[4]), d, axis=0)),
+        to=_onnx_dtype(values),
+    )
+    dense = op.ScatterElements(zeros, rows, values, axis=1)  # [G, 4, D]
+    return op.Reshape(dense, op.Concat(op.Constant(value_ints=[-1]), d, axis=0))
+
+
+def _fatrelu(g: Any, threshold: float) -> Any:
+    keep = op.GreaterOrEqual(g, op.CastLike(op.Constant(value_float=threshold), g))
+    return op.Where(keep, g, op.CastLike(op.Constant(value_float=0.0), g))
+
+
+def sparse_ffn(x: Any, w_gate: Any, w_up: Any, w_down_t: Any, threshold: float = 0.0) -> Any:
+    g = _fatrelu(op.MatMul(x, op.Transpose(w_gate, perm=[1, 0])), threshold)
+    return op.MatMul(op.Mul(g, op.MatMul(x, op.Transpose(w_up, perm=[1, 0]))), w_down_t)
+
+
+def sparse_mlp(x: Any, w1: Any, b1: Any, w2_t: Any, b2: Any, threshold: float = 0.0) -> Any:
+    h = op.MatMul(x, op.Transpose(w1, perm=[1, 0]))
+    h = _fatrelu(h if b1 is None else op.Add(h, b1), threshold)
+    y = op.MatMul(h, w2_t)
+    return y if b2 is None else op.Add(y, b2)
+
+
+def sparse_ffn24(
+    x: Any, gv: Any, gm: Any, uv: Any, um: Any, dv: Any, dm: Any, threshold: float = 0.0
+) -> Any:
+    return sparse_ffn(
+        x,
+        _dense_from_packed(gv, gm),
+        _dense_from_packed(uv, um),
+        _dense_down_from_groups(dv, dm),
+        threshold,
+    )
+
+
+def sparse_mlp24(
+    x: Any, w1v: Any, w1m: Any, b1: Any, w2v: Any, w2m: Any, b2: Any, threshold: float = 0.0
+) -> Any:
+    return sparse_mlp(
+        x, _dense_from_packed(w1v, w1m), b1, _dense_down_from_groups(w2v, w2m), b2, threshold
+    )
+
+
 def translation_table() -> dict[Any, Any]:
     """The ``custom_translation_table`` handed to ``torch.onnx.export`` for every pysparse op."""
-    return {torch.ops.pysparse.sparse24_linear.default: sparse24_linear}
+    p = torch.ops.pysparse
+    return {
+        p.sparse24_linear.default: sparse24_linear,
+        p.sparse_ffn.default: sparse_ffn,
+        p.sparse_mlp.default: sparse_mlp,
+        p.sparse_ffn24.default: sparse_ffn24,
+        p.sparse_mlp24.default: sparse_mlp24,
+    }

@@ -67,8 +67,9 @@ def packed(wg, wu, wdt):
 
 def check(y, ref, dtype, rows_dense):
     """fp32: the sums are exact (grid inputs) up to reassociation of exact terms -> tiny. bf16: one
-    final rounding (half an ulp, 2^-9 relative; allow 2^-8), and on the dense route (> 16 rows)
-    torch rounds the gate/up products to bf16 too (allow 2^-6 of the output's magnitude)."""
+    final rounding (half an ulp, 2^-9 relative; allow 2^-8), and where torch's dense GEMM takes
+    over (more than 16 rows, or from 5 rows when most neurons fire) it rounds the gate/up products
+    to bf16 too (allow 2^-6 of the output's magnitude)."""
     assert y.dtype == dtype
     y = y.double()
     scale = ref.abs().max().item() + 1.0
@@ -87,11 +88,11 @@ def test_dense_weights_match_reference(impl, shape, threshold, dtype):
     M, D, F = shape
     x, wg, wu, wdt, b1, b2 = make(M, D, F, dtype, seed=hash(shape) % 1000)
     y = ops.sparse_ffn(x, wg, wu, wdt, threshold)
-    check(y, R.reference_sparse_ffn(x, wg, wu, wdt, threshold), dtype, M > 16)
+    check(y, R.reference_sparse_ffn(x, wg, wu, wdt, threshold), dtype, M > 4)
     y = ops.sparse_mlp(x, wg, b1, wdt, b2, threshold)
-    check(y, R.reference_sparse_mlp(x, wg, b1, wdt, b2, threshold), dtype, M > 16)
+    check(y, R.reference_sparse_mlp(x, wg, b1, wdt, b2, threshold), dtype, M > 4)
     y = ops.sparse_mlp(x, wg, None, wdt, None, threshold)
-    check(y, R.reference_sparse_mlp(x, wg, None, wdt, None, threshold), dtype, M > 16)
+    check(y, R.reference_sparse_mlp(x, wg, None, wdt, None, threshold), dtype, M > 4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -102,9 +103,9 @@ def test_24_weights_match_reference(impl, shape, threshold, dtype):
     x, wg, wu, wdt, b1, b2 = make(M, D, F, dtype, seed=1 + hash(shape) % 1000)
     g24, u24, d24 = packed(wg, wu, wdt)
     y = ops.sparse_ffn24(x, g24, u24, d24, threshold)
-    check(y, R.reference_sparse_ffn(x, g24, u24, d24, threshold), dtype, M > 16)
+    check(y, R.reference_sparse_ffn(x, g24, u24, d24, threshold), dtype, M > 4)
     y = ops.sparse_mlp24(x, g24, b1, d24, b2, threshold)
-    check(y, R.reference_sparse_mlp(x, g24, b1, d24, b2, threshold), dtype, M > 16)
+    check(y, R.reference_sparse_mlp(x, g24, b1, d24, b2, threshold), dtype, M > 4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -138,7 +139,7 @@ def test_random_floats_at_model_size(dtype):
 
 
 def test_leading_dims_noncontiguous_x_and_empty_batch():
-    x, wg, wu, wdt, b1, b2 = make(6, 40, 24, torch.float32, seed=3)
+    x, wg, wu, wdt, _, _ = make(6, 40, 24, torch.float32, seed=3)
     x3 = x.reshape(2, 3, 40)
     y = ops.sparse_ffn(x3, wg, wu, wdt, 0.1)
     assert y.shape == (2, 3, 40)
@@ -154,9 +155,10 @@ def test_leading_dims_noncontiguous_x_and_empty_batch():
 @pytest.mark.parametrize("form", ["dense", "24"])
 def test_bit_identical_across_threads_and_batch_invariant(form):
     """The down sum is split by output column, so 1 and 2 threads give the same bits; and a row's
-    result does not depend on the other rows in its batch (up to the 16-row sparse limit)."""
+    result does not depend on the other rows in its batch (wherever the sparse kernels run: up to 4
+    rows always, up to 16 while few enough neurons fire)."""
     gen = torch.Generator().manual_seed(7)
-    D, F, M = 256, 1024, 8
+    D, F, M = 256, 1024, 4
     x = torch.randn(M, D, generator=gen)
     wg, wu, wdt = (torch.randn(F, D, generator=gen) / 16 for _ in range(3))
     if form == "dense":
@@ -263,7 +265,7 @@ def test_export_keeps_the_op():
 
 
 def _bad_cases():
-    x, wg, wu, wdt, b1, b2 = make(2, 40, 24, torch.float32, seed=11)
+    x, wg, wu, wdt, _, b2 = make(2, 40, 24, torch.float32, seed=11)
     g24, u24, d24 = packed(wg, wu, wdt)
     return [
         (

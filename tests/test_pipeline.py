@@ -167,10 +167,18 @@ def test_masked_dense_equals_compiled_sparse(mask, build):
     model, args, kwargs = _bert() if build == "bert" else _decoder(build)
     dense = pysparse.compile(model, ["relu", mask], args, kwargs)
     sparse = pysparse.compile(model, ["relu", mask, "compress24", "lower"], args, kwargs)
-    lowered = [
-        n for n in sparse.gm.graph.nodes if n.target is torch.ops.pysparse.sparse24_linear.default
-    ]
-    assert len(lowered) == {"bert": 12, "phi3": 8}.get(build, 14)
+    targets = [n.target for n in sparse.gm.graph.nodes]
+    p = torch.ops.pysparse
+    # every prunable linear runs on a 2:4 kernel: alone, or inside a lowered ReLU FFN (3 linears
+    # per gated block, 2 per plain one; Phi-3's fused gate_up stays on sparse24_linear)
+    covered = (
+        targets.count(p.sparse24_linear.default)
+        + 3 * targets.count(p.sparse_ffn24.default)
+        + 2 * targets.count(p.sparse_mlp24.default)
+    )
+    assert covered == {"bert": 12, "phi3": 8}.get(build, 14)
+    assert (p.sparse_ffn24.default in targets) == (build in ("llama", "qwen2"))
+    assert (p.sparse_mlp24.default in targets) == (build == "bert")
     assert not any(
         n.target is aten.linear.default and n.meta.get("pysparse", {}).get("prunable")
         for n in sparse.gm.graph.nodes
@@ -180,6 +188,40 @@ def test_masked_dense_equals_compiled_sparse(mask, build):
         _out(sparse(*args, **kwargs)), _out(dense(*args, **kwargs)), rtol=1e-4, atol=1e-5
     )
     assert sparse.report[-1]["spot_check_max_abs_err"] < 1e-4
+
+
+@pytest.mark.parametrize("threshold", [None, 0.05])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("build", ["llama", "qwen2", "bert"])
+def test_lowered_ffn_equals_unlowered_graph(build, packed, threshold):
+    """Lower turns ReLU/FATReLU FFNs into the activation-sparse ops; outputs equal the graph
+    lowered without them, at decode size (1 row: the sparse kernels) and at the capture size (more
+    than 16 rows: the dense route), and activation sparsity is measured alike on both."""
+    from pysparse.evaluate import measure_activation_sparsity
+
+    model, args, kwargs = _bert() if build == "bert" else _decoder(build)
+    head = [ReluSubstitution(threshold)] + (["magnitude", "compress24"] if packed else [])
+    plain = pysparse.compile(model, [*head, Lower(ffn=False)], args, kwargs)
+    fused = pysparse.compile(model, [*head, Lower(ffn=True)], args, kwargs)
+    op = {
+        (False, False): "sparse_ffn",
+        (False, True): "sparse_ffn24",
+        (True, False): "sparse_mlp",
+        (True, True): "sparse_mlp24",
+    }[(build == "bert", packed)]
+    want = getattr(torch.ops.pysparse, op).default
+    assert sum(n.target is want for n in fused.gm.graph.nodes) == 2
+    assert not any(n.target is aten.relu.default for n in fused.gm.graph.nodes)
+    assert fused.report[-1]["ffns_lowered"] == {f"pysparse::{op}": 2}
+    decode_args = tuple(a[:1, :3] for a in args)
+    decode_kwargs = {k: v[:1, :3] for k, v in kwargs.items()}
+    for a, k in ((args, kwargs), (decode_args, decode_kwargs)):
+        torch.testing.assert_close(_out(fused(*a, **k)), _out(plain(*a, **k)), rtol=1e-4, atol=1e-5)
+    batches = [(decode_args, decode_kwargs), (args, kwargs)]
+    s_fused = measure_activation_sparsity(fused.gm, batches)
+    s_plain = measure_activation_sparsity(plain.gm, batches)
+    assert s_fused is not None and len(s_fused) == 2
+    assert s_fused == pytest.approx(s_plain, abs=1e-6)
 
 
 def test_compiled_graph_exports():

@@ -16,12 +16,13 @@ namespace {
 // the 2:4 linear layer for gate/up and a dense down rebuilt from the packed one).
 constexpr int64_t kSparseMaxRows = 16;
 
-// Dense weights, at most kSparseMaxRows rows: once the gate is known, the up and down projections
-// go to torch's dense GEMM when more than this fraction of neurons is active for some row.
-// Measured with bench/ffn.py (see kDenseTailFraction's note there): our kernels stream the
-// weights faster than torch's dense GEMV/GEMM at these row counts even with every neuron active,
-// so the sparse route is kept throughout; the switch stays for CPUs where that does not hold.
-constexpr double kDenseTailFraction = 1.0;
+// Measured with bench/ffn.py (LLaMA-7B shape, fp32, 2 threads; README has the table): up to 4
+// rows the sparse kernels beat torch's dense FFN at every sparsity (M=4, all neurons active: 1.3x),
+// at 1 row they tie with every neuron active (0.99x); at 16 rows, computing per row of x, they lose
+// once most neurons are active (union 100%: 0.6x). So from 9 rows the gate is torch's GEMM, and
+// the up/down projections go to torch's GEMM too when more than this share of neurons is active:
+double dense_tail_above(int64_t M) { return M <= 4 ? 1.01 : (M <= 8 ? 0.9 : 0.6); }
+constexpr int64_t kOwnGateMaxRows = 8;
 
 struct Weights {
   at::Tensor gv, gm, b1;  // gate (plain: w1), its bias
@@ -65,13 +66,29 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   p.down_bias = ptr(w.b2);
   p.threshold = static_cast<float>(t);
   p.nthreads = at::get_num_threads();
-  at::Tensor a = at::empty({M, F}, xf.options());
-  at::Tensor active = at::empty({F}, xf.options().dtype(at::kInt));
-  const int64_t n = core::ffn_gate(p, a.data_ptr<float>(), active.data_ptr<int32_t>());
-  if (!w.dm.defined() && static_cast<double>(n) > kDenseTailFraction * static_cast<double>(F)) {
+  const bool packed = w.gm.defined();
+  at::Tensor a, active;
+  int64_t n = 0;
+  if (packed || M <= kOwnGateMaxRows) {
+    a = at::empty({M, F}, xf.options());
+    active = at::empty({F}, xf.options().dtype(at::kInt));
+    n = core::ffn_gate(p, a.data_ptr<float>(), active.data_ptr<int32_t>());
+  } else {
+    a = fatrelu_dense(linear_any(x2, w.gv, w.gm, w.b1), t).to(at::kFloat).contiguous();
+    active = (a != 0).any(0).nonzero().flatten().to(at::kInt).contiguous();
+    n = active.numel();
+  }
+  const bool crowded = static_cast<double>(n) > dense_tail_above(M) * static_cast<double>(F);
+  if (crowded && !packed) {
     at::Tensor h = w.uv.defined() ? a * at::mm(x2, w.uv.t()).to(at::kFloat) : a;
     h = h.to(st);
     return (w.b2.defined() ? at::addmm(w.b2, h, w.dv) : at::mm(h, w.dv)).view(x.sizes());
+  }
+  if (crowded && w.uv.defined()) {
+    // 2:4, most neurons active: the up projection for all of them on the 2:4 GEMV (which decodes W
+    // once per 4 rows of x), then only the down projection on the FFN kernel (as a plain FFN).
+    a = (a * sparse24_linear_cpu(x2, w.uv, w.um, c10::nullopt).to(at::kFloat)).contiguous();
+    p.up = {};
   }
   at::Tensor y = at::empty({M, D}, x.options());
   core::ffn_tail(p, a.data_ptr<float>(), active.data_ptr<int32_t>(), n, y.data_ptr(), D);
