@@ -118,3 +118,64 @@ def test_prox24_matches_cpu(dtype, lam):
         view.cpu(), ops.prox24(w[:, 4:].contiguous(), lam), atol=tol, rtol=tol
     )
     opcheck(torch.ops.pysparse.prox24.default, (w.cuda(), lam, 100, 1e-6))
+
+
+# ---- activation-sparse FFN ------------------------------------------------------------------------
+def _ffn_case(M, D, F, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, D, generator=gen)
+    wg, wu = (torch.randn(F, D, generator=gen) / D**0.5 for _ in range(2))
+    wdt = torch.randn(F, D, generator=gen) / F**0.5
+    b1, b2 = torch.randn(F, generator=gen), torch.randn(D, generator=gen)
+    return [t.to(dtype) for t in (x, wg, wu, wdt, b1, b2)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3, 8, 9])
+@pytest.mark.parametrize("D,F", [(64, 96), (132, 44), (4096, 11008)])
+def test_ffn_ops_match_reference_on_cuda(dtype, M, D, F):
+    """Up to 8 rows the CUDA FFN kernels, from 9 the dense route; each against float64. The gate
+    sits in a gap (threshold between two gate values, as in tests/test_ffn.py) so fp32 and fp64
+    agree on which neurons fire; tolerance: fp32 accumulation, bf16 one (sparse) or a few (dense
+    route) roundings."""
+    x, wg, wu, wdt, b1, b2 = _ffn_case(M, D, F, dtype, seed=M + D)
+    g = (x.double() @ wg.double().T).flatten().sort().values
+    k = int(0.9 * g.numel())
+    t = max(float(g[k - 1] + g[k]) / 2, 0.0)
+    g24 = ops.compress24(ops.prune24(wg))
+    u24 = ops.compress24(ops.prune24(wu))
+    d24 = pysparse.formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
+    cuda = lambda ts: tuple(v.cuda() for v in ts)
+    cases = [
+        (ops.sparse_ffn, (x, wg, wu, wdt, t), R.reference_sparse_ffn(x, wg, wu, wdt, t)),
+        (ops.sparse_mlp, (x, wg, b1, wdt, b2, t), R.reference_sparse_mlp(x, wg, b1, wdt, b2, t)),
+        (
+            ops.sparse_ffn24,
+            (x.cuda(), cuda(g24), cuda(u24), cuda(d24), t),
+            R.reference_sparse_ffn(x, g24, u24, d24, t),
+        ),
+        (
+            ops.sparse_mlp24,
+            (x.cuda(), cuda(g24), b1.cuda(), cuda(d24), b2.cuda(), t),
+            R.reference_sparse_mlp(x, g24, b1, d24, b2, t),
+        ),
+    ]
+    for fn, args, ref in cases:
+        args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        y = fn(*args)
+        assert y.is_cuda and y.dtype == dtype and y.shape == x.shape
+        tol = 1e-4 if dtype == torch.float32 else (2.0**-7 if M <= 8 else 2.0**-5)
+        scale = ref.abs().max().item() + 1e-3
+        torch.testing.assert_close(y.cpu().double(), ref, atol=tol * scale, rtol=tol)
+
+
+def test_ffn_opcheck_on_cuda():
+    x, wg, wu, wdt, b1, b2 = (t.cuda() for t in _ffn_case(2, 64, 96, torch.float32, seed=1))
+    g24 = ops.compress24(ops.prune24(wg))
+    u24 = ops.compress24(ops.prune24(wu))
+    d24 = pysparse.formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
+    p = torch.ops.pysparse
+    opcheck(p.sparse_ffn.default, (x, wg, wu, wdt, 0.1))
+    opcheck(p.sparse_mlp.default, (x, wg, b1, wdt, b2, 0.1))
+    opcheck(p.sparse_ffn24.default, (x, *g24, *u24, *d24, 0.1))
+    opcheck(p.sparse_mlp24.default, (x, *g24, b1, *d24, b2, 0.1))

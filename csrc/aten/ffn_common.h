@@ -3,6 +3,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cmath>
 
@@ -108,6 +109,118 @@ inline at::Tensor unpack_down24(const at::Tensor& v, const at::Tensor& m, int64_
   dense.scatter_(1, at::bitwise_and(nib, 3).unsqueeze(1), v.narrow(1, 0, 1));
   dense.scatter_(1, at::bitwise_right_shift(nib, 2).unsqueeze(1), v.narrow(1, 1, 1));
   return dense.view({G * 4, D});
+}
+
+// sparse24_linear through the dispatcher (whatever device the tensors are on).
+inline at::Tensor call_sparse24_linear(const at::Tensor& x, const at::Tensor& v, const at::Tensor& m,
+                                       const at::Tensor& b) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pysparse::sparse24_linear", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                               const at::Tensor&, const c10::optional<at::Tensor>&)>();
+  return op.call(x, v, m, b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt);
+}
+
+// The FFN ops' weights, normalised: gate (plain: w1) + bias, up (plain: undefined), down (dense
+// W_down^T [F, D], or the neuron-group 2:4 layout when dm is defined) + bias.
+struct FfnWeights {
+  at::Tensor gv, gm, b1;
+  at::Tensor uv, um;
+  at::Tensor dv, dm, b2;
+};
+
+inline at::Tensor linear_any(const at::Tensor& x2, const at::Tensor& v, const at::Tensor& m,
+                             const at::Tensor& b) {
+  if (m.defined()) return call_sparse24_linear(x2, v, m, b);
+  return b.defined() ? at::addmm(b, x2, v.t()) : at::mm(x2, v.t());
+}
+
+// Torch's dense kernels over the same weights (large batches; 2:4 gate/up on sparse24_linear and
+// the down projection rebuilt dense).
+inline at::Tensor ffn_dense_route(const at::Tensor& x2, const FfnWeights& w, double t, int64_t D) {
+  at::Tensor h = fatrelu_dense(linear_any(x2, w.gv, w.gm, w.b1), t);
+  if (w.uv.defined()) h = h * linear_any(x2, w.uv, w.um, at::Tensor());
+  at::Tensor wd = w.dm.defined() ? unpack_down24(w.dv, w.dm, D) : w.dv;
+  return w.b2.defined() ? at::addmm(w.b2, h, wd) : at::mm(h, wd);
+}
+
+struct FfnCall {
+  FfnWeights w;
+  int64_t D, F;
+};
+
+// Checks and normalisation of each op's arguments (shared by the CPU and CUDA glue).
+inline FfnCall prepare_sparse_ffn(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+                          const at::Tensor& w_down_t, double threshold) {
+  constexpr const char* op = "sparse_ffn";
+  const auto st = ffn_dtype(w_gate, op, "w_gate");
+  TORCH_CHECK(w_gate.dim() == 2, op, ": w_gate must be 2-D [d_ff, d_model], got shape ", w_gate.sizes());
+  const int64_t F = w_gate.size(0), D = w_gate.size(1);
+  TORCH_CHECK(F > 0 && D > 0, op, ": the weights must be non-empty, got w_gate shape ", w_gate.sizes());
+  check_ffn_dense(w_up, "w_up", F, D, st, w_gate.device(), op);
+  check_ffn_dense(w_down_t, "w_down_t", F, D, st, w_gate.device(), op);
+  check_ffn_x(x, st, w_gate.device(), D, op);
+  check_threshold(threshold, op);
+  FfnWeights w{w_gate.contiguous(), {}, {}, w_up.contiguous(), {}, w_down_t.contiguous(), {}, {}};
+  return {w, D, F};
+}
+
+inline FfnCall prepare_sparse_mlp(const at::Tensor& x, const at::Tensor& w1,
+                          const c10::optional<at::Tensor>& b1, const at::Tensor& w2_t,
+                          const c10::optional<at::Tensor>& b2, double threshold) {
+  constexpr const char* op = "sparse_mlp";
+  const auto st = ffn_dtype(w1, op, "w1");
+  TORCH_CHECK(w1.dim() == 2, op, ": w1 must be 2-D [d_ff, d_model], got shape ", w1.sizes());
+  const int64_t F = w1.size(0), D = w1.size(1);
+  TORCH_CHECK(F > 0 && D > 0, op, ": the weights must be non-empty, got w1 shape ", w1.sizes());
+  check_ffn_dense(w2_t, "w2_t", F, D, st, w1.device(), op);
+  check_ffn_bias(b1, "b1", F, st, w1.device(), op);
+  check_ffn_bias(b2, "b2", D, st, w1.device(), op);
+  check_ffn_x(x, st, w1.device(), D, op);
+  check_threshold(threshold, op);
+  FfnWeights w{w1.contiguous(), {}, opt(b1), {}, {}, w2_t.contiguous(), {}, opt(b2)};
+  return {w, D, F};
+}
+
+inline FfnCall prepare_sparse_ffn24(const at::Tensor& x, const at::Tensor& gate_values,
+                            const at::Tensor& gate_meta, const at::Tensor& up_values,
+                            const at::Tensor& up_meta, const at::Tensor& down_values,
+                            const at::Tensor& down_meta, double threshold) {
+  constexpr const char* op = "sparse_ffn24";
+  const auto st = ffn_dtype(gate_values, op, "gate_values");
+  TORCH_CHECK(gate_values.dim() == 2, op, ": gate_values must be 2-D [d_ff, d_model/2], got shape ",
+              gate_values.sizes());
+  const int64_t F = gate_values.size(0), D = gate_values.size(1) * 2;
+  const auto dev = gate_values.device();
+  check_ffn_packed(gate_values, gate_meta, "gate_values", F, D, st, dev, op);
+  check_ffn_packed(up_values, up_meta, "up_values", F, D, st, dev, op);
+  check_ffn_down24(down_values, down_meta, F, D, st, dev, op);
+  check_ffn_x(x, st, dev, D, op);
+  check_threshold(threshold, op);
+  FfnWeights w{gate_values.contiguous(), gate_meta.contiguous(), {}, up_values.contiguous(),
+            up_meta.contiguous(), down_values.contiguous(), down_meta.contiguous(), {}};
+  return {w, D, F};
+}
+
+inline FfnCall prepare_sparse_mlp24(const at::Tensor& x, const at::Tensor& w1_values,
+                            const at::Tensor& w1_meta, const c10::optional<at::Tensor>& b1,
+                            const at::Tensor& w2_values, const at::Tensor& w2_meta,
+                            const c10::optional<at::Tensor>& b2, double threshold) {
+  constexpr const char* op = "sparse_mlp24";
+  const auto st = ffn_dtype(w1_values, op, "w1_values");
+  TORCH_CHECK(w1_values.dim() == 2, op, ": w1_values must be 2-D [d_ff, d_model/2], got shape ",
+              w1_values.sizes());
+  const int64_t F = w1_values.size(0), D = w1_values.size(1) * 2;
+  const auto dev = w1_values.device();
+  check_ffn_packed(w1_values, w1_meta, "w1_values", F, D, st, dev, op);
+  check_ffn_down24(w2_values, w2_meta, F, D, st, dev, op);
+  check_ffn_bias(b1, "b1", F, st, dev, op);
+  check_ffn_bias(b2, "b2", D, st, dev, op);
+  check_ffn_x(x, st, dev, D, op);
+  check_threshold(threshold, op);
+  FfnWeights w{w1_values.contiguous(), w1_meta.contiguous(), opt(b1), {}, {},
+            w2_values.contiguous(), w2_meta.contiguous(), opt(b2)};
+  return {w, D, F};
 }
 
 }  // namespace pysparse::aten

@@ -24,34 +24,17 @@ constexpr int64_t kSparseMaxRows = 16;
 double dense_tail_above(int64_t M) { return M <= 4 ? 1.01 : (M <= 8 ? 0.9 : 0.6); }
 constexpr int64_t kOwnGateMaxRows = 8;
 
-struct Weights {
-  at::Tensor gv, gm, b1;  // gate (plain: w1), its bias
-  at::Tensor uv, um;      // up (plain: undefined)
-  at::Tensor dv, dm, b2;  // down: dense W_down^T [F, D] or the neuron-group 2:4 layout
-};
+using Weights = FfnWeights;
 
 const void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 const uint8_t* mptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<uint8_t>() : nullptr; }
-
-at::Tensor linear_any(const at::Tensor& x2, const at::Tensor& v, const at::Tensor& m,
-                      const at::Tensor& b) {
-  if (m.defined()) return sparse24_linear_cpu(x2, v, m, b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt);
-  return b.defined() ? at::addmm(b, x2, v.t()) : at::mm(x2, v.t());
-}
-
-at::Tensor dense_route(const at::Tensor& x2, const Weights& w, double t, int64_t D) {
-  at::Tensor h = fatrelu_dense(linear_any(x2, w.gv, w.gm, w.b1), t);
-  if (w.uv.defined()) h = h * linear_any(x2, w.uv, w.um, at::Tensor());
-  at::Tensor wd = w.dm.defined() ? unpack_down24(w.dv, w.dm, D) : w.dv;
-  return w.b2.defined() ? at::addmm(w.b2, h, wd) : at::mm(h, wd);
-}
 
 at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, int64_t F) {
   const auto st = w.gv.scalar_type();
   at::Tensor x2 = as_rows(x, D);
   const int64_t M = x2.size(0);
   if (M == 0) return at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (M > kSparseMaxRows) return dense_route(x2, w, t, D).view(x.sizes());
+  if (M > kSparseMaxRows) return ffn_dense_route(x2, w, t, D).view(x.sizes());
   at::Tensor xf = x2.to(at::kFloat).contiguous();
   core::FfnProblem p;
   p.dtype = st == at::kFloat ? core::FfnDtype::f32 : core::FfnDtype::bf16;
@@ -87,7 +70,7 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   if (crowded && w.uv.defined()) {
     // 2:4, most neurons active: the up projection for all of them on the 2:4 GEMV (which decodes W
     // once per 4 rows of x), then only the down projection on the FFN kernel (as a plain FFN).
-    a = (a * sparse24_linear_cpu(x2, w.uv, w.um, c10::nullopt).to(at::kFloat)).contiguous();
+    a = (a * call_sparse24_linear(x2, w.uv, w.um, at::Tensor()).to(at::kFloat)).contiguous();
     p.up = {};
   }
   at::Tensor y = at::empty({M, D}, x.options());
@@ -97,75 +80,33 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
 
 at::Tensor sparse_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
                           const at::Tensor& w_down_t, double threshold) {
-  constexpr const char* op = "sparse_ffn";
-  const auto st = ffn_dtype(w_gate, op, "w_gate");
-  TORCH_CHECK(w_gate.dim() == 2, op, ": w_gate must be 2-D [d_ff, d_model], got shape ", w_gate.sizes());
-  const int64_t F = w_gate.size(0), D = w_gate.size(1);
-  TORCH_CHECK(F > 0 && D > 0, op, ": the weights must be non-empty, got w_gate shape ", w_gate.sizes());
-  check_ffn_dense(w_up, "w_up", F, D, st, w_gate.device(), op);
-  check_ffn_dense(w_down_t, "w_down_t", F, D, st, w_gate.device(), op);
-  check_ffn_x(x, st, w_gate.device(), D, op);
-  check_threshold(threshold, op);
-  Weights w{w_gate.contiguous(), {}, {}, w_up.contiguous(), {}, w_down_t.contiguous(), {}, {}};
-  return ffn_cpu(x, w, threshold, D, F);
+  const FfnCall c = prepare_sparse_ffn(x, w_gate, w_up, w_down_t, threshold);
+  return ffn_cpu(x, c.w, threshold, c.D, c.F);
 }
 
 at::Tensor sparse_mlp_cpu(const at::Tensor& x, const at::Tensor& w1,
                           const c10::optional<at::Tensor>& b1, const at::Tensor& w2_t,
                           const c10::optional<at::Tensor>& b2, double threshold) {
-  constexpr const char* op = "sparse_mlp";
-  const auto st = ffn_dtype(w1, op, "w1");
-  TORCH_CHECK(w1.dim() == 2, op, ": w1 must be 2-D [d_ff, d_model], got shape ", w1.sizes());
-  const int64_t F = w1.size(0), D = w1.size(1);
-  TORCH_CHECK(F > 0 && D > 0, op, ": the weights must be non-empty, got w1 shape ", w1.sizes());
-  check_ffn_dense(w2_t, "w2_t", F, D, st, w1.device(), op);
-  check_ffn_bias(b1, "b1", F, st, w1.device(), op);
-  check_ffn_bias(b2, "b2", D, st, w1.device(), op);
-  check_ffn_x(x, st, w1.device(), D, op);
-  check_threshold(threshold, op);
-  Weights w{w1.contiguous(), {}, opt(b1), {}, {}, w2_t.contiguous(), {}, opt(b2)};
-  return ffn_cpu(x, w, threshold, D, F);
+  const FfnCall c = prepare_sparse_mlp(x, w1, b1, w2_t, b2, threshold);
+  return ffn_cpu(x, c.w, threshold, c.D, c.F);
 }
 
 at::Tensor sparse_ffn24_cpu(const at::Tensor& x, const at::Tensor& gate_values,
                             const at::Tensor& gate_meta, const at::Tensor& up_values,
                             const at::Tensor& up_meta, const at::Tensor& down_values,
                             const at::Tensor& down_meta, double threshold) {
-  constexpr const char* op = "sparse_ffn24";
-  const auto st = ffn_dtype(gate_values, op, "gate_values");
-  TORCH_CHECK(gate_values.dim() == 2, op, ": gate_values must be 2-D [d_ff, d_model/2], got shape ",
-              gate_values.sizes());
-  const int64_t F = gate_values.size(0), D = gate_values.size(1) * 2;
-  const auto dev = gate_values.device();
-  check_ffn_packed(gate_values, gate_meta, "gate_values", F, D, st, dev, op);
-  check_ffn_packed(up_values, up_meta, "up_values", F, D, st, dev, op);
-  check_ffn_down24(down_values, down_meta, F, D, st, dev, op);
-  check_ffn_x(x, st, dev, D, op);
-  check_threshold(threshold, op);
-  Weights w{gate_values.contiguous(), gate_meta.contiguous(), {}, up_values.contiguous(),
-            up_meta.contiguous(), down_values.contiguous(), down_meta.contiguous(), {}};
-  return ffn_cpu(x, w, threshold, D, F);
+  const FfnCall c = prepare_sparse_ffn24(x, gate_values, gate_meta, up_values, up_meta,
+                                         down_values, down_meta, threshold);
+  return ffn_cpu(x, c.w, threshold, c.D, c.F);
 }
 
 at::Tensor sparse_mlp24_cpu(const at::Tensor& x, const at::Tensor& w1_values,
                             const at::Tensor& w1_meta, const c10::optional<at::Tensor>& b1,
                             const at::Tensor& w2_values, const at::Tensor& w2_meta,
                             const c10::optional<at::Tensor>& b2, double threshold) {
-  constexpr const char* op = "sparse_mlp24";
-  const auto st = ffn_dtype(w1_values, op, "w1_values");
-  TORCH_CHECK(w1_values.dim() == 2, op, ": w1_values must be 2-D [d_ff, d_model/2], got shape ",
-              w1_values.sizes());
-  const int64_t F = w1_values.size(0), D = w1_values.size(1) * 2;
-  const auto dev = w1_values.device();
-  check_ffn_packed(w1_values, w1_meta, "w1_values", F, D, st, dev, op);
-  check_ffn_down24(w2_values, w2_meta, F, D, st, dev, op);
-  check_ffn_bias(b1, "b1", F, st, dev, op);
-  check_ffn_bias(b2, "b2", D, st, dev, op);
-  check_ffn_x(x, st, dev, D, op);
-  check_threshold(threshold, op);
-  Weights w{w1_values.contiguous(), w1_meta.contiguous(), opt(b1), {}, {},
-            w2_values.contiguous(), w2_meta.contiguous(), opt(b2)};
-  return ffn_cpu(x, w, threshold, D, F);
+  const FfnCall c = prepare_sparse_mlp24(x, w1_values, w1_meta, b1, w2_values, w2_meta, b2,
+                                         threshold);
+  return ffn_cpu(x, c.w, threshold, c.D, c.F);
 }
 
 }  // namespace

@@ -32,6 +32,28 @@ constexpr int kGemvMaxRows = 16;
 int sparse24_gemv(DType dtype, const void* x, int64_t M, const void* values, const uint8_t* meta,
                   int64_t N, int64_t K, const void* bias, void* y, void* stream);
 
+// ---- activation-sparse FFN (csrc/cuda/sparse_ffn.cu; layouts as in csrc/core/sparse_ffn.h) ----
+constexpr int kFfnMaxRows = 8;
+struct FfnLaunch {
+  DType dtype = DType::F32;  // of the weights, biases and y
+  int64_t M = 0, D = 0, F = 0;  // M <= kFfnMaxRows, D % 4 == 0 (2:4 down: F % 4 == 0)
+  const float* x = nullptr;     // [M, D] fp32 contiguous
+  const void* gate_values = nullptr;  // plain FFN: w1
+  const uint8_t* gate_meta = nullptr;  // null: dense
+  const void* gate_bias = nullptr;     // plain FFN: b1
+  const void* up_values = nullptr;     // null: plain FFN
+  const uint8_t* up_meta = nullptr;
+  const void* down_values = nullptr;   // W_down^T [F, D], or [F/4, 2, D] when down_meta is set
+  const uint8_t* down_meta = nullptr;
+  const void* down_bias = nullptr;
+  float threshold = 0.f;
+  float* h = nullptr;        // scratch, M * F floats
+  float* partial = nullptr;  // scratch, ffn_down_chunks(F) * M * D floats
+  void* y = nullptr;         // [M, D]
+};
+int64_t ffn_down_chunks(int64_t F);
+int sparse_ffn(const FfnLaunch& args, void* stream);
+
 // ---- cuSPARSELt (bf16/fp16 only: for fp32 its 50% pattern is 1:2, not 2:4) -------------------
 struct CsltInfo {
   bool available = false;  // a handle could be created (needs a GPU)
