@@ -36,40 +36,53 @@ from pysparse import formats, ops
 SHAPES = {"4096x11008": "LLaMA-7B", "2048x5632": "1B-class", "384x1536": "MiniLM"}
 
 
-def make_case(D: int, Fd: int, M: int, sparsity: float, pattern: str, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    wg = torch.randn(Fd, D, generator=g) / math.sqrt(D)
-    wu = torch.randn(Fd, D, generator=g) / math.sqrt(D)
-    wd = torch.randn(D, Fd, generator=g) / math.sqrt(Fd)
-    if pattern == "clustered":
-        heat = torch.rand(Fd // 64 + 1, generator=g).repeat_interleave(64)[:Fd] * 1.5 + 0.25
-        wg = wg * heat[:, None]
-        base = torch.randn(D, generator=g)
-        x = 0.9 * base + 0.45 * torch.randn(M, D, generator=g)
-    else:
-        x = torch.randn(M, D, generator=g)
-    gate = x @ wg.T
-    t = float(torch.quantile(gate.flatten()[:1_000_000], sparsity)) if sparsity > 0 else -1.0
-    if t >= 0:  # one threshold for the whole batch, at the sparsity's quantile of the gate values
-        return x, wg, wu, wd, t
-    # The op's threshold is >= 0, so low sparsities are made with the signs instead: flip gate
-    # rows so that a random (1 - sparsity) share of neurons is positive for the first token, the
-    # rest negative, threshold 0 (the other tokens of the batch fire independently).
-    want = torch.rand(Fd, generator=g) >= sparsity
-    sign = torch.where((gate[0] >= 0) == want, 1.0, -1.0)
-    return x, wg * sign[:, None], wu, wd, 0.0
+class Weights:
+    """One shape/dtype/pattern's weights, their 2:4 forms and a batch of x (built once; the cases
+    differ by batch size and threshold, and at low sparsity by the gate's row signs)."""
+
+    def __init__(self, D: int, Fd: int, pattern: str, dtype: torch.dtype, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.gen = g
+        wg = torch.randn(Fd, D, generator=g) / math.sqrt(D)
+        wu = torch.randn(Fd, D, generator=g) / math.sqrt(D)
+        wd = torch.randn(D, Fd, generator=g) / math.sqrt(Fd)
+        if pattern == "clustered":
+            heat = torch.rand(Fd // 64 + 1, generator=g).repeat_interleave(64)[:Fd] * 1.5 + 0.25
+            wg = wg * heat[:, None]
+            x = 0.9 * torch.randn(D, generator=g) + 0.45 * torch.randn(16, D, generator=g)
+        else:
+            x = torch.randn(16, D, generator=g)
+        self.D, self.Fd, self.dtype = D, Fd, dtype
+        self.wg32, self.x32 = wg, x
+        self.x = x.to(dtype)
+        self.wg, self.wu, self.wd = (w.to(dtype) for w in (wg, wu, wd))
+        self.wdt = self.wd.T.contiguous()
+        self.g24 = ops.compress24(ops.prune24(self.wg))
+        self.u24 = ops.compress24(ops.prune24(self.wu))
+        self.d24 = formats.pack_down24(*ops.compress24(ops.prune24(self.wd)))
+
+    def case(self, M: int, sparsity: float):
+        """(x, wg, g24, threshold) for M rows at about ``sparsity`` over the batch."""
+        x = self.x[:M]
+        gate = self.x32[:M] @ self.wg32.T
+        t = float(torch.quantile(gate.flatten()[:1_000_000], sparsity)) if sparsity > 0 else -1.0
+        if t >= 0:  # one threshold for the whole batch, at the sparsity's quantile
+            return x, self.wg, self.g24, t
+        # The op's threshold is >= 0, so low sparsities are made with the signs instead: flip gate
+        # rows so that a random (1 - sparsity) share of neurons is positive for the first token,
+        # the rest negative, threshold 0 (the other tokens of the batch fire independently).
+        want = torch.rand(self.Fd, generator=self.gen) >= sparsity
+        sign = torch.where((gate[0] >= 0) == want, 1.0, -1.0)[:, None].to(self.dtype)
+        wg = self.wg * sign
+        return x, wg, ops.compress24(ops.prune24(wg)), 0.0
 
 
-def run_case(shape, D, Fd, M, sp, pattern, dname, args, stream) -> str:
+def run_case(W: Weights, shape, M, sp, pattern, dname, args, stream) -> str:
     """One table row: times torch dense, sparse_ffn and sparse_ffn24 on one case."""
-    dtype = getattr(torch, dname)
-    es = torch.tensor([], dtype=dtype).element_size()
-    x, wg, wu, wd, t = make_case(D, Fd, M, sp / 100, pattern)
-    x, wg, wu, wd = (v.to(dtype) for v in (x, wg, wu, wd))
-    wdt = wd.T.contiguous()
-    g24 = ops.compress24(ops.prune24(wg))
-    u24 = ops.compress24(ops.prune24(wu))
-    d24 = formats.pack_down24(*ops.compress24(ops.prune24(wd)))
+    D, Fd = W.D, W.Fd
+    es = torch.tensor([], dtype=W.dtype).element_size()
+    x, wg, g24, t = W.case(M, sp / 100)
+    wu, wd, wdt, u24, d24 = W.wu, W.wd, W.wdt, W.u24, W.d24
 
     def dense():
         gt = F.linear(x, wg)
@@ -134,12 +147,11 @@ def main() -> None:
             es = torch.tensor([], dtype=dtype).element_size()
             stream = stream_read_gbs(Fd * D * es, args.repeats, args.seconds)
             for pattern in args.patterns:
+                W = Weights(D, Fd, pattern, dtype)
                 for sp in args.sparsities:
                     for M in args.batches:
-                        print(
-                            run_case(shape, D, Fd, M, sp, pattern, dname, args, stream),
-                            flush=True,
-                        )
+                        print(run_case(W, shape, M, sp, pattern, dname, args, stream), flush=True)
+                del W
             print(f"<!-- {shape} {dname}: streaming read {stream:.1f} GB/s -->")
 
 
