@@ -8,7 +8,9 @@ machine drifts) and, for the pysparse kernels, the bandwidth they achieve: the b
 (gate in full; up rows and down rows of the neurons active for some row of the batch; 2:4: packed
 bytes, down by groups of 4 neurons) / time, as a fraction of the roof: the faster of a streaming read
 (``torch.sum``) and torch's dense FFN itself (bytes of its three weights / time), both timed in the
-same run. The 2:4 rows use the same activation pattern on 2:4-pruned weights (magnitude), so their
+same run. ``--down-rows`` adds the 2:4 FFN with the other down layout (W_down pruned 2:4 along
+d_model, each active neuron's packed row read; see csrc/core/sparse_ffn.h) and the megabytes each
+2:4 layout must read. The 2:4 columns use the same activation pattern on 2:4-pruned weights (magnitude), so their
 ratio is against the same dense FFN.
 
 Activation patterns (the threshold is set per case to hit the target sparsity over the batch):
@@ -60,6 +62,8 @@ class Weights:
         self.g24 = ops.compress24(ops.prune24(self.wg))
         self.u24 = ops.compress24(ops.prune24(self.wu))
         self.d24 = formats.pack_down24(*ops.compress24(ops.prune24(self.wd)))
+        # the other 2:4 down layout: W_down^T pruned along d_model, packed by neuron row
+        self.d24_rows = ops.compress24(ops.prune24(self.wdt))
 
     def case(self, M: int, sparsity: float):
         """(x, wg, g24, threshold) for M rows at about ``sparsity`` over the batch."""
@@ -103,13 +107,21 @@ def run_case(W: Weights, shape, M, sp, pattern, dname, args, stream) -> str:
     half = D // 2 * es + (D + 7) // 8  # one packed row
     need24 = Fd * half + int(gate24.sum()) * half + groups24 * (2 * D * es + D // 2)
     bw, bw24 = need / ts / 1e9, need24 / ts24 / 1e9
+    rows = ""
+    if args.down_rows:
+        d24r = W.d24_rows
+        _, tsr, rr = paired_times(
+            dense, lambda: ops.sparse_ffn24(x, g24, u24, d24r, t), args.repeats, args.seconds
+        )
+        need_r = Fd * half + int(gate24.sum()) * half + n_act * half
+        rows = f" {tsr * 1e3:.2f} | {rr:.2f}x | {need_r / 1e6:.0f} vs {need24 / 1e6:.0f} |"
     # The roof: the faster of a plain read and torch's own dense FFN (which reads all three
     # weights), both timed in this run.
     roof = max(stream, 3 * Fd * D * es / td / 1e9)
     return (
         f"| {shape} | {dname} | {pattern} | {sp:g}% | {M} | {n_act / Fd:.0%} | "
         f"{td * 1e3:.2f} | {ts * 1e3:.2f} | {r:.2f}x | {bw:.1f} ({bw / roof:.0%}) | "
-        f"{ts24 * 1e3:.2f} | {r24:.2f}x | {bw24:.1f} ({bw24 / roof:.0%}) |"
+        f"{ts24 * 1e3:.2f} | {r24:.2f}x | {bw24:.1f} ({bw24 / roof:.0%}) |{rows}"
     )
 
 
@@ -125,6 +137,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--seconds", type=float, default=0.5)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument(
+        "--down-rows",
+        action="store_true",
+        help="also time the 2:4 FFN with the down weight pruned along d_model (by-row layout)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.shapes, args.sparsities, args.batches = ["4096x11008"], [0, 90], [1]
@@ -135,11 +152,15 @@ def main() -> None:
         f"# sparse_ffn / sparse_ffn24 vs torch dense gated FFN | torch {torch.__version__} | "
         f"threads {threads} | impl {pysparse._C.cpu_info().get('ffn_impl', '?')}"
     )
+    extra = " 2:4 rows ms | 2:4 rows x | MB read rows vs groups |" if args.down_rows else ""
     print(
         "| shape | dtype | pattern | sparsity | batch | active (union) | dense ms | ffn ms | "
-        "ffn x | ffn GB/s (% roof) | 2:4 ms | 2:4 x | 2:4 GB/s (% roof) |"
+        "ffn x | ffn GB/s (% roof) | 2:4 ms | 2:4 x | 2:4 GB/s (% roof) |" + extra
     )
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        + "---:|" * (3 * bool(extra))
+    )
     for shape in args.shapes:
         D, Fd = (int(v) for v in shape.split("x"))
         for dname in args.dtypes:

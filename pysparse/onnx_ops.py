@@ -109,24 +109,26 @@ def sparse_mlp(x: Any, w1: Any, b1: Any, w2_t: Any, b2: Any, threshold: float = 
     return y if b2 is None else op.Add(y, b2)
 
 
+def _dense_down(dv: Any, dm: Any) -> Any:
+    """W_down^T from either 2:4 down layout of the FFN ops (by neuron group, or by row)."""
+    shape = getattr(dv, "shape", None)
+    if shape is not None and len(shape) == 2:
+        return _dense_from_packed(dv, dm)
+    return _dense_down_from_groups(dv, dm)
+
+
 def sparse_ffn24(
     x: Any, gv: Any, gm: Any, uv: Any, um: Any, dv: Any, dm: Any, threshold: float = 0.0
 ) -> Any:
     return sparse_ffn(
-        x,
-        _dense_from_packed(gv, gm),
-        _dense_from_packed(uv, um),
-        _dense_down_from_groups(dv, dm),
-        threshold,
+        x, _dense_from_packed(gv, gm), _dense_from_packed(uv, um), _dense_down(dv, dm), threshold
     )
 
 
 def sparse_mlp24(
     x: Any, w1v: Any, w1m: Any, b1: Any, w2v: Any, w2m: Any, b2: Any, threshold: float = 0.0
 ) -> Any:
-    return sparse_mlp(
-        x, _dense_from_packed(w1v, w1m), b1, _dense_down_from_groups(w2v, w2m), b2, threshold
-    )
+    return sparse_mlp(x, _dense_from_packed(w1v, w1m), b1, _dense_down(w2v, w2m), b2, threshold)
 
 
 def translation_table() -> dict[Any, Any]:

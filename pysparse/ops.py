@@ -186,7 +186,10 @@ def sparse_ffn24(
         down: ``(values [d_ff/4, 2, d_model], meta uint8 [d_ff/4, ceil(d_model/2)])`` from
             ``pysparse.formats.pack_down24`` — the down weight pruned 2:4 along d_ff (what every
             mask pass makes) regrouped so that each group of 4 neurons is one contiguous block, read
-            only when one of its neurons is active.
+            only when one of its neurons is active. Or, for a down weight pruned 2:4 along d_model
+            instead, ``compress24(W_down.T)`` (values ``[d_ff, d_model/2]``): then each active
+            neuron's half-size row is read and nothing else (fewer bytes at high sparsity; but no
+            mask pass makes that pattern yet, and cuSPARSELt cannot run it).
         threshold: ``t >= 0``.
     """
     pysparse.require_extension()
@@ -279,8 +282,9 @@ def _register_fakes() -> None:
 
     def _down24_check(op, dv, dm, F, D):
         torch._check(
-            dv.dim() == 3 and dv.shape[0] * 4 == F and dv.shape[2] == D,
-            lambda: f"{op}: down_values must be [d_ff/4, 2, d_model]",
+            (dv.dim() == 3 and dv.shape[0] * 4 == F and dv.shape[2] == D)
+            or (dv.dim() == 2 and dv.shape[0] == F and dv.shape[1] * 2 == D),
+            lambda: f"{op}: down_values must be [d_ff/4, 2, d_model] or [d_ff, d_model/2]",
         )
         torch._check(dm.dtype == torch.uint8, lambda: f"{op}: down_meta must be uint8")
 

@@ -145,6 +145,7 @@ def test_ffn_ops_match_reference_on_cuda(dtype, M, D, F):
     g24 = ops.compress24(ops.prune24(wg))
     u24 = ops.compress24(ops.prune24(wu))
     d24 = pysparse.formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
+    d24_rows = ops.compress24(ops.prune24(wdt))
     cuda = lambda ts: tuple(v.cuda() for v in ts)
     cases = [
         (ops.sparse_ffn, (x, wg, wu, wdt, t), R.reference_sparse_ffn(x, wg, wu, wdt, t)),
@@ -158,6 +159,11 @@ def test_ffn_ops_match_reference_on_cuda(dtype, M, D, F):
             ops.sparse_mlp24,
             (x.cuda(), cuda(g24), b1.cuda(), cuda(d24), b2.cuda(), t),
             R.reference_sparse_mlp(x, g24, b1, d24, b2, t),
+        ),
+        (  # the by-row 2:4 down layout
+            ops.sparse_ffn24,
+            (x.cuda(), cuda(g24), cuda(u24), cuda(d24_rows), t),
+            R.reference_sparse_ffn(x, g24, u24, d24_rows, t),
         ),
     ]
     for fn, args, ref in cases:

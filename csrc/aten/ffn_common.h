@@ -66,22 +66,33 @@ inline void check_ffn_packed(const at::Tensor& v, const at::Tensor& m, const cha
               " but the other weights are on ", dev);
 }
 
-// The down projection regrouped by neuron group: values [F/4, 2, D], meta uint8 [F/4, ceil(D/2)].
-inline void check_ffn_down24(const at::Tensor& v, const at::Tensor& m, int64_t F, int64_t D,
+// The 2:4 down projection: regrouped by neuron group, values [F/4, 2, D] + meta uint8
+// [F/4, ceil(D/2)] (pack_down24 of the usual mask along d_ff), or by neuron row, W_down^T [F, D]
+// pruned along d_model and packed by compress24 (values [F, D/2], meta [F, ceil(D/8)]).
+// Returns whether it is the by-row layout.
+inline bool check_ffn_down24(const at::Tensor& v, const at::Tensor& m, int64_t F, int64_t D,
                              at::ScalarType st, const at::Device& dev, const char* op) {
-  const char* fix = "; make it from the compressed down weight with pysparse.formats.pack_down24";
-  TORCH_CHECK(F % 4 == 0, op, ": d_ff must be a multiple of 4 for a 2:4 down projection, got ", F);
-  TORCH_CHECK(v.dim() == 3 && v.size(0) == F / 4 && v.size(1) == 2 && v.size(2) == D, op,
-              ": down_values must be [d_ff/4, 2, d_model] = [", F / 4, ", 2, ", D, "], got shape ",
-              v.sizes(), fix);
-  TORCH_CHECK(m.dim() == 2 && m.size(0) == F / 4 && m.size(1) == (D + 1) / 2, op,
-              ": down_meta must be [d_ff/4, ceil(d_model/2)] = [", F / 4, ", ", (D + 1) / 2,
-              "], got shape ", m.sizes(), fix);
-  TORCH_CHECK(m.scalar_type() == at::kByte, op, ": down_meta must be uint8, got ", m.scalar_type(), fix);
+  const char* fix =
+      "; make it with pysparse.formats.pack_down24 from the compressed down weight (mask along "
+      "d_ff), or compress24(W_down.T) for a mask along d_model";
   TORCH_CHECK(v.scalar_type() == st, op, ": down_values is ", v.scalar_type(),
               " but the other weights are ", st);
   TORCH_CHECK(v.device() == dev && m.device() == dev, op, ": down_values/down_meta are on ",
               v.device(), "/", m.device(), " but the other weights are on ", dev);
+  TORCH_CHECK(m.scalar_type() == at::kByte, op, ": down_meta must be uint8, got ", m.scalar_type(), fix);
+  if (v.dim() == 2) {
+    check_packed(v, m, D, op);
+    TORCH_CHECK(v.size(0) == F, op, ": down_values (by row) has ", v.size(0), " rows but d_ff is ", F, fix);
+    return true;
+  }
+  TORCH_CHECK(F % 4 == 0, op, ": d_ff must be a multiple of 4 for a 2:4 down projection, got ", F);
+  TORCH_CHECK(v.dim() == 3 && v.size(0) == F / 4 && v.size(1) == 2 && v.size(2) == D, op,
+              ": down_values must be [d_ff/4, 2, d_model] = [", F / 4, ", 2, ", D,
+              "] (or [d_ff, d_model/2] by row), got shape ", v.sizes(), fix);
+  TORCH_CHECK(m.dim() == 2 && m.size(0) == F / 4 && m.size(1) == (D + 1) / 2, op,
+              ": down_meta must be [d_ff/4, ceil(d_model/2)] = [", F / 4, ", ", (D + 1) / 2,
+              "], got shape ", m.sizes(), fix);
+  return false;
 }
 
 inline void check_ffn_bias(const c10::optional<at::Tensor>& b, const char* name, int64_t n,
@@ -121,12 +132,20 @@ inline at::Tensor call_sparse24_linear(const at::Tensor& x, const at::Tensor& v,
   return op.call(x, v, m, b.defined() ? c10::optional<at::Tensor>(b) : c10::nullopt);
 }
 
+inline at::Tensor call_decompress24(const at::Tensor& v, const at::Tensor& m, int64_t K) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("pysparse::decompress24", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t)>();
+  return op.call(v, m, K);
+}
+
 // The FFN ops' weights, normalised: gate (plain: w1) + bias, up (plain: undefined), down (dense
 // W_down^T [F, D], or the neuron-group 2:4 layout when dm is defined) + bias.
 struct FfnWeights {
   at::Tensor gv, gm, b1;
   at::Tensor uv, um;
   at::Tensor dv, dm, b2;
+  bool down_by_row = false;
 };
 
 inline at::Tensor linear_any(const at::Tensor& x2, const at::Tensor& v, const at::Tensor& m,
@@ -140,7 +159,9 @@ inline at::Tensor linear_any(const at::Tensor& x2, const at::Tensor& v, const at
 inline at::Tensor ffn_dense_route(const at::Tensor& x2, const FfnWeights& w, double t, int64_t D) {
   at::Tensor h = fatrelu_dense(linear_any(x2, w.gv, w.gm, w.b1), t);
   if (w.uv.defined()) h = h * linear_any(x2, w.uv, w.um, at::Tensor());
-  at::Tensor wd = w.dm.defined() ? unpack_down24(w.dv, w.dm, D) : w.dv;
+  at::Tensor wd = !w.dm.defined() ? w.dv
+                  : w.down_by_row ? call_decompress24(w.dv, w.dm, D)
+                                  : unpack_down24(w.dv, w.dm, D);
   return w.b2.defined() ? at::addmm(w.b2, h, wd) : at::mm(h, wd);
 }
 
@@ -194,11 +215,11 @@ inline FfnCall prepare_sparse_ffn24(const at::Tensor& x, const at::Tensor& gate_
   const auto dev = gate_values.device();
   check_ffn_packed(gate_values, gate_meta, "gate_values", F, D, st, dev, op);
   check_ffn_packed(up_values, up_meta, "up_values", F, D, st, dev, op);
-  check_ffn_down24(down_values, down_meta, F, D, st, dev, op);
+  const bool by_row = check_ffn_down24(down_values, down_meta, F, D, st, dev, op);
   check_ffn_x(x, st, dev, D, op);
   check_threshold(threshold, op);
   FfnWeights w{gate_values.contiguous(), gate_meta.contiguous(), {}, up_values.contiguous(),
-            up_meta.contiguous(), down_values.contiguous(), down_meta.contiguous(), {}};
+            up_meta.contiguous(), down_values.contiguous(), down_meta.contiguous(), {}, by_row};
   return {w, D, F};
 }
 
@@ -213,13 +234,13 @@ inline FfnCall prepare_sparse_mlp24(const at::Tensor& x, const at::Tensor& w1_va
   const int64_t F = w1_values.size(0), D = w1_values.size(1) * 2;
   const auto dev = w1_values.device();
   check_ffn_packed(w1_values, w1_meta, "w1_values", F, D, st, dev, op);
-  check_ffn_down24(w2_values, w2_meta, F, D, st, dev, op);
+  const bool by_row = check_ffn_down24(w2_values, w2_meta, F, D, st, dev, op);
   check_ffn_bias(b1, "b1", F, st, dev, op);
   check_ffn_bias(b2, "b2", D, st, dev, op);
   check_ffn_x(x, st, dev, D, op);
   check_threshold(threshold, op);
   FfnWeights w{w1_values.contiguous(), w1_meta.contiguous(), opt(b1), {}, {},
-            w2_values.contiguous(), w2_meta.contiguous(), opt(b2)};
+            w2_values.contiguous(), w2_meta.contiguous(), opt(b2), by_row};
   return {w, D, F};
 }
 

@@ -2,6 +2,7 @@
 // at decode batch sizes, or torch's dense kernels where they are faster.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include "../core/sparse_ffn.h"
@@ -21,8 +22,24 @@ constexpr int64_t kSparseMaxRows = 16;
 // at 1 row they tie with every neuron active (0.99x); at 16 rows, computing per row of x, they lose
 // once most neurons are active (union 100%: 0.6x). So from 9 rows the gate is torch's GEMM, and
 // the up/down projections go to torch's GEMM too when more than this share of neurons is active:
-double dense_tail_above(int64_t M) { return M <= 4 ? 1.01 : (M <= 8 ? 0.9 : 0.6); }
-constexpr int64_t kOwnGateMaxRows = 8;
+// bf16 on a CPU with AMX-BF16 is another matter: torch's dense bf16 GEMM runs on the AMX tiles and
+// costs the same at 4 or 16 rows as at 1 (LLaMA-7B shape: ~20 ms), while our kernels widen bf16 to
+// fp32 and compute per row (M=4, every neuron active: 0.56x). There only one row runs wholly on
+// our kernels; from 2 rows the gate is torch's, and the rest is ours only while few neurons fire
+// (M=4 at 35% active: 1.0x with our gate).
+struct Crossover {
+  int64_t own_gate_max_rows;
+  double dense_tail_above;
+};
+Crossover crossover(int64_t M, at::ScalarType st) {
+  static const bool amx = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    const auto it = caps.find("amx_bf16");
+    return it != caps.end() && it->second.isBool() && it->second.toBool();
+  }();
+  if (st == at::kBFloat16 && amx) return {1, M <= 1 ? 1.01 : (M <= 4 ? 0.35 : 0.2)};
+  return {8, M <= 4 ? 1.01 : (M <= 8 ? 0.9 : 0.6)};
+}
 
 using Weights = FfnWeights;
 
@@ -46,13 +63,15 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   p.gate_bias = ptr(w.b1);
   p.up = {ptr(w.uv), mptr(w.um)};
   p.down = {ptr(w.dv), mptr(w.dm)};
+  p.down_by_row = w.down_by_row;
   p.down_bias = ptr(w.b2);
   p.threshold = static_cast<float>(t);
   p.nthreads = at::get_num_threads();
   const bool packed = w.gm.defined();
   at::Tensor a, active;
   int64_t n = 0;
-  if (packed || M <= kOwnGateMaxRows) {
+  const Crossover cross = crossover(M, st);
+  if (packed || M <= cross.own_gate_max_rows) {
     a = at::empty({M, F}, xf.options());
     active = at::empty({F}, xf.options().dtype(at::kInt));
     n = core::ffn_gate(p, a.data_ptr<float>(), active.data_ptr<int32_t>());
@@ -61,7 +80,7 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
     active = (a != 0).any(0).nonzero().flatten().to(at::kInt).contiguous();
     n = active.numel();
   }
-  const bool crowded = static_cast<double>(n) > dense_tail_above(M) * static_cast<double>(F);
+  const bool crowded = static_cast<double>(n) > cross.dense_tail_above * static_cast<double>(F);
   if (crowded && !packed) {
     at::Tensor h = w.uv.defined() ? a * at::mm(x2, w.uv.t()).to(at::kFloat) : a;
     h = h.to(st);

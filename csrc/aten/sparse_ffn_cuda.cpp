@@ -41,6 +41,7 @@ at::Tensor ffn_cuda(const at::Tensor& x, const FfnWeights& w, double t, int64_t 
   a.up_meta = mptr(w.um);
   a.down_values = ptr(w.dv);
   a.down_meta = mptr(w.dm);
+  a.down_by_row = w.down_by_row;
   a.down_bias = ptr(w.b2);
   a.threshold = static_cast<float>(t);
   a.h = h.data_ptr<float>();

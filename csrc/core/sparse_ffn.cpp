@@ -80,6 +80,20 @@ void axpy_dense_rows(const float* h, const W* const* rows, float* acc, int64_t l
 }
 
 template <int R, typename W>
+void axpy_packed_rows(const float* h, const W* const* v, const uint8_t* const* meta, float* acc,
+                      int64_t len) {
+  for (int64_t g = 0; g < len / 4; ++g) {
+    float s[4] = {acc[4 * g], acc[4 * g + 1], acc[4 * g + 2], acc[4 * g + 3]};
+    for (int r = 0; r < R; ++r) {
+      const unsigned nib = (meta[r][g / 2] >> ((g & 1) * 4)) & 0xFu;
+      s[nib & 3u] = std::fma(h[r], load1(v[r] + 2 * g), s[nib & 3u]);
+      s[nib >> 2] = std::fma(h[r], load1(v[r] + 2 * g + 1), s[nib >> 2]);
+    }
+    for (int i = 0; i < 4; ++i) acc[4 * g + i] = s[i];
+  }
+}
+
+template <int R, typename W>
 void axpy_group_rows(const float* const* h4, const W* const* v0, const W* const* v1,
                      const uint8_t* const* meta, float* acc, int64_t len) {
   for (int64_t i = 0; i < len; ++i) {

@@ -27,6 +27,11 @@
 //                          lower kept index of each output's group, plane 1 the higher), meta
 //                          [F/4, ceil(D/2)] one nibble idx0 | idx1 << 2 per output n, n even in the
 //                          low nibble. A group is read when any of its 4 neurons is active.
+//                          Or 2:4 packed "by neuron row" (down_by_row): W_down^T [F, D] pruned 2:4
+//                          along D and packed as compress24 does (values [F, D/2], meta
+//                          [F, ceil(D/8)]): each active neuron's half-size row is read, nothing
+//                          else; but the mask is then along d_model, which the mask passes do not
+//                          make and cuSPARSELt cannot run (its 2:4 is along the GEMM's K = d_ff).
 #pragma once
 
 #include <cstdint>
@@ -52,6 +57,7 @@ struct FfnProblem {
   const void* gate_bias = nullptr;  // plain: b1 (weight dtype) or null
   FfnMatrix up;                     // gated: up; plain: values == nullptr
   FfnMatrix down;                   // see the header comment
+  bool down_by_row = false;         // down.meta set: the by-row 2:4 layout (else neuron groups)
   const void* down_bias = nullptr;  // plain: b2 or null
   float threshold = 0.f;
   int nthreads = 0;  // <= 0: OpenMP default

@@ -77,6 +77,59 @@ void axpy_dense_rows(const float* h, const W* const* rows, float* acc, int64_t l
   }
 }
 
+// For a meta byte (two groups, 8 outputs): which of the byte's 4 packed values lands in each
+// output lane, and a mask of the lanes that receive one (the scatter that undoes compression).
+struct ScatterTables {
+  alignas(32) int32_t idx[256][8]{};
+  alignas(32) int32_t mask[256][8]{};
+  constexpr ScatterTables() {
+    for (int b = 0; b < 256; ++b)
+      for (int grp = 0; grp < 2; ++grp) {
+        const int nib = (b >> (4 * grp)) & 0xF;
+        idx[b][4 * grp + (nib & 3)] = 2 * grp;
+        mask[b][4 * grp + (nib & 3)] = -1;
+        idx[b][4 * grp + (nib >> 2)] = 2 * grp + 1;
+        mask[b][4 * grp + (nib >> 2)] = -1;
+      }
+  }
+};
+constexpr ScatterTables kScatter{};
+
+inline __m128 load4f(const float* p) { return _mm_loadu_ps(p); }
+inline __m128 load4f(const uint16_t* p) {
+  __m128i w = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm_castsi128_ps(_mm_slli_epi32(w, 16));
+}
+
+template <int R, typename W>
+void axpy_packed_rows(const float* h, const W* const* v, const uint8_t* const* meta, float* acc,
+                      int64_t len) {
+  __m256 hv[R];
+  for (int r = 0; r < R; ++r) hv[r] = _mm256_set1_ps(h[r]);
+  const int64_t body = len / 8 * 8;
+  for (int64_t i = 0; i < body; i += 8) {
+    __m256 s = _mm256_loadu_ps(acc + i);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t b = meta[r][i / 8];
+      const __m256 vals = _mm256_castps128_ps256(load4f(v[r] + i / 2));
+      const __m256i ix = _mm256_load_si256(reinterpret_cast<const __m256i*>(kScatter.idx[b]));
+      const __m256 mk = _mm256_load_ps(reinterpret_cast<const float*>(kScatter.mask[b]));
+      const __m256 w = _mm256_and_ps(_mm256_permutevar8x32_ps(vals, ix), mk);
+      s = _mm256_fmadd_ps(hv[r], w, s);
+    }
+    _mm256_storeu_ps(acc + i, s);
+  }
+  for (int64_t g = body / 4; g < len / 4; ++g) {  // a last group of 4 (d_model % 8 == 4)
+    float s[4] = {acc[4 * g], acc[4 * g + 1], acc[4 * g + 2], acc[4 * g + 3]};
+    for (int r = 0; r < R; ++r) {
+      const unsigned nib = (meta[r][g / 2] >> ((g & 1) * 4)) & 0xFu;
+      s[nib & 3u] = std::fma(h[r], load1(v[r] + 2 * g), s[nib & 3u]);
+      s[nib >> 2] = std::fma(h[r], load1(v[r] + 2 * g + 1), s[nib >> 2]);
+    }
+    for (int k = 0; k < 4; ++k) acc[4 * g + k] = s[k];
+  }
+}
+
 template <int R, typename W>
 void axpy_group_rows(const float* const* h4, const W* const* v0, const W* const* v1,
                      const uint8_t* const* meta, float* acc, int64_t len) {

@@ -45,6 +45,7 @@ struct FfnLaunch {
   const uint8_t* up_meta = nullptr;
   const void* down_values = nullptr;   // W_down^T [F, D], or [F/4, 2, D] when down_meta is set
   const uint8_t* down_meta = nullptr;
+  bool down_by_row = false;            // down_meta set: W_down^T packed 2:4 along D (compress24)
   const void* down_bias = nullptr;
   float threshold = 0.f;
   float* h = nullptr;        // scratch, M * F floats

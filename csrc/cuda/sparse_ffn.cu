@@ -134,8 +134,9 @@ __global__ void neuron_kernel(const float* __restrict__ x, int M, int64_t D, int
   }
 }
 
-// grouped == false: dv is W_down^T [F, D]. grouped == true: dv [F/4, 2, D], dm [F/4, ceil(D/2)].
-template <typename T, int MT, bool kGrouped>
+// kMode 0: dv is W_down^T [F, D]. 1 (groups): dv [F/4, 2, D], dm [F/4, ceil(D/2)]. 2 (rows):
+// W_down^T packed 2:4 along D, dv [F, D/2], dm [F, ceil(D/8)]; a thread's 4 columns are one group.
+template <typename T, int MT, int kMode>
 __global__ void down_kernel(const float* __restrict__ h, int M, int64_t D, int64_t F,
                             const T* __restrict__ dv, const uint8_t* __restrict__ dm,
                             float* __restrict__ partial) {
@@ -161,7 +162,22 @@ __global__ void down_kernel(const float* __restrict__ h, int M, int64_t D, int64
 #pragma unroll
     for (int j = 0; j < 4; ++j) acc[m][j] = 0.f;
   if (n < D) {
-    if (!kGrouped) {
+    if (kMode == 2) {
+      const int64_t mcols = (D / 4 + 1) / 2;
+      for (int i = 0; i < nf; ++i) {
+        if (!live[i]) continue;
+        const int64_t f = f0 + i;
+        const float w0 = load1(dv + f * (D / 2) + n / 2), w1 = load1(dv + f * (D / 2) + n / 2 + 1);
+        const unsigned nib = (__ldg(dm + f * mcols + n / 8) >> (4 * ((n / 4) & 1))) & 0xFu;
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            if (j == int(nib & 3u)) acc[m][j] = fmaf(hs[m][i], w0, acc[m][j]);
+            if (j == int(nib >> 2)) acc[m][j] = fmaf(hs[m][i], w1, acc[m][j]);
+          }
+      }
+    } else if (kMode == 0) {
       for (int i = 0; i < nf; ++i) {
         if (!live[i]) continue;
         float w[4];
@@ -223,12 +239,16 @@ int launch(const FfnLaunch& a, cudaStream_t s) {
       static_cast<const T*>(a.gate_bias), static_cast<const T*>(a.up_values), a.up_meta,
       a.threshold, a.h);
   const dim3 grid(blocks_for(a.D, 4 * kDownThreads), static_cast<unsigned>(ffn_down_chunks(a.F)));
-  if (a.down_meta)
-    down_kernel<T, MT, true><<<grid, kDownThreads, 0, s>>>(
+  if (a.down_meta && a.down_by_row)
+    down_kernel<T, MT, 2><<<grid, kDownThreads, 0, s>>>(
+        a.h, static_cast<int>(a.M), a.D, a.F, static_cast<const T*>(a.down_values), a.down_meta,
+        a.partial);
+  else if (a.down_meta)
+    down_kernel<T, MT, 1><<<grid, kDownThreads, 0, s>>>(
         a.h, static_cast<int>(a.M), a.D, a.F, static_cast<const T*>(a.down_values), a.down_meta,
         a.partial);
   else
-    down_kernel<T, MT, false><<<grid, kDownThreads, 0, s>>>(
+    down_kernel<T, MT, 0><<<grid, kDownThreads, 0, s>>>(
         a.h, static_cast<int>(a.M), a.D, a.F, static_cast<const T*>(a.down_values), nullptr,
         a.partial);
   reduce_kernel<T><<<blocks_for(a.M * a.D, 256), 256, 0, s>>>(
@@ -252,7 +272,7 @@ int64_t ffn_down_chunks(int64_t F) { return (F + kChunk - 1) / kChunk; }
 int sparse_ffn(const FfnLaunch& a, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   if (a.M == 0 || a.D == 0) return 0;
-  if (a.M > kFfnMaxRows || a.D % 4 != 0 || (a.down_meta && a.F % 4 != 0))
+  if (a.M > kFfnMaxRows || a.D % 4 != 0 || (a.down_meta && !a.down_by_row && a.F % 4 != 0))
     return static_cast<int>(cudaErrorInvalidValue);
   switch (a.dtype) {
     case DType::F32: return dispatch<float>(a, s);
