@@ -71,7 +71,26 @@ def observe_linear_inputs(
 
 
 class _MaskPass(Pass):
-    """Shared loop: score each prunable weight, keep the top 2 of every group of 4."""
+    """Shared loop: score each prunable weight, keep the top 2 of every group of 4.
+
+    ``down_along``: ``"d_ff"`` (default) groups the FFN down projections' weights along their
+    in_features like every other linear (the pattern cuSPARSELt and ``sparse24_linear`` run);
+    ``"d_model"`` groups them along their out_features instead, the by-row layout of the 2:4
+    activation-sparse FFN kernels: each active neuron's down row is read at half size and nothing
+    else (bench/ffn.py --down-rows: LLaMA-7B shape, batch 1, 90% sparse, fp32: 4.2x torch dense
+    against 3.6x for the d_ff grouping; but slower from 4 rows when most neurons fire). Such down
+    projections run only inside FFNs that ``lower`` maps to ``sparse_ffn24``/``sparse_mlp24``
+    (ReLU/FATReLU FFNs); elsewhere they stay dense (masked)."""
+
+    def __init__(self, down_along: str = "d_ff"):
+        if down_along not in ("d_ff", "d_model"):
+            raise ValueError(
+                f"{self.name}: down_along must be 'd_ff' or 'd_model', got {down_along!r}"
+            )
+        self.down_along = down_along
+
+    def settings(self) -> dict[str, Any]:
+        return {"down_along": self.down_along}
 
     def scores(
         self, gm: fx.GraphModule, ctx: PassContext, targets: list[tuple[fx.Node, dict[str, Any]]]
@@ -84,9 +103,18 @@ class _MaskPass(Pass):
         pruned, kept, total = [], 0, 0
         for node, info in targets:
             w = gm.get_parameter(info["weight"])
+            score = scores.get(node.name)
+            along_out = (
+                self.down_along == "d_model" and info.get("role") == "down" and w.shape[0] % 4 == 0
+            )
             with torch.no_grad():
-                w.copy_(ops.prune24(w.detach(), scores.get(node.name)))
+                if along_out:  # groups of 4 along out_features: prune the transpose
+                    t = None if score is None else score.T.contiguous()
+                    w.copy_(ops.prune24(w.detach().T.contiguous(), t).T)
+                else:
+                    w.copy_(ops.prune24(w.detach(), score))
             info["masked"] = self.name
+            info["mask_axis"] = "out" if along_out else "in"
             pruned.append(info["weight"])
             kept += int((w != 0).sum())
             total += w.numel()

@@ -1,6 +1,8 @@
 """Compress24: pack every 2:4-masked prunable linear into the packed 2:4 layout (pysparse.ops.
 compress24) and attach the packed tensors to the graph module as buffers. The graph itself is
-unchanged (Lower swaps the linears); a prunable weight that is not 2:4 is an error naming it."""
+unchanged (Lower swaps the linears); a prunable weight that is not 2:4 is an error naming it.
+A down projection masked along out_features (a mask pass's ``down_along="d_model"``) is packed
+transposed, the by-row layout of the activation-sparse FFN kernels (``packed_by_row``)."""
 
 from __future__ import annotations
 
@@ -31,12 +33,15 @@ class Compress24(Pass):
             if w.dtype not in (torch.float32, torch.bfloat16):
                 info["packed"] = None
                 continue
-            if not is_24_sparse(w):
+            by_row = info.get("mask_axis") == "out"  # masked along out_features: pack W^T
+            packed_w = w.T.contiguous() if by_row else w.contiguous()
+            if not is_24_sparse(packed_w):
                 raise PassError(
                     f"compress24: weight {info['weight']} (role {info['role']}, layer "
                     f"{info['layer']}) is not 2:4 sparse; run a mask pass over it first"
                 )
-            values, meta = ops.compress24(w.contiguous())
+            values, meta = ops.compress24(packed_w)
+            info["packed_by_row"] = by_row
             vname, mname = packed_names(info["weight"])
             gm.register_buffer(vname, values)
             gm.register_buffer(mname, meta)

@@ -4,7 +4,8 @@
    activation-sparse op each (ProSparse inference): gated ``down(act(gate(x)) * up(x))`` ->
    ``pysparse::sparse_ffn``, plain ``down(act(up(x) + b1)) + b2`` -> ``pysparse::sparse_mlp``; when
    all of the block's linears were compressed 2:4, the 2:4 forms ``sparse_ffn24`` /
-   ``sparse_mlp24`` (the down projection regrouped with ``formats.pack_down24``). A block is left
+   ``sparse_mlp24`` (the down projection regrouped with ``formats.pack_down24``, or, when its mask
+   runs along d_model (``down_along="d_model"``), in the by-row layout compress24 made). A block is left
    to step 2 when its shape does not fit (fused gate_up, biases on a gated FFN, views between the
    nodes, a dtype other than fp32/bf16, only some linears compressed); the report says why.
 2. Every other packed linear (see Compress24) becomes ``pysparse::sparse24_linear``.
@@ -161,10 +162,13 @@ class Lower(Pass):
 
         with graph.inserting_before(down):
             if n_packed:
-                dv, dm = pack_down24(
-                    gm.get_buffer(packed["down"][0]), gm.get_buffer(packed["down"][1])
-                )
-                down_args = (attr("down24_values", dv), attr("down24_meta", dm))
+                if infos.get(down.name, {}).get("packed_by_row"):  # masked along d_model
+                    down_args = tuple(graph.get_attr(n) for n in packed["down"])
+                else:  # masked along d_ff: regroup by groups of 4 neurons
+                    dv, dm = pack_down24(
+                        gm.get_buffer(packed["down"][0]), gm.get_buffer(packed["down"][1])
+                    )
+                    down_args = (attr("down24_values", dv), attr("down24_meta", dm))
                 first = parts["gate" if gated else "up"]
                 fv, fm = (graph.get_attr(n) for n in packed["gate" if gated else "up"])
                 if gated:
@@ -214,8 +218,12 @@ class Lower(Pass):
                     continue
                 ffn_ops[op] = ffn_ops.get(op, 0) + 1
                 dropped += d
+        left_dense = 0
         for node, info in prunable_linears(gm):
             if not info.get("packed"):
+                continue
+            if info.get("packed_by_row"):  # only the FFN kernels run that layout
+                left_dense += 1
                 continue
             vname, mname = info["packed"]
             x, weight = node.args[0], node.args[1]
@@ -236,6 +244,8 @@ class Lower(Pass):
                 _drop_parameter(gm, weight.target)
                 dropped += 1
         report = {"linears_lowered": lowered, "dense_weights_dropped": dropped}
+        if left_dense:
+            report["down_along_d_model_left_dense"] = left_dense
         if self.ffn:
             report["ffns_lowered"] = ffn_ops
             if ffn_skipped:

@@ -12,6 +12,7 @@ from tiny_models import bert_config
 
 import pysparse
 from pysparse.pipeline import PassError
+from pysparse.reference import is_24_sparse
 from pysparse.trace import TraceError, trace
 
 aten = torch.ops.aten
@@ -222,6 +223,43 @@ def test_lowered_ffn_equals_unlowered_graph(build, packed, threshold):
     s_plain = measure_activation_sparsity(plain.gm, batches)
     assert s_fused is not None and len(s_fused) == 2
     assert s_fused == pytest.approx(s_plain, abs=1e-6)
+
+
+@pytest.mark.parametrize("mask", ["magnitude", "wanda"])
+@pytest.mark.parametrize("build", ["llama", "bert"])
+def test_down_masked_along_d_model_runs_on_the_by_row_ffn_kernel(build, mask):
+    """down_along="d_model": the down projections' 2:4 groups run along out_features; compress24
+    packs them transposed, lower feeds them to the FFN op as the by-row layout, and the compiled
+    model equals the masked dense one (at decode size and at the capture size). Without FFN
+    lowering they stay dense."""
+    from pysparse.passes import WandaPrune
+
+    model, args, kwargs = _bert() if build == "bert" else _decoder(build)
+    make = {"magnitude": MagnitudePrune, "wanda": WandaPrune}[mask]
+    dense = pysparse.compile(model, ["relu", make(down_along="d_model")], args, kwargs)
+    for name, info in dense.gm.meta["pysparse"]["linears"].items():
+        if info.get("role") == "down":
+            w = dense.gm.get_parameter(info["weight"])
+            assert is_24_sparse(w.T) and not is_24_sparse(w), name
+    sparse = pysparse.compile(
+        model, ["relu", make(down_along="d_model"), "compress24", "lower"], args, kwargs
+    )
+    op = torch.ops.pysparse.sparse_mlp24 if build == "bert" else torch.ops.pysparse.sparse_ffn24
+    ffn_nodes = [n for n in sparse.gm.graph.nodes if n.target is op.default]
+    assert len(ffn_nodes) == 2
+    down_values = ffn_nodes[0].args[4 if build == "bert" else 5]
+    assert getattr(sparse.gm, down_values.target).dim() == 2  # the by-row layout
+    decode_args = tuple(a[:1, :3] for a in args)
+    decode_kwargs = {k: v[:1, :3] for k, v in kwargs.items()}
+    for a, k in ((args, kwargs), (decode_args, decode_kwargs)):
+        torch.testing.assert_close(
+            _out(sparse(*a, **k)), _out(dense(*a, **k)), rtol=1e-4, atol=1e-5
+        )
+    kept = pysparse.compile(
+        model, ["relu", make(down_along="d_model"), "compress24", Lower(ffn=False)], args, kwargs
+    )
+    assert kept.report[-1]["down_along_d_model_left_dense"] == 2
+    torch.testing.assert_close(_out(kept(*args, **kwargs)), _out(dense(*args, **kwargs)))
 
 
 def test_compiled_graph_exports():
