@@ -4,10 +4,11 @@ token at a time, batch 1, fp32 (or --dtype bfloat16), 2 threads.
 
 Rows (same run, interleaved token by token so the machine's drift hits all alike):
     dense            the model as built (SiLU FFNs), eager Hugging Face forward
-    relu (dense)     pysparse.compile(relu[t]) without lower: the FATReLU model, still dense
     act-sparse       pysparse.compile(relu[t], lower): FFNs on sparse_ffn
     act-sparse + 2:4 pysparse.compile(relu[t], magnitude, compress24, lower): FFNs on sparse_ffn24,
                      attention projections on sparse24_linear
+    ... down by row  the same with the down projections masked along d_model
+                     (MagnitudePrune(down_along="d_model")): the by-row 2:4 FFN layout
 
 The FATReLU threshold t is chosen so that the FFN activations are about --sparsity sparse (the
 measured per-layer sparsity is printed). Each step is a forward of one token with no KV cache: the
@@ -27,7 +28,7 @@ import time
 
 import torch
 import transformers
-from pysparse.passes import ReluSubstitution
+from pysparse.passes import MagnitudePrune, ReluSubstitution
 
 import pysparse
 from pysparse.evaluate import measure_activation_sparsity
@@ -78,9 +79,14 @@ def main() -> None:
     t0 = time.perf_counter()
     rows = {"dense": lambda ids: model(input_ids=ids).logits}
     variants = {
-        "relu (dense)": [ReluSubstitution(t)],
         "act-sparse": [ReluSubstitution(t), "lower"],
         "act-sparse + 2:4": [ReluSubstitution(t), "magnitude", "compress24", "lower"],
+        "act-sparse + 2:4, down by row": [
+            ReluSubstitution(t),
+            MagnitudePrune(down_along="d_model"),
+            "compress24",
+            "lower",
+        ],
     }
     compiled = {}
     for name, passes in variants.items():
