@@ -10,8 +10,8 @@ bytes, down by groups of 4 neurons) / time, as a fraction of the roof: the faste
 (``torch.sum``) and torch's dense FFN itself (bytes of its three weights / time), both timed in the
 same run. ``--down-rows`` adds the 2:4 FFN with the other down layout (W_down pruned 2:4 along
 d_model, each active neuron's packed row read; see csrc/core/sparse_ffn.h) and the megabytes each
-2:4 layout must read. The 2:4 columns use the same activation pattern on 2:4-pruned weights (magnitude), so their
-ratio is against the same dense FFN.
+2:4 layout must read. The 2:4 columns use the same activation pattern on 2:4-pruned weights
+(magnitude), so their ratio is against the same dense FFN.
 
 Activation patterns (the threshold is set per case to hit the target sparsity over the batch):
     independent  random x rows: every token's active set is independent (the worst case at batch > 1)
