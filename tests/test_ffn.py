@@ -162,9 +162,10 @@ def test_leading_dims_noncontiguous_x_and_empty_batch():
 def test_bit_identical_across_threads_and_batch_invariant(form):
     """The down sum is split by output column, so 1 and 2 threads give the same bits; and a row's
     result does not depend on the other rows in its batch (wherever the sparse kernels run: up to 4
-    rows always, up to 16 while few enough neurons fire)."""
+    rows always, up to 16 while few enough neurons fire; FFNs of more than 2^20 weights: smaller
+    ones go to torch's GEMM from 2 rows)."""
     gen = torch.Generator().manual_seed(7)
-    D, F, M = 256, 1024, 4
+    D, F, M = 512, 2304, 4
     x = torch.randn(M, D, generator=gen)
     wg, wu, wdt = (torch.randn(F, D, generator=gen) / 16 for _ in range(3))
     if form == "dense":

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "bf16.cuh"
 #include "sparse24_cuda.h"
 
 namespace pysparse::cuda {
@@ -16,15 +17,6 @@ template <typename Bits>
 __device__ inline bool is_zero(Bits b) {
   constexpr Bits sign = Bits(1) << (sizeof(Bits) * 8 - 1);
   return (b & static_cast<Bits>(~sign)) == 0;
-}
-
-__device__ inline float bf16_to_float(uint16_t h) { return __uint_as_float(uint32_t(h) << 16); }
-
-__device__ inline uint16_t float_to_bf16(float f) {
-  uint32_t bits = __float_as_uint(f);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x0040u);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return uint16_t(bits >> 16);
 }
 
 // Canonical index pair of a group (see csrc/core/sparse24.h): nonzero indices completed with the

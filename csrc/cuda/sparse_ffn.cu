@@ -16,6 +16,7 @@
 
 #include <cstdint>
 
+#include "bf16.cuh"
 #include "sparse24_cuda.h"
 
 namespace pysparse::cuda {
@@ -24,15 +25,6 @@ namespace {
 constexpr int kChunk = 64;         // neurons per down-kernel block (16 groups of 4)
 constexpr int kDownThreads = 256;  // threads per down-kernel block, 4 output columns each
 
-__device__ inline float bf16f(uint16_t h) { return __uint_as_float(uint32_t(h) << 16); }
-
-__device__ inline uint16_t f2bf16(float f) {
-  uint32_t bits = __float_as_uint(f);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return uint16_t((bits >> 16) | 0x0040u);
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return uint16_t(bits >> 16);
-}
-
 // Four consecutive weights as fp32 (16 bytes of fp32, 8 of bf16; the caller guarantees alignment).
 __device__ inline void load4(const float* p, float (&w)[4]) {
   const float4 v = __ldg(reinterpret_cast<const float4*>(p));
@@ -40,13 +32,13 @@ __device__ inline void load4(const float* p, float (&w)[4]) {
 }
 __device__ inline void load4(const uint16_t* p, float (&w)[4]) {
   const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
-  w[0] = bf16f(uint16_t(v.x & 0xFFFFu)), w[1] = bf16f(uint16_t(v.x >> 16));
-  w[2] = bf16f(uint16_t(v.y & 0xFFFFu)), w[3] = bf16f(uint16_t(v.y >> 16));
+  w[0] = bf16_to_float(uint16_t(v.x & 0xFFFFu)), w[1] = bf16_to_float(uint16_t(v.x >> 16));
+  w[2] = bf16_to_float(uint16_t(v.y & 0xFFFFu)), w[3] = bf16_to_float(uint16_t(v.y >> 16));
 }
 __device__ inline float load1(const float* p) { return __ldg(p); }
-__device__ inline float load1(const uint16_t* p) { return bf16f(__ldg(p)); }
+__device__ inline float load1(const uint16_t* p) { return bf16_to_float(__ldg(p)); }
 __device__ inline void store1(float* p, float v) { *p = v; }
-__device__ inline void store1(uint16_t* p, float v) { *p = f2bf16(v); }
+__device__ inline void store1(uint16_t* p, float v) { *p = float_to_bf16(v); }
 
 __device__ inline float warp_sum(float v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
