@@ -11,7 +11,7 @@ import torch
 from torch import fx
 
 from pysparse import ops
-from pysparse.pipeline import Pass, PassContext, PassResult, _call_graph
+from pysparse.pipeline import Pass, PassContext, PassError, PassResult, _call_graph
 from pysparse.progress import track
 
 _log = logging.getLogger(__name__)
@@ -47,9 +47,17 @@ def observe_linear_inputs(
     ``nodes`` (removed afterwards); ``fold(acc, x2)`` accumulates a statistic of the float64
     ``[tokens, in_features]`` inputs, ``acc`` None on the first batch. Returns node name -> acc."""
     stats: dict[str, torch.Tensor] = {}
+    weights = {n.name: n.meta.get("pysparse", {}).get("weight", n.name) for n in nodes}
 
     def observe(x: torch.Tensor, key: str) -> torch.Tensor:
-        stats[key] = fold(stats.get(key), x.detach().reshape(-1, x.shape[-1]).double())
+        x2 = x.detach().reshape(-1, x.shape[-1]).double()
+        if not torch.isfinite(x2).all():
+            raise PassError(
+                f"{desc}: the inputs of the linear with weight {weights[key]} contain NaN or Inf "
+                f"on the calibration data; nothing was pruned. Check the calibration batches (and "
+                f"the model's activations on them)"
+            )
+        stats[key] = fold(stats.get(key), x2)
         return x
 
     observers = []

@@ -28,6 +28,7 @@ what is wrong (missing, truncated or altered file; other format version).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -234,6 +235,16 @@ def save(sm: SparseModel, directory: str | os.PathLike, tokenizer: Any = None) -
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(target)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            raise ArtifactError(
+                f"save {target}: no space left on the device while writing the artifact; nothing "
+                f"was written{' and the existing artifact is unchanged' if target.exists() else ''}. "
+                f"Free space under {target.parent} (the artifact needs about its weights' size) "
+                f"and save again"
+            ) from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -57,6 +57,10 @@ def test_cli_errors_are_clear(tmp_path):
     empty.write_text("\n\n")
     res = _cli("compile", "--calib", str(empty), "--out", str(tmp_path / "a"), cwd=tmp_path)
     assert res.returncode == 2 and "has no text lines" in res.stderr
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 4)
+    res = _cli("compile", "--calib", str(binary), "--out", str(tmp_path / "a"), cwd=tmp_path)
+    assert res.returncode == 2 and "is not UTF-8 text" in res.stderr
     res = _cli("compile", "--passes", "wanda,bogus", "--out", str(tmp_path / "a"), cwd=tmp_path)
     assert res.returncode == 2 and "unknown pass 'bogus'" in res.stderr
     res = _cli("export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"), cwd=tmp_path)

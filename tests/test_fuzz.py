@@ -13,7 +13,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pysparse import ops
+from pysparse import formats, ops
 from pysparse import reference as R
 
 EXAMPLES = 1000 if os.environ.get("PYSPARSE_FUZZ") == "long" else 200
@@ -149,3 +149,76 @@ def test_prox24_matches_reference(lead, groups, lam, scale, transpose, seed):
         base = w.float().transpose(0, -1).contiguous().transpose(0, -1)  # same values, strided
         ops.prox24_(base, lam)
         torch.testing.assert_close(base, ops.prox24(w.float(), lam))
+
+
+FFN_ROUTES = {
+    "native": {},
+    "avx2": {"PYSPARSE_DISABLE_AVX512": "1"},
+    "scalar": {"PYSPARSE_DISABLE_AVX2": "1"},
+}
+
+
+@FUZZ
+@given(
+    M=st.integers(0, 20),
+    lead=st.sampled_from([(), (2,), (1, 3)]),
+    D4=st.integers(1, 40),
+    F4=st.integers(1, 30),
+    form=st.sampled_from(["ffn", "mlp", "ffn24", "mlp24", "ffn24_rows"]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    threshold=st.sampled_from([0.0, 0.125 + 1 / 1024, 0.6 + 1 / 1024]),
+    strided=st.booleans(),
+    bias=st.booleans(),
+    route=st.sampled_from(sorted(FFN_ROUTES)),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_ffn_ops_match_reference(
+    monkeypatch, M, lead, D4, F4, form, dtype, threshold, strided, bias, route, seed
+):
+    """The activation-sparse FFN ops on random shapes (d_model, d_ff multiples of 4 so every form
+    applies), batches on both sides of the 16-row limit, leading dims, strided x, every CPU
+    route. Inputs are small multiples of 1/8 so the gate is exact and fp32 agrees with fp64 on
+    which neurons fire (thresholds sit off that grid); tolerance as in tests/test_ffn.py."""
+    for k in ("PYSPARSE_DISABLE_AVX512", "PYSPARSE_DISABLE_AVX2"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in FFN_ROUTES[route].items():
+        monkeypatch.setenv(k, v)
+    D, F = 4 * D4, 4 * F4
+    gen = torch.Generator().manual_seed(seed)
+
+    def grid(*shape):
+        return (torch.randint(-6, 7, shape, generator=gen).float() / 8).to(dtype)
+
+    wg, wu, wdt = grid(F, D), grid(F, D), grid(F, D)
+    b1, b2 = (grid(F), grid(D)) if bias else (None, None)
+    x = grid(*lead, M, 2 * D)[..., ::2] if strided else grid(*lead, M, D)
+    g24 = ops.compress24(ops.prune24(wg))
+    u24 = ops.compress24(ops.prune24(wu))
+    if form == "ffn":
+        y, ref = ops.sparse_ffn(x, wg, wu, wdt, threshold), (wg, wu, wdt)
+    elif form == "mlp":
+        y = ops.sparse_mlp(x, wg, b1, wdt, b2, threshold)
+    elif form == "ffn24_rows":
+        d24 = ops.compress24(ops.prune24(wdt))
+        y, ref = ops.sparse_ffn24(x, g24, u24, d24, threshold), (g24, u24, d24)
+    else:
+        d24 = formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
+        if form == "ffn24":
+            y, ref = ops.sparse_ffn24(x, g24, u24, d24, threshold), (g24, u24, d24)
+        else:
+            y = ops.sparse_mlp24(x, g24, b1, d24, b2, threshold)
+    assert y.shape == x.shape and y.dtype == dtype
+    x2 = x.reshape(-1, D)
+    if form.startswith("mlp"):
+        w1, w2 = (wg, wdt) if form == "mlp" else (g24, d24)
+        expect = R.reference_sparse_mlp(x2, w1, b1, w2, b2, threshold)
+    else:
+        expect = R.reference_sparse_ffn(x2, *ref, threshold)
+    got = y.reshape(-1, D).double()
+    scale = (expect.abs().max().item() if expect.numel() else 0.0) + 1.0
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expect, atol=1e-5 * scale, rtol=1e-6)
+    elif x2.shape[0] > 1:  # torch's bf16 GEMM may take over (rounds the gate/up products)
+        torch.testing.assert_close(got, expect, atol=2.0**-6 * scale, rtol=2.0**-6)
+    else:
+        torch.testing.assert_close(got, expect, atol=1e-5 * scale, rtol=2.0**-8)

@@ -11,7 +11,7 @@ import torch
 from torch.library import opcheck
 
 import pysparse
-from pysparse import ops
+from pysparse import formats, ops
 from pysparse import reference as R
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -216,6 +216,81 @@ def test_results_are_deterministic_across_thread_counts():
         torch.set_num_threads(before)
     # Each output is one row's reduction in a fixed order, whatever the thread split.
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def _every_cpu_op(gen):
+    """One call of every CPU op on shared inputs (weights read by all callers), as closures; the
+    routes that are pysparse's own kernels (torch's GEMM, where the ops hand work to it, is
+    torch's business)."""
+    w = random_24(257, 1024, torch.float32, gen)
+    wb = w.bfloat16()
+    dense = torch.randn(257, 1024, generator=gen)
+    values, meta = ops.compress24(w)
+    vb, mb = ops.compress24(wb)
+    x1, x37 = torch.randn(1, 1024, generator=gen), torch.randn(37, 1024, generator=gen)
+    wg, wu, wdt = (torch.randn(1024, 256, generator=gen) / 16 for _ in range(3))
+    g24, u24 = ops.compress24(ops.prune24(wg)), ops.compress24(ops.prune24(wu))
+    d24 = formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
+    # one row: the FFN kernels throughout (from 2 rows a small FFN's gate is torch's GEMM)
+    xf = torch.randn(1, 256, generator=gen)
+    return {
+        "compress24": lambda: ops.compress24(w),
+        "decompress24": lambda: ops.decompress24(values, meta, 1024),
+        "prune24": lambda: ops.prune24(dense),
+        "linear_gemv": lambda: ops.sparse24_linear(x1, values, meta),
+        "linear_gemm": lambda: ops.sparse24_linear(x37, values, meta),
+        "linear_bf16": lambda: ops.sparse24_linear(x37[:8].bfloat16(), vb, mb),
+        "prox24": lambda: ops.prox24(dense, 0.3),
+        "sparse_ffn": lambda: ops.sparse_ffn(xf, wg, wu, wdt, 0.3),
+        "sparse_mlp": lambda: ops.sparse_mlp(xf, wg, None, wdt, None, 0.3),
+        "sparse_ffn24": lambda: ops.sparse_ffn24(xf, g24, u24, d24, 0.3),
+    }
+
+
+def _flat(out):
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def test_every_op_is_thread_count_invariant_and_deterministic():
+    calls = _every_cpu_op(torch.Generator().manual_seed(9))
+    before = torch.get_num_threads()
+    try:
+        for name, fn in calls.items():
+            outs = []
+            for nt in (1, 2, 1):
+                torch.set_num_threads(nt)
+                outs.append(_flat(fn()))
+            for o in outs[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(outs[0], o)), name
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_every_op_gives_the_same_bits_from_8_threads_at_once():
+    """No shared mutable scratch: 8 Python threads calling every op on shared weights at once get
+    what a lone call gets."""
+    import threading
+
+    calls = _every_cpu_op(torch.Generator().manual_seed(10))
+    want = {name: _flat(fn()) for name, fn in calls.items()}
+    bad: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def work(i):
+        barrier.wait()
+        names = list(calls)
+        for r in range(3):
+            for name in names[i % len(names) :] + names[: i % len(names)]:
+                got = _flat(calls[name]())
+                if not all(torch.equal(a, b) for a, b in zip(want[name], got)):
+                    bad.append(f"{name} (thread {i}, round {r})")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad, bad
 
 
 # ---- opcheck --------------------------------------------------------------------------------------

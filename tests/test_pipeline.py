@@ -4,6 +4,8 @@ built in code, and plain nn.Modules), capture + structural annotation, each pass
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -416,6 +418,24 @@ def test_load_refuses_damaged_artifacts(tmp_path):
         pysparse.load(good)
     with pytest.raises(ArtifactError, match="manifest.json is missing"):
         pysparse.load(tmp_path / "nowhere")
+    other = pysparse.save(sm, tmp_path / "b")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["format_version"] = 999
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="999 is not supported"):
+        pysparse.load(other)
+
+
+def test_nan_in_calibration_data_is_refused_naming_the_layer():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+    x = torch.randn(4, 8)
+    bad = x.clone()
+    bad[1, 3] = float("nan")
+    for mask in ("wanda", "sparsegpt"):
+        with pytest.raises(
+            PassError, match=r"weight 0.weight contain NaN or Inf.*nothing was pruned"
+        ):
+            pysparse.compile(model, [mask], (x,), calibration=[((bad,), {})])
 
 
 @pytest.mark.parametrize("fmt", ["pt2", "torchscript"])
