@@ -87,16 +87,27 @@ def run_case(W: Weights, shape, M, sp, pattern, dname, args, stream) -> str:
     es = torch.tensor([], dtype=W.dtype).element_size()
     x, wg, g24, t = W.case(M, sp / 100)
     wu, wd, wdt, u24, d24 = W.wu, W.wd, W.wdt, W.u24, W.d24
+    dev = torch.device(args.device)
+    on = (lambda v: tuple(t.to(dev) for t in v)) if dev.type == "cuda" else (lambda v: v)
+    xd, wgd, wud, wdd, wdtd = on((x, wg, wu, wd, wdt))
+    g24d, u24d, d24d = on(g24), on(u24), on(d24)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     def dense():
-        gt = F.linear(x, wg)
-        return F.linear(torch.where(gt >= t, gt, 0) * F.linear(x, wu), wd)
+        gt = F.linear(xd, wgd)
+        out = F.linear(torch.where(gt >= t, gt, 0) * F.linear(xd, wud), wdd)
+        sync()
+        return out
 
     def sparse():
-        return ops.sparse_ffn(x, wg, wu, wdt, t)
+        out = ops.sparse_ffn(xd, wgd, wud, wdtd, t)
+        sync()
+        return out
 
     def sparse24():
-        return ops.sparse_ffn24(x, g24, u24, d24, t)
+        out = ops.sparse_ffn24(xd, g24d, u24d, d24d, t)
+        sync()
+        return out
 
     n_act = int(((x.float() @ wg.float().T) >= t).any(0).sum())
     gate24 = (x.float() @ ops.decompress24(*g24, D).float().T >= t).any(0)
@@ -109,10 +120,14 @@ def run_case(W: Weights, shape, M, sp, pattern, dname, args, stream) -> str:
     bw, bw24 = need / ts / 1e9, need24 / ts24 / 1e9
     rows = ""
     if args.down_rows:
-        d24r = W.d24_rows
-        _, tsr, rr = paired_times(
-            dense, lambda: ops.sparse_ffn24(x, g24, u24, d24r, t), args.repeats, args.seconds
-        )
+        d24r = on(W.d24_rows)
+
+        def rows24():
+            out = ops.sparse_ffn24(xd, g24d, u24d, d24r, t)
+            sync()
+            return out
+
+        _, tsr, rr = paired_times(dense, rows24, args.repeats, args.seconds)
         need_r = Fd * half + int(gate24.sum()) * half + n_act * half
         rows = f" {tsr * 1e3:.2f} | {rr:.2f}x | {need_r / 1e6:.0f} vs {need24 / 1e6:.0f} |"
     # The roof: the faster of a plain read and torch's own dense FFN (which reads all three
@@ -137,6 +152,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--seconds", type=float, default=0.5)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (weights built on the CPU, moved)")
     ap.add_argument(
         "--down-rows",
         action="store_true",
@@ -150,7 +166,8 @@ def main() -> None:
     threads = torch.get_num_threads()
     print(
         f"# sparse_ffn / sparse_ffn24 vs torch dense gated FFN | torch {torch.__version__} | "
-        f"threads {threads} | impl {pysparse._C.cpu_info().get('ffn_impl', '?')}"
+        f"device {args.device} | threads {threads} | "
+        f"impl {pysparse._C.cpu_info().get('ffn_impl', '?')}"
     )
     extra = " 2:4 rows ms | 2:4 rows x | MB read rows vs groups |" if args.down_rows else ""
     print(
@@ -166,7 +183,11 @@ def main() -> None:
         for dname in args.dtypes:
             dtype = getattr(torch, dname)
             es = torch.tensor([], dtype=dtype).element_size()
-            stream = stream_read_gbs(Fd * D * es, args.repeats, args.seconds)
+            stream = (
+                stream_read_gbs(Fd * D * es, args.repeats, args.seconds)
+                if args.device == "cpu"
+                else 0.0  # on a GPU the roof is cuBLAS's own dense FFN
+            )
             for pattern in args.patterns:
                 W = Weights(D, Fd, pattern, dtype)
                 for sp in args.sparsities:

@@ -9,3 +9,4 @@ python -c "import pysparse, json; print(json.dumps(pysparse.build_info(), indent
 python -m pytest -q "$OLDPWD/tests/test_cuda.py" -p no:cacheprovider
 python "$OLDPWD/bench/gpu_linear24.py"
 python "$OLDPWD/bench/prox24.py" --device cuda --lams 0.1,1,10
+python "$OLDPWD/bench/ffn.py" --device cuda --shapes 4096x11008 --dtypes bfloat16 --patterns independent --batches 1 4 --sparsities 0 90 --down-rows

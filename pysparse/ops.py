@@ -140,8 +140,11 @@ def sparse_ffn(
 
     ``fatrelu_t(v) = v if v >= t else 0`` (``t = 0`` is ReLU). Exact, no predictor: the gate is
     computed for every neuron, the up row and the down row only for neurons active for some row of
-    ``x``. Up to 16 rows of ``x`` run on pysparse's kernels (results independent of the thread
-    count); more rows on torch's dense GEMM (the union of active neurons is then nearly all).
+    ``x``. One row of ``x`` always runs on pysparse's kernels; up to 16 rows do while few enough
+    neurons fire (measured crossovers, csrc/aten/sparse_ffn_cpu.cpp), with the gate on torch's GEMM
+    from 9 rows (from 2 for bf16 on AMX CPUs and for small FFNs); otherwise, and always past 16
+    rows, torch's dense GEMM. On pysparse's kernels results are the same bits for any thread count
+    and for a row whatever else is in the batch.
 
     Args:
         x: ``[..., d_model]``, the weights' dtype (float32 or bfloat16).
