@@ -5,6 +5,12 @@
 #include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
+#include <c10/util/intrusive_ptr.h>
+
+#include <algorithm>
+#include <mutex>
+#include <vector>
+
 #include "../core/sparse_ffn.h"
 #include "ffn_common.h"
 
@@ -32,8 +38,9 @@ struct Crossover {
   double dense_tail_above;
 };
 // Small FFNs (MiniLM's 384x1536) stay in cache, where torch's small GEMM beats our per-row kernels
-// from 2 rows once most neurons fire (M=4, all active: 0.75x): there too only one row is ours
-// throughout, and from 2 rows the gate is torch's and the rest ours while at most half fire.
+// from 2 rows (M=4, all active: 0.75x): with dense weights they go to torch outright from 2 rows
+// (see ffn_cpu); with 2:4 weights the up projection moves to the 2:4 GEMV once half the neurons
+// fire.
 Crossover crossover(int64_t M, at::ScalarType st, int64_t weights) {
   static const bool amx = [] {
     const auto caps = at::cpu::get_cpu_capabilities();
@@ -50,11 +57,68 @@ using Weights = FfnWeights;
 const void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 const uint8_t* mptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<uint8_t>() : nullptr; }
 
+// torch's bf16 GEMM (oneDNN on AMX) runs h @ W at half speed when W is W_down^T [F, D] row-major
+// rather than the W_down [D, F] nn.Linear keeps (LLaMA-7B shape, 4 rows: 8.7 vs 4.1 ms; fp32 is
+// indifferent). So the bf16 dense fallback keeps, per down weight, a W_down copy made on first use
+// (the op is only given W_down^T): a third more FFN memory, paid only by models that take that
+// route. Entries die with their weight and are rebuilt if it is modified in place.
+class DownLayoutCache {
+ public:
+  at::Tensor get(const at::Tensor& wdt) {
+    if (wdt.is_inference()) return wdt.t().contiguous();
+    std::lock_guard<std::mutex> lock(mu_);
+    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
+                                  [](const Entry& e) { return e.weight.expired(); }),
+                   entries_.end());
+    for (Entry& e : entries_) {
+      if (e.weight._unsafe_get_target() != wdt.unsafeGetTensorImpl()) continue;
+      if (e.data != wdt.data_ptr() || e.version != static_cast<int64_t>(wdt._version()))
+        e = Entry(wdt);
+      return e.w_down;
+    }
+    entries_.emplace_back(wdt);
+    return entries_.back().w_down;
+  }
+
+ private:
+  struct Entry {
+    explicit Entry(const at::Tensor& wdt)
+        : weight(wdt.getIntrusivePtr()),
+          data(wdt.data_ptr()),
+          version(wdt._version()),
+          w_down(wdt.t().contiguous()) {}
+    c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> weight;
+    const void* data;
+    int64_t version;
+    at::Tensor w_down;
+  };
+  std::mutex mu_;
+  std::vector<Entry> entries_;
+};
+
+// y = h @ W_down^T + b2 on torch's kernels, h in the weights' dtype.
+at::Tensor dense_down(const at::Tensor& h, const Weights& w) {
+  if (h.scalar_type() == at::kBFloat16) {
+    static DownLayoutCache cache;
+    return at::linear(h, cache.get(w.dv), w.b2.defined() ? c10::optional<at::Tensor>(w.b2) : c10::nullopt);
+  }
+  return w.b2.defined() ? at::addmm(w.b2, h, w.dv) : at::mm(h, w.dv);
+}
+
 at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, int64_t F) {
   const auto st = w.gv.scalar_type();
   at::Tensor x2 = as_rows(x, D);
   const int64_t M = x2.size(0);
   if (M == 0) return at::empty_like(x, at::MemoryFormat::Contiguous);
+  // A small FFN (<= 2^20 weights, cache-resident) from 2 rows: torch's kernels outright. Measured
+  // (bench/ffn.py, 384x1536): our route's extra steps (union count, conversions) cost 10-30% of a
+  // 0.3 ms FFN, more than skipping neurons saves there.
+  const bool small = F * D <= (int64_t(1) << 20);
+  if ((M > kSparseMaxRows || (small && M > 1)) && !w.gm.defined()) {
+    at::Tensor h = fatrelu_dense(linear_any(x2, w.gv, w.gm, w.b1), t);
+    if (w.uv.defined()) h = h * at::mm(x2, w.uv.t());
+    return dense_down(h, w).view(x.sizes());
+  }
   if (M > kSparseMaxRows) return ffn_dense_route(x2, w, t, D).view(x.sizes());
   at::Tensor xf = x2.to(at::kFloat).contiguous();
   core::FfnProblem p;
@@ -75,21 +139,29 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   at::Tensor a, active;
   int64_t n = 0;
   const Crossover cross = crossover(M, st, F * D);
+  const double limit = cross.dense_tail_above * static_cast<double>(F);
   if (packed || M <= cross.own_gate_max_rows) {
     a = at::empty({M, F}, xf.options());
     active = at::empty({F}, xf.options().dtype(at::kInt));
     n = core::ffn_gate(p, a.data_ptr<float>(), active.data_ptr<int32_t>());
+    if (!packed && static_cast<double>(n) > limit) {  // our gate, torch's up and down
+      at::Tensor h = w.uv.defined() ? a * at::mm(x2, w.uv.t()).to(at::kFloat) : a;
+      return dense_down(h.to(st), w).view(x.sizes());
+    }
   } else {
-    a = fatrelu_dense(linear_any(x2, w.gv, w.gm, w.b1), t).to(at::kFloat).contiguous();
-    active = (a != 0).any(0).nonzero().flatten().to(at::kInt).contiguous();
-    n = active.numel();
+    // torch's gate; while most neurons fire everything stays in the weights' dtype on torch's
+    // kernels (the same ops as the dense FFN), else the FFN kernels take the fp32 activations.
+    at::Tensor g = fatrelu_dense(linear_any(x2, w.gv, w.gm, w.b1), t);
+    at::Tensor live = (g != 0).any(0);
+    n = live.sum().item<int64_t>();
+    if (static_cast<double>(n) > limit) {
+      at::Tensor h = w.uv.defined() ? g * at::mm(x2, w.uv.t()) : g;
+      return dense_down(h, w).view(x.sizes());
+    }
+    a = g.to(at::kFloat).contiguous();
+    active = live.nonzero().flatten().to(at::kInt).contiguous();
   }
-  const bool crowded = static_cast<double>(n) > cross.dense_tail_above * static_cast<double>(F);
-  if (crowded && !packed) {
-    at::Tensor h = w.uv.defined() ? a * at::mm(x2, w.uv.t()).to(at::kFloat) : a;
-    h = h.to(st);
-    return (w.b2.defined() ? at::addmm(w.b2, h, w.dv) : at::mm(h, w.dv)).view(x.sizes());
-  }
+  const bool crowded = static_cast<double>(n) > limit;
   if (crowded && w.uv.defined()) {
     // 2:4, most neurons active: the up projection for all of them on the 2:4 GEMV (which decodes W
     // once per 4 rows of x), then only the down projection on the FFN kernel (as a plain FFN).
