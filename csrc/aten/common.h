@@ -130,6 +130,10 @@ inline void check_prox24(const at::Tensor& w, double lam, int64_t max_iters, dou
   TORCH_CHECK(std::isfinite(tol) && tol >= 0, op, ": tol must be finite and >= 0, got ", tol);
 }
 
+// Whether torch's bf16 matmul runs on AMX tiles on this CPU (then torch's dense bf16 GEMM is hard
+// to beat from a few rows on; both the 2:4 linear layer and the FFN ops dispatch on it).
+bool bf16_matmul_has_amx();
+
 // The CPU sparse24_linear kernel (sparse24_cpu.cpp), also used by the FFN ops' large-batch route.
 at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
                                const at::Tensor& meta, const c10::optional<at::Tensor>& bias);

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
 
 #include <cmath>
 
@@ -103,6 +104,11 @@ inline void check_ffn_bias(const c10::optional<at::Tensor>& b, const char* name,
   TORCH_CHECK(b->scalar_type() == st, op, ": ", name, " is ", b->scalar_type(),
               " but the weights are ", st, "; cast the bias");
   TORCH_CHECK(b->device() == dev, op, ": ", name, " is on ", b->device(), " but the weights are on ", dev);
+}
+
+inline const void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+inline const uint8_t* mptr(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<uint8_t>() : nullptr;
 }
 
 inline at::Tensor opt(const c10::optional<at::Tensor>& b) {
@@ -242,6 +248,46 @@ inline FfnCall prepare_sparse_mlp24(const at::Tensor& x, const at::Tensor& w1_va
   FfnWeights w{w1_values.contiguous(), w1_meta.contiguous(), opt(b1), {}, {},
             w2_values.contiguous(), w2_meta.contiguous(), opt(b2), by_row};
   return {w, D, F};
+}
+
+// The four op entry points for one device: check and normalise the arguments, then run that
+// device's implementation on the normalised weights.
+using FfnImpl = at::Tensor (*)(const at::Tensor& x, const FfnWeights& w, double threshold,
+                               int64_t D, int64_t F);
+
+template <FfnImpl Impl>
+struct FfnEntryPoints {
+  static at::Tensor ffn(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+                        const at::Tensor& w_down_t, double t) {
+    const FfnCall c = prepare_sparse_ffn(x, w_gate, w_up, w_down_t, t);
+    return Impl(x, c.w, t, c.D, c.F);
+  }
+  static at::Tensor mlp(const at::Tensor& x, const at::Tensor& w1,
+                        const c10::optional<at::Tensor>& b1, const at::Tensor& w2_t,
+                        const c10::optional<at::Tensor>& b2, double t) {
+    const FfnCall c = prepare_sparse_mlp(x, w1, b1, w2_t, b2, t);
+    return Impl(x, c.w, t, c.D, c.F);
+  }
+  static at::Tensor ffn24(const at::Tensor& x, const at::Tensor& gv, const at::Tensor& gm,
+                          const at::Tensor& uv, const at::Tensor& um, const at::Tensor& dv,
+                          const at::Tensor& dm, double t) {
+    const FfnCall c = prepare_sparse_ffn24(x, gv, gm, uv, um, dv, dm, t);
+    return Impl(x, c.w, t, c.D, c.F);
+  }
+  static at::Tensor mlp24(const at::Tensor& x, const at::Tensor& w1v, const at::Tensor& w1m,
+                          const c10::optional<at::Tensor>& b1, const at::Tensor& w2v,
+                          const at::Tensor& w2m, const c10::optional<at::Tensor>& b2, double t) {
+    const FfnCall c = prepare_sparse_mlp24(x, w1v, w1m, b1, w2v, w2m, b2, t);
+    return Impl(x, c.w, t, c.D, c.F);
+  }
+};
+
+template <FfnImpl Impl>
+void register_ffn_ops(torch::Library& m) {
+  m.impl("sparse_ffn", &FfnEntryPoints<Impl>::ffn);
+  m.impl("sparse_mlp", &FfnEntryPoints<Impl>::mlp);
+  m.impl("sparse_ffn24", &FfnEntryPoints<Impl>::ffn24);
+  m.impl("sparse_mlp24", &FfnEntryPoints<Impl>::mlp24);
 }
 
 }  // namespace pysparse::aten

@@ -55,6 +55,8 @@ at::Tensor prune24_cpu(const at::Tensor& w, const c10::optional<at::Tensor>& sco
 // FMA units give, so from a few rows of x on the fastest exact route is to decompress W in chunks
 // of rows small enough to stay in cache and hand each chunk to at::mm (W is still read from
 // memory in its packed, ~half-size form). Below the crossover the 2:4 GEMV wins (memory-bound).
+}  // namespace
+
 bool bf16_matmul_has_amx() {
   static const bool amx = [] {
     const auto caps = at::cpu::get_cpu_capabilities();
@@ -63,6 +65,8 @@ bool bf16_matmul_has_amx() {
   }();
   return amx;
 }
+
+namespace {
 
 int64_t env_int(const char* name, int64_t fallback) {
   const char* v = std::getenv(name);

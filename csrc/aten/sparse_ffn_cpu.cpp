@@ -2,7 +2,6 @@
 // at decode batch sizes, or torch's dense kernels where they are faster.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/Utils.h>
 #include <torch/library.h>
 
 #include <c10/util/intrusive_ptr.h>
@@ -41,25 +40,14 @@ struct Crossover {
 // from 2 rows (M=4, all active: 0.75x): with dense weights they go to torch outright from 2 rows
 // (see ffn_cpu); with 2:4 weights the up projection moves to the 2:4 GEMV once half the neurons
 // fire.
-bool bf16_has_amx() {
-  static const bool amx = [] {
-    const auto caps = at::cpu::get_cpu_capabilities();
-    const auto it = caps.find("amx_bf16");
-    return it != caps.end() && it->second.isBool() && it->second.toBool();
-  }();
-  return amx;
-}
-
 Crossover crossover(int64_t M, at::ScalarType st, int64_t weights) {
-  if (st == at::kBFloat16 && bf16_has_amx()) return {1, M <= 1 ? 1.01 : (M <= 4 ? 0.35 : 0.2)};
+  if (st == at::kBFloat16 && bf16_matmul_has_amx()) return {1, M <= 1 ? 1.01 : (M <= 4 ? 0.35 : 0.2)};
   if (weights <= (int64_t(1) << 20)) return {1, M <= 1 ? 1.01 : 0.5};
   return {8, M <= 4 ? 1.01 : (M <= 8 ? 0.9 : 0.6)};
 }
 
 using Weights = FfnWeights;
 
-const void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
-const uint8_t* mptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<uint8_t>() : nullptr; }
 
 // torch's bf16 GEMM (oneDNN on AMX) runs h @ W at half speed when W is W_down^T [F, D] row-major
 // rather than the W_down [D, F] nn.Linear keeps (LLaMA-7B shape, 4 rows: 8.7 vs 4.1 ms; fp32 is
@@ -120,7 +108,7 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   // bf16 on AMX from 9 rows likewise: torch's tiles cost little more than at 1 row, and the union
   // of 9-16 independent rows is most neurons (1B shape, 16 rows: 0.90-0.93x with the union test).
   const bool small = F * D <= (int64_t(1) << 20);
-  const bool amx_rows = st == at::kBFloat16 && M > 8 && bf16_has_amx();
+  const bool amx_rows = st == at::kBFloat16 && M > 8 && bf16_matmul_has_amx();
   if ((M > kSparseMaxRows || (small && M > 1) || amx_rows) && !w.gm.defined()) {
     at::Tensor h = fatrelu_dense(linear_any(x2, w.gv, w.gm, w.b1), t);
     if (w.uv.defined()) h = h * at::mm(x2, w.uv.t());
@@ -180,44 +168,8 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   return y.view(x.sizes());
 }
 
-at::Tensor sparse_ffn_cpu(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
-                          const at::Tensor& w_down_t, double threshold) {
-  const FfnCall c = prepare_sparse_ffn(x, w_gate, w_up, w_down_t, threshold);
-  return ffn_cpu(x, c.w, threshold, c.D, c.F);
-}
-
-at::Tensor sparse_mlp_cpu(const at::Tensor& x, const at::Tensor& w1,
-                          const c10::optional<at::Tensor>& b1, const at::Tensor& w2_t,
-                          const c10::optional<at::Tensor>& b2, double threshold) {
-  const FfnCall c = prepare_sparse_mlp(x, w1, b1, w2_t, b2, threshold);
-  return ffn_cpu(x, c.w, threshold, c.D, c.F);
-}
-
-at::Tensor sparse_ffn24_cpu(const at::Tensor& x, const at::Tensor& gate_values,
-                            const at::Tensor& gate_meta, const at::Tensor& up_values,
-                            const at::Tensor& up_meta, const at::Tensor& down_values,
-                            const at::Tensor& down_meta, double threshold) {
-  const FfnCall c = prepare_sparse_ffn24(x, gate_values, gate_meta, up_values, up_meta,
-                                         down_values, down_meta, threshold);
-  return ffn_cpu(x, c.w, threshold, c.D, c.F);
-}
-
-at::Tensor sparse_mlp24_cpu(const at::Tensor& x, const at::Tensor& w1_values,
-                            const at::Tensor& w1_meta, const c10::optional<at::Tensor>& b1,
-                            const at::Tensor& w2_values, const at::Tensor& w2_meta,
-                            const c10::optional<at::Tensor>& b2, double threshold) {
-  const FfnCall c = prepare_sparse_mlp24(x, w1_values, w1_meta, b1, w2_values, w2_meta, b2,
-                                         threshold);
-  return ffn_cpu(x, c.w, threshold, c.D, c.F);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pysparse, CPU, m) {
-  m.impl("sparse_ffn", &sparse_ffn_cpu);
-  m.impl("sparse_mlp", &sparse_mlp_cpu);
-  m.impl("sparse_ffn24", &sparse_ffn24_cpu);
-  m.impl("sparse_mlp24", &sparse_mlp24_cpu);
-}
+TORCH_LIBRARY_IMPL(pysparse, CPU, m) { register_ffn_ops<&ffn_cpu>(m); }
 
 }  // namespace pysparse::aten

@@ -14,8 +14,6 @@ namespace {
 
 namespace pc = pysparse::cuda;
 
-const void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
-const uint8_t* mptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<uint8_t>() : nullptr; }
 
 at::Tensor ffn_cuda(const at::Tensor& x, const FfnWeights& w, double t, int64_t D, int64_t F) {
   const c10::cuda::CUDAGuard guard(x.device());
@@ -52,44 +50,8 @@ at::Tensor ffn_cuda(const at::Tensor& x, const FfnWeights& w, double t, int64_t 
   return y.view(x.sizes());
 }
 
-at::Tensor sparse_ffn_cuda(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
-                           const at::Tensor& w_down_t, double threshold) {
-  const FfnCall c = prepare_sparse_ffn(x, w_gate, w_up, w_down_t, threshold);
-  return ffn_cuda(x, c.w, threshold, c.D, c.F);
-}
-
-at::Tensor sparse_mlp_cuda(const at::Tensor& x, const at::Tensor& w1,
-                           const c10::optional<at::Tensor>& b1, const at::Tensor& w2_t,
-                           const c10::optional<at::Tensor>& b2, double threshold) {
-  const FfnCall c = prepare_sparse_mlp(x, w1, b1, w2_t, b2, threshold);
-  return ffn_cuda(x, c.w, threshold, c.D, c.F);
-}
-
-at::Tensor sparse_ffn24_cuda(const at::Tensor& x, const at::Tensor& gate_values,
-                             const at::Tensor& gate_meta, const at::Tensor& up_values,
-                             const at::Tensor& up_meta, const at::Tensor& down_values,
-                             const at::Tensor& down_meta, double threshold) {
-  const FfnCall c = prepare_sparse_ffn24(x, gate_values, gate_meta, up_values, up_meta,
-                                         down_values, down_meta, threshold);
-  return ffn_cuda(x, c.w, threshold, c.D, c.F);
-}
-
-at::Tensor sparse_mlp24_cuda(const at::Tensor& x, const at::Tensor& w1_values,
-                             const at::Tensor& w1_meta, const c10::optional<at::Tensor>& b1,
-                             const at::Tensor& w2_values, const at::Tensor& w2_meta,
-                             const c10::optional<at::Tensor>& b2, double threshold) {
-  const FfnCall c = prepare_sparse_mlp24(x, w1_values, w1_meta, b1, w2_values, w2_meta, b2,
-                                         threshold);
-  return ffn_cuda(x, c.w, threshold, c.D, c.F);
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pysparse, CUDA, m) {
-  m.impl("sparse_ffn", &sparse_ffn_cuda);
-  m.impl("sparse_mlp", &sparse_mlp_cuda);
-  m.impl("sparse_ffn24", &sparse_ffn24_cuda);
-  m.impl("sparse_mlp24", &sparse_mlp24_cuda);
-}
+TORCH_LIBRARY_IMPL(pysparse, CUDA, m) { register_ffn_ops<&ffn_cuda>(m); }
 
 }  // namespace pysparse::aten

@@ -38,6 +38,8 @@ void sparse24_gemv_f32out_avx512(const float* x, int64_t M, const uint16_t* valu
                                  float* y, int64_t ldy, int nthreads);
 // Whether the linear layer's AVX-512 kernels are in use (CPU support, PYSPARSE_DISABLE_AVX512).
 bool sparse24_use_avx512();
+// Whether the AVX2 kernels are in use (CPU support, PYSPARSE_DISABLE_AVX2); the FFN kernels follow it.
+bool sparse24_use_avx2();
 
 // 16-bit (AVX-512BW) and 32-bit (AVX-512F) decompression: same bytes as the portable code.
 void decompress16_avx512(const uint16_t* values, const uint8_t* meta, int64_t N, int64_t K,

@@ -77,6 +77,7 @@ void linear_bf16_scalar(const uint16_t* x, int64_t M, int64_t ldx, const uint16_
 
 namespace detail {
 bool sparse24_use_avx512() { return use_avx512(); }
+bool sparse24_use_avx2() { return use_avx2(); }
 }  // namespace detail
 
 CpuFeatures cpu_features() {

@@ -109,12 +109,7 @@ void axpy_group_rows(const float* const* h4, const W* const* v0, const W* const*
 
 #include "sparse_ffn_driver.inc"
 
-bool use_avx2() {
-  static const CpuFeatures f = cpu_features();
-  const char* v = std::getenv("PYSPARSE_DISABLE_AVX2");
-  const bool disabled = v != nullptr && v[0] != '\0' && v[0] != '0';
-  return f.avx2 && f.fma && !disabled;
-}
+bool use_avx2() { return detail::sparse24_use_avx2(); }
 
 }  // namespace
 
