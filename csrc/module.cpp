@@ -53,6 +53,8 @@ PYBIND11_MODULE(_C, m) {
     d["avx512bw"] = f.avx512bw;
     d["linear_impl"] = pysparse::core::sparse24_linear_impl();
     d["gemv_max_rows"] = pysparse::core::sparse24_gemv_max_rows();
+    d["bf16_amx"] = pysparse::core::sparse24_bf16_amx();
+    d["amx_min_rows"] = pysparse::core::kAmxMinRows;
     d["ffn_impl"] = pysparse::core::sparse_ffn_impl();
     return d;
   }, "CPU features seen at run time and the 2:4 linear kernel that will be used.");

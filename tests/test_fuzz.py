@@ -26,6 +26,7 @@ FUZZ = settings(
 
 ROUTES = {
     "native": {},
+    "no_amx": {"PYSPARSE_DISABLE_AMX": "1"},
     "avx2": {"PYSPARSE_DISABLE_AVX512": "1"},
     "scalar": {"PYSPARSE_DISABLE_AVX2": "1"},
     "dense": {
@@ -35,6 +36,7 @@ ROUTES = {
     },
 }
 KNOBS = [
+    "PYSPARSE_DISABLE_AMX",
     "PYSPARSE_DISABLE_AVX512",
     "PYSPARSE_DISABLE_AVX2",
     "PYSPARSE_BF16_DENSE_MIN_ROWS",

@@ -24,15 +24,22 @@ def _has_amx_bf16() -> bool:
     return bool(torch._C._cpu._get_cpu_capability().get("amx_bf16", False))
 
 
-@pytest.fixture(params=["avx512", "avx2", "scalar", "dense"])
+@pytest.fixture(params=["amx", "avx512", "avx2", "scalar", "dense"])
 def impl(request, monkeypatch):
-    """Runs a test on every CPU route: the AVX-512 kernels, the AVX2 kernels, the scalar fallback
-    (selected per call through PYSPARSE_DISABLE_*), and the dense route (chunked decompression +
-    torch's matmul: bf16 on AMX CPUs, small fp32 weights), which the first three switch off and
-    the last one turns on from 17 rows."""
+    """Runs a test on every CPU route: the AMX tile kernel (bf16 from 7 rows; fp32 as avx512), the
+    AVX-512 kernels, the AVX2 kernels, the scalar fallback (selected per call through
+    PYSPARSE_DISABLE_*), and the dense route (chunked decompression + torch's matmul: bf16 on AMX
+    CPUs, small fp32 weights), which the first four switch off and the last one turns on from 17
+    rows."""
     cpu = pysparse._C.cpu_info()
     monkeypatch.delenv("PYSPARSE_DISABLE_AVX512", raising=False)
     monkeypatch.delenv("PYSPARSE_DISABLE_AVX2", raising=False)
+    monkeypatch.setenv("PYSPARSE_DISABLE_AMX", "1")
+    if request.param == "amx":
+        if not cpu["bf16_amx"]:
+            pytest.skip("this CPU (or OS) offers no AMX-BF16 tiles")
+        monkeypatch.delenv("PYSPARSE_DISABLE_AMX")
+        assert pysparse._C.cpu_info()["bf16_amx"]
     monkeypatch.setenv("PYSPARSE_BF16_DENSE_MIN_ROWS", str(2**62))
     monkeypatch.setenv("PYSPARSE_F32_DENSE_MAX_WEIGHTS", "0")
     if request.param == "avx512" and not (cpu["avx512f"] and cpu["avx2"]):
@@ -47,9 +54,20 @@ def impl(request, monkeypatch):
         monkeypatch.setenv("PYSPARSE_DISABLE_AVX512", "1")
     if request.param == "scalar":
         monkeypatch.setenv("PYSPARSE_DISABLE_AVX2", "1")
-    if request.param != "dense":
+    if request.param not in ("dense", "amx"):
         assert pysparse._C.cpu_info()["linear_impl"] == request.param
+        assert not pysparse._C.cpu_info()["bf16_amx"]
     return request.param
+
+
+@pytest.fixture
+def amx_route(monkeypatch):
+    """The AMX tile kernel for bf16 (from 7 rows), on CPUs and kernels that offer the tiles."""
+    for k in ("PYSPARSE_DISABLE_AMX", "PYSPARSE_DISABLE_AVX512", "PYSPARSE_DISABLE_AVX2"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("PYSPARSE_BF16_DENSE_MIN_ROWS", str(2**62))
+    if not pysparse._C.cpu_info()["bf16_amx"]:
+        pytest.skip("this CPU (or OS) offers no AMX-BF16 tiles")
 
 
 def random_24(N: int, K: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -153,6 +171,43 @@ def test_linear_large_shape_against_dense(impl, dtype):
         y = ops.sparse24_linear(x, values, meta)
         ref = R.reference_sparse24_linear(x, values, meta)
         assert_close_to_reference(y, ref, magnitude(x, values, meta, None), 2048, dtype)
+
+
+@pytest.mark.parametrize("N,K", [(7, 12), (33, 388), (17, 100), (5, 4100), (40, 64)])
+def test_linear_bf16_amx_tiles_match_reference(amx_route, N, K):
+    """The AMX kernel's edges: rows of x 7-16 (one slice of x^T, four accumulators), 17-48 (slices
+    paired, two each, plus an odd one), N not a multiple of 16, K not a multiple of 32 (the scalar
+    tail block), bias or none; and below 7 rows the FMA kernels on the same data."""
+    gen = torch.Generator().manual_seed(N * 7 + K)
+    w = random_24(N, K, torch.bfloat16, gen)
+    values, meta = ops.compress24(w)
+    for M in (6, 7, 8, 15, 16, 17, 31, 32, 33, 48):
+        x = torch.randn(M, K, generator=gen).bfloat16()
+        b = torch.randn(N, generator=gen).bfloat16() if M % 2 else None
+        y = ops.sparse24_linear(x, values, meta, b)
+        ref = R.reference_sparse24_linear(x, values, meta, b)
+        assert_close_to_reference(y, ref, magnitude(x, values, meta, b), K // 2, torch.bfloat16)
+
+
+def test_linear_bf16_amx_is_batch_and_thread_invariant(amx_route):
+    """Up to 16 rows a row of x gets the same bits whatever else is in its batch, with 1 or 2
+    threads (fixed k-block -> accumulator assignment, fixed final sum)."""
+    gen = torch.Generator().manual_seed(21)
+    w = random_24(77, 1000, torch.bfloat16, gen)
+    values, meta = ops.compress24(w)
+    x = torch.randn(16, 1000, generator=gen).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            outs.append(ops.sparse24_linear(x, values, meta))
+        torch.set_num_threads(2)
+        part = ops.sparse24_linear(x[3:12], values, meta)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0][3:12], part)
 
 
 def test_linear_leading_dims_and_noncontiguous_x(impl):
@@ -323,6 +378,10 @@ def _opcheck_cases():
                     meta,
                     torch.randn(7, generator=gen).to(dtype),
                 ),
+            ),
+            (  # bf16: the AMX tile kernel where the CPU has one (from 7 rows)
+                torch.ops.pysparse.sparse24_linear.default,
+                (torch.randn(9, 12, generator=gen).to(dtype), values, meta, None),
             ),
         ]
     x = torch.randn(4, 12, generator=gen, requires_grad=True)

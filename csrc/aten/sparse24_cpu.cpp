@@ -115,11 +115,15 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   const int64_t ldx = M > 1 ? x2.stride(0) : K;
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
-  // Measured (bench/linear24.py, bf16, 4096x4096 and 11008x4096): up to 16 rows the 2:4 GEMV is
-  // ahead; from 64 rows the AMX route wins (M=64: 0.60-0.65x torch vs 0.49x for the FMA GEMM;
-  // M=512: 0.8-0.9x vs 0.28x).
+  // Measured (bench/linear24.py, bf16, 4096x4096 and 11008x4096): with only FMA kernels, up to 16
+  // rows the 2:4 GEMV is ahead; from 64 rows this route wins (M=64: 0.60-0.65x torch vs 0.49x for
+  // the FMA GEMM; M=512: 0.8-0.9x vs 0.28x). With the core's own AMX kernel (decompression into
+  // tiles, from core::kAmxMinRows rows) the crossover moves to 128 rows (same-run A/B, LLaMA
+  // shapes: M=64 0.88-0.92x torch vs 0.52-0.62x here; M=128 0.60-0.69x vs 0.51-0.72x; M=256
+  // 0.50-0.54x vs 0.56-0.74x: the core kernel decompresses W once per 32 rows of x, this route once).
   // PYSPARSE_BF16_DENSE_MIN_ROWS overrides it (read per call, so tests can take either route).
-  const int64_t amx_min_rows = env_int("PYSPARSE_BF16_DENSE_MIN_ROWS", 17);
+  const int64_t amx_min_rows =
+      env_int("PYSPARSE_BF16_DENSE_MIN_ROWS", core::sparse24_bf16_amx() ? 128 : 17);
   if (v.scalar_type() == at::kBFloat16 && M >= amx_min_rows && bf16_matmul_has_amx())
     return linear_via_dense_chunks(x2, v, m, b, N, K).view(linear_out_shape(x, N));
   // fp32, small weights (MiniLM-sized, <= 1M elements), many rows: the decompressed weight fits in

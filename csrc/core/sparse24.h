@@ -87,6 +87,15 @@ CpuFeatures cpu_features();
 // call, so tests can exercise every path in one process.
 const char* sparse24_linear_impl();
 
+// bf16 from kAmxMinRows rows of x on a CPU with AMX-BF16 (Linux, which must grant the tile state;
+// PYSPARSE_DISABLE_AMX=1 turns it off, read per call): W is decompressed tile by tile into L1 and
+// multiplied on the tile unit. sparse24_bf16_amx() says whether that route is taken here.
+// Measured (same-run A/B, LLaMA-7B 4096x11008 and 11008x4096, bf16, 2 threads): the FMA kernels win
+// up to 6 rows (M=4: 1.4-1.6x torch dense vs 0.95-1.04x for the tiles), at 8 rows the tiles are
+// ahead (0.94-0.99x vs 0.80-0.89x), at 16 rows twice as fast (1.0x vs 0.44-0.53x).
+constexpr int64_t kAmxMinRows = 7;
+bool sparse24_bf16_amx();
+
 // Rows of x at or below which the GEMV (row-at-a-time) kernel is used instead of the GEMM kernel
 // that vectorises over rows of x.
 int sparse24_gemv_max_rows();

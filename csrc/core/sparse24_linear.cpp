@@ -25,6 +25,13 @@ bool use_avx512() {
   return use_avx2() && features().avx512f && !disabled_by_env("PYSPARSE_DISABLE_AVX512");
 }
 
+// The AMX tile route for bf16 (sparse24_linear_amx.cpp); PYSPARSE_DISABLE_AMX=1 turns it off, and
+// so does turning off AVX-512 (its decompression is AVX-512BW code).
+bool use_amx() {
+  return use_avx512() && features().avx512bw && !disabled_by_env("PYSPARSE_DISABLE_AMX") &&
+         detail::amx_bf16_ready();
+}
+
 // acc += sum over the kept weights of row `n` of W times x, in fp32.
 template <typename LoadW, typename LoadX>
 float row_dot(LoadW wv, LoadX xv, const uint8_t* mrow, int64_t K) {
@@ -78,6 +85,7 @@ void linear_bf16_scalar(const uint16_t* x, int64_t M, int64_t ldx, const uint16_
 namespace detail {
 bool sparse24_use_avx512() { return use_avx512(); }
 bool sparse24_use_avx2() { return use_avx2(); }
+bool sparse24_use_amx() { return use_amx(); }
 }  // namespace detail
 
 CpuFeatures cpu_features() {
@@ -92,6 +100,8 @@ CpuFeatures cpu_features() {
 #endif
   return f;
 }
+
+bool sparse24_bf16_amx() { return use_amx(); }
 
 const char* sparse24_linear_impl() {
   return use_avx512() ? "avx512" : (use_avx2() ? "avx2" : "scalar");
@@ -118,7 +128,9 @@ void sparse24_linear_bf16(const uint16_t* x, int64_t M, int64_t ldx, const uint1
                           const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
                           uint16_t* y, int64_t ldy, int nthreads) {
   if (M == 0 || N == 0) return;
-  if (use_avx512())
+  if (M >= kAmxMinRows && use_amx())
+    detail::sparse24_linear_bf16_amx(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
+  else if (use_avx512())
     (M <= detail::kGemvMaxRowsAvx512 ? detail::sparse24_gemv_bf16_avx512
                                : detail::sparse24_gemm_bf16_avx512)(x, M, ldx, values, meta, N, K,
                                                                     bias, y, ldy, nthreads);

@@ -57,16 +57,21 @@ void reference(const std::vector<double>& x, const std::vector<double>& w, const
 }
 
 // Selects a kernel level for the duration of a test through the dispatcher's environment switches.
-enum class Impl { Native, Avx2, Scalar };
+// Native includes the AMX tile kernel (bf16, from kAmxMinRows rows) where the CPU and kernel offer
+// it; NoAmx is the AVX-512 (or AVX2) FMA code on the same CPU.
+enum class Impl { Native, NoAmx, Avx2, Scalar };
 class ScopedImpl {
  public:
   explicit ScopedImpl(Impl impl) {
+    unsetenv("PYSPARSE_DISABLE_AMX");
     unsetenv("PYSPARSE_DISABLE_AVX512");
     unsetenv("PYSPARSE_DISABLE_AVX2");
+    if (impl == Impl::NoAmx) setenv("PYSPARSE_DISABLE_AMX", "1", 1);
     if (impl == Impl::Avx2) setenv("PYSPARSE_DISABLE_AVX512", "1", 1);
     if (impl == Impl::Scalar) setenv("PYSPARSE_DISABLE_AVX2", "1", 1);
   }
   ~ScopedImpl() {
+    unsetenv("PYSPARSE_DISABLE_AMX");
     unsetenv("PYSPARSE_DISABLE_AVX512");
     unsetenv("PYSPARSE_DISABLE_AVX2");
   }
@@ -75,7 +80,7 @@ class ScopedImpl {
 const Problem kProblems[] = {{1, 1, 4},    {1, 7, 12},    {3, 5, 12},    {1, 33, 388},
                              {4, 9, 100},  {5, 17, 388},  {17, 3, 4100}, {64, 31, 4100},
                              {33, 64, 64}, {2, 130, 4096}, {40, 2, 20},   {70, 67, 520},
-                             {129, 5, 268}};
+                             {129, 5, 268}, {8, 19, 36},   {16, 48, 96}};
 
 }  // namespace
 
@@ -254,9 +259,10 @@ TEST_P(Sparse24Linear, StridedRowsAndNoBias) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Impl, Sparse24Linear,
-                         ::testing::Values(Impl::Native, Impl::Avx2, Impl::Scalar),
+                         ::testing::Values(Impl::Native, Impl::NoAmx, Impl::Avx2, Impl::Scalar),
                          [](const auto& info) {
-                           return info.param == Impl::Native ? "Native"
-                                  : info.param == Impl::Avx2 ? "Avx2"
-                                                             : "Scalar";
+                           return info.param == Impl::Native  ? "Native"
+                                  : info.param == Impl::NoAmx ? "NoAmx"
+                                  : info.param == Impl::Avx2  ? "Avx2"
+                                                              : "Scalar";
                          });

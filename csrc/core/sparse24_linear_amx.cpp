@@ -1,0 +1,367 @@
+// AMX-BF16 build of the bf16 2:4 linear layer for a few to a few dozen rows of x. Only this file is
+// compiled with -mamx-tile -mamx-bf16; sparse24_linear.cpp calls it only after amx_bf16_ready()
+// said yes (CPU flags and the kernel's permission to use the tile registers).
+//
+// Why: from two rows of x on, a bf16 GEMM on FMA units is compute-bound here (the 2:4 GEMM decodes
+// every weight once per pair of rows), while torch's dense bf16 GEMM runs on the AMX tiles and
+// reads twice our bytes. Decompressing W into a tile in L1 and multiplying there keeps both
+// advantages: W is read from memory once, in its packed ~half-size form, and the arithmetic is one
+// TDPBF16PS (16x16x32 multiply-adds) per 16 rows x 32 columns of W.
+//
+// The product is computed transposed, y^T = W x^T, so the decompressed W rows are the A tile as
+// they come (16 rows of 32 bf16, three shuffles each); x^T is packed once per call into the
+// pair-interleaved B layout the instruction wants. A thread owns 16 rows of W at a time and walks
+// all of K, splitting it over independent accumulator tiles by k-block (kb % 4, or kb % 2 when two
+// 16-row slices of x share the A tile), which are added at the end in a fixed order: results do
+// not depend on the thread count, and a row of x gets the same bits in any batch of up to 16 rows
+// (in larger batches its slice may be paired, which changes the summation order).
+#include "sparse24_internal.h"
+
+#ifdef PYSPARSE_NO_AMX
+// Built without a compiler that knows AMX: the route reports itself unavailable.
+namespace pysparse::core::detail {
+bool amx_bf16_ready() { return false; }
+void sparse24_linear_bf16_amx(const uint16_t*, int64_t, int64_t, const uint16_t*, const uint8_t*,
+                              int64_t, int64_t, const uint16_t*, uint16_t*, int64_t, int) {}
+void sparse24_linear_bf16_amx_f32out(const uint16_t*, int64_t, int64_t, const uint16_t*,
+                                     const uint8_t*, int64_t, int64_t, const uint16_t*, float*,
+                                     int64_t, int) {}
+}  // namespace pysparse::core::detail
+#else
+
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace pysparse::core::detail {
+namespace {
+
+constexpr int kTileRows = 16;  // rows of W per A tile, rows of x per B tile
+constexpr int kTileK = 32;     // bf16 elements of K per tile (64 bytes)
+
+// The tile registers are used through inline asm (GCC's intrinsics have no memory clobber, so a
+// store to the staging buffer could be moved past the tile load that reads it): these barriers
+// keep the compiler from doing that.
+inline void compiler_barrier() { asm volatile("" ::: "memory"); }
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles 0-3: fp32 accumulators (16 rows of W x 16 rows of x); 4-5: A (decompressed W); 6-7: B
+// (packed x^T).
+void configure_tiles() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = kTileRows;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// 8 groups (16 packed values, 4 meta bytes) -> 32 dense bf16 with three shuffle-port uops:
+// VPMULTISHIFTQB puts group j's meta nibble in every byte of qword j (= the 4 outputs of group j);
+// a 64-entry byte table (VPERMB on nibble | position << 4) turns it into the source of each output
+// (0 or 1 = first or second kept value, 32 = a zero); the group base 2j is added, and one VPERMT2W
+// over (values, zeros) writes the 32 outputs. Measured against the VPERMW decompression of
+// sparse24_linear_avx512.cpp (index vector from variable shifts and two mask compares) and against
+// VPEXPANDW with a table-built mask: ~20-25% faster than either as the AMX kernel's front end.
+struct Decompressor {
+  __m512i ctrl, c0f, ppos, table, vbase;
+  Decompressor() {
+    alignas(64) uint8_t c[64], pp[64], tb[64];
+    alignas(64) uint16_t b[32];
+    for (int i = 0; i < 64; ++i) {
+      c[i] = static_cast<uint8_t>(4 * (i / 8));
+      pp[i] = static_cast<uint8_t>(((i / 2) % 4) << 4);
+      const int nib = i & 0xF, pos = i >> 4;
+      tb[i] = static_cast<uint8_t>(pos == (nib & 3) ? 0 : pos == (nib >> 2) ? 1 : 32);
+    }
+    for (int o = 0; o < 32; ++o) b[o] = static_cast<uint16_t>(2 * (o / 4));
+    ctrl = _mm512_load_si512(c);
+    ppos = _mm512_load_si512(pp);
+    table = _mm512_load_si512(tb);
+    vbase = _mm512_load_si512(b);
+    c0f = _mm512_set1_epi8(0x0F);
+  }
+};
+
+struct Problem {
+  const uint16_t* values;
+  const uint8_t* meta;
+  int64_t N, K, mcols, kb_full, kb_total;
+};
+
+// Writes rows [n0, n0 + 16) x k-block kb of W, decompressed, to a (16 x 32 bf16, 64-byte rows);
+// rows past N and columns past K are zero.
+inline void decompress_tile(const Decompressor& d, const Problem& p, int64_t n0, int64_t kb,
+                            uint16_t* a) {
+  const int64_t rows = std::min<int64_t>(kTileRows, p.N - n0);
+  if (kb < p.kb_full) {
+    // Local copies: the stores below may alias anything (vector types do), which would make the
+    // compiler reload every constant from `d` for each row.
+    const __m512i ctrl = d.ctrl, c0f = d.c0f, ppos = d.ppos, table = d.table, vbase = d.vbase;
+    const __m512i zero = _mm512_setzero_si512();
+    const uint16_t* vrow = p.values + n0 * (p.K / 2) + kb * 16;
+    const uint8_t* mrow = p.meta + n0 * p.mcols + kb * 4;
+    for (int64_t r = 0; r < rows; ++r) {
+      uint32_t m32;
+      std::memcpy(&m32, mrow + r * p.mcols, 4);
+      const __m512i sh =
+          _mm512_multishift_epi64_epi8(ctrl, _mm512_set1_epi32(static_cast<int>(m32)));
+      const __m512i idx = _mm512_ternarylogic_epi32(sh, c0f, ppos, 0xEA);  // (sh & 0xF) | pos
+      const __m512i src = _mm512_add_epi16(_mm512_permutexvar_epi8(idx, table), vbase);
+      const __m512i v = _mm512_castsi256_si512(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + r * (p.K / 2))));
+      _mm512_store_si512(a + r * kTileK, _mm512_permutex2var_epi16(v, src, zero));
+    }
+  } else {  // the K tail: fewer than 8 groups left
+    const int64_t g0 = kb * 8, groups = p.K / 4 - g0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t n = n0 + r;
+      uint16_t* out = a + r * kTileK;
+      std::memset(out, 0, kTileK * sizeof(uint16_t));
+      const uint16_t* vrow = p.values + n * (p.K / 2);
+      const uint8_t* mrow = p.meta + n * p.mcols;
+      for (int64_t g = 0; g < groups; ++g) {
+        const unsigned nib = (mrow[(g0 + g) / 2] >> (((g0 + g) & 1) * 4)) & 0xFu;
+        out[4 * g + (nib & 3u)] = vrow[2 * (g0 + g)];
+        out[4 * g + (nib >> 2)] = vrow[2 * (g0 + g) + 1];
+      }
+    }
+  }
+  for (int64_t r = rows; r < kTileRows; ++r)
+    _mm512_store_si512(a + r * kTileK, _mm512_setzero_si512());
+}
+
+// x [M, K] (row stride ldx) -> B tiles: for every 16-row slice s of x and k-block kb, a 16 x 16
+// array of bf16 pairs, [pair r][row m] = (x[m, 32 kb + 2r], x[m, 32 kb + 2r + 1]); zero padded.
+void pack_x(const uint16_t* x, int64_t M, int64_t ldx, int64_t K, int64_t kbs, int64_t slices,
+            uint16_t* out) {
+  std::memset(out, 0, static_cast<size_t>(slices * kbs * 512) * sizeof(uint16_t));
+  // In 32-bit units a B tile is [pair r][row m]: pair j of row m goes to tile j / 16, row j % 16.
+  const int64_t pairs = K / 2;
+  for (int64_t m = 0; m < M; ++m) {
+    const uint16_t* xr = x + m * ldx;
+    uint32_t* base = reinterpret_cast<uint32_t*>(out + (m / kTileRows) * kbs * 512) + m % kTileRows;
+    for (int64_t j = 0; j < pairs; ++j) {
+      uint32_t pair;
+      std::memcpy(&pair, xr + 2 * j, 4);
+      base[(j / 16) * 256 + (j % 16) * 16] = pair;
+    }
+  }
+}
+
+template <typename Out>
+inline void store_out(Out* y, float v);
+template <>
+inline void store_out<uint16_t>(uint16_t* y, float v) {
+  *y = float_to_bf16(v);
+}
+template <>
+inline void store_out<float>(float* y, float v) {
+  *y = v;
+}
+
+// c: accumulator tiles as stored ([tile][16 rows of W][16 rows of x] fp32). For one slice of x:
+// out[m, n] = (the sum of its `tiles` tiles, in tile order) + bias[n], rounded once.
+template <typename Out>
+void write_out(const float* c, int tiles, int64_t n0, int64_t m0, int64_t N, int64_t M,
+               const uint16_t* bias, Out* y, int64_t ldy) {
+  const int64_t rows = std::min<int64_t>(kTileRows, N - n0);
+  const int64_t cols = std::min<int64_t>(kTileRows, M - m0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float b = bias ? bf16_to_float(bias[n0 + r]) : 0.0f;
+    for (int64_t m = 0; m < cols; ++m) {
+      float acc = c[r * kTileRows + m];
+      for (int t = 1; t < tiles; ++t) acc += c[t * 256 + r * kTileRows + m];
+      store_out(y + (m0 + m) * ldy + n0 + r, acc + b);
+    }
+  }
+}
+
+// Both kernels below are software pipelined: the A tile of k-block kb+1 is decompressed before the
+// tile of kb is loaded, so the tile load (which cannot take data from the store buffer) finds its
+// stores already committed (~7% in the same-run A/B against decompress-then-load).
+
+// One 16-row slice of x: four accumulators, k-block kb goes to tile kb % 4.
+#define PYSPARSE_AMX_STEP1(C, ACUR, ANEXT, KB)                                \
+  do {                                                                       \
+    if ((KB) + 1 < p.kb_total) decompress_tile(d, p, n0, (KB) + 1, ANEXT);  \
+    compiler_barrier();                                                      \
+    _tile_loadd(4, ACUR, 64);                                                \
+    _tile_loadd(6, xb + (KB) * 512, 64);                                     \
+    _tile_dpbf16ps(C, 4, 6);                                                 \
+  } while (0)
+
+template <typename Out>
+void rows16_one_slice(const Decompressor& d, const Problem& p, int64_t n0, const uint16_t* xb,
+                      int64_t m0, int64_t M, const uint16_t* bias, Out* y, int64_t ldy,
+                      uint16_t* abuf, float* cbuf) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  uint16_t* a0 = abuf;
+  uint16_t* a1 = abuf + 512;
+  decompress_tile(d, p, n0, 0, a0);
+  int64_t kb = 0;
+  for (; kb + 4 <= p.kb_total; kb += 4) {
+    PYSPARSE_AMX_STEP1(0, a0, a1, kb);
+    PYSPARSE_AMX_STEP1(1, a1, a0, kb + 1);
+    PYSPARSE_AMX_STEP1(2, a0, a1, kb + 2);
+    PYSPARSE_AMX_STEP1(3, a1, a0, kb + 3);
+  }
+  // At most 3 k-blocks left (tiles 0, 1, 2 in turn); the next one is already in a0.
+  if (kb < p.kb_total) PYSPARSE_AMX_STEP1(0, a0, a1, kb);
+  if (kb + 1 < p.kb_total) PYSPARSE_AMX_STEP1(1, a1, a0, kb + 1);
+  if (kb + 2 < p.kb_total) PYSPARSE_AMX_STEP1(2, a0, a1, kb + 2);
+  _tile_stored(0, cbuf, 64);
+  _tile_stored(1, cbuf + 256, 64);
+  _tile_stored(2, cbuf + 512, 64);
+  _tile_stored(3, cbuf + 768, 64);
+  compiler_barrier();
+  write_out(cbuf, 4, n0, m0, p.N, M, bias, y, ldy);
+}
+#undef PYSPARSE_AMX_STEP1
+
+// Two 16-row slices of x share each decompressed A tile; two accumulators per slice (kb % 2).
+#define PYSPARSE_AMX_STEP2(C0, C1, ACUR, ANEXT, KB)                           \
+  do {                                                                       \
+    if ((KB) + 1 < p.kb_total) decompress_tile(d, p, n0, (KB) + 1, ANEXT);  \
+    compiler_barrier();                                                      \
+    _tile_loadd(4, ACUR, 64);                                                \
+    _tile_loadd(6, xb0 + (KB) * 512, 64);                                    \
+    _tile_loadd(7, xb1 + (KB) * 512, 64);                                    \
+    _tile_dpbf16ps(C0, 4, 6);                                                \
+    _tile_dpbf16ps(C1, 4, 7);                                                \
+  } while (0)
+
+template <typename Out>
+void rows16_two_slices(const Decompressor& d, const Problem& p, int64_t n0, const uint16_t* xb0,
+                       const uint16_t* xb1, int64_t m0, int64_t M, const uint16_t* bias, Out* y,
+                       int64_t ldy, uint16_t* abuf, float* cbuf) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  uint16_t* a0 = abuf;
+  uint16_t* a1 = abuf + 512;
+  decompress_tile(d, p, n0, 0, a0);
+  int64_t kb = 0;
+  for (; kb + 2 <= p.kb_total; kb += 2) {
+    PYSPARSE_AMX_STEP2(0, 2, a0, a1, kb);
+    PYSPARSE_AMX_STEP2(1, 3, a1, a0, kb + 1);
+  }
+  if (kb < p.kb_total) PYSPARSE_AMX_STEP2(0, 2, a0, a1, kb);
+  _tile_stored(0, cbuf, 64);
+  _tile_stored(1, cbuf + 256, 64);
+  _tile_stored(2, cbuf + 512, 64);
+  _tile_stored(3, cbuf + 768, 64);
+  compiler_barrier();
+  write_out(cbuf, 2, n0, m0, p.N, M, bias, y, ldy);
+  write_out(cbuf + 512, 2, n0, m0 + kTileRows, p.N, M, bias, y, ldy);
+}
+#undef PYSPARSE_AMX_STEP2
+
+int resolve(int nthreads) {
+#ifdef _OPENMP
+  return nthreads > 0 ? nthreads : omp_get_max_threads();
+#else
+  (void)nthreads;
+  return 1;
+#endif
+}
+
+template <typename Out>
+void linear_amx(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* values,
+                const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias, Out* y,
+                int64_t ldy, int nthreads) {
+  Problem p{values, meta, N, K, meta_cols(K), K / kTileK, (K + kTileK - 1) / kTileK};
+  const int64_t slices = (M + kTileRows - 1) / kTileRows;
+  // The packed x is reused across calls by the calling thread (a fresh multi-100 KB buffer would
+  // be page-faulted in on every call).
+  thread_local std::vector<uint16_t> xpack;
+  const size_t need = static_cast<size_t>(slices * p.kb_total * 512);
+  if (xpack.size() < need) xpack.resize(need);
+  pack_x(x, M, ldx, K, p.kb_total, slices, xpack.data());
+  const uint16_t* xp = xpack.data();
+  const int64_t nblocks = (N + kTileRows - 1) / kTileRows;
+  const int nt = static_cast<int>(std::min<int64_t>(resolve(nthreads), nblocks));
+#pragma omp parallel num_threads(nt)
+  {
+    configure_tiles();
+    const Decompressor d;
+    alignas(64) uint16_t abuf[2 * 512];
+    alignas(64) float cbuf[4 * 256];
+#pragma omp for schedule(static)
+    for (int64_t nb = 0; nb < nblocks; ++nb) {
+      const int64_t n0 = nb * kTileRows;
+      int64_t s = 0;
+      for (; s + 2 <= slices; s += 2)
+        rows16_two_slices(d, p, n0, xp + s * p.kb_total * 512, xp + (s + 1) * p.kb_total * 512,
+                          s * kTileRows, M, bias, y, ldy, abuf, cbuf);
+      if (s < slices)
+        rows16_one_slice(d, p, n0, xp + s * p.kb_total * 512, s * kTileRows, M, bias, y, ldy,
+                         abuf, cbuf);
+    }
+    _tile_release();
+  }
+}
+
+bool request_tile_permission() {
+#if defined(__linux__) && defined(SYS_arch_prctl)
+  constexpr int kArchReqXcompPerm = 0x1023;
+  constexpr int kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_amx_bf16() {
+  unsigned a, b, c, dx;
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 0, a, b, c, dx);
+  const bool tile = dx & (1u << 24), bf16 = dx & (1u << 22);
+  const bool avx512bw = b & (1u << 30), avx512vbmi = c & (1u << 1);
+  return tile && bf16 && avx512bw && avx512vbmi;
+}
+
+}  // namespace
+
+bool amx_bf16_ready() {
+  static const bool ready = cpu_has_amx_bf16() && request_tile_permission();
+  return ready;
+}
+
+void sparse24_linear_bf16_amx(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* values,
+                              const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
+                              uint16_t* y, int64_t ldy, int nthreads) {
+  linear_amx(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
+}
+
+void sparse24_linear_bf16_amx_f32out(const uint16_t* x, int64_t M, int64_t ldx,
+                                     const uint16_t* values, const uint8_t* meta, int64_t N,
+                                     int64_t K, const uint16_t* bias, float* y, int64_t ldy,
+                                     int nthreads) {
+  linear_amx(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
+}
+
+}  // namespace pysparse::core::detail
+
+#endif  // PYSPARSE_NO_AMX
