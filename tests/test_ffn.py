@@ -223,6 +223,59 @@ def test_concurrent_callers_share_weights():
         assert torch.equal(a, c) and torch.equal(b, d)
 
 
+@pytest.fixture
+def amx(monkeypatch):
+    """bf16 2:4 FFNs on the AMX tile kernels (from 7 rows, down in the neuron-group layout)."""
+    for k in ("PYSPARSE_DISABLE_AMX", "PYSPARSE_DISABLE_AVX512", "PYSPARSE_DISABLE_AVX2"):
+        monkeypatch.delenv(k, raising=False)
+    if not pysparse._C.cpu_info()["bf16_amx"]:
+        pytest.skip("this CPU (or OS) offers no AMX-BF16 tiles")
+    return monkeypatch
+
+
+@pytest.mark.parametrize("tail", ["tiles", "ffn_kernels"])
+@pytest.mark.parametrize(
+    "shape", [(7, 64, 128), (8, 40, 100), (16, 132, 36), (17, 72, 64), (33, 48, 260)]
+)
+def test_24_bf16_on_amx_tiles_match_reference(amx, shape, tail):
+    """Both ways the tile route can go once the gate is computed (forced here): up and down on the
+    tiles (the down from the group layout: B tiles expanded per output column, partial column
+    tiles when d_model % 16, partial k-blocks when d_ff % 32, paired 16-row slices from 17 rows),
+    or the FFN kernels for the firing neurons (up to 16 rows)."""
+    M, D, F = shape
+    amx.setenv("PYSPARSE_FFN_AMX_TAIL_ABOVE", "0" if tail == "tiles" else "1.01")
+    x, wg, wu, wdt, b1, b2 = make(M, D, F, torch.bfloat16, seed=M * 100 + D)
+    g24, u24, d24 = packed(wg, wu, wdt)
+    for t in (0.0, 0.3):
+        y = ops.sparse_ffn24(x, g24, u24, d24, t)
+        check(y, R.reference_sparse_ffn(x, g24, u24, d24, t), torch.bfloat16, M)
+        y = ops.sparse_mlp24(x, g24, b1, d24, b2, t)
+        check(y, R.reference_sparse_mlp(x, g24, b1, d24, b2, t), torch.bfloat16, M)
+
+
+def test_24_bf16_on_amx_tiles_bit_identical_and_batch_invariant(amx):
+    """On the tiles: 1 and 2 threads give the same bits, and up to 16 rows a row's result does not
+    depend on the rest of its batch (fixed accumulator per k-block; skipped silent blocks add exact
+    zeros)."""
+    amx.setenv("PYSPARSE_FFN_AMX_TAIL_ABOVE", "0")
+    gen = torch.Generator().manual_seed(11)
+    D, F = 256, 1024
+    x = torch.randn(16, D, generator=gen).bfloat16()
+    wg, wu, wdt = (torch.randn(F, D, generator=gen) / 16 for _ in range(3))
+    g24, u24, d24 = packed(wg.bfloat16(), wu.bfloat16(), wdt.bfloat16())
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ops.sparse_ffn24(x, g24, u24, d24, 0.3)
+        torch.set_num_threads(2)
+        two = ops.sparse_ffn24(x, g24, u24, d24, 0.3)
+        part = ops.sparse_ffn24(x[4:13], g24, u24, d24, 0.3)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one, two)
+    assert torch.equal(one[4:13], part)
+
+
 @pytest.mark.parametrize("D", [4, 36, 37])
 def test_pack_down24_round_trip(D):
     gen = torch.Generator().manual_seed(D)
@@ -248,7 +301,16 @@ def _opcheck_cases():
             (x, *[t for pair in packed(wg, wu, wdt, "rows") for t in pair], 0.25),
         ),
         (torch.ops.pysparse.sparse_ffn.default, (x.repeat(7, 1), wg, wu, wdt, 0.1)),  # dense route
+        # bf16 from 7 rows: the AMX tile route where the CPU has one
+        (
+            torch.ops.pysparse.sparse_ffn24.default,
+            (x.repeat(3, 1).bfloat16(), *packed_bf16(wg, wu, wdt), 0.25),
+        ),
     ]
+
+
+def packed_bf16(wg, wu, wdt):
+    return [t for pair in packed(wg.bfloat16(), wu.bfloat16(), wdt.bfloat16()) for t in pair]
 
 
 @pytest.mark.parametrize("case", range(len(_opcheck_cases())))

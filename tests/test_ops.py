@@ -288,6 +288,12 @@ def _every_cpu_op(gen):
     d24 = formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
     # one row: the FFN kernels throughout (from 2 rows a small FFN's gate is torch's GEMM)
     xf = torch.randn(1, 256, generator=gen)
+    x9b = torch.randn(9, 256, generator=gen).bfloat16()
+    g24b, u24b = (
+        ops.compress24(ops.prune24(wg).bfloat16()),
+        ops.compress24(ops.prune24(wu).bfloat16()),
+    )
+    d24b = formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous()).bfloat16()))
     return {
         "compress24": lambda: ops.compress24(w),
         "decompress24": lambda: ops.decompress24(values, meta, 1024),
@@ -299,6 +305,8 @@ def _every_cpu_op(gen):
         "sparse_ffn": lambda: ops.sparse_ffn(xf, wg, wu, wdt, 0.3),
         "sparse_mlp": lambda: ops.sparse_mlp(xf, wg, None, wdt, None, 0.3),
         "sparse_ffn24": lambda: ops.sparse_ffn24(xf, g24, u24, d24, 0.3),
+        # bf16, 9 rows: the AMX tile kernels where the CPU has them (gate, up and grouped down)
+        "sparse_ffn24_bf16": lambda: ops.sparse_ffn24(x9b, g24b, u24b, d24b, 0.0),
     }
 
 

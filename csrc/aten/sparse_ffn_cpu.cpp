@@ -7,9 +7,11 @@
 #include <c10/util/intrusive_ptr.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <mutex>
 #include <vector>
 
+#include "../core/sparse24.h"
 #include "../core/sparse_ffn.h"
 #include "ffn_common.h"
 
@@ -97,11 +99,80 @@ at::Tensor dense_down(const at::Tensor& h, const Weights& w) {
   return w.b2.defined() ? at::addmm(w.b2, h, w.dv) : at::mm(h, w.dv);
 }
 
+// bf16 2:4 weights (down in the neuron-group layout) on a CPU with AMX tiles, from
+// core::kAmxMinRows rows: the gate on the tile kernel; then, while few neurons fire, the FFN
+// kernels for the rest; once many fire, the up and down projections on the tile kernels too.
+// Without them the FMA kernels compute per row of x (LLaMA-7B shape, 16 rows: 0.28-0.53x torch's
+// dense bf16 FFN, README). Up to kAmxMaxRows rows (the 2:4 linear's own crossover to torch).
+constexpr int64_t kAmxMaxRows = 127;
+
+bool amx_route(const Weights& w, at::ScalarType st, int64_t M) {
+  return st == at::kBFloat16 && w.gm.defined() && !w.down_by_row && M >= core::kAmxMinRows &&
+         M <= kAmxMaxRows && core::sparse24_bf16_amx();
+}
+
+// The share of neurons firing above which the tile kernels also take the up and down projections
+// (below it the FFN kernels read only the firing neurons' rows). Measured with bench/ffn.py, bf16,
+// 8 and 16 rows, the FFN kernels vs the tiles (x torch dense): LLaMA-7B 57% firing at 8 rows 1.09x
+// vs 0.66x, 56% at 16 rows 1.13x vs 0.73x, 82% at 16 rows 0.78x vs 0.68x, 100% 0.28x vs 0.68x;
+// 1B shape 56% 0.82-0.83x vs 0.68-0.70x, 83% at 8 rows 0.64x vs 0.69x, 97% 0.44x vs 0.70x. Above 16
+// rows the FFN kernels are not used at all. PYSPARSE_FFN_AMX_TAIL_ABOVE overrides it (read per
+// call, for tests and measurements).
+double amx_tail_above(int64_t M) {
+  const char* v = std::getenv("PYSPARSE_FFN_AMX_TAIL_ABOVE");
+  if (v && *v) return std::atof(v);
+  return M <= kSparseMaxRows ? 0.6 : 0.0;
+}
+
+at::Tensor ffn24_amx(const at::Tensor& x, const at::Tensor& x2, const Weights& w, double t,
+                     int64_t D, int64_t F) {
+  const int64_t M = x2.size(0);
+  const int nt = at::get_num_threads();
+  at::Tensor xb = x2.contiguous();
+  auto bp = [](const at::Tensor& b) {
+    return b.defined() ? reinterpret_cast<const uint16_t*>(b.data_ptr<at::BFloat16>()) : nullptr;
+  };
+  at::Tensor a = at::empty({M, F}, xb.options().dtype(at::kFloat));
+  core::ffn_linear24_amx(bp(xb), M, D, bp(w.gv), mptr(w.gm), F, D, bp(w.b1), a.data_ptr<float>(), nt);
+  a = fatrelu_dense(a, t);
+  at::Tensor live = (a != 0).any(0);
+  const int64_t n = live.sum().item<int64_t>();
+  at::Tensor y = at::empty({M, D}, x.options());
+  if (M > kSparseMaxRows || static_cast<double>(n) > amx_tail_above(M) * static_cast<double>(F)) {
+    if (w.uv.defined()) {
+      at::Tensor u = at::empty({M, F}, a.options());
+      core::ffn_linear24_amx(bp(xb), M, D, bp(w.uv), mptr(w.um), F, D, nullptr, u.data_ptr<float>(), nt);
+      a.mul_(u);
+    }
+    core::ffn_down24_amx(a.data_ptr<float>(), M, bp(w.dv), mptr(w.dm), F, D, bp(w.b2),
+                         reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), nt);
+    return y.view(x.sizes());
+  }
+  at::Tensor xf = xb.to(at::kFloat).contiguous();
+  at::Tensor active = live.nonzero().flatten().to(at::kInt).contiguous();
+  core::FfnProblem p;
+  p.dtype = core::FfnDtype::bf16;
+  p.M = M;
+  p.D = D;
+  p.F = F;
+  p.x = xf.data_ptr<float>();
+  p.gate = {ptr(w.gv), mptr(w.gm)};
+  p.gate_bias = ptr(w.b1);
+  p.up = {ptr(w.uv), mptr(w.um)};
+  p.down = {ptr(w.dv), mptr(w.dm)};
+  p.down_bias = ptr(w.b2);
+  p.threshold = static_cast<float>(t);
+  p.nthreads = nt;
+  core::ffn_tail(p, a.data_ptr<float>(), active.data_ptr<int32_t>(), n, y.data_ptr(), D);
+  return y.view(x.sizes());
+}
+
 at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, int64_t F) {
   const auto st = w.gv.scalar_type();
   at::Tensor x2 = as_rows(x, D);
   const int64_t M = x2.size(0);
   if (M == 0) return at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (amx_route(w, st, M)) return ffn24_amx(x, x2, w, t, D, F);
   // A small FFN (<= 2^20 weights, cache-resident) from 2 rows: torch's kernels outright. Measured
   // (bench/ffn.py, 384x1536): our route's extra steps (union count, conversions) cost 10-30% of a
   // 0.3 ms FFN, more than skipping neurons saves there.

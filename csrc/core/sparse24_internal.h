@@ -36,7 +36,7 @@ void sparse24_gemv_f32out_avx512(const float* x, int64_t M, const float* values,
 void sparse24_gemv_f32out_avx512(const float* x, int64_t M, const uint16_t* values,
                                  const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
                                  float* y, int64_t ldy, int nthreads);
-// AMX-BF16 build of the bf16 linear layer (sparse24_linear_amx.cpp, compiled with -mamx-*): W is
+// AMX-BF16 build of the bf16 linear layer (sparse24_amx.cpp, compiled with -mamx-*): W is
 // decompressed tile by tile into L1 and multiplied on the tile unit. amx_bf16_ready() checks the CPU
 // and asks the kernel for the tile state once per process; nothing else may be called before it
 // said yes. The f32out form writes unrounded fp32 (the FFN's 2:4 gate thresholds it).
@@ -48,6 +48,11 @@ void sparse24_linear_bf16_amx_f32out(const uint16_t* x, int64_t M, int64_t ldx,
                                      const uint16_t* values, const uint8_t* meta, int64_t N,
                                      int64_t K, const uint16_t* bias, float* y, int64_t ldy,
                                      int nthreads);
+// The FFN down projection with W_down in the neuron-group layout (sparse_ffn.h), h fp32 (rounded
+// to bf16 for the tiles), y bf16; 32-neuron blocks silent for a whole 16-row slice are skipped.
+void ffn_down24_groups_amx(const float* h, int64_t M, int64_t ldh, const uint16_t* values,
+                           const uint8_t* meta, int64_t F, int64_t D, const uint16_t* bias,
+                           uint16_t* y, int64_t ldy, int nthreads);
 
 // Whether the linear layer's AVX-512 kernels are in use (CPU support, PYSPARSE_DISABLE_AVX512).
 bool sparse24_use_avx512();

@@ -25,7 +25,7 @@ bool use_avx512() {
   return use_avx2() && features().avx512f && !disabled_by_env("PYSPARSE_DISABLE_AVX512");
 }
 
-// The AMX tile route for bf16 (sparse24_linear_amx.cpp); PYSPARSE_DISABLE_AMX=1 turns it off, and
+// The AMX tile route for bf16 (sparse24_amx.cpp); PYSPARSE_DISABLE_AMX=1 turns it off, and
 // so does turning off AVX-512 (its decompression is AVX-512BW code).
 bool use_amx() {
   return use_avx512() && features().avx512bw && !disabled_by_env("PYSPARSE_DISABLE_AMX") &&

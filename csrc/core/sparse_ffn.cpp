@@ -132,4 +132,16 @@ void ffn_tail(const FfnProblem& p, const float* a, const int32_t* active, int64_
     ffn_tail_impl<uint16_t, uint16_t>(p, a, active, nactive, static_cast<uint16_t*>(y), ldy);
 }
 
+void ffn_linear24_amx(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* values,
+                      const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias, float* y,
+                      int nthreads) {
+  if (M == 0 || N == 0) return;
+  detail::sparse24_linear_bf16_amx_f32out(x, M, ldx, values, meta, N, K, bias, y, N, nthreads);
+}
+
+void ffn_down24_amx(const float* h, int64_t M, const uint16_t* values, const uint8_t* meta,
+                    int64_t F, int64_t D, const uint16_t* bias, uint16_t* y, int nthreads) {
+  detail::ffn_down24_groups_amx(h, M, F, values, meta, F, D, bias, y, D, nthreads);
+}
+
 }  // namespace pysparse::core

@@ -71,6 +71,19 @@ int64_t ffn_gate(const FfnProblem& p, float* a, int32_t* active);
 void ffn_tail(const FfnProblem& p, const float* a, const int32_t* active, int64_t nactive, void* y,
               int64_t ldy);
 
+// ---- bf16 2:4 FFNs on CPUs with AMX-BF16 tiles (only where sparse24_bf16_amx() says so) ----------
+// For batches where many neurons fire, the tile kernels of sparse24_amx.cpp:
+//   ffn_linear24_amx  y[M, N] fp32 = x[M, K] @ W^T (+ bias), x/W/bias bf16, W 2:4 (sparse24.h
+//                     layout); unrounded, for the threshold and the product with the gate.
+//   ffn_down24_amx    y[M, D] bf16 = h[M, F] @ W_down^T (+ bias), W_down in the neuron-group layout
+//                     above; h fp32 (contiguous), rounded to bf16 for the tiles (as torch's dense
+//                     bf16 FFN holds it); blocks of 32 neurons silent for 16 rows are skipped.
+void ffn_linear24_amx(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* values,
+                      const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias, float* y,
+                      int nthreads);
+void ffn_down24_amx(const float* h, int64_t M, const uint16_t* values, const uint8_t* meta,
+                    int64_t F, int64_t D, const uint16_t* bias, uint16_t* y, int nthreads);
+
 // "avx2" or "scalar": which implementation the FFN kernels use (PYSPARSE_DISABLE_AVX2=1 forces
 // the scalar one, as for the linear layer).
 const char* sparse_ffn_impl();

@@ -26,6 +26,8 @@ void sparse24_linear_bf16_amx(const uint16_t*, int64_t, int64_t, const uint16_t*
 void sparse24_linear_bf16_amx_f32out(const uint16_t*, int64_t, int64_t, const uint16_t*,
                                      const uint8_t*, int64_t, int64_t, const uint16_t*, float*,
                                      int64_t, int) {}
+void ffn_down24_groups_amx(const float*, int64_t, int64_t, const uint16_t*, const uint8_t*, int64_t,
+                           int64_t, const uint16_t*, uint16_t*, int64_t, int) {}
 }  // namespace pysparse::core::detail
 #else
 
@@ -37,6 +39,7 @@ void sparse24_linear_bf16_amx_f32out(const uint16_t*, int64_t, int64_t, const ui
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #ifdef _OPENMP
@@ -53,6 +56,25 @@ constexpr int kTileK = 32;     // bf16 elements of K per tile (64 bytes)
 // store to the staging buffer could be moved past the tile load that reads it): these barriers
 // keep the compiler from doing that.
 inline void compiler_barrier() { asm volatile("" ::: "memory"); }
+
+// A per-thread staging buffer of 64-byte aligned bf16 (a tile row that straddles two cache lines
+// costs the tile load twice), grown on demand and kept between calls: a fresh multi-100 KB buffer
+// would be page-faulted in on every call.
+struct TileBuffer {
+  uint16_t* data = nullptr;
+  size_t size = 0;
+  uint16_t* get(size_t n) {
+    if (n > size) {
+      std::free(data);
+      const size_t bytes = (n * sizeof(uint16_t) + 63) / 64 * 64;
+      data = static_cast<uint16_t*>(std::aligned_alloc(64, bytes));
+      if (data == nullptr) throw std::bad_alloc();
+      size = n;
+    }
+    return data;
+  }
+  ~TileBuffer() { std::free(data); }
+};
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1;
@@ -278,6 +300,191 @@ void rows16_two_slices(const Decompressor& d, const Problem& p, int64_t n0, cons
 }
 #undef PYSPARSE_AMX_STEP2
 
+// ---- the FFN down projection in the neuron-group layout ----------------------------------------
+// y[M, D] = h[M, F] @ W_down^T with W_down [D, F] 2:4 along F, stored by groups of 4 neurons
+// (values [F/4, 2, D], meta [F/4, ceil(D/2)], see sparse_ffn.h). Here the weight is the B side of
+// the tile product, y = h W_down^T directly: A = 16 rows of h x 32 neurons (a plain row-major copy),
+// B = W_down^T for those 32 neurons (8 groups) x 16 outputs, in the pair-interleaved layout, which
+// the group layout gives almost for free: B rows 2g and 2g+1 hold, for each output d, the dense
+// weights of positions (0, 1) and (2, 3) of group g. Each such row is one VPERMT2W over the group's
+// two value planes (16 outputs each, contiguous) with indices from the meta nibbles as above.
+// A block of 32 neurons that is silent for every row of the slice is skipped (its h is zero).
+
+// Rows 2g, 2g+1 of a B tile from group g: 16 outputs starting at d0 (all within D).
+struct GroupExpander {
+  __m512i ctrl, c0f, pos01, pos23, table, dbase;
+  GroupExpander() {
+    alignas(64) uint8_t c[64], p01[64], p23[64], tb[64];
+    alignas(64) uint16_t db[32];
+    for (int b = 0; b < 64; ++b) {
+      const int w = b / 2, d = w / 2, q = w % 2;  // byte b is in word w = (output d, pair half q)
+      c[b] = static_cast<uint8_t>(4 * d);         // nibble d of the 64-bit meta word
+      p01[b] = static_cast<uint8_t>(q << 4);
+      p23[b] = static_cast<uint8_t>((2 + q) << 4);
+      const int nib = b & 0xF, pos = b >> 4;
+      tb[b] = static_cast<uint8_t>(pos == (nib & 3) ? 0 : pos == (nib >> 2) ? 16 : 32);
+    }
+    for (int w = 0; w < 32; ++w) db[w] = static_cast<uint16_t>(w / 2);
+    ctrl = _mm512_load_si512(c);
+    pos01 = _mm512_load_si512(p01);
+    pos23 = _mm512_load_si512(p23);
+    table = _mm512_load_si512(tb);
+    dbase = _mm512_load_si512(db);
+    c0f = _mm512_set1_epi8(0x0F);
+  }
+};
+
+struct DownProblem {
+  const uint16_t* values;  // [F/4, 2, D]
+  const uint8_t* meta;     // [F/4, ceil(D/2)]
+  int64_t F, D, mcols, groups, kb_total;
+};
+
+// B tile for neurons [32 kb, 32 kb + 32) x outputs [d0, d0 + 16): 16 rows of 16 bf16 pairs.
+inline void expand_down_tile(const GroupExpander& e, const DownProblem& p, int64_t kb, int64_t d0,
+                             uint16_t* b) {
+  const int64_t g0 = kb * 8;
+  const int64_t ng = std::min<int64_t>(8, p.groups - g0);
+  if (d0 + kTileRows <= p.D) {
+    const __m512i ctrl = e.ctrl, c0f = e.c0f, pos01 = e.pos01, pos23 = e.pos23;
+    const __m512i table = e.table, dbase = e.dbase, zero = _mm512_setzero_si512();
+    for (int64_t i = 0; i < ng; ++i) {
+      const uint16_t* v = p.values + (g0 + i) * 2 * p.D + d0;
+      uint64_t m64;
+      std::memcpy(&m64, p.meta + (g0 + i) * p.mcols + d0 / 2, 8);
+      const __m512i planes = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + p.D)), 1);
+      const __m512i sh =
+          _mm512_multishift_epi64_epi8(ctrl, _mm512_set1_epi64(static_cast<long long>(m64)));
+      const __m512i i01 = _mm512_ternarylogic_epi32(sh, c0f, pos01, 0xEA);
+      const __m512i i23 = _mm512_ternarylogic_epi32(sh, c0f, pos23, 0xEA);
+      const __m512i s01 = _mm512_add_epi16(_mm512_permutexvar_epi8(i01, table), dbase);
+      const __m512i s23 = _mm512_add_epi16(_mm512_permutexvar_epi8(i23, table), dbase);
+      _mm512_store_si512(b + (2 * i) * 32, _mm512_permutex2var_epi16(planes, s01, zero));
+      _mm512_store_si512(b + (2 * i + 1) * 32, _mm512_permutex2var_epi16(planes, s23, zero));
+    }
+  } else {  // the last, partial column tile
+    std::memset(b, 0, static_cast<size_t>(2 * ng) * 32 * sizeof(uint16_t));
+    for (int64_t i = 0; i < ng; ++i) {
+      const uint16_t* v = p.values + (g0 + i) * 2 * p.D;
+      const uint8_t* m = p.meta + (g0 + i) * p.mcols;
+      for (int64_t d = d0; d < p.D; ++d) {
+        const unsigned nib = (m[d / 2] >> ((d & 1) * 4)) & 0xFu;
+        const unsigned i0 = nib & 3u, i1 = nib >> 2;
+        // position q of the group lands in row 2i + q / 2, word 2 (d - d0) + q % 2
+        b[(2 * i + i0 / 2) * 32 + 2 * (d - d0) + i0 % 2] = v[d];
+        b[(2 * i + i1 / 2) * 32 + 2 * (d - d0) + i1 % 2] = v[p.D + d];
+      }
+    }
+  }
+  for (int64_t r = 2 * ng; r < kTileRows; ++r)
+    _mm512_store_si512(b + r * 32, _mm512_setzero_si512());
+}
+
+// h [M, F] fp32 (row stride ldh) -> bf16 A tiles [slice][kb][16 rows][32], rounded to nearest even
+// (VCVTNE2PS2BF16, as torch rounds), zero padded; live[slice * kbs + kb]: whether any h of that
+// tile is nonzero.
+void pack_h(const float* h, int64_t M, int64_t ldh, int64_t F, int64_t kbs, int64_t slices,
+            uint16_t* out, uint8_t* live) {
+  std::memset(out, 0, static_cast<size_t>(slices * kbs * 512) * sizeof(uint16_t));
+  std::memset(live, 0, static_cast<size_t>(slices * kbs));
+  const int64_t full = F / kTileK;
+  const __m512i magnitude = _mm512_set1_epi16(0x7fff);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* hr = h + m * ldh;
+    uint16_t* base = out + (m / kTileRows) * kbs * 512 + (m % kTileRows) * kTileK;
+    uint8_t* lv = live + (m / kTileRows) * kbs;
+    for (int64_t kb = 0; kb < full; ++kb) {
+      const __m512 lo = _mm512_loadu_ps(hr + kb * kTileK);
+      const __m512 hi = _mm512_loadu_ps(hr + kb * kTileK + 16);
+      const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+      _mm512_store_si512(base + kb * 512, v);
+      lv[kb] |= _mm512_test_epi16_mask(v, magnitude) != 0;
+    }
+    for (int64_t f = full * kTileK; f < F; ++f) {
+      const uint16_t v = float_to_bf16(hr[f]);
+      base[full * 512 + f % kTileK] = v;
+      lv[full] |= (v & 0x7fffu) != 0;
+    }
+  }
+}
+
+// The group layout puts a k-block's 16 value rows 2*D bytes apart (8 KB for D = 4096): a fresh
+// 4 KB page each, so a pass over all of d_ff for one column chunk touches ~20 pages per k-block,
+// more than the TLB holds (and these weights get no huge pages here). So the work goes by panels
+// of kDownPanel k-blocks: every column chunk of the thread runs through the panel, while the
+// panel's pages stay in the TLB, keeping its accumulators in memory between panels (a tile load and
+// store of 1 KB each per panel, against 32 k-blocks of work). Within a panel a pass reads whole
+// cache lines per value row: 64 outputs (4 column tiles) for one slice of h, 32 (2 tiles) for two.
+// Each output has one accumulator, filled in k-block order (the same order for any batch size or
+// thread count). Measured on one thread, LLaMA-7B down (4096 x 11008): 193 ns per B tile without
+// panels, 138 with (the row-layout A-side decompression: 117); software prefetch a few k-blocks
+// ahead changed nothing. Still, in the op the down projection costs about twice the same weight on
+// the row-layout kernel (16 rows: ~11-12 vs ~6 ms): the price of the layout that lets batch-1
+// decode skip silent groups.
+constexpr int64_t kDownPanel = 32;
+
+// acc: 4 accumulator tiles [16 rows][16 outputs] fp32 (one slice: column tiles 0-3; two slices:
+// slice 0 tiles 0-1, slice 1 tiles 0-1). Runs k-blocks [kb0, kb1) for the chunk at d0.
+void down_panel(const GroupExpander& e, const DownProblem& p, int64_t d0, int64_t kb0, int64_t kb1,
+                const uint16_t* a0, const uint16_t* a1, const uint8_t* l0, const uint8_t* l1,
+                float* acc, uint16_t* bbuf) {
+  const bool two = a1 != nullptr;
+  const int64_t tiles = std::min<int64_t>(two ? 2 : 4, (p.D - d0 + kTileRows - 1) / kTileRows);
+  _tile_loadd(0, acc, 64);
+  _tile_loadd(1, acc + 256, 64);
+  _tile_loadd(2, acc + 512, 64);
+  _tile_loadd(3, acc + 768, 64);
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    if (!(l0[kb] | (two ? l1[kb] : 0))) continue;
+    for (int64_t t = 0; t < tiles; ++t) expand_down_tile(e, p, kb, d0 + t * kTileRows, bbuf + t * 512);
+    compiler_barrier();
+    _tile_loadd(4, a0 + kb * 512, 64);
+    _tile_loadd(6, bbuf, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if (two) {
+      _tile_loadd(5, a1 + kb * 512, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      if (tiles > 1) {
+        _tile_loadd(7, bbuf + 512, 64);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    } else {
+      if (tiles > 1) {
+        _tile_loadd(7, bbuf + 512, 64);
+        _tile_dpbf16ps(1, 4, 7);
+      }
+      if (tiles > 2) {
+        _tile_loadd(6, bbuf + 1024, 64);
+        _tile_dpbf16ps(2, 4, 6);
+      }
+      if (tiles > 3) {
+        _tile_loadd(7, bbuf + 1536, 64);
+        _tile_dpbf16ps(3, 4, 7);
+      }
+    }
+  }
+  _tile_stored(0, acc, 64);
+  _tile_stored(1, acc + 256, 64);
+  _tile_stored(2, acc + 512, 64);
+  _tile_stored(3, acc + 768, 64);
+  compiler_barrier();
+}
+
+// Accumulator tile [row m][output d] -> y (+ bias), rounded once.
+template <typename Out>
+void write_down(const float* c, int64_t m0, int64_t M, int64_t d0, int64_t D, const uint16_t* bias,
+                Out* y, int64_t ldy) {
+  const int64_t rows = std::min<int64_t>(kTileRows, M - m0);
+  const int64_t cols = std::min<int64_t>(kTileRows, D - d0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < cols; ++j)
+      store_out(y + (m0 + r) * ldy + d0 + j,
+                c[r * kTileRows + j] + (bias ? bf16_to_float(bias[d0 + j]) : 0.0f));
+}
+
 int resolve(int nthreads) {
 #ifdef _OPENMP
   return nthreads > 0 ? nthreads : omp_get_max_threads();
@@ -295,11 +502,9 @@ void linear_amx(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* value
   const int64_t slices = (M + kTileRows - 1) / kTileRows;
   // The packed x is reused across calls by the calling thread (a fresh multi-100 KB buffer would
   // be page-faulted in on every call).
-  thread_local std::vector<uint16_t> xpack;
-  const size_t need = static_cast<size_t>(slices * p.kb_total * 512);
-  if (xpack.size() < need) xpack.resize(need);
-  pack_x(x, M, ldx, K, p.kb_total, slices, xpack.data());
-  const uint16_t* xp = xpack.data();
+  thread_local TileBuffer xpack;
+  pack_x(x, M, ldx, K, p.kb_total, slices, xpack.get(static_cast<size_t>(slices * p.kb_total * 512)));
+  const uint16_t* xp = xpack.data;
   const int64_t nblocks = (N + kTileRows - 1) / kTileRows;
   const int nt = static_cast<int>(std::min<int64_t>(resolve(nthreads), nblocks));
 #pragma omp parallel num_threads(nt)
@@ -339,7 +544,10 @@ bool cpu_has_amx_bf16() {
   __cpuid_count(7, 0, a, b, c, dx);
   const bool tile = dx & (1u << 24), bf16 = dx & (1u << 22);
   const bool avx512bw = b & (1u << 30), avx512vbmi = c & (1u << 1);
-  return tile && bf16 && avx512bw && avx512vbmi;
+  unsigned a1, b1, c1, d1;
+  __cpuid_count(7, 1, a1, b1, c1, d1);
+  const bool avx512bf16 = a1 & (1u << 5);
+  return tile && bf16 && avx512bw && avx512vbmi && avx512bf16;
 }
 
 }  // namespace
@@ -360,6 +568,66 @@ void sparse24_linear_bf16_amx_f32out(const uint16_t* x, int64_t M, int64_t ldx,
                                      int64_t K, const uint16_t* bias, float* y, int64_t ldy,
                                      int nthreads) {
   linear_amx(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
+}
+
+void ffn_down24_groups_amx(const float* h, int64_t M, int64_t ldh, const uint16_t* values,
+                           const uint8_t* meta, int64_t F, int64_t D, const uint16_t* bias,
+                           uint16_t* y, int64_t ldy, int nthreads) {
+  if (M == 0 || D == 0) return;
+  DownProblem p{values, meta, F, D, (D + 1) / 2, F / 4, (F + kTileK - 1) / kTileK};
+  const int64_t slices = (M + kTileRows - 1) / kTileRows;
+  thread_local TileBuffer hpack;
+  thread_local std::vector<uint8_t> live;
+  if (live.size() < static_cast<size_t>(slices * p.kb_total)) live.resize(slices * p.kb_total);
+  uint16_t* hp = hpack.get(static_cast<size_t>(slices * p.kb_total * 512));
+  pack_h(h, M, ldh, F, p.kb_total, slices, hp, live.data());
+  const uint8_t* lv = live.data();
+  const int64_t kbs = p.kb_total;
+  // One pass over W per pair of 16-row slices (chunks of 32 outputs) and one for an odd last slice
+  // (chunks of 64); threads take contiguous ranges of chunks.
+  for (int64_t s = 0; s < slices; s += 2) {
+    const bool two = s + 1 < slices;
+    const int64_t width = (two ? 2 : 4) * kTileRows;
+    const int64_t chunks = (D + width - 1) / width;
+    const int nt = static_cast<int>(std::min<int64_t>(resolve(nthreads), chunks));
+    const uint16_t* a0 = hp + s * kbs * 512;
+    const uint16_t* a1 = two ? a0 + kbs * 512 : nullptr;
+    const uint8_t* l0 = lv + s * kbs;
+    const uint8_t* l1 = two ? l0 + kbs : nullptr;
+#pragma omp parallel num_threads(nt)
+    {
+#ifdef _OPENMP
+      const int tid = omp_get_thread_num(), nteam = omp_get_num_threads();
+#else
+      const int tid = 0, nteam = 1;
+#endif
+      const int64_t c0 = chunks * tid / nteam, c1 = chunks * (tid + 1) / nteam;
+      thread_local TileBuffer accbuf;  // [chunk][4 tiles][256] fp32, as bf16 pairs
+      float* acc = reinterpret_cast<float*>(accbuf.get(static_cast<size_t>((c1 - c0) * 4 * 256 * 2)));
+      std::memset(acc, 0, static_cast<size_t>((c1 - c0) * 4 * 256) * sizeof(float));
+      configure_tiles();
+      const GroupExpander e;
+      alignas(64) uint16_t bbuf[4 * 512];
+      for (int64_t kb0 = 0; kb0 < kbs; kb0 += kDownPanel)
+        for (int64_t c = c0; c < c1; ++c)
+          down_panel(e, p, c * width, kb0, std::min(kb0 + kDownPanel, kbs), a0, a1, l0, l1,
+                     acc + (c - c0) * 1024, bbuf);
+      _tile_release();
+      for (int64_t c = c0; c < c1; ++c) {
+        const float* ac = acc + (c - c0) * 1024;
+        const int64_t d0 = c * width;
+        if (two) {
+          for (int64_t t = 0; t < 2 && d0 + t * kTileRows < D; ++t) {
+            write_down(ac + t * 256, s * kTileRows, M, d0 + t * kTileRows, D, bias, y, ldy);
+            write_down(ac + 512 + t * 256, (s + 1) * kTileRows, M, d0 + t * kTileRows, D, bias, y, ldy);
+          }
+        } else {
+          for (int64_t t = 0; t < 4 && d0 + t * kTileRows < D; ++t)
+            write_down(ac + t * 256, s * kTileRows, M, d0 + t * kTileRows, D, bias, y, ldy);
+        }
+      }
+    }
+  }
 }
 
 }  // namespace pysparse::core::detail
