@@ -175,19 +175,26 @@ def sparsegpt_24(
     block: int = 128,
     damp: float = 0.01,
     update_weights: bool = True,
+    along_out: bool = False,
 ) -> torch.Tensor:
     """SparseGPT for one layer at 2:4 (ALGORITHMS.md): H = XᵀX + damping (1% of the mean diagonal),
     then an OBS sweep over the columns in blocks of ``block``: at the first column of every group of
     4 choose the 2 weights per row with the smallest w² / [H⁻¹]_jj² to prune, zero them, and spread
     each column's error over the columns not yet visited (through the upper Cholesky factor of H⁻¹).
 
+    ``along_out``: the groups of 4 run along out_features instead (``down_along="d_model"``). The
+    OBS update is per row, so only the choice changes: at every column, within each group of 4
+    rows, the 2 with the smallest w² / [H⁻¹]_ii² — the same [H⁻¹]_ii for all of them, so the 2
+    smallest |w| of the (already updated) column.
+
     Args:
-        w: ``[out, in]`` weight, ``in % 4 == 0``.
+        w: ``[out, in]`` weight, ``in % 4 == 0`` (``along_out``: ``out % 4 == 0``).
         hessian: ``[in, in]`` XᵀX over the calibration tokens of this layer's input.
         update_weights: False keeps the original weights under the chosen mask (mask-only variant).
 
     Returns:
-        The pruned weight (same dtype as ``w``), 2:4 along in_features.
+        The pruned weight (same dtype as ``w``), 2:4 along in_features (``along_out``: along
+        out_features).
     """
     N, K = w.shape
     W = w.detach().to(torch.float64).clone()
@@ -205,7 +212,13 @@ def sparsegpt_24(
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            if i % 4 == 0:
+            if along_out:
+                drop = torch.topk(
+                    W1[:, i].abs().reshape(N // 4, 4), 2, dim=1, largest=False
+                ).indices
+                rows = (drop + 4 * torch.arange(N // 4).unsqueeze(1)).flatten()
+                prune[rows, i1 + i] = True
+            elif i % 4 == 0:
                 score = W1[:, i : i + 4] ** 2 / torch.diag(Hinv1)[i : i + 4].unsqueeze(0) ** 2
                 drop = torch.topk(score, 2, dim=1, largest=False).indices
                 prune[:, i1 + i : i1 + i + 4].scatter_(1, drop, True)
@@ -230,10 +243,21 @@ class SparseGPTPrune(Pass):
 
     name = "sparsegpt"
 
-    def __init__(self, update_weights: bool = True, block: int = 128, damp: float = 0.01):
+    def __init__(
+        self,
+        update_weights: bool = True,
+        block: int = 128,
+        damp: float = 0.01,
+        down_along: str = "d_ff",
+    ):
+        if down_along not in ("d_ff", "d_model"):
+            raise ValueError(
+                f"sparsegpt: down_along must be 'd_ff' or 'd_model', got {down_along!r}"
+            )
         self.update_weights = update_weights
         self.block = block
         self.damp = damp
+        self.down_along = down_along
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         targets, skipped = maskable_linears(gm)
@@ -253,6 +277,11 @@ class SparseGPTPrune(Pass):
             )
             for node, info in group:
                 w = gm.get_parameter(info["weight"])
+                along_out = (
+                    self.down_along == "d_model"
+                    and info.get("role") == "down"
+                    and w.shape[0] % 4 == 0
+                )
                 with torch.no_grad():
                     w.copy_(
                         sparsegpt_24(
@@ -261,9 +290,11 @@ class SparseGPTPrune(Pass):
                             block=self.block,
                             damp=self.damp,
                             update_weights=self.update_weights,
+                            along_out=along_out,
                         )
                     )
                 info["masked"] = self.name
+                info["mask_axis"] = "out" if along_out else "in"
                 pruned += 1
         return PassResult(
             gm,

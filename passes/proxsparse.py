@@ -99,7 +99,12 @@ class ProxSparse(Pass):
         recover_lr: float = 5e-5,
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 50,
+        down_along: str = "d_ff",
     ):
+        if down_along not in ("d_ff", "d_model"):
+            raise ValueError(
+                f"proxsparse: down_along must be 'd_ff' or 'd_model', got {down_along!r}"
+            )
         if prox_scale not in ("lam", "lr*lam"):
             raise ValueError(
                 f"proxsparse: prox_scale must be 'lam' or 'lr*lam', got {prox_scale!r}"
@@ -116,6 +121,7 @@ class ProxSparse(Pass):
         self.max_iters = max_iters
         self.recover_steps, self.recover_lr = recover_steps, recover_lr
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
+        self.down_along = down_along
 
     def settings(self) -> dict[str, Any]:
         s = super().settings()
@@ -134,6 +140,20 @@ class ProxSparse(Pass):
                 "proxsparse: the model has no prunable linear whose in_features % 4 == 0"
             )
         weights = {info["weight"]: gm.get_parameter(info["weight"]) for _, info in targets}
+        # down_along="d_model": the FFN down projections are grouped along out_features (the by-row
+        # layout of the 2:4 FFN kernels, see baselines._MaskPass); the prox, the 2:4 count and the
+        # final top-2 then work on their transposes. The regulariser is elementwise: no change.
+        along_out = {
+            info["weight"]
+            for _, info in targets
+            if self.down_along == "d_model"
+            and info.get("role") == "down"
+            and weights[info["weight"]].shape[0] % 4 == 0
+        }
+
+        def grouped(k: str, w: torch.Tensor) -> torch.Tensor:
+            return w.T if k in along_out else w
+
         for name, w in weights.items():
             if not torch.isfinite(w).all():
                 raise PassError(
@@ -157,9 +177,9 @@ class ProxSparse(Pass):
 
         def after_step(step: int, lr: float) -> dict[str, float]:
             t = self.lam1 if self.prox_scale == "lam" else lr * self.lam1
-            for w in weights.values():
-                ops.prox24_(w.data, t, self.max_iters)
-            return {"groups_24": fraction_24(list(weights.values()))}
+            for k, w in weights.items():
+                ops.prox24_(grouped(k, w.data), t, self.max_iters)
+            return {"groups_24": fraction_24([grouped(k, w) for k, w in weights.items()])}
 
         t0 = time.perf_counter()
         cfg = TrainConfig(
@@ -181,16 +201,17 @@ class ProxSparse(Pass):
             after_step=after_step,
             fingerprint={**self.settings(), "objective": objective.name},
         ).run()
-        learned_24 = fraction_24(list(weights.values()))
+        learned_24 = fraction_24([grouped(k, w) for k, w in weights.items()])
         changed = 0
         with torch.no_grad():
             for k, w in weights.items():
-                m = top2_mask(w)
-                changed += int((m != top2_mask(w0[k])).reshape(-1, 4).any(-1).sum())
-                w.copy_(w0[k] * m)
+                m = top2_mask(grouped(k, w))
+                changed += int((m != top2_mask(grouped(k, w0[k]))).reshape(-1, 4).any(-1).sum())
+                w.copy_(w0[k] * grouped(k, m))
         groups = sum(w.numel() // 4 for w in weights.values())
         for _, info in targets:
             info["masked"] = self.name
+            info["mask_axis"] = "out" if info["weight"] in along_out else "in"
         info_out: dict[str, Any] = {
             "layers_pruned": len(weights),
             "skipped": skipped,
@@ -202,6 +223,8 @@ class ProxSparse(Pass):
             "groups_24_before_hard_mask": round(learned_24, 4),
             "groups_differing_from_magnitude": round(changed / max(groups, 1), 4),
             "weight_density": 0.5,
+            "down_along": self.down_along,
+            "grouped_along_out_features": len(along_out),
         }
         if self.recover_steps > 0:
             info_out["recover"] = self._recover(weights, batches, objective)

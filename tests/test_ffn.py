@@ -243,7 +243,7 @@ def test_24_bf16_on_amx_tiles_match_reference(amx, shape, tail):
     tiles when d_model % 16, partial k-blocks when d_ff % 32, paired 16-row slices from 17 rows),
     or the FFN kernels for the firing neurons (up to 16 rows)."""
     M, D, F = shape
-    amx.setenv("PYSPARSE_FFN_AMX_TAIL_ABOVE", "0" if tail == "tiles" else "1.01")
+    amx.setenv("PYSPARSE_FFN_AMX_TAIL_MAX", "0" if tail == "tiles" else "1e9")
     x, wg, wu, wdt, b1, b2 = make(M, D, F, torch.bfloat16, seed=M * 100 + D)
     g24, u24, d24 = packed(wg, wu, wdt)
     for t in (0.0, 0.3):
@@ -257,7 +257,7 @@ def test_24_bf16_on_amx_tiles_bit_identical_and_batch_invariant(amx):
     """On the tiles: 1 and 2 threads give the same bits, and up to 16 rows a row's result does not
     depend on the rest of its batch (fixed accumulator per k-block; skipped silent blocks add exact
     zeros)."""
-    amx.setenv("PYSPARSE_FFN_AMX_TAIL_ABOVE", "0")
+    amx.setenv("PYSPARSE_FFN_AMX_TAIL_MAX", "0")
     gen = torch.Generator().manual_seed(11)
     D, F = 256, 1024
     x = torch.randn(16, D, generator=gen).bfloat16()

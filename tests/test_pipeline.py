@@ -227,17 +227,22 @@ def test_lowered_ffn_equals_unlowered_graph(build, packed, threshold):
     assert s_fused == pytest.approx(s_plain, abs=1e-6)
 
 
-@pytest.mark.parametrize("mask", ["magnitude", "wanda"])
+@pytest.mark.parametrize("mask", ["magnitude", "wanda", "sparsegpt", "proxsparse"])
 @pytest.mark.parametrize("build", ["llama", "bert"])
 def test_down_masked_along_d_model_runs_on_the_by_row_ffn_kernel(build, mask):
     """down_along="d_model": the down projections' 2:4 groups run along out_features; compress24
     packs them transposed, lower feeds them to the FFN op as the by-row layout, and the compiled
     model equals the masked dense one (at decode size and at the capture size). Without FFN
     lowering they stay dense."""
-    from pysparse.passes import WandaPrune
+    from pysparse.passes import ProxSparse, SparseGPTPrune, WandaPrune
 
     model, args, kwargs = _bert() if build == "bert" else _decoder(build)
-    make = {"magnitude": MagnitudePrune, "wanda": WandaPrune}[mask]
+    make = {
+        "magnitude": MagnitudePrune,
+        "wanda": WandaPrune,
+        "sparsegpt": SparseGPTPrune,
+        "proxsparse": lambda **kw: ProxSparse(steps=3, **kw),  # learned masks, a few steps
+    }[mask]
     dense = pysparse.compile(model, ["relu", make(down_along="d_model")], args, kwargs)
     for name, info in dense.gm.meta["pysparse"]["linears"].items():
         if info.get("role") == "down":
@@ -330,6 +335,28 @@ def test_sparsegpt_update_beats_magnitude_on_correlated_inputs():
     err = lambda wp: float((x @ wp.T - ref).norm())
     assert err(upd) < err(ops.prune24(w))
     assert err(upd) < err(mask_only)
+
+
+def test_sparsegpt_along_out_features():
+    """down_along="d_model": groups of 4 along out_features. Identity Hessian: the top 2 |w| of each
+    group of 4 rows per column; correlated inputs: the OBS update still beats magnitude pruning
+    along the same axis."""
+    from pysparse.passes.baselines import sparsegpt_24
+
+    from pysparse import ops
+    from pysparse.reference import is_24_sparse
+
+    w = torch.randn(12, 64)
+    out = sparsegpt_24(w, 3.0 * torch.eye(64), block=16, along_out=True)
+    torch.testing.assert_close(out, ops.prune24(w.T.contiguous()).T, rtol=1e-6, atol=1e-6)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 64, generator=gen) @ torch.randn(64, 64, generator=gen)
+    w = torch.randn(24, 64, generator=gen)
+    upd = sparsegpt_24(w, x.double().T @ x.double(), block=32, along_out=True)
+    assert is_24_sparse(upd.T) and not is_24_sparse(upd)
+    ref = x @ w.T
+    err = lambda wp: float((x @ wp.T - ref).norm())
+    assert err(upd) < err(ops.prune24(w.T.contiguous()).T)
 
 
 def _check_weight_split(sm, out):

@@ -101,7 +101,7 @@ at::Tensor dense_down(const at::Tensor& h, const Weights& w) {
 
 // bf16 2:4 weights (down in the neuron-group layout) on a CPU with AMX tiles, from
 // core::kAmxMinRows rows: the gate on the tile kernel; then, while few neurons fire, the FFN
-// kernels for the rest; once many fire, the up and down projections on the tile kernels too.
+// kernels for the firing neurons; once many fire, the up and down projections on the tiles too.
 // Without them the FMA kernels compute per row of x (LLaMA-7B shape, 16 rows: 0.28-0.53x torch's
 // dense bf16 FFN, README). Up to kAmxMaxRows rows (the 2:4 linear's own crossover to torch).
 constexpr int64_t kAmxMaxRows = 127;
@@ -111,17 +111,18 @@ bool amx_route(const Weights& w, at::ScalarType st, int64_t M) {
          M <= kAmxMaxRows && core::sparse24_bf16_amx();
 }
 
-// The share of neurons firing above which the tile kernels also take the up and down projections
-// (below it the FFN kernels read only the firing neurons' rows). Measured with bench/ffn.py, bf16,
-// 8 and 16 rows, the FFN kernels vs the tiles (x torch dense): LLaMA-7B 57% firing at 8 rows 1.09x
-// vs 0.66x, 56% at 16 rows 1.13x vs 0.73x, 82% at 16 rows 0.78x vs 0.68x, 100% 0.28x vs 0.68x;
-// 1B shape 56% 0.82-0.83x vs 0.68-0.70x, 83% at 8 rows 0.64x vs 0.69x, 97% 0.44x vs 0.70x. Above 16
-// rows the FFN kernels are not used at all. PYSPARSE_FFN_AMX_TAIL_ABOVE overrides it (read per
+// When the FFN kernels take over after the tile gate: their cost grows with the (row, neuron)
+// pairs that fire (each firing pair is an up-row dot and a down-row axpy for that row), the tiles'
+// does not. So the rule is on nnz(h) / d_ff, the mean number of rows a neuron fires for: the FFN
+// kernels while it is at most 1.6. Measured with bench/ffn.py, bf16, FFN kernels vs tiles (x torch
+// dense): LLaMA-7B 16 rows, 5% per row (0.8 per neuron) 1.09x vs ~0.8x; 10% per row (1.6) 0.78x
+// vs 0.68x (independent) and 0.85x vs 0.80x (clustered); 20% per row (3.2) 0.55x vs 0.80x;
+// 8 rows at 20% (1.6) 0.82x vs ~0.8x; 1B shape 16 rows at 10% (1.6) 0.62x vs 0.69x, at 5% 1.00x
+// vs 0.70x. Above 16 rows only the tiles. PYSPARSE_FFN_AMX_TAIL_MAX overrides the 1.6 (read per
 // call, for tests and measurements).
-double amx_tail_above(int64_t M) {
-  const char* v = std::getenv("PYSPARSE_FFN_AMX_TAIL_ABOVE");
-  if (v && *v) return std::atof(v);
-  return M <= kSparseMaxRows ? 0.6 : 0.0;
+double amx_tail_max() {
+  const char* v = std::getenv("PYSPARSE_FFN_AMX_TAIL_MAX");
+  return v && *v ? std::atof(v) : 1.6;
 }
 
 at::Tensor ffn24_amx(const at::Tensor& x, const at::Tensor& x2, const Weights& w, double t,
@@ -135,10 +136,10 @@ at::Tensor ffn24_amx(const at::Tensor& x, const at::Tensor& x2, const Weights& w
   at::Tensor a = at::empty({M, F}, xb.options().dtype(at::kFloat));
   core::ffn_linear24_amx(bp(xb), M, D, bp(w.gv), mptr(w.gm), F, D, bp(w.b1), a.data_ptr<float>(), nt);
   a = fatrelu_dense(a, t);
-  at::Tensor live = (a != 0).any(0);
-  const int64_t n = live.sum().item<int64_t>();
+  const at::Tensor fires = a != 0;
+  const int64_t pairs = fires.sum().item<int64_t>();
   at::Tensor y = at::empty({M, D}, x.options());
-  if (M > kSparseMaxRows || static_cast<double>(n) > amx_tail_above(M) * static_cast<double>(F)) {
+  if (M > kSparseMaxRows || static_cast<double>(pairs) > amx_tail_max() * static_cast<double>(F)) {
     if (w.uv.defined()) {
       at::Tensor u = at::empty({M, F}, a.options());
       core::ffn_linear24_amx(bp(xb), M, D, bp(w.uv), mptr(w.um), F, D, nullptr, u.data_ptr<float>(), nt);
@@ -149,7 +150,8 @@ at::Tensor ffn24_amx(const at::Tensor& x, const at::Tensor& x2, const Weights& w
     return y.view(x.sizes());
   }
   at::Tensor xf = xb.to(at::kFloat).contiguous();
-  at::Tensor active = live.nonzero().flatten().to(at::kInt).contiguous();
+  at::Tensor active = fires.any(0).nonzero().flatten().to(at::kInt).contiguous();
+  const int64_t n = active.numel();
   core::FfnProblem p;
   p.dtype = core::FfnDtype::bf16;
   p.M = M;
