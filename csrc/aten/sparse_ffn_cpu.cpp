@@ -125,6 +125,57 @@ double amx_tail_max() {
   return v && *v ? std::atof(v) : 1.6;
 }
 
+// FATReLU in place on g [M, F] (contiguous, fp32 or bf16: v >= t ? v : 0, NaN -> 0) in one pass,
+// counting what fires: the firing neurons (live[f] = fires for some row) and (row, neuron) pairs.
+// torch's where / != / any / sum / item for the same took 0.2-0.45 ms on [8, 5632] .. [8, 11008]
+// bf16 here (against ~10 us for a relu): 5-10% of a 1B-shape FFN at 8 rows.
+struct Firing {
+  int64_t neurons = 0;
+  int64_t pairs = 0;
+  std::vector<uint8_t> live;
+  // The firing neurons, ascending, as the FFN kernels want them.
+  at::Tensor active() const {
+    at::Tensor out = at::empty({neurons}, at::TensorOptions().dtype(at::kInt));
+    int32_t* o = out.data_ptr<int32_t>();
+    for (size_t f = 0; f < live.size(); ++f)
+      if (live[f]) *o++ = static_cast<int32_t>(f);
+    return out;
+  }
+};
+
+Firing fatrelu_count_(at::Tensor& g, double t) {
+  TORCH_INTERNAL_ASSERT(g.is_contiguous() && g.dim() == 2);
+  const int64_t M = g.size(0), F = g.size(1);
+  const float tf = static_cast<float>(t);
+  Firing r;
+  r.live.assign(static_cast<size_t>(F), 0);
+  uint8_t* live = r.live.data();
+  int64_t pairs = 0;
+  if (g.scalar_type() == at::kFloat) {
+    float* v = g.data_ptr<float>();
+    for (int64_t i = 0; i < M * F; i += F)
+      for (int64_t f = 0; f < F; ++f) {
+        const bool on = v[i + f] >= tf;
+        v[i + f] = on ? v[i + f] : 0.0f;
+        live[f] |= on;
+        pairs += on;
+      }
+  } else {
+    TORCH_INTERNAL_ASSERT(g.scalar_type() == at::kBFloat16);
+    uint16_t* v = reinterpret_cast<uint16_t*>(g.data_ptr<at::BFloat16>());
+    for (int64_t i = 0; i < M * F; i += F)
+      for (int64_t f = 0; f < F; ++f) {
+        const bool on = core::bf16_to_float(v[i + f]) >= tf;
+        v[i + f] = on ? v[i + f] : uint16_t(0);
+        live[f] |= on;
+        pairs += on;
+      }
+  }
+  for (int64_t f = 0; f < F; ++f) r.neurons += live[f];
+  r.pairs = pairs;
+  return r;
+}
+
 at::Tensor ffn24_amx(const at::Tensor& x, const at::Tensor& x2, const Weights& w, double t,
                      int64_t D, int64_t F) {
   const int64_t M = x2.size(0);
@@ -135,11 +186,10 @@ at::Tensor ffn24_amx(const at::Tensor& x, const at::Tensor& x2, const Weights& w
   };
   at::Tensor a = at::empty({M, F}, xb.options().dtype(at::kFloat));
   core::ffn_linear24_amx(bp(xb), M, D, bp(w.gv), mptr(w.gm), F, D, bp(w.b1), a.data_ptr<float>(), nt);
-  a = fatrelu_dense(a, t);
-  const at::Tensor fires = a != 0;
-  const int64_t pairs = fires.sum().item<int64_t>();
+  const Firing fires = fatrelu_count_(a, t);
   at::Tensor y = at::empty({M, D}, x.options());
-  if (M > kSparseMaxRows || static_cast<double>(pairs) > amx_tail_max() * static_cast<double>(F)) {
+  if (M > kSparseMaxRows ||
+      static_cast<double>(fires.pairs) > amx_tail_max() * static_cast<double>(F)) {
     if (w.uv.defined()) {
       at::Tensor u = at::empty({M, F}, a.options());
       core::ffn_linear24_amx(bp(xb), M, D, bp(w.uv), mptr(w.um), F, D, nullptr, u.data_ptr<float>(), nt);
@@ -150,8 +200,8 @@ at::Tensor ffn24_amx(const at::Tensor& x, const at::Tensor& x2, const Weights& w
     return y.view(x.sizes());
   }
   at::Tensor xf = xb.to(at::kFloat).contiguous();
-  at::Tensor active = fires.any(0).nonzero().flatten().to(at::kInt).contiguous();
-  const int64_t n = active.numel();
+  at::Tensor active = fires.active();
+  const int64_t n = fires.neurons;
   core::FfnProblem p;
   p.dtype = core::FfnDtype::bf16;
   p.M = M;
@@ -183,7 +233,8 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   const bool small = F * D <= (int64_t(1) << 20);
   const bool amx_rows = st == at::kBFloat16 && M > 8 && bf16_matmul_has_amx();
   if ((M > kSparseMaxRows || (small && M > 1) || amx_rows) && !w.gm.defined()) {
-    at::Tensor h = fatrelu_dense(linear_any(x2, w.gv, w.gm, w.b1), t);
+    at::Tensor h = linear_any(x2, w.gv, w.gm, w.b1).contiguous();
+    fatrelu_count_(h, t);
     if (w.uv.defined()) h = h * at::mm(x2, w.uv.t());
     return dense_down(h, w).view(x.sizes());
   }
@@ -219,15 +270,15 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   } else {
     // torch's gate; while most neurons fire everything stays in the weights' dtype on torch's
     // kernels (the same ops as the dense FFN), else the FFN kernels take the fp32 activations.
-    at::Tensor g = fatrelu_dense(linear_any(x2, w.gv, w.gm, w.b1), t);
-    at::Tensor live = (g != 0).any(0);
-    n = live.sum().item<int64_t>();
+    at::Tensor g = linear_any(x2, w.gv, w.gm, w.b1).contiguous();
+    const Firing fires = fatrelu_count_(g, t);
+    n = fires.neurons;
     if (static_cast<double>(n) > limit) {
       at::Tensor h = w.uv.defined() ? g * at::mm(x2, w.uv.t()) : g;
       return dense_down(h, w).view(x.sizes());
     }
     a = g.to(at::kFloat).contiguous();
-    active = live.nonzero().flatten().to(at::kInt).contiguous();
+    active = fires.active();
   }
   const bool crowded = static_cast<double>(n) > limit;
   if (crowded && w.uv.defined()) {
