@@ -9,11 +9,18 @@ read of a buffer of the same size timed in the same run (torch.sum over it), and
     python bench/linear24.py                 # the full table of the foundation issue
     python bench/linear24.py --quick         # fewer shapes and repeats
     python bench/linear24.py --shapes 11008x4096 --batches 1 --dtypes float32
+    python bench/linear24.py --routes --dtypes bfloat16 --batches 4 8 16 64
+
+--routes compares the CPU routes the dispatcher chooses between instead (each forced per call
+through its environment switch, all interleaved with torch dense in one loop): the AMX tile kernel,
+the FMA kernels (GEMV/GEMM) and chunked decompression + torch's GEMM; the crossovers in
+csrc/core/sparse24.h and csrc/aten/sparse24_cpu.cpp come from this.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -71,6 +78,67 @@ def stream_read_gbs(nbytes: int, repeats: int, min_seconds: float) -> float:
     return nbytes / t / 1e9
 
 
+ROUTES = {  # environment per route (read by the op on every call)
+    "tiles": {"PYSPARSE_DISABLE_AMX": None, "PYSPARSE_BF16_DENSE_MIN_ROWS": str(2**62)},
+    "fma": {"PYSPARSE_DISABLE_AMX": "1", "PYSPARSE_BF16_DENSE_MIN_ROWS": str(2**62)},
+    "chunks": {"PYSPARSE_DISABLE_AMX": "1", "PYSPARSE_BF16_DENSE_MIN_ROWS": "1"},
+}
+
+
+def _route_env(env: dict[str, str | None]) -> None:
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def routes_table(args, repeats: int) -> None:
+    """Dense and every route, interleaved call by call; the median per-call ratio dense / route."""
+    if not pysparse.build_info()["cpu"].get("bf16_amx"):
+        print("# this CPU/OS offers no AMX-BF16 tiles: the 'tiles' column is the FMA route")
+    print(
+        "| dtype | N x K | M | dense ms | " + " | ".join(f"{r} ms | {r} x" for r in ROUTES) + " |"
+    )
+    print("|---|---|---:|---:|" + "---:|---:|" * len(ROUTES))
+    saved = {k: os.environ.get(k) for env in ROUTES.values() for k in env}
+    torch.manual_seed(0)
+    try:
+        for dtype_name in args.dtypes:
+            dtype = getattr(torch, dtype_name)
+            for shape in args.shapes:
+                N, K = (int(v) for v in shape.lower().split("x"))
+                w = ops.prune24(torch.randn(N, K)).to(dtype)
+                values, meta = ops.compress24(w)
+                for M in args.batches:
+                    x = torch.randn(M, K).to(dtype)
+                    calls = {"dense": (lambda x=x, w=w: torch.nn.functional.linear(x, w), {})}
+                    for r, env in ROUTES.items():
+                        calls[r] = (
+                            lambda x=x, v=values, m=meta: ops.sparse24_linear(x, v, m),
+                            env,
+                        )
+                    times: dict[str, list[float]] = {k: [] for k in calls}
+                    with torch.inference_mode():
+                        for i in range(repeats + 2):
+                            for name, (fn, env) in calls.items():
+                                _route_env(env)
+                                t0 = time.perf_counter()
+                                fn()
+                                if i >= 2:
+                                    times[name].append(time.perf_counter() - t0)
+                    d = times["dense"]
+                    cells = [f"{statistics.median(d) * 1e3:.3f}"]
+                    for r in ROUTES:
+                        ratio = statistics.median(a / b for a, b in zip(d, times[r]))
+                        cells += [f"{statistics.median(times[r]) * 1e3:.3f}", f"{ratio:.2f}x"]
+                    print(
+                        f"| {dtype_name} | {N}x{K} | {M} | " + " | ".join(cells) + " |", flush=True
+                    )
+    finally:
+        _route_env(saved)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,11 +150,17 @@ def main() -> None:
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
     )
     ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument(
+        "--routes", action="store_true", help="compare the CPU routes (tiles / FMA / chunks)"
+    )
     args = ap.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats, min_s = (3, 0.2) if args.quick else (7, 0.5)
+    if args.routes:
+        routes_table(args, repeats=9 if args.quick else 21)
+        return
     info = pysparse.build_info()
     print(
         f"# pysparse {info['version']} | torch {torch.__version__} | threads {torch.get_num_threads()} | "

@@ -176,6 +176,26 @@ Firing fatrelu_count_(at::Tensor& g, double t) {
   return r;
 }
 
+// The FFN kernels' problem for x already widened to fp32 ([M, D] contiguous).
+core::FfnProblem ffn_problem(const Weights& w, const at::Tensor& xf, double t, int64_t D,
+                             int64_t F) {
+  core::FfnProblem p;
+  p.dtype = w.gv.scalar_type() == at::kFloat ? core::FfnDtype::f32 : core::FfnDtype::bf16;
+  p.M = xf.size(0);
+  p.D = D;
+  p.F = F;
+  p.x = xf.data_ptr<float>();
+  p.gate = {ptr(w.gv), mptr(w.gm)};
+  p.gate_bias = ptr(w.b1);
+  p.up = {ptr(w.uv), mptr(w.um)};
+  p.down = {ptr(w.dv), mptr(w.dm)};
+  p.down_by_row = w.down_by_row;
+  p.down_bias = ptr(w.b2);
+  p.threshold = static_cast<float>(t);
+  p.nthreads = at::get_num_threads();
+  return p;
+}
+
 at::Tensor ffn24_amx(const at::Tensor& x, const at::Tensor& x2, const Weights& w, double t,
                      int64_t D, int64_t F) {
   const int64_t M = x2.size(0);
@@ -202,19 +222,7 @@ at::Tensor ffn24_amx(const at::Tensor& x, const at::Tensor& x2, const Weights& w
   at::Tensor xf = xb.to(at::kFloat).contiguous();
   at::Tensor active = fires.active();
   const int64_t n = fires.neurons;
-  core::FfnProblem p;
-  p.dtype = core::FfnDtype::bf16;
-  p.M = M;
-  p.D = D;
-  p.F = F;
-  p.x = xf.data_ptr<float>();
-  p.gate = {ptr(w.gv), mptr(w.gm)};
-  p.gate_bias = ptr(w.b1);
-  p.up = {ptr(w.uv), mptr(w.um)};
-  p.down = {ptr(w.dv), mptr(w.dm)};
-  p.down_bias = ptr(w.b2);
-  p.threshold = static_cast<float>(t);
-  p.nthreads = nt;
+  const core::FfnProblem p = ffn_problem(w, xf, t, D, F);
   core::ffn_tail(p, a.data_ptr<float>(), active.data_ptr<int32_t>(), n, y.data_ptr(), D);
   return y.view(x.sizes());
 }
@@ -240,20 +248,7 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   }
   if (M > kSparseMaxRows) return ffn_dense_route(x2, w, t, D).view(x.sizes());
   at::Tensor xf = x2.to(at::kFloat).contiguous();
-  core::FfnProblem p;
-  p.dtype = st == at::kFloat ? core::FfnDtype::f32 : core::FfnDtype::bf16;
-  p.M = M;
-  p.D = D;
-  p.F = F;
-  p.x = xf.data_ptr<float>();
-  p.gate = {ptr(w.gv), mptr(w.gm)};
-  p.gate_bias = ptr(w.b1);
-  p.up = {ptr(w.uv), mptr(w.um)};
-  p.down = {ptr(w.dv), mptr(w.dm)};
-  p.down_by_row = w.down_by_row;
-  p.down_bias = ptr(w.b2);
-  p.threshold = static_cast<float>(t);
-  p.nthreads = at::get_num_threads();
+  core::FfnProblem p = ffn_problem(w, xf, t, D, F);
   const bool packed = w.gm.defined();
   at::Tensor a, active;
   int64_t n = 0;

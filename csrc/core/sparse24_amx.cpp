@@ -122,6 +122,14 @@ struct Decompressor {
   }
 };
 
+// The source indices of one VPERMT2W decompression step, from `sh` (VPMULTISHIFTQB has put each
+// output's meta nibble in its bytes): (nibble | position << 4) through a 64-entry byte table
+// (VPERMB), plus the output's base. Shared by the A-side (row) and B-side (group) expansions.
+inline __m512i nibble_sources(__m512i sh, __m512i c0f, __m512i pos, __m512i table, __m512i base) {
+  const __m512i idx = _mm512_ternarylogic_epi32(sh, c0f, pos, 0xEA);  // (sh & 0xF) | pos
+  return _mm512_add_epi16(_mm512_permutexvar_epi8(idx, table), base);
+}
+
 struct Problem {
   const uint16_t* values;
   const uint8_t* meta;
@@ -145,8 +153,7 @@ inline void decompress_tile(const Decompressor& d, const Problem& p, int64_t n0,
       std::memcpy(&m32, mrow + r * p.mcols, 4);
       const __m512i sh =
           _mm512_multishift_epi64_epi8(ctrl, _mm512_set1_epi32(static_cast<int>(m32)));
-      const __m512i idx = _mm512_ternarylogic_epi32(sh, c0f, ppos, 0xEA);  // (sh & 0xF) | pos
-      const __m512i src = _mm512_add_epi16(_mm512_permutexvar_epi8(idx, table), vbase);
+      const __m512i src = nibble_sources(sh, c0f, ppos, table, vbase);
       const __m512i v = _mm512_castsi256_si512(
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vrow + r * (p.K / 2))));
       _mm512_store_si512(a + r * kTileK, _mm512_permutex2var_epi16(v, src, zero));
@@ -357,10 +364,8 @@ inline void expand_down_tile(const GroupExpander& e, const DownProblem& p, int64
           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + p.D)), 1);
       const __m512i sh =
           _mm512_multishift_epi64_epi8(ctrl, _mm512_set1_epi64(static_cast<long long>(m64)));
-      const __m512i i01 = _mm512_ternarylogic_epi32(sh, c0f, pos01, 0xEA);
-      const __m512i i23 = _mm512_ternarylogic_epi32(sh, c0f, pos23, 0xEA);
-      const __m512i s01 = _mm512_add_epi16(_mm512_permutexvar_epi8(i01, table), dbase);
-      const __m512i s23 = _mm512_add_epi16(_mm512_permutexvar_epi8(i23, table), dbase);
+      const __m512i s01 = nibble_sources(sh, c0f, pos01, table, dbase);
+      const __m512i s23 = nibble_sources(sh, c0f, pos23, table, dbase);
       _mm512_store_si512(b + (2 * i) * 32, _mm512_permutex2var_epi16(planes, s01, zero));
       _mm512_store_si512(b + (2 * i + 1) * 32, _mm512_permutex2var_epi16(planes, s23, zero));
     }
@@ -485,15 +490,6 @@ void write_down(const float* c, int64_t m0, int64_t M, int64_t d0, int64_t D, co
                 c[r * kTileRows + j] + (bias ? bf16_to_float(bias[d0 + j]) : 0.0f));
 }
 
-int resolve(int nthreads) {
-#ifdef _OPENMP
-  return nthreads > 0 ? nthreads : omp_get_max_threads();
-#else
-  (void)nthreads;
-  return 1;
-#endif
-}
-
 template <typename Out>
 void linear_amx(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* values,
                 const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias, Out* y,
@@ -506,7 +502,7 @@ void linear_amx(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* value
   pack_x(x, M, ldx, K, p.kb_total, slices, xpack.get(static_cast<size_t>(slices * p.kb_total * 512)));
   const uint16_t* xp = xpack.data;
   const int64_t nblocks = (N + kTileRows - 1) / kTileRows;
-  const int nt = static_cast<int>(std::min<int64_t>(resolve(nthreads), nblocks));
+  const int nt = static_cast<int>(std::min<int64_t>(resolve_threads(nthreads), nblocks));
 #pragma omp parallel num_threads(nt)
   {
     configure_tiles();
@@ -589,7 +585,7 @@ void ffn_down24_groups_amx(const float* h, int64_t M, int64_t ldh, const uint16_
     const bool two = s + 1 < slices;
     const int64_t width = (two ? 2 : 4) * kTileRows;
     const int64_t chunks = (D + width - 1) / width;
-    const int nt = static_cast<int>(std::min<int64_t>(resolve(nthreads), chunks));
+    const int nt = static_cast<int>(std::min<int64_t>(resolve_threads(nthreads), chunks));
     const uint16_t* a0 = hp + s * kbs * 512;
     const uint16_t* a1 = two ? a0 + kbs * 512 : nullptr;
     const uint8_t* l0 = lv + s * kbs;

@@ -3,6 +3,22 @@
 
 #include "sparse24.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace pysparse::core {
+// Threads for a kernel call: nthreads > 0 as given, else OpenMP's default (1 without OpenMP).
+inline int resolve_threads(int nthreads) {
+#ifdef _OPENMP
+  return nthreads > 0 ? nthreads : omp_get_max_threads();
+#else
+  (void)nthreads;
+  return 1;
+#endif
+}
+}  // namespace pysparse::core
+
 namespace pysparse::core::detail {
 
 // Implemented in sparse24_linear_avx2.cpp, which is the only file compiled with -mavx2 -mfma -mf16c.

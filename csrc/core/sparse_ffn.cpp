@@ -18,15 +18,6 @@
 namespace pysparse::core {
 namespace {
 
-int resolve_threads(int nthreads) {
-#ifdef _OPENMP
-  return nthreads > 0 ? nthreads : omp_get_max_threads();
-#else
-  (void)nthreads;
-  return 1;
-#endif
-}
-
 inline float load1(const float* p) { return *p; }
 inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
 inline void store1(float* p, float v) { *p = v; }
