@@ -118,12 +118,14 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   // Measured (bench/linear24.py, bf16, 4096x4096 and 11008x4096): with only FMA kernels, up to 16
   // rows the 2:4 GEMV is ahead; from 64 rows this route wins (M=64: 0.60-0.65x torch vs 0.49x for
   // the FMA GEMM; M=512: 0.8-0.9x vs 0.28x). With the core's own AMX kernel (decompression into
-  // tiles, from core::kAmxMinRows rows) the crossover moves to 128 rows (same-run A/B, LLaMA
-  // shapes: M=64 0.88-0.92x torch vs 0.52-0.62x here; M=128 0.60-0.69x vs 0.51-0.72x; M=256
-  // 0.50-0.54x vs 0.56-0.74x: the core kernel decompresses W once per 32 rows of x, this route once).
+  // tiles, from core::kAmxMinRows rows) the crossover moves to 192 rows: `bench/linear24.py
+  // --routes` (all routes interleaved with torch dense), tiles vs this route x torch: 4096x11008
+  // M=64 0.88x vs 0.53x, M=128 0.65x vs 0.56x, M=160 0.60x vs 0.55x, M=192 0.60x vs 0.58x, M=256
+  // 0.47x vs 0.58x; 11008x4096 M=160 0.75x vs 0.69x, M=192 0.65x vs 0.70x; 4096x4096 M=160 0.62x
+  // vs 0.64x (the tile kernel decompresses W once per 32 rows of x, this route once per call).
   // PYSPARSE_BF16_DENSE_MIN_ROWS overrides it (read per call, so tests can take either route).
   const int64_t amx_min_rows =
-      env_int("PYSPARSE_BF16_DENSE_MIN_ROWS", core::sparse24_bf16_amx() ? 128 : 17);
+      env_int("PYSPARSE_BF16_DENSE_MIN_ROWS", core::sparse24_bf16_amx() ? 192 : 17);
   if (v.scalar_type() == at::kBFloat16 && M >= amx_min_rows && bf16_matmul_has_amx())
     return linear_via_dense_chunks(x2, v, m, b, N, K).view(linear_out_shape(x, N));
   // fp32, small weights (MiniLM-sized, <= 1M elements), many rows: the decompressed weight fits in
