@@ -387,6 +387,44 @@ inline void expand_down_tile(const GroupExpander& e, const DownProblem& p, int64
     _mm512_store_si512(b + r * 32, _mm512_setzero_si512());
 }
 
+// All column tiles of a k-block at once, group by group: each group's value rows are read whole
+// (up to 64 outputs = 128 bytes per plane) while they are in L1. Tile by tile, the 16 rows of a
+// k-block (all in the same L1 set: they lie a multiple of 4 KB apart) were evicted between tiles
+// (same-run A/B, 16 rows, tiles forced: 1B-shape FFN 2.85 -> 2.61 ms, LLaMA-7B 15.97 -> 15.56 ms).
+inline void expand_down_tiles(const GroupExpander& e, const DownProblem& p, int64_t kb, int64_t d0,
+                              int64_t tiles, uint16_t* b) {
+  if (d0 + tiles * kTileRows > p.D) {  // a partial tile: the per-tile path
+    for (int64_t t = 0; t < tiles; ++t) expand_down_tile(e, p, kb, d0 + t * kTileRows, b + t * 512);
+    return;
+  }
+  const int64_t g0 = kb * 8;
+  const int64_t ng = std::min<int64_t>(8, p.groups - g0);
+  const __m512i ctrl = e.ctrl, c0f = e.c0f, pos01 = e.pos01, pos23 = e.pos23;
+  const __m512i table = e.table, dbase = e.dbase, zero = _mm512_setzero_si512();
+  for (int64_t i = 0; i < ng; ++i) {
+    const uint16_t* v = p.values + (g0 + i) * 2 * p.D + d0;
+    const uint8_t* m = p.meta + (g0 + i) * p.mcols + d0 / 2;
+    for (int64_t t = 0; t < tiles; ++t) {
+      uint64_t m64;
+      std::memcpy(&m64, m + t * 8, 8);
+      const __m512i planes = _mm512_inserti64x4(
+          _mm512_castsi256_si512(
+              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t * kTileRows))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + p.D + t * kTileRows)), 1);
+      const __m512i sh =
+          _mm512_multishift_epi64_epi8(ctrl, _mm512_set1_epi64(static_cast<long long>(m64)));
+      uint16_t* bt = b + t * 512;
+      _mm512_store_si512(bt + (2 * i) * 32,
+                         _mm512_permutex2var_epi16(planes, nibble_sources(sh, c0f, pos01, table, dbase), zero));
+      _mm512_store_si512(bt + (2 * i + 1) * 32,
+                         _mm512_permutex2var_epi16(planes, nibble_sources(sh, c0f, pos23, table, dbase), zero));
+    }
+  }
+  for (int64_t t = 0; t < tiles; ++t)
+    for (int64_t r = 2 * ng; r < kTileRows; ++r)
+      _mm512_store_si512(b + t * 512 + r * 32, _mm512_setzero_si512());
+}
+
 // h [M, F] fp32 (row stride ldh) -> bf16 A tiles [slice][kb][16 rows][32], rounded to nearest even
 // (VCVTNE2PS2BF16, as torch rounds), zero padded; live[slice * kbs + kb]: whether any h of that
 // tile is nonzero.
@@ -443,7 +481,7 @@ void down_panel(const GroupExpander& e, const DownProblem& p, int64_t d0, int64_
   _tile_loadd(3, acc + 768, 64);
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     if (!(l0[kb] | (two ? l1[kb] : 0))) continue;
-    for (int64_t t = 0; t < tiles; ++t) expand_down_tile(e, p, kb, d0 + t * kTileRows, bbuf + t * 512);
+    expand_down_tiles(e, p, kb, d0, tiles, bbuf);
     compiler_barrier();
     _tile_loadd(4, a0 + kb * 512, 64);
     _tile_loadd(6, bbuf, 64);
