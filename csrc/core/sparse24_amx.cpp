@@ -177,6 +177,27 @@ inline void decompress_tile(const Decompressor& d, const Problem& p, int64_t n0,
     _mm512_store_si512(a + r * kTileK, _mm512_setzero_si512());
 }
 
+// The four accumulator tiles (0-3): cleared, or written to / read from c (4 x 16 x 16 fp32).
+inline void zero_accumulators() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+inline void store_accumulators(float* c) {
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + 256, 64);
+  _tile_stored(2, c + 512, 64);
+  _tile_stored(3, c + 768, 64);
+  compiler_barrier();
+}
+inline void load_accumulators(const float* c) {
+  _tile_loadd(0, c, 64);
+  _tile_loadd(1, c + 256, 64);
+  _tile_loadd(2, c + 512, 64);
+  _tile_loadd(3, c + 768, 64);
+}
+
 // x [M, K] (row stride ldx) -> B tiles: for every 16-row slice s of x and k-block kb, a 16 x 16
 // array of bf16 pairs, [pair r][row m] = (x[m, 32 kb + 2r], x[m, 32 kb + 2r + 1]); zero padded.
 void pack_x(const uint16_t* x, int64_t M, int64_t ldx, int64_t K, int64_t kbs, int64_t slices,
@@ -241,10 +262,7 @@ template <typename Out>
 void rows16_one_slice(const Decompressor& d, const Problem& p, int64_t n0, const uint16_t* xb,
                       int64_t m0, int64_t M, const uint16_t* bias, Out* y, int64_t ldy,
                       uint16_t* abuf, float* cbuf) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  zero_accumulators();
   uint16_t* a0 = abuf;
   uint16_t* a1 = abuf + 512;
   decompress_tile(d, p, n0, 0, a0);
@@ -259,11 +277,7 @@ void rows16_one_slice(const Decompressor& d, const Problem& p, int64_t n0, const
   if (kb < p.kb_total) PYSPARSE_AMX_STEP1(0, a0, a1, kb);
   if (kb + 1 < p.kb_total) PYSPARSE_AMX_STEP1(1, a1, a0, kb + 1);
   if (kb + 2 < p.kb_total) PYSPARSE_AMX_STEP1(2, a0, a1, kb + 2);
-  _tile_stored(0, cbuf, 64);
-  _tile_stored(1, cbuf + 256, 64);
-  _tile_stored(2, cbuf + 512, 64);
-  _tile_stored(3, cbuf + 768, 64);
-  compiler_barrier();
+  store_accumulators(cbuf);
   write_out(cbuf, 4, n0, m0, p.N, M, bias, y, ldy);
 }
 #undef PYSPARSE_AMX_STEP1
@@ -284,10 +298,7 @@ template <typename Out>
 void rows16_two_slices(const Decompressor& d, const Problem& p, int64_t n0, const uint16_t* xb0,
                        const uint16_t* xb1, int64_t m0, int64_t M, const uint16_t* bias, Out* y,
                        int64_t ldy, uint16_t* abuf, float* cbuf) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  zero_accumulators();
   uint16_t* a0 = abuf;
   uint16_t* a1 = abuf + 512;
   decompress_tile(d, p, n0, 0, a0);
@@ -297,11 +308,7 @@ void rows16_two_slices(const Decompressor& d, const Problem& p, int64_t n0, cons
     PYSPARSE_AMX_STEP2(1, 3, a1, a0, kb + 1);
   }
   if (kb < p.kb_total) PYSPARSE_AMX_STEP2(0, 2, a0, a1, kb);
-  _tile_stored(0, cbuf, 64);
-  _tile_stored(1, cbuf + 256, 64);
-  _tile_stored(2, cbuf + 512, 64);
-  _tile_stored(3, cbuf + 768, 64);
-  compiler_barrier();
+  store_accumulators(cbuf);
   write_out(cbuf, 2, n0, m0, p.N, M, bias, y, ldy);
   write_out(cbuf + 512, 2, n0, m0 + kTileRows, p.N, M, bias, y, ldy);
 }
@@ -347,77 +354,50 @@ struct DownProblem {
   int64_t F, D, mcols, groups, kb_total;
 };
 
-// B tile for neurons [32 kb, 32 kb + 32) x outputs [d0, d0 + 16): 16 rows of 16 bf16 pairs.
-inline void expand_down_tile(const GroupExpander& e, const DownProblem& p, int64_t kb, int64_t d0,
-                             uint16_t* b) {
-  const int64_t g0 = kb * 8;
-  const int64_t ng = std::min<int64_t>(8, p.groups - g0);
-  if (d0 + kTileRows <= p.D) {
-    const __m512i ctrl = e.ctrl, c0f = e.c0f, pos01 = e.pos01, pos23 = e.pos23;
-    const __m512i table = e.table, dbase = e.dbase, zero = _mm512_setzero_si512();
-    for (int64_t i = 0; i < ng; ++i) {
-      const uint16_t* v = p.values + (g0 + i) * 2 * p.D + d0;
-      uint64_t m64;
-      std::memcpy(&m64, p.meta + (g0 + i) * p.mcols + d0 / 2, 8);
-      const __m512i planes = _mm512_inserti64x4(
-          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v))),
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + p.D)), 1);
-      const __m512i sh =
-          _mm512_multishift_epi64_epi8(ctrl, _mm512_set1_epi64(static_cast<long long>(m64)));
-      const __m512i s01 = nibble_sources(sh, c0f, pos01, table, dbase);
-      const __m512i s23 = nibble_sources(sh, c0f, pos23, table, dbase);
-      _mm512_store_si512(b + (2 * i) * 32, _mm512_permutex2var_epi16(planes, s01, zero));
-      _mm512_store_si512(b + (2 * i + 1) * 32, _mm512_permutex2var_epi16(planes, s23, zero));
-    }
-  } else {  // the last, partial column tile
-    std::memset(b, 0, static_cast<size_t>(2 * ng) * 32 * sizeof(uint16_t));
-    for (int64_t i = 0; i < ng; ++i) {
-      const uint16_t* v = p.values + (g0 + i) * 2 * p.D;
-      const uint8_t* m = p.meta + (g0 + i) * p.mcols;
-      for (int64_t d = d0; d < p.D; ++d) {
-        const unsigned nib = (m[d / 2] >> ((d & 1) * 4)) & 0xFu;
-        const unsigned i0 = nib & 3u, i1 = nib >> 2;
-        // position q of the group lands in row 2i + q / 2, word 2 (d - d0) + q % 2
-        b[(2 * i + i0 / 2) * 32 + 2 * (d - d0) + i0 % 2] = v[d];
-        b[(2 * i + i1 / 2) * 32 + 2 * (d - d0) + i1 % 2] = v[p.D + d];
-      }
-    }
-  }
-  for (int64_t r = 2 * ng; r < kTileRows; ++r)
-    _mm512_store_si512(b + r * 32, _mm512_setzero_si512());
-}
-
-// All column tiles of a k-block at once, group by group: each group's value rows are read whole
-// (up to 64 outputs = 128 bytes per plane) while they are in L1. Tile by tile, the 16 rows of a
-// k-block (all in the same L1 set: they lie a multiple of 4 KB apart) were evicted between tiles
-// (same-run A/B, 16 rows, tiles forced: 1B-shape FFN 2.85 -> 2.61 ms, LLaMA-7B 15.97 -> 15.56 ms).
+// B tiles for neurons [32 kb, 32 kb + 32) x outputs [d0, d0 + 16 tiles): per tile 16 rows of 16
+// bf16 pairs (rows 2i, 2i+1 from group i; rows past the last group zero). All column tiles of the
+// k-block at once, group by group: each group's value rows are read whole (up to 64 outputs = 128
+// bytes per plane) while they are in L1. Tile by tile, the 16 rows of a k-block (all in the same L1
+// set: they lie a multiple of 4 KB apart) were evicted between tiles (same-run A/B, 16 rows, tiles
+// forced: 1B-shape FFN 2.85 -> 2.61 ms, LLaMA-7B 15.97 -> 15.56 ms). A tile past the end of
+// d_model (the last, partial one) is filled by scalar code, zero beyond D.
 inline void expand_down_tiles(const GroupExpander& e, const DownProblem& p, int64_t kb, int64_t d0,
                               int64_t tiles, uint16_t* b) {
-  if (d0 + tiles * kTileRows > p.D) {  // a partial tile: the per-tile path
-    for (int64_t t = 0; t < tiles; ++t) expand_down_tile(e, p, kb, d0 + t * kTileRows, b + t * 512);
-    return;
-  }
   const int64_t g0 = kb * 8;
   const int64_t ng = std::min<int64_t>(8, p.groups - g0);
+  const int64_t full = std::min<int64_t>(tiles, (p.D - d0) / kTileRows);
   const __m512i ctrl = e.ctrl, c0f = e.c0f, pos01 = e.pos01, pos23 = e.pos23;
   const __m512i table = e.table, dbase = e.dbase, zero = _mm512_setzero_si512();
+  for (int64_t t = full; t < tiles; ++t)
+    std::memset(b + t * 512, 0, static_cast<size_t>(2 * ng) * 32 * sizeof(uint16_t));
   for (int64_t i = 0; i < ng; ++i) {
-    const uint16_t* v = p.values + (g0 + i) * 2 * p.D + d0;
-    const uint8_t* m = p.meta + (g0 + i) * p.mcols + d0 / 2;
-    for (int64_t t = 0; t < tiles; ++t) {
+    const uint16_t* v = p.values + (g0 + i) * 2 * p.D;
+    const uint8_t* m = p.meta + (g0 + i) * p.mcols;
+    for (int64_t t = 0; t < full; ++t) {
+      const int64_t dt = d0 + t * kTileRows;
       uint64_t m64;
-      std::memcpy(&m64, m + t * 8, 8);
+      std::memcpy(&m64, m + dt / 2, 8);
       const __m512i planes = _mm512_inserti64x4(
-          _mm512_castsi256_si512(
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + t * kTileRows))),
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + p.D + t * kTileRows)), 1);
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + dt))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + p.D + dt)), 1);
       const __m512i sh =
           _mm512_multishift_epi64_epi8(ctrl, _mm512_set1_epi64(static_cast<long long>(m64)));
       uint16_t* bt = b + t * 512;
-      _mm512_store_si512(bt + (2 * i) * 32,
-                         _mm512_permutex2var_epi16(planes, nibble_sources(sh, c0f, pos01, table, dbase), zero));
-      _mm512_store_si512(bt + (2 * i + 1) * 32,
-                         _mm512_permutex2var_epi16(planes, nibble_sources(sh, c0f, pos23, table, dbase), zero));
+      _mm512_store_si512(bt + (2 * i) * 32, _mm512_permutex2var_epi16(
+                                                 planes, nibble_sources(sh, c0f, pos01, table, dbase), zero));
+      _mm512_store_si512(bt + (2 * i + 1) * 32, _mm512_permutex2var_epi16(
+                                                     planes, nibble_sources(sh, c0f, pos23, table, dbase), zero));
+    }
+    for (int64_t t = full; t < tiles; ++t) {  // partial tile: outputs [dt, D)
+      const int64_t dt = d0 + t * kTileRows;
+      uint16_t* bt = b + t * 512;
+      for (int64_t d = dt; d < p.D; ++d) {
+        const unsigned nib = (m[d / 2] >> ((d & 1) * 4)) & 0xFu;
+        const unsigned i0 = nib & 3u, i1 = nib >> 2;
+        // position q of the group lands in row 2i + q / 2, word 2 (d - dt) + q % 2
+        bt[(2 * i + i0 / 2) * 32 + 2 * (d - dt) + i0 % 2] = v[d];
+        bt[(2 * i + i1 / 2) * 32 + 2 * (d - dt) + i1 % 2] = v[p.D + d];
+      }
     }
   }
   for (int64_t t = 0; t < tiles; ++t)
@@ -475,10 +455,7 @@ void down_panel(const GroupExpander& e, const DownProblem& p, int64_t d0, int64_
                 float* acc, uint16_t* bbuf) {
   const bool two = a1 != nullptr;
   const int64_t tiles = std::min<int64_t>(two ? 2 : 4, (p.D - d0 + kTileRows - 1) / kTileRows);
-  _tile_loadd(0, acc, 64);
-  _tile_loadd(1, acc + 256, 64);
-  _tile_loadd(2, acc + 512, 64);
-  _tile_loadd(3, acc + 768, 64);
+  load_accumulators(acc);
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     if (!(l0[kb] | (two ? l1[kb] : 0))) continue;
     expand_down_tiles(e, p, kb, d0, tiles, bbuf);
@@ -509,11 +486,7 @@ void down_panel(const GroupExpander& e, const DownProblem& p, int64_t d0, int64_
       }
     }
   }
-  _tile_stored(0, acc, 64);
-  _tile_stored(1, acc + 256, 64);
-  _tile_stored(2, acc + 512, 64);
-  _tile_stored(3, acc + 768, 64);
-  compiler_barrier();
+  store_accumulators(acc);
 }
 
 // Accumulator tile [row m][output d] -> y (+ bias), rounded once.

@@ -20,6 +20,8 @@ namespace {
 
 inline float load1(const float* p) { return *p; }
 inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
+
+#include "sparse_ffn_groups_scalar.inc"
 inline void store1(float* p, float v) { *p = v; }
 inline void store1(uint16_t* p, float v) { *p = float_to_bf16(v); }
 
@@ -73,15 +75,7 @@ void axpy_dense_rows(const float* h, const W* const* rows, float* acc, int64_t l
 template <int R, typename W>
 void axpy_packed_rows(const float* h, const W* const* v, const uint8_t* const* meta, float* acc,
                       int64_t len) {
-  for (int64_t g = 0; g < len / 4; ++g) {
-    float s[4] = {acc[4 * g], acc[4 * g + 1], acc[4 * g + 2], acc[4 * g + 3]};
-    for (int r = 0; r < R; ++r) {
-      const unsigned nib = (meta[r][g / 2] >> ((g & 1) * 4)) & 0xFu;
-      s[nib & 3u] = std::fma(h[r], load1(v[r] + 2 * g), s[nib & 3u]);
-      s[nib >> 2] = std::fma(h[r], load1(v[r] + 2 * g + 1), s[nib >> 2]);
-    }
-    for (int i = 0; i < 4; ++i) acc[4 * g + i] = s[i];
-  }
+  axpy_packed_groups_scalar<R>(h, v, meta, acc, 0, len / 4);
 }
 
 template <int R, typename W>

@@ -30,6 +30,7 @@ namespace {
 #include "sparse24_simd_common.inc"
 #include "sparse24_gemv_rows_avx2.inc"
 #include "sparse24_gemv.inc"
+#include "sparse_ffn_groups_scalar.inc"
 
 // One accumulator chain per row whatever RB is (see the driver): RB = 8 for the gate gives eight
 // streams and eight independent chains; the up phase uses RB = 4.
@@ -119,15 +120,8 @@ void axpy_packed_rows(const float* h, const W* const* v, const uint8_t* const* m
     }
     _mm256_storeu_ps(acc + i, s);
   }
-  for (int64_t g = body / 4; g < len / 4; ++g) {  // a last group of 4 (d_model % 8 == 4)
-    float s[4] = {acc[4 * g], acc[4 * g + 1], acc[4 * g + 2], acc[4 * g + 3]};
-    for (int r = 0; r < R; ++r) {
-      const unsigned nib = (meta[r][g / 2] >> ((g & 1) * 4)) & 0xFu;
-      s[nib & 3u] = std::fma(h[r], load1(v[r] + 2 * g), s[nib & 3u]);
-      s[nib >> 2] = std::fma(h[r], load1(v[r] + 2 * g + 1), s[nib >> 2]);
-    }
-    for (int k = 0; k < 4; ++k) acc[4 * g + k] = s[k];
-  }
+  // a last group of 4 (d_model % 8 == 4)
+  axpy_packed_groups_scalar<R>(h, v, meta, acc, body / 4, len / 4);
 }
 
 template <int R, typename W>
