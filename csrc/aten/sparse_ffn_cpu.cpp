@@ -103,7 +103,8 @@ at::Tensor dense_down(const at::Tensor& h, const Weights& w) {
 // core::kAmxMinRows rows: the gate on the tile kernel; then, while few neurons fire, the FFN
 // kernels for the firing neurons; once many fire, the up and down projections on the tiles too.
 // Without them the FMA kernels compute per row of x (LLaMA-7B shape, 16 rows: 0.28-0.53x torch's
-// dense bf16 FFN, README). Up to kAmxMaxRows rows (the 2:4 linear's own crossover to torch).
+// dense bf16 FFN, README). Up to kAmxMaxRows rows: bench/ffn.py measured it to 16; the 2:4 linear
+// alone stays on the tiles to 191 rows (its crossover to torch's GEMM, sparse24_cpu.cpp).
 constexpr int64_t kAmxMaxRows = 127;
 
 bool amx_route(const Weights& w, at::ScalarType st, int64_t M) {
