@@ -10,8 +10,12 @@ bytes, down by groups of 4 neurons) / time, as a fraction of the roof: the faste
 (``torch.sum``) and torch's dense FFN itself (bytes of its three weights / time), both timed in the
 same run. ``--down-rows`` adds the 2:4 FFN with the other down layout (W_down pruned 2:4 along
 d_model, each active neuron's packed row read; see csrc/core/sparse_ffn.h) and the megabytes each
-2:4 layout must read. The 2:4 columns use the same activation pattern on 2:4-pruned weights
-(magnitude), so their ratio is against the same dense FFN.
+2:4 layout must read. The 2:4 columns run 2:4-pruned weights (magnitude) at the same target
+sparsity, set on the gate they run (the pruned gate: its pre-activations differ from the dense
+one's), so a row labelled 90% is ~90% sparse in every column; each variant's measured active
+fraction is printed, and every ratio is against the same dense FFN.
+Every variant of a row is timed in one round-robin loop (bench/timing.py), and the times printed
+are the ones its ratios come from.
 
 Activation patterns (the threshold is set per case to hit the target sparsity over the batch):
     independent  random x rows: every token's active set is independent (the worst case at batch > 1)
@@ -30,7 +34,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from linear24 import paired_times, stream_read_gbs
+from timing import cuda_synced, interleaved_times, stream_read_gbs
 
 import pysparse
 from pysparse import formats, ops
@@ -44,7 +48,6 @@ class Weights:
 
     def __init__(self, D: int, Fd: int, pattern: str, dtype: torch.dtype, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.gen = g
         wg = torch.randn(Fd, D, generator=g) / math.sqrt(D)
         wu = torch.randn(Fd, D, generator=g) / math.sqrt(D)
         wd = torch.randn(D, Fd, generator=g) / math.sqrt(Fd)
@@ -65,78 +68,82 @@ class Weights:
         # the other 2:4 down layout: W_down^T pruned along d_model, packed by neuron row
         self.d24_rows = ops.compress24(ops.prune24(self.wdt))
 
-    def case(self, M: int, sparsity: float):
-        """(x, wg, g24, threshold) for M rows at about ``sparsity`` over the batch."""
+    def case(self, M: int, sparsity: float, pruned: bool):
+        """(x, gate weight, packed 2:4 gate or None, threshold) for M rows at about ``sparsity``
+        over the batch. The activation pattern is set on the gate the variant runs: the dense gate
+        for dense / sparse_ffn, the 2:4-pruned gate for sparse_ffn24 (so both run at the labelled
+        sparsity; the pruned gate's pre-activations differ from the dense one's)."""
         x = self.x[:M]
-        gate = self.x32[:M] @ self.wg32.T
+        gate_w = ops.decompress24(*self.g24, self.D).float() if pruned else self.wg32
+        gate = self.x32[:M] @ gate_w.T
         t = float(torch.quantile(gate.flatten()[:1_000_000], sparsity)) if sparsity > 0 else -1.0
         if t >= 0:  # one threshold for the whole batch, at the sparsity's quantile
-            return x, self.wg, self.g24, t
+            return x, self.wg, (self.g24 if pruned else None), t
         # The op's threshold is >= 0, so low sparsities are made with the signs instead: flip gate
         # rows so that a random (1 - sparsity) share of neurons is positive for the first token,
-        # the rest negative, threshold 0 (the other tokens of the batch fire independently).
-        want = torch.rand(self.Fd, generator=self.gen) >= sparsity
+        # the rest negative, threshold 0 (the other tokens of the batch fire independently). The
+        # same draw for both variants (one generator per case), each flipped on its own gate.
+        want = torch.rand(self.Fd, generator=torch.Generator().manual_seed(M)) >= sparsity
         sign = torch.where((gate[0] >= 0) == want, 1.0, -1.0)[:, None].to(self.dtype)
         wg = self.wg * sign
-        return x, wg, ops.compress24(ops.prune24(wg)), 0.0
+        # prune24 keeps the two largest |w| per group: flipping a row's sign commutes with it
+        return x, wg, (ops.compress24(ops.prune24(wg)) if pruned else None), 0.0
+
+
+def active(x: torch.Tensor, gate_w: torch.Tensor, t: float) -> torch.Tensor:
+    """Neurons that fire for some row of x (the union over the batch)."""
+    return ((x.float() @ gate_w.float().T) >= t).any(0)
 
 
 def run_case(W: Weights, shape, M, sp, pattern, dname, args, stream) -> str:
-    """One table row: times torch dense, sparse_ffn and sparse_ffn24 on one case."""
+    """One table row: dense, sparse_ffn and sparse_ffn24 (and the by-row 2:4 layout with
+    --down-rows) timed round-robin in one loop; every ratio is against the dense times printed."""
     D, Fd = W.D, W.Fd
     es = torch.tensor([], dtype=W.dtype).element_size()
-    x, wg, g24, t = W.case(M, sp / 100)
+    x, wg, _, t = W.case(M, sp / 100, pruned=False)
+    _, _, g24, t24 = W.case(M, sp / 100, pruned=True)
     wu, wd, wdt, u24, d24 = W.wu, W.wd, W.wdt, W.u24, W.d24
     dev = torch.device(args.device)
     on = (lambda v: tuple(t.to(dev) for t in v)) if dev.type == "cuda" else (lambda v: v)
     xd, wgd, wud, wdd, wdtd = on((x, wg, wu, wd, wdt))
     g24d, u24d, d24d = on(g24), on(u24), on(d24)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-
-    def dense():
-        gt = F.linear(xd, wgd)
-        out = F.linear(torch.where(gt >= t, gt, 0) * F.linear(xd, wud), wdd)
-        sync()
-        return out
-
-    def sparse():
-        out = ops.sparse_ffn(xd, wgd, wud, wdtd, t)
-        sync()
-        return out
-
-    def sparse24():
-        out = ops.sparse_ffn24(xd, g24d, u24d, d24d, t)
-        sync()
-        return out
-
-    n_act = int(((x.float() @ wg.float().T) >= t).any(0).sum())
-    gate24 = (x.float() @ ops.decompress24(*g24, D).float().T >= t).any(0)
-    groups24 = int(gate24.view(-1, 4).any(1).sum())
-    td, ts, r = paired_times(dense, sparse, args.repeats, args.seconds)
-    _, ts24, r24 = paired_times(dense, sparse24, args.repeats, args.seconds)
+    calls = {
+        "dense": lambda: F.linear(
+            torch.where((gt := F.linear(xd, wgd)) >= t, gt, 0) * F.linear(xd, wud), wdd
+        ),
+        "ffn": lambda: ops.sparse_ffn(xd, wgd, wud, wdtd, t),
+        "ffn24": lambda: ops.sparse_ffn24(xd, g24d, u24d, d24d, t24),
+    }
+    if args.down_rows:
+        d24r = on(W.d24_rows)
+        calls["rows24"] = lambda: ops.sparse_ffn24(xd, g24d, u24d, d24r, t24)
+    with torch.inference_mode():
+        res = interleaved_times(
+            {k: cuda_synced(f, dev) for k, f in calls.items()}, args.repeats, args.seconds
+        )
+    td, ts, ts24 = (res[k].median_s for k in ("dense", "ffn", "ffn24"))
+    act = active(x, wg, t)
+    act24 = active(x, ops.decompress24(*g24, D), t24)
+    n_act, n_act24 = int(act.sum()), int(act24.sum())
+    groups24 = int(act24.view(-1, 4).any(1).sum())
     need = (Fd + 2 * n_act) * D * es
     half = D // 2 * es + (D + 7) // 8  # one packed row
-    need24 = Fd * half + int(gate24.sum()) * half + groups24 * (2 * D * es + D // 2)
+    need24 = Fd * half + n_act24 * half + groups24 * (2 * D * es + D // 2)
     bw, bw24 = need / ts / 1e9, need24 / ts24 / 1e9
     rows = ""
     if args.down_rows:
-        d24r = on(W.d24_rows)
-
-        def rows24():
-            out = ops.sparse_ffn24(xd, g24d, u24d, d24r, t)
-            sync()
-            return out
-
-        _, tsr, rr = paired_times(dense, rows24, args.repeats, args.seconds)
-        need_r = Fd * half + int(gate24.sum()) * half + n_act * half
-        rows = f" {tsr * 1e3:.2f} | {rr:.2f}x | {need_r / 1e6:.0f} vs {need24 / 1e6:.0f} |"
+        need_r = Fd * half + n_act24 * half + n_act24 * half
+        rows = (
+            f" {res['rows24'].median_s * 1e3:.2f} | {res['rows24'].ratio:.2f}x | "
+            f"{need_r / 1e6:.0f} vs {need24 / 1e6:.0f} |"
+        )
     # The roof: the faster of a plain read and torch's own dense FFN (which reads all three
     # weights), both timed in this run.
     roof = max(stream, 3 * Fd * D * es / td / 1e9)
     return (
-        f"| {shape} | {dname} | {pattern} | {sp:g}% | {M} | {n_act / Fd:.0%} | "
-        f"{td * 1e3:.2f} | {ts * 1e3:.2f} | {r:.2f}x | {bw:.1f} ({bw / roof:.0%}) | "
-        f"{ts24 * 1e3:.2f} | {r24:.2f}x | {bw24:.1f} ({bw24 / roof:.0%}) |{rows}"
+        f"| {shape} | {dname} | {pattern} | {sp:g}% | {M} | {n_act / Fd:.0%} | {n_act24 / Fd:.0%} | "
+        f"{td * 1e3:.2f} | {ts * 1e3:.2f} | {res['ffn'].ratio:.2f}x | {bw:.1f} ({bw / roof:.0%}) | "
+        f"{ts24 * 1e3:.2f} | {res['ffn24'].ratio:.2f}x | {bw24:.1f} ({bw24 / roof:.0%}) |{rows}"
     )
 
 
@@ -171,11 +178,11 @@ def main() -> None:
     )
     extra = " 2:4 rows ms | 2:4 rows x | MB read rows vs groups |" if args.down_rows else ""
     print(
-        "| shape | dtype | pattern | sparsity | batch | active (union) | dense ms | ffn ms | "
+        "| shape | dtype | pattern | sparsity | batch | ffn active | 2:4 active | dense ms | ffn ms | "
         "ffn x | ffn GB/s (% roof) | 2:4 ms | 2:4 x | 2:4 GB/s (% roof) |" + extra
     )
     print(
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         + "---:|" * (3 * bool(extra))
     )
     for shape in args.shapes:

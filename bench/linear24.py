@@ -21,61 +21,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
+from timing import interleaved_times, paired_times, stream_read_gbs
 
 import pysparse
 from pysparse import ops
 
 DEFAULT_SHAPES = ["4096x4096", "11008x4096", "4096x11008", "1536x384"]
 DEFAULT_BATCHES = [1, 8, 64, 512]
-
-
-def median_time(fn, min_repeats: int, min_seconds: float, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_repeats or (time.perf_counter() - start) < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 200:
-            break
-    return statistics.median(times)
-
-
-def paired_times(
-    f_dense, f_sparse, min_repeats: int, min_seconds: float
-) -> tuple[float, float, float]:
-    """Alternates the two calls so that the machine's drift (this box is shared and noisy) hits
-    both alike; returns (median dense s, median sparse s, median of the per-pair ratios)."""
-    for _ in range(2):
-        f_dense()
-        f_sparse()
-    td: list[float] = []
-    ts: list[float] = []
-    start = time.perf_counter()
-    while len(td) < min_repeats or (time.perf_counter() - start) < min_seconds:
-        t0 = time.perf_counter()
-        f_dense()
-        t1 = time.perf_counter()
-        f_sparse()
-        t2 = time.perf_counter()
-        td.append(t1 - t0)
-        ts.append(t2 - t1)
-        if len(td) >= 200:
-            break
-    ratio = statistics.median(d / s for d, s in zip(td, ts))
-    return statistics.median(td), statistics.median(ts), ratio
-
-
-def stream_read_gbs(nbytes: int, repeats: int, min_seconds: float) -> float:
-    buf = torch.ones(nbytes // 4, dtype=torch.float32)
-    t = median_time(lambda: buf.sum(), repeats, min_seconds)
-    return nbytes / t / 1e9
 
 
 ROUTES = {  # environment per route (read by the op on every call)
@@ -118,20 +72,19 @@ def routes_table(args, repeats: int) -> None:
                             lambda x=x, v=values, m=meta: ops.sparse24_linear(x, v, m),
                             env,
                         )
-                    times: dict[str, list[float]] = {k: [] for k in calls}
                     with torch.inference_mode():
-                        for i in range(repeats + 2):
-                            for name, (fn, env) in calls.items():
-                                _route_env(env)
-                                t0 = time.perf_counter()
-                                fn()
-                                if i >= 2:
-                                    times[name].append(time.perf_counter() - t0)
-                    d = times["dense"]
-                    cells = [f"{statistics.median(d) * 1e3:.3f}"]
+                        res = interleaved_times(
+                            {k: fn for k, (fn, _) in calls.items()},
+                            repeats,
+                            0.0,
+                            setup={
+                                k: (lambda env=env: _route_env(env))
+                                for k, (_, env) in calls.items()
+                            },
+                        )
+                    cells = [f"{res['dense'].median_s * 1e3:.3f}"]
                     for r in ROUTES:
-                        ratio = statistics.median(a / b for a, b in zip(d, times[r]))
-                        cells += [f"{statistics.median(times[r]) * 1e3:.3f}", f"{ratio:.2f}x"]
+                        cells += [f"{res[r].median_s * 1e3:.3f}", f"{res[r].ratio:.2f}x"]
                     print(
                         f"| {dtype_name} | {N}x{K} | {M} | " + " | ".join(cells) + " |", flush=True
                     )

@@ -16,10 +16,9 @@ the two results, and how many groups' 2:4 masks (top-2 |w| of the result) differ
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import cuda_synced, interleaved_times
 
 import pysparse
 from pysparse import ops
@@ -63,20 +62,6 @@ def mask(w: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(g, dtype=torch.bool).scatter_(1, g.topk(2, dim=1).indices, True)
 
 
-def median(fn, repeats: int, warmup: bool = True) -> float:
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    if warmup:
-        fn()
-        sync()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -101,21 +86,25 @@ def main() -> None:
     )
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for lam in (float(v) for v in args.lams.split(",")):
-        t0 = time.perf_counter()
-        ref = torch_prox24(w, lam)  # also the torch version's timing when --repeats is 1
-        first = time.perf_counter() - t0
+        # One untimed call of each first (warms caches, the allocator and CUDA's kernels, and
+        # gives the results compared below), then both timed round-robin, synchronised on CUDA.
+        ref = torch_prox24(w, lam)
         got = ops.prox24(w, lam)
-        t_torch = (
-            first
-            if args.repeats == 1
-            else median(lambda lam=lam: torch_prox24(w, lam), args.repeats, warmup=False)
+        res = interleaved_times(
+            {
+                "torch": cuda_synced(lambda lam=lam: torch_prox24(w, lam), w.device),
+                "kernel": cuda_synced(lambda lam=lam: ops.prox24(w, lam), w.device),
+            },
+            args.repeats,
+            0.0,
+            warmup=0,
         )
-        t_kernel = median(lambda lam=lam: ops.prox24(w, lam), args.repeats)
+        t_torch, t_kernel = res["torch"].median_s, res["kernel"].median_s
         diff = (ref - got).abs().max().item()
         differ = int((mask(ref) != mask(got)).any(1).sum())
         two4 = ((got.reshape(-1, 4) != 0).sum(1) <= 2).float().mean().item()
         print(
-            f"| {lam:g} | {t_torch:.3f} | {t_kernel:.4f} | {t_torch / t_kernel:.1f}x | "
+            f"| {lam:g} | {t_torch:.3f} | {t_kernel:.4f} | {res['kernel'].ratio:.1f}x | "
             f"{diff:.1e} | {differ} of {w.numel() // 4} | {two4:.1%} |"
         )
 

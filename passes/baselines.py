@@ -1,6 +1,7 @@
-"""Baseline 2:4 masks (ALGORITHMS.md, "Baselines"): magnitude, Wanda and SparseGPT. The masked weights stay
-dense here (Compress24 packs them); the mask is applied to the live parameters of the captured
-graph. Linears whose in_features is not a multiple of 4 are skipped and reported."""
+"""Baseline 2:4 masks: magnitude, Wanda (arXiv 2306.11695) and SparseGPT (arXiv 2301.00774).
+The masked weights stay dense here (Compress24 packs them); the mask is applied to the live
+parameters of the captured graph. Linears whose in_features is not a multiple of 4 are skipped
+and reported."""
 
 from __future__ import annotations
 
@@ -177,7 +178,7 @@ def sparsegpt_24(
     update_weights: bool = True,
     along_out: bool = False,
 ) -> torch.Tensor:
-    """SparseGPT for one layer at 2:4 (ALGORITHMS.md): H = XᵀX + damping (1% of the mean diagonal),
+    """SparseGPT for one layer at 2:4 (arXiv 2301.00774): H = XᵀX + damping (1% of the mean diagonal),
     then an OBS sweep over the columns in blocks of ``block``: at the first column of every group of
     4 choose the 2 weights per row with the smallest w² / [H⁻¹]_jj² to prune, zero them, and spread
     each column's error over the columns not yet visited (through the upper Cholesky factor of H⁻¹).

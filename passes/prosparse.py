@@ -1,4 +1,4 @@
-"""ProSparse (ALGORITHMS.md, "ProSparse"): high activation sparsity in ReLU FFNs.
+"""ProSparse (arXiv 2402.13516): high activation sparsity in ReLU FFNs.
 
 After ReluSubstitution, the model is fine-tuned with
 
@@ -72,7 +72,7 @@ class Constant:
 
 
 class StagedSine:
-    """ALGORITHMS.md's progressive schedule over accumulated step counts.
+    """ProSparse's progressive schedule over accumulated step counts.
 
     ``stages = [(lam_0, T_0), (lam_1, T_1), ..., (lam_S, T_S)]`` with T strictly increasing and
     lam non-decreasing. With lam_0 = 0 the first stage is the lambda = 0 stage (t <= T_0), the

@@ -1,4 +1,4 @@
-"""ProxSparse (ALGORITHMS.md, "ProxSparse"): 2:4 masks learned end to end.
+"""ProxSparse (arXiv 2502.00258, ICML 2025): 2:4 masks learned end to end.
 
 The captured graph is trained (its parameters are the live ones; see pysparse.trace) with the
 shared trainer (pysparse.train) on

@@ -10,7 +10,7 @@ FFN activations are.
     ``max_length - stride`` tokens of context except at the start.
   * Activation sparsity, whenever the FFNs are ReLU/FATReLU: the fraction of zeros in the FFN
     intermediate x1 (the input of the down projection) per token, padding excluded, averaged over
-    tokens per layer, then over layers (ALGORITHMS.md, ProSparse 4).
+    tokens per layer, then over layers (ProSparse, arXiv 2402.13516: zeros of x1 per token).
 
 Default held-out text: ``pysparse.corpus.sentences("heldout")`` (never used for calibration or
 training by pysparse). ``evaluate(...)`` returns a dict (JSON-ready); ``format_table`` prints it.

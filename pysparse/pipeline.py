@@ -7,7 +7,7 @@ topological sort: the user's order is kept where it is legal), runs ``requires``
 of passes that must not change them, and records a report entry per pass (what changed, figures,
 wall time). Errors name the failing pass and the passes that ran before it.
 
-Ordering constraints (DESIGN.md): relu before prosparse; a mask pass (magnitude, wanda, sparsegpt,
+Ordering constraints: relu before prosparse; a mask pass (magnitude, wanda, sparsegpt,
 proxsparse) before compress24; compress24 before lower; lower last.
 """
 

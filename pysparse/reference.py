@@ -111,7 +111,7 @@ def reference_prox24(
     w: torch.Tensor, lam: float, max_iters: int = 100, tol: float = 1e-6
 ) -> torch.Tensor:
     """The prox of ``lam * Reg`` per group of 4, in float64, one group at a time, straight from
-    ALGORITHMS.md: sort |z| descending (stable), candidates top-2 / top-3 / all-4 (the latter two by
+    ProxSparse (arXiv 2502.00258): sort |z| descending (stable), candidates top-2 / top-3 / all-4 (the latter two by
     coordinate descent ``w_i = max(a_i - lam * (sum of products of the other kept pairs), 0)`` from
     ``w = a``, stopping when no coordinate moved more than ``tol * (1 + a_1)``), least objective
     wins (ties: fewer nonzeros), signs and positions restored. Slow; for tests."""

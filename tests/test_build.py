@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from testutil import KERNEL_FLAGS, cpu_has
 
 import pysparse
 
@@ -31,6 +33,29 @@ def test_build_info_reports_cpu_and_cuda():
     assert info["cpu"]["linear_impl"] in ("avx512", "avx2", "scalar")
     if not torch.cuda.is_available():
         assert info["cusparselt"]["available"] is False
+
+
+@pytest.mark.skipif(
+    any(os.environ.get(f"PYSPARSE_DISABLE_{k}") for k in ("AVX2", "AVX512", "AMX")),
+    reason="a PYSPARSE_DISABLE_* switch is set in this environment",
+)
+def test_the_kernels_dispatched_are_the_best_this_cpu_runs():
+    """The kernel chosen at run time is the one the CPU's own flags (/proc/cpuinfo, not
+    pysparse's detection) call for: a build or a detection bug that falls back to a slower path
+    fails here instead of silently costing speed."""
+    cpu = pysparse.build_info()["cpu"]
+    if cpu_has(*KERNEL_FLAGS["avx512"]):
+        want = "avx512"
+    elif cpu_has(*KERNEL_FLAGS["avx2"]):
+        want = "avx2"
+    else:
+        want = "scalar"
+    assert cpu["linear_impl"] == want
+    assert cpu["ffn_impl"] == ("scalar" if want == "scalar" else "avx2")
+    assert cpu["bf16_amx"] == cpu_has(*KERNEL_FLAGS["amx"]), (
+        "AMX-BF16 tiles: /proc/cpuinfo and pysparse disagree (a stubbed AMX build, or the OS "
+        "refused the tile state)"
+    )
 
 
 @pytest.mark.skipif(

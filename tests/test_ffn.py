@@ -5,10 +5,9 @@ concurrent callers, pack_down24, opcheck, export, and bad input."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
+from testutil import run_in_threads, skip_unless_kernel
 from torch.library import opcheck
 
 import pysparse
@@ -26,11 +25,10 @@ def impl(request, monkeypatch):
     cpu = pysparse._C.cpu_info()
     monkeypatch.delenv("PYSPARSE_DISABLE_AVX512", raising=False)
     monkeypatch.delenv("PYSPARSE_DISABLE_AVX2", raising=False)
-    if request.param == "avx512" and not cpu["avx512f"]:
-        pytest.skip("this CPU has no AVX-512F (the 2:4 gate's fast GEMV)")
+    if request.param == "avx512":  # the 2:4 gate's fast GEMV
+        skip_unless_kernel("avx512", cpu["avx512f"])
     if request.param == "avx2":
-        if not cpu["avx2"]:
-            pytest.skip("this CPU has no AVX2")
+        skip_unless_kernel("avx2", cpu["avx2"])
         monkeypatch.setenv("PYSPARSE_DISABLE_AVX512", "1")
     if request.param == "scalar":
         monkeypatch.setenv("PYSPARSE_DISABLE_AVX2", "1")
@@ -202,10 +200,8 @@ def test_concurrent_callers_share_weights():
         (ops.sparse_ffn(x, wg, wu, wdt, 0.2), ops.sparse_ffn24(x, g24, u24, d24, 0.2)) for x in xs
     ]
     got: list = [None] * 8
-    barrier = threading.Barrier(8)
 
     def work(i):
-        barrier.wait()
         out = []
         for _ in range(20):
             out = (
@@ -214,11 +210,7 @@ def test_concurrent_callers_share_weights():
             )
         got[i] = out
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(work, 8)
     for (a, b), (c, d) in zip(want, got):
         assert torch.equal(a, c) and torch.equal(b, d)
 
@@ -228,8 +220,7 @@ def amx(monkeypatch):
     """bf16 2:4 FFNs on the AMX tile kernels (from 7 rows, down in the neuron-group layout)."""
     for k in ("PYSPARSE_DISABLE_AMX", "PYSPARSE_DISABLE_AVX512", "PYSPARSE_DISABLE_AVX2"):
         monkeypatch.delenv(k, raising=False)
-    if not pysparse._C.cpu_info()["bf16_amx"]:
-        pytest.skip("this CPU (or OS) offers no AMX-BF16 tiles")
+    skip_unless_kernel("amx", pysparse._C.cpu_info()["bf16_amx"])
     return monkeypatch
 
 

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from testutil import run_in_threads, skip_unless_kernel
 from torch.library import opcheck
 
 import pysparse
@@ -36,21 +37,19 @@ def impl(request, monkeypatch):
     monkeypatch.delenv("PYSPARSE_DISABLE_AVX2", raising=False)
     monkeypatch.setenv("PYSPARSE_DISABLE_AMX", "1")
     if request.param == "amx":
-        if not cpu["bf16_amx"]:
-            pytest.skip("this CPU (or OS) offers no AMX-BF16 tiles")
+        skip_unless_kernel("amx", cpu["bf16_amx"])
         monkeypatch.delenv("PYSPARSE_DISABLE_AMX")
         assert pysparse._C.cpu_info()["bf16_amx"]
     monkeypatch.setenv("PYSPARSE_BF16_DENSE_MIN_ROWS", str(2**62))
     monkeypatch.setenv("PYSPARSE_F32_DENSE_MAX_WEIGHTS", "0")
-    if request.param == "avx512" and not (cpu["avx512f"] and cpu["avx2"]):
-        pytest.skip("this CPU has no AVX-512F")
+    if request.param == "avx512":
+        skip_unless_kernel("avx512", cpu["avx512f"] and cpu["avx2"])
     if request.param == "dense":
         monkeypatch.setenv("PYSPARSE_BF16_DENSE_MIN_ROWS", "17" if _has_amx_bf16() else str(2**62))
         monkeypatch.setenv("PYSPARSE_F32_DENSE_MAX_WEIGHTS", str(2**62))
         monkeypatch.setenv("PYSPARSE_F32_DENSE_MIN_ROWS", "17")
     if request.param == "avx2":
-        if not cpu["avx2"]:
-            pytest.skip("this CPU has no AVX2")
+        skip_unless_kernel("avx2", cpu["avx2"])
         monkeypatch.setenv("PYSPARSE_DISABLE_AVX512", "1")
     if request.param == "scalar":
         monkeypatch.setenv("PYSPARSE_DISABLE_AVX2", "1")
@@ -66,8 +65,7 @@ def amx_route(monkeypatch):
     for k in ("PYSPARSE_DISABLE_AMX", "PYSPARSE_DISABLE_AVX512", "PYSPARSE_DISABLE_AVX2"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("PYSPARSE_BF16_DENSE_MIN_ROWS", str(2**62))
-    if not pysparse._C.cpu_info()["bf16_amx"]:
-        pytest.skip("this CPU (or OS) offers no AMX-BF16 tiles")
+    skip_unless_kernel("amx", pysparse._C.cpu_info()["bf16_amx"])
 
 
 def random_24(N: int, K: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -332,15 +330,11 @@ def test_every_op_is_thread_count_invariant_and_deterministic():
 def test_every_op_gives_the_same_bits_from_8_threads_at_once():
     """No shared mutable scratch: 8 Python threads calling every op on shared weights at once get
     what a lone call gets."""
-    import threading
-
     calls = _every_cpu_op(torch.Generator().manual_seed(10))
     want = {name: _flat(fn()) for name, fn in calls.items()}
     bad: list[str] = []
-    barrier = threading.Barrier(8)
 
     def work(i):
-        barrier.wait()
         names = list(calls)
         for r in range(3):
             for name in names[i % len(names) :] + names[: i % len(names)]:
@@ -348,12 +342,17 @@ def test_every_op_gives_the_same_bits_from_8_threads_at_once():
                 if not all(torch.equal(a, b) for a, b in zip(want[name], got)):
                     bad.append(f"{name} (thread {i}, round {r})")
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_in_threads(work, 8)
     assert not bad, bad
+
+
+def test_a_failure_in_a_worker_thread_fails_the_test():
+    def work(i):
+        if i == 5:
+            raise ValueError("worker 5 failed")
+
+    with pytest.raises(ValueError, match="worker 5"):
+        run_in_threads(work, 8)
 
 
 # ---- opcheck --------------------------------------------------------------------------------------

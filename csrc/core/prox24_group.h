@@ -1,4 +1,4 @@
-// The proximal operator of lam * Reg on one group of 4 weights (ALGORITHMS.md, ProxSparse):
+// The proximal operator of lam * Reg on one group of 4 weights (ProxSparse, arXiv 2502.00258):
 //
 //   prox(z) = argmin_w  1/2 ||w - z||^2 + lam * Reg(w),
 //   Reg(w)  = |w1 w2 w3| + |w2 w3 w4| + |w3 w4 w1| + |w4 w1 w2|   (0 iff at most 2 nonzeros).

@@ -1,0 +1,94 @@
+"""Test helpers shared across test files: threads whose failures reach the test, and the CPU's
+features as the kernel (not pysparse) reports them, to cross-check pysparse's own detection."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from functools import cache
+
+import torch
+
+
+def run_in_threads(work: Callable[[int], None], n: int) -> None:
+    """Runs ``work(i)`` for i in range(n) in n threads released together by a barrier, and re-raises
+    the first exception any of them raised (a bare exception in a thread reaches pytest only as a
+    warning, so the test would pass)."""
+    barrier = threading.Barrier(n)
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            work(i)
+        except BaseException as e:  # noqa: BLE001 -- every failure must reach the test
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:  # the first real failure, not the broken barrier it left for the others
+        raise next(
+            (e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0]
+        )
+
+
+@cache
+def cpuinfo_flags() -> frozenset[str]:
+    """The flags of /proc/cpuinfo (empty off Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has(*flags: str) -> bool:
+    """True when the kernel reports every flag in /proc/cpuinfo, or (elsewhere) torch does."""
+    have = cpuinfo_flags()
+    if have:
+        return all(f in have for f in flags)
+    caps = torch._C._cpu._get_cpu_capability()
+    return all(bool(caps.get(f, False)) for f in flags)
+
+
+# /proc/cpuinfo flags each pysparse CPU kernel needs (csrc/core: the AVX2 kernels need FMA; the AMX
+# tile kernels also decompress with AVX-512 BW/VBMI and convert with AVX-512 BF16).
+KERNEL_FLAGS = {
+    "avx2": ("avx2", "fma"),
+    "avx512": ("avx2", "fma", "avx512f"),
+    "amx": (
+        "avx2",
+        "fma",
+        "avx512f",
+        "avx512bw",
+        "avx512_vbmi",
+        "avx512_bf16",
+        "amx_tile",
+        "amx_bf16",
+    ),
+}
+
+
+def skip_unless_kernel(kernel: str, available: bool) -> None:
+    """Skips a test of ``kernel`` when this CPU cannot run it — but fails when the CPU offers every
+    flag the kernel needs and pysparse still says it is unavailable (a build that stubbed the kernel
+    out, a compiler that lacked the ISA, a refused AMX tile-permission request): that is a defect,
+    not a reason to skip."""
+    if available:
+        return
+    import pytest
+
+    need = KERNEL_FLAGS[kernel]
+    if cpu_has(*need):
+        pytest.fail(
+            f"the CPU offers {', '.join(need)} (/proc/cpuinfo), but pysparse reports its {kernel} "
+            "kernel unavailable: was it built without it, or did the OS refuse the AMX tile state?"
+        )
+    pytest.skip(f"this CPU lacks one of {', '.join(need)}: no {kernel} kernel to test")
