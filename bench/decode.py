@@ -25,6 +25,12 @@ weights say nothing about quality; this measures speed only.
     python bench/decode.py --layers 4 --tokens 8 # quicker
     python bench/decode.py --rows act-sparse "act-sparse + 2:4"   # fewer models in memory
 
+The OpenMP team is pinned one thread per CPU first (pysparse.pin_threads; --no-pin leaves it to
+the scheduler). Beside each row it prints what pysparse's kernels really did (bench/runinfo.py):
+threads used / asked per parallel region and the share of regions whose threads ran on one CPU,
+the timing thread's involuntary context switches per token (another process on the core), and the
+alignment of the packed buffers — so a slow row says whether it was the kernel or the machine.
+
 Every row holds its own copy of the model (at 22 layers fp32 the four rows take ~14 GB); --rows
 builds and times only the rows named, next to the dense one.
 """
@@ -38,6 +44,7 @@ import time
 import torch
 import transformers
 from pysparse.passes import MagnitudePrune, ReluSubstitution
+from runinfo import KernelTally, header, packed_alignment
 
 import pysparse
 from pysparse.evaluate import measure_activation_sparsity
@@ -84,7 +91,14 @@ def main() -> None:
         default=None,
         help="compiled rows to build and time (default: all); the dense row is always timed",
     )
+    ap.add_argument(
+        "--no-pin",
+        action="store_true",
+        help="leave the threads unpinned (default: pysparse.pin_threads(), see its docstring)",
+    )
     args = ap.parse_args()
+    if not args.no_pin:
+        pysparse.pin_threads()
     dtype = getattr(torch, args.dtype)
     model = build(args.layers, dtype)
     gen = torch.Generator().manual_seed(1)
@@ -117,13 +131,17 @@ def main() -> None:
     setup_s = time.perf_counter() - t0
     tokens = torch.randint(0, 32000, (args.tokens + 2, 1, 1), generator=gen)
     times: dict[str, list[float]] = {k: [] for k in rows}
+    tally = KernelTally()
     with torch.no_grad():
         for i, tok in enumerate(tokens):
             for name, fn in rows.items():
+                tally.start()
                 s = time.perf_counter()
                 fn(tok)
+                dt = time.perf_counter() - s
                 if i >= 2:  # two warm-up tokens
-                    times[name].append(time.perf_counter() - s)
+                    times[name].append(dt)
+                    tally.stop(name)
         batches = [((), {"input_ids": tok}) for tok in tokens[:4]]
         sparsity = {
             name: measure_activation_sparsity(sm.gm, batches) for name, sm in compiled.items()
@@ -131,18 +149,27 @@ def main() -> None:
     weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     print(
         f"# decode, 1B-class LLaMA shape ({args.layers} layers, {weights_gb:.2f} GB {args.dtype}) | "
-        f"FATReLU t={t:.3f} (target {args.sparsity:.0%}) | torch {torch.__version__} | "
-        f"threads {torch.get_num_threads()} | {args.tokens} tokens, median | compile {setup_s:.0f} s"
+        f"FATReLU t={t:.3f} (target {args.sparsity:.0%}) | {args.tokens} tokens, median | "
+        f"compile {setup_s:.0f} s{' | threads unpinned' if args.no_pin else ' | threads pinned'}"
     )
-    print("| row | FFN act. sparsity (layers min..max) | ms / token | tokens / s | vs dense |")
-    print("|---|---|---:|---:|---:|")
+    print(f"# {header()}")
+    print(
+        "| row | FFN act. sparsity (layers min..max) | ms / token | tokens / s | vs dense | "
+        "pysparse kernels per region: threads used/asked, share on one CPU | preempted / token | "
+        "packed buffers aligned |"
+    )
+    print("|---|---|---:|---:|---:|---|---:|---|")
     for name, ts in times.items():
         med = statistics.median(ts)
         # per-token ratios, paired with the dense row of the same token
         ratio = statistics.median(d / s for d, s in zip(times["dense"], ts))
         sp = sparsity.get(name)
         sp_cell = f"{sum(sp) / len(sp):.1%} ({min(sp):.1%}..{max(sp):.1%})" if sp else "—"
-        print(f"| {name} | {sp_cell} | {med * 1e3:.1f} | {1 / med:.2f} | {ratio:.2f}x |")
+        align = packed_alignment(compiled[name].gm) if name in compiled else "—"
+        print(
+            f"| {name} | {sp_cell} | {med * 1e3:.1f} | {1 / med:.2f} | {ratio:.2f}x | "
+            f"{tally.cell(name)} | {align} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 // The Python module pysparse._C. Loading it registers every op (static initialisers in the
 // TORCH_LIBRARY blocks); the functions here only describe the build and the machine.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include "core/kernel_trace.h"
 #include "core/sparse24.h"
 #include "core/sparse_ffn.h"
 #ifdef PYSPARSE_WITH_CUDA
@@ -58,6 +60,33 @@ PYBIND11_MODULE(_C, m) {
     d["ffn_impl"] = pysparse::core::sparse_ffn_impl();
     return d;
   }, "CPU features seen at run time and the 2:4 linear kernel that will be used.");
+
+  m.def("kernel_stats", [](bool reset) {
+    namespace core = pysparse::core;
+    py::dict out;
+    for (int i = 0; i < static_cast<int>(core::Route::kCount); ++i) {
+      const auto r = static_cast<core::Route>(i);
+      const core::RouteStats s = core::route_stats(r);
+      if (s.calls == 0) continue;
+      py::dict d;
+      d["calls"] = s.calls;
+      d["threads_requested"] = s.threads_requested;
+      d["threads_used"] = s.threads_used;
+      d["one_cpu_calls"] = s.one_cpu_calls;
+      d["min_allowed_cpus"] = s.min_allowed_cpus;
+      out[core::route_name(r)] = d;
+    }
+    if (reset) core::reset_route_stats();
+    return out;
+  }, py::arg("reset") = false,
+     "Per CPU route since the last reset: calls, threads asked for and threads that ran part of "
+     "each parallel region (summed over calls), calls whose threads all shared one CPU, and the "
+     "smallest CPU affinity any team thread had (csrc/core/kernel_trace.h).");
+
+  m.def("pin_threads", [](int nthreads) { return pysparse::core::pin_team_threads(nthreads); },
+        py::arg("nthreads"),
+        "Pins an OpenMP team of `nthreads` (this thread + pool threads) one per allowed CPU; "
+        "returns the CPU of each thread, or [] when it cannot.");
 
   m.def("cusparselt_info", [](int device) {
     py::dict d;

@@ -213,6 +213,21 @@ def sparse_mlp24(
     return torch.ops.pysparse.sparse_mlp24.default(x, *w1, b1, *w2, b2, threshold)
 
 
+def kernel_stats(reset: bool = False) -> dict[str, dict[str, int]]:
+    """What the CPU kernels really ran since the last reset, per route (``gemv_avx512``,
+    ``gemm_avx2``, ``linear_amx``, ``linear_dense_chunks``, ``ffn_gate``, ``ffn_tail``, ...): number of
+    parallel regions (``calls``), threads asked for and threads that executed part of each region
+    (summed over calls), calls whose threads all ran on one CPU (``one_cpu_calls``), and the
+    smallest CPU affinity mask a team thread had (``min_allowed_cpus``). ``linear_dense_chunks``
+    runs on torch's GEMM, whose threads are not traced (``threads_used`` 0). Counters are
+    process-wide; ``reset=True`` returns them and starts again from zero.
+
+    A kernel at its designed width has ``threads_used == threads_requested`` and
+    ``one_cpu_calls == 0``; bench/decode.py prints these beside its timings."""
+    pysparse.require_extension()
+    return {k: dict(v) for k, v in pysparse._C.kernel_stats(reset).items()}
+
+
 def _register_fakes() -> None:
     @torch.library.register_fake("pysparse::prox24")
     def _prox24_fake(w, lam, max_iters=100, tol=1e-6):

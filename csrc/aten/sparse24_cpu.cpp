@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <sstream>
 
+#include "../core/kernel_trace.h"
 #include "../core/sparse24.h"
 #include "common.h"
 
@@ -77,6 +78,8 @@ at::Tensor linear_via_dense_chunks(const at::Tensor& x2, const at::Tensor& v, co
                                    const at::Tensor& b, int64_t N, int64_t K) {
   const int64_t M = x2.size(0);
   const int64_t mcols = core::meta_cols(K);
+  // torch's GEMM runs its own threads: counted as a call of this route, threads not traced.
+  core::RegionTrace(at::get_num_threads()).finish(core::Route::kLinearDense);
   const int es = static_cast<int>(v.element_size());
   // 8 MB chunks: fewer, larger GEMM calls (each at::mm call has a fixed cost of ~0.1 ms here) and
   // still cache-resident between decompression and use.

@@ -514,8 +514,10 @@ void linear_amx(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* value
   const uint16_t* xp = xpack.data;
   const int64_t nblocks = (N + kTileRows - 1) / kTileRows;
   const int nt = static_cast<int>(std::min<int64_t>(resolve_threads(nthreads), nblocks));
+  RegionTrace trace(nt);
 #pragma omp parallel num_threads(nt)
   {
+    trace.mark();
     configure_tiles();
     const Decompressor d;
     alignas(64) uint16_t abuf[2 * 512];
@@ -533,6 +535,7 @@ void linear_amx(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* value
     }
     _tile_release();
   }
+  trace.finish(Route::kLinearAmx);
 }
 
 bool request_tile_permission() {

@@ -1,6 +1,7 @@
 // Declarations shared by the kernel translation units of the core (not part of the public header).
 #pragma once
 
+#include "kernel_trace.h"
 #include "sparse24.h"
 
 #ifdef _OPENMP

@@ -50,7 +50,11 @@ void linear_f32_scalar(const float* x, int64_t M, int64_t ldx, const float* valu
                        int64_t ldy, int nthreads) {
   const int64_t mcols = meta_cols(K);
   const int nt = nthreads > 0 ? nthreads : 1;
-#pragma omp parallel for schedule(static) num_threads(nt) collapse(2)
+  RegionTrace trace(nt);
+#pragma omp parallel num_threads(nt)
+  {
+  trace.mark();
+#pragma omp for schedule(static) collapse(2)
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = 0; n < N; ++n) {
       const float* vrow = values + n * (K / 2);
@@ -60,6 +64,8 @@ void linear_f32_scalar(const float* x, int64_t M, int64_t ldx, const float* valu
       y[m * ldy + n] = acc + (bias ? bias[n] : 0.f);
     }
   }
+  }
+  trace.finish(Route::kLinearScalar);
 }
 
 void linear_bf16_scalar(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* values,
@@ -67,7 +73,11 @@ void linear_bf16_scalar(const uint16_t* x, int64_t M, int64_t ldx, const uint16_
                         uint16_t* y, int64_t ldy, int nthreads) {
   const int64_t mcols = meta_cols(K);
   const int nt = nthreads > 0 ? nthreads : 1;
-#pragma omp parallel for schedule(static) num_threads(nt) collapse(2)
+  RegionTrace trace(nt);
+#pragma omp parallel num_threads(nt)
+  {
+  trace.mark();
+#pragma omp for schedule(static) collapse(2)
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t n = 0; n < N; ++n) {
       const uint16_t* vrow = values + n * (K / 2);
@@ -78,6 +88,8 @@ void linear_bf16_scalar(const uint16_t* x, int64_t M, int64_t ldx, const uint16_
       y[m * ldy + n] = float_to_bf16(acc);
     }
   }
+  }
+  trace.finish(Route::kLinearScalar);
 }
 
 }  // namespace

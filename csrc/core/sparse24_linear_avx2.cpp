@@ -38,6 +38,9 @@ namespace {
 
 #include "sparse24_simd_common.inc"
 
+constexpr Route kGemvRoute = Route::kGemvAvx2;
+constexpr Route kGemmRoute = Route::kGemmAvx2;
+
 #include "sparse24_gemv_rows_avx2.inc"
 #include "sparse24_gemv.inc"
 

@@ -12,9 +12,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
-#include <cstring>
-#include <type_traits>
-#include <cstdlib>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -26,6 +23,9 @@ namespace pysparse::core::detail {
 namespace {
 
 #include "sparse24_simd_common.inc"
+
+constexpr Route kGemvRoute = Route::kGemvAvx512;
+constexpr Route kGemmRoute = Route::kGemmAvx512;
 
 struct Vec {
   using T = __m512;

@@ -28,6 +28,9 @@ namespace pysparse::core::detail {
 namespace {
 
 #include "sparse24_simd_common.inc"
+
+constexpr Route kGemvRoute = Route::kGemvAvx2;  // the FFN's packed gate on the AVX2 GEMV
+
 #include "sparse24_gemv_rows_avx2.inc"
 #include "sparse24_gemv.inc"
 #include "sparse_ffn_groups_scalar.inc"
