@@ -18,6 +18,7 @@ training by pysparse). ``evaluate(...)`` returns a dict (JSON-ready); ``format_t
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -209,18 +210,42 @@ def encoder_quality(model: Any, reference: Any, batches: Sequence[tuple[tuple, d
     }
 
 
+def _lm_caller(model: Any) -> Any:
+    """How to call ``model`` on one window of token ids, as it was captured: a compiled or loaded
+    model takes exactly the inputs of its examples (``input_ids`` positional or by keyword, with an
+    ``attention_mask`` or without), a plain module what its signature offers."""
+    examples = getattr(model, "example_kwargs", None)
+    if isinstance(examples, dict):
+        by_keyword, mask = "input_ids" in examples, "attention_mask" in examples
+    else:
+        by_keyword = False
+        try:
+            mask = "attention_mask" in inspect.signature(model.forward).parameters
+        except (TypeError, ValueError):
+            mask = False
+
+    def call(window: torch.Tensor) -> Any:
+        kwargs = {"attention_mask": torch.ones_like(window)} if mask else {}
+        if by_keyword:
+            return model(input_ids=window, **kwargs)
+        return model(window, **kwargs)
+
+    return call
+
+
 def perplexity(
     model: Any, ids: torch.Tensor, max_length: int = 256, stride: int | None = None
 ) -> float:
     """Sliding-window perplexity of a 1-D token sequence (see the module docstring)."""
     stride = stride or max_length // 2
+    call = _lm_caller(model)
     nll, count, scored_to = 0.0, 0, 0
     n = ids.numel()
     for start in range(0, max(n - 1, 1), stride):
         end = min(start + max_length, n)
         window = ids[start:end].unsqueeze(0)
         with torch.no_grad():
-            out = model(window)
+            out = call(window)
         logits = (out.logits if hasattr(out, "logits") else out[0]).float()
         targets = window[0, 1:]
         lp = torch.nn.functional.cross_entropy(logits[0, :-1], targets, reduction="none")

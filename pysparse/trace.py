@@ -297,11 +297,49 @@ def dynamic_shapes_for(module: torch.nn.Module, args: tuple, kwargs: dict) -> An
     return spec
 
 
+def widen_unit_dims(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Examples to capture with, where the batch (dim 0) or the sequence (dim 1) of every tensor
+    input is 1: that dimension repeated to 2. torch.export specialises a dimension whose example
+    size is 0 or 1 to that constant even when it is marked dynamic, so a model captured from one
+    prompt would refuse a calibration batch of 32 ("Expected input at 'input_ids'.shape[0] to be
+    equal to 1"); captured from two, the dimension stays dynamic and size 1 still runs. Only the
+    capture sees the widened copies."""
+    tensors = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+
+    def widen(dim: int, ts: list[torch.Tensor]) -> bool:
+        return bool(ts) and all(t.dim() > dim and t.shape[dim] == 1 for t in ts)
+
+    dims = [d for d in (0, 1) if widen(d, [t for t in tensors if t.dim() > d])]
+    if not dims:
+        return args, kwargs
+
+    def rep(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor):
+            return v
+        for d in dims:
+            if v.dim() > d:
+                v = torch.cat([v, v], dim=d)
+        return v
+
+    return tuple(rep(a) for a in args), {k: rep(v) for k, v in kwargs.items()}
+
+
 def export_module(
     module: torch.nn.Module, args: tuple, kwargs: dict
 ) -> torch.export.ExportedProgram:
     """torch.export with automatic dynamic shapes (batch and sequence length vary at run time);
     falls back to static shapes, with a warning, for models that do not export dynamically."""
+    dyn_args, dyn_kwargs = widen_unit_dims(args, kwargs)
+    try:
+        return torch.export.export(
+            module,
+            dyn_args,
+            dyn_kwargs,
+            strict=False,
+            dynamic_shapes=dynamic_shapes_for(module, dyn_args, dyn_kwargs),
+        )
+    except Exception:  # noqa: BLE001 - the widened examples are only a means to dynamic dims
+        pass
     try:
         return torch.export.export(
             module,
