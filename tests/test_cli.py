@@ -94,8 +94,15 @@ def test_compile_proxsparse_then_eval(tmp_path):
     import json
 
     result = json.loads((tmp_path / "e.json").read_text())
-    assert result["kind"] == "encoder" and result["sentences"] > 100
-    assert 0.3 < result["mean_cosine_to_dense"] < 1.0
+    from pysparse.corpus import sentences
+
+    assert result["kind"] == "encoder" and result["sentences"] == len(sentences("heldout"))
+    # 3 ProxSparse steps then every linear 2:4 cost MiniLM a lot of its embedding: measured mean
+    # cosine 0.6262 (min 0.4039). Seeded and deterministic on one machine; between CPU kinds only
+    # float rounding differs, which moves a few near-tied mask choices, far less than the +-0.07
+    # allowed. Dense-vs-dense (1.0) or a far worse model falls outside.
+    assert 0.55 < result["mean_cosine_to_dense"] < 0.70, result
+    assert result["min_cosine_to_dense"] <= result["mean_cosine_to_dense"]
     assert "mean_cosine_to_dense" in res.stdout
     res = _cli("compile", "--passes", "wanda", "--set", "wanda.bogus=1", cwd=tmp_path)
     assert res.returncode == 2 and "--set for pass 'wanda'" in res.stderr

@@ -4,8 +4,12 @@ uninterrupted run, bad settings are refused; and the evaluation harness on a tin
 
 from __future__ import annotations
 
+import copy
+import math
+
 import pytest
 import torch
+import transformers
 from pysparse.passes import Compress24, Lower, ProxSparse
 from pysparse.passes.proxsparse import frozen_regularizer
 from tiny_models import bert_with_batches, llama_with_batches
@@ -13,6 +17,14 @@ from tiny_models import bert_with_batches, llama_with_batches
 import pysparse
 from pysparse.reference import is_24_sparse
 from pysparse.train import TrainConfig, Trainer
+
+
+def _pooled(model, batch) -> torch.Tensor:
+    """Mean of the last hidden state over real tokens (the sentence embedding)."""
+    with torch.no_grad():
+        h = model(*batch[0], **batch[1]).last_hidden_state
+    m = batch[1]["attention_mask"].to(h.dtype).unsqueeze(-1)
+    return (h * m).sum(1) / m.sum(1)
 
 
 def _llama(seed=0):
@@ -29,8 +41,14 @@ def test_decoder_loss_falls_and_masks_are_24_with_original_weights():
     sm = pysparse.compile(model, [pass_], *batches[0], calibration=batches)
     rep = sm.report[-1]
     assert rep["objective"] == "causal_lm"
-    assert rep["last_loss"] < rep["first_loss"] - 0.1, rep
-    assert rep["groups_24_before_hard_mask"] > 0.3, rep  # the prox has been at work
+    # Measured: 4.585 -> 3.637. A random LM with 96 tokens starts near ln 96 = 4.564; 25 steps of
+    # lr 3e-3 take off 0.95, so half of that is a floor that float differences between CPUs do not
+    # approach and that a trainer which barely moves the weights misses.
+    assert rep["first_loss"] == pytest.approx(math.log(96), abs=0.1), rep
+    assert rep["last_loss"] < rep["first_loss"] - 0.5, rep
+    # Measured 0.92 of the groups already 2:4 before the hard mask (the prox at work); 0.8 leaves
+    # room for run-to-run drift of a few groups.
+    assert rep["groups_24_before_hard_mask"] > 0.8, rep
     orig = dict(model.named_parameters())
     for info in sm.gm.meta["pysparse"]["linears"].values():
         if not info.get("prunable"):
@@ -40,23 +58,39 @@ def test_decoder_loss_falls_and_masks_are_24_with_original_weights():
         w0 = orig[info["weight"]].detach()
         kept = w != 0
         torch.testing.assert_close(w[kept], w0[kept])  # W0 under the mask, nothing else learned
-        assert (kept.reshape(-1, 4).sum(-1) == 2).float().mean() > 0.99
+        # The hard mask keeps exactly two of every four, and no kept original weight is 0 (random
+        # normal init): every group has exactly two nonzeros.
+        assert (kept.reshape(-1, 4).sum(-1) == 2).all(), info["weight"]
     # the caller's model is untouched
     assert not is_24_sparse(dict(model.named_parameters())["model.layers.0.mlp.up_proj.weight"])
 
 
 def test_encoder_distillation_then_compress_and_lower():
     model, batches = _bert()
-    sm = pysparse.compile(
-        model,
-        [ProxSparse(data=batches, steps=8, lr=1e-3, lam1=2.0), Compress24(), Lower()],
-        *batches[0],
-        calibration=batches,
-    )
+
+    def prox():
+        return ProxSparse(data=batches, steps=8, lr=1e-3, lam1=2.0)
+
+    sm = pysparse.compile(model, [prox(), Compress24(), Lower()], *batches[0], calibration=batches)
     rep = sm.report[0]
     assert rep["pass"] == "proxsparse" and rep["objective"] == "hidden_mse"
-    out = sm(*batches[1][0], **batches[1][1]).last_hidden_state
-    assert torch.isfinite(out).all()
+    # The same training (deterministic in one process, as the resume test relies on) without
+    # compression: the masked dense model the lowered one must reproduce.
+    masked = pysparse.compile(model, [prox()], *batches[0], calibration=batches)
+    for info in masked.gm.meta["pysparse"]["linears"].values():
+        if info.get("prunable"):
+            w = masked.gm.get_parameter(info["weight"]).detach()
+            assert (w.reshape(-1, 4).ne(0).sum(-1) == 2).all(), info["weight"]
+    lowered = [
+        n for n in sm.gm.graph.nodes if n.target is torch.ops.pysparse.sparse24_linear.default
+    ]
+    assert len(lowered) == 12  # 6 prunable linears per layer, 2 layers
+    for args, kwargs in batches:
+        out = sm(*args, **kwargs).last_hidden_state
+        ref = masked(*args, **kwargs).last_hidden_state
+        # Same weights, fp32 throughout; only the summation order may differ (measured: identical
+        # on an AVX-512 AMD machine; outputs of magnitude ~3), so a few fp32 ulps of their scale.
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 class _Objective:
@@ -119,7 +153,9 @@ def test_trainer_schedule_clipping_accumulation():
     cfg = TrainConfig(steps=10, lr=1.0, warmup=0.2, schedule="linear")
     assert [round(cfg.lr_at(s), 3) for s in (0, 1, 2, 9)] == [0.5, 1.0, 1.0, 0.125]
     cos = TrainConfig(steps=10, lr=1.0, warmup=0.0, schedule="cosine")
-    assert cos.lr_at(0) == 1.0 and abs(cos.lr_at(5)) < 0.51
+    assert cos.lr_at(0) == 1.0
+    for s in (5, 9):  # lr * (1 + cos(pi * s / steps)) / 2
+        assert cos.lr_at(s) == pytest.approx(0.5 * (1 + math.cos(math.pi * s / 10)), abs=1e-12)
     w = torch.nn.Parameter(torch.tensor([3.0]))
     hist = Trainer(
         {"w": w},
@@ -127,7 +163,13 @@ def test_trainer_schedule_clipping_accumulation():
         [torch.tensor([1.0]), torch.tensor([2.0])],
         TrainConfig(steps=60, lr=0.1, warmup=0.0, schedule="constant", accum=2),
     ).run()
-    assert abs(float(w.detach()) - 1.5) < 0.1 and hist[-1]["loss"] < hist[0]["loss"]
+    # The mean of (w - 1)^2 and (w - 2)^2 (accum=2) is least at w = 1.5, where it is 0.25; Adam at a
+    # constant lr of 0.1 hovers within about one step of it (measured w 1.449, loss 0.2528; plain
+    # scalar float math, the same on every CPU).
+    assert abs(float(w.detach()) - 1.5) < 0.1
+    assert hist[0]["loss"] == pytest.approx(2.5) and hist[-1]["loss"] == pytest.approx(
+        0.25, abs=0.01
+    )
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(steps=1, lr=1.0, schedule="step")
     with pytest.raises(ValueError, match="lr must be a positive"):
@@ -161,11 +203,46 @@ def test_evaluate_encoder_and_activation_sparsity():
     assert same["mean_cosine_to_dense"] == 1.0 and same["spearman_pairwise_similarity"] == 1.0
     sm = pysparse.compile(model, ["relu", "magnitude"], *batches[0])
     q = encoder_quality(sm, model, batches)
-    assert q["mean_cosine_to_dense"] < 1.0
     per_layer = measure_activation_sparsity(sm.gm, batches, sm.gm.meta["pysparse"]["call_kwargs"])
     assert per_layer is not None and len(per_layer) == 2
-    # Same figure by hand from the relu inputs: zeros of relu(x1_pre) per real token.
-    assert all(0.2 < s < 0.8 for s in per_layer), per_layer
+    # The same figures by hand, on an eager BertModel with ReLU FFNs and the compiled model's
+    # (pruned) weights: the mean cosine of the mask-pooled embeddings, and per layer the zeros of
+    # x1 (BertIntermediate's output) per real token, averaged over the real tokens.
+    config = copy.deepcopy(model.config)
+    config.hidden_act = "relu"
+    eager = transformers.BertModel(config).eval()
+    eager.load_state_dict(sm.gm.state_dict())
+    zeros, tokens = [0.0, 0.0], [0, 0]
+    mask: list[torch.Tensor] = []
+
+    def count(i):
+        def hook(_module, _args, x1):
+            per_token = (x1 == 0).double().mean(-1)[mask[0].bool()]
+            zeros[i] += float(per_token.sum())
+            tokens[i] += per_token.numel()
+
+        return hook
+
+    hooks = [
+        layer.intermediate.register_forward_hook(count(i))
+        for i, layer in enumerate(eager.encoder.layer)
+    ]
+    cos = []
+    try:
+        for b in batches:
+            mask[:] = [b[1]["attention_mask"]]
+            cos.append(
+                torch.nn.functional.cosine_similarity(_pooled(eager, b), _pooled(model, b), dim=-1)
+            )
+    finally:
+        for h in hooks:
+            h.remove()
+    by_hand = [z / t for z, t in zip(zeros, tokens)]
+    # Counts of exact zeros: only the float sum of the fractions can differ.
+    assert per_layer == pytest.approx(by_hand, abs=1e-6), (per_layer, by_hand)
+    # encoder_quality rounds to 4 decimals.
+    assert q["mean_cosine_to_dense"] == pytest.approx(float(torch.cat(cos).mean()), abs=6e-5)
+    assert q["mean_cosine_to_dense"] < 1.0  # magnitude pruning moved the embeddings (0.9999)
     dense = pysparse.compile(model, ["magnitude"], *batches[0])
     assert measure_activation_sparsity(dense.gm, batches) is None  # GELU FFNs: not measured
 
@@ -179,6 +256,22 @@ def test_perplexity_sliding_windows_match_a_single_window():
     with torch.no_grad():
         logits = model(ids[None]).logits[0]
     direct = torch.nn.functional.cross_entropy(logits[:-1], ids[1:]).exp().item()
-    assert abs(whole - direct) < 1e-3 * direct
-    windowed = perplexity(model, ids, max_length=16, stride=8)
-    assert 0.5 * direct < windowed < 2 * direct
+    # exp(mean NLL) of the same logits; only the summation differs (measured 9e-7 relative).
+    assert whole == pytest.approx(direct, rel=1e-5)
+    # Sliding windows, independently: windows start at 0, 8, 16, ... and end 16 tokens later (or at
+    # the text's end, the last window); token p is scored once, by the first window that ends after
+    # it, with that window's tokens before p as context. A causal model's logits for the last
+    # position of ids[s:p] are those the window [s, s+16) gives at position p - 1.
+    n, length, stride = ids.numel(), 16, 8
+    nll = 0.0
+    for p in range(1, n):
+        s = next(s for s in range(0, n, stride) if min(s + length, n) > p)
+        with torch.no_grad():
+            last = model(ids[None, s:p]).logits[0, -1].double()
+        nll -= float(torch.log_softmax(last, -1)[ids[p]])
+    expected = math.exp(nll / (n - 1))
+    windowed = perplexity(model, ids, max_length=length, stride=stride)
+    # fp32 logits of the same tokens from inputs of other lengths (measured 2e-10 relative here;
+    # other CPUs' matmul kernels may differ per shape by a few ulps).
+    assert windowed == pytest.approx(expected, rel=1e-5)
+    assert windowed != pytest.approx(direct, rel=1e-3)  # the windows do cut the context (1.5%)
