@@ -3,10 +3,16 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
+#include <string>
+
+#include "aten/routes.h"
 #include "core/kernel_trace.h"
+#include "core/launch_rules.h"
 #include "core/sparse24.h"
 #include "core/sparse_ffn.h"
 #ifdef PYSPARSE_WITH_CUDA
+#include "aten/cuda_linear.h"
 #include "cuda/sparse24_cuda.h"
 #endif
 
@@ -105,4 +111,50 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, py::arg("device") = 0,
      "Whether cuSPARSELt can be initialised on `device` (it cannot without a GPU: reported, never fatal).");
+
+  // ---- what ran: the route each CUDA op call took (csrc/aten/routes.h) --------------------------
+  m.def("last_cuda_route", [](const std::string& op) {
+    namespace r = pysparse::routes;
+    if (op == "sparse24_linear") return std::string(r::name(r::last(r::Family::Linear)));
+    if (op == "sparse_ffn") return std::string(r::name(r::last(r::Family::Ffn)));
+    throw py::value_error("last_cuda_route: op must be 'sparse24_linear' or 'sparse_ffn' (the four "
+                          "FFN ops share one), got '" + op + "'");
+  }, py::arg("op") = "sparse24_linear",
+     "The route the calling thread's last CUDA call of `op` took ('none' before any): for "
+     "sparse24_linear 'gemv', 'cusparselt', 'cublas' (cuSPARSELt does not apply: fp32 or N/K not "
+     "multiples of 16) or 'cublas_fallback' (cuSPARSELt applied and failed); for the FFN ops "
+     "'ffn_kernel' or 'ffn_dense'.");
+  m.def("cuda_route_counts", []() {
+    namespace r = pysparse::routes;
+    py::dict d;
+    for (int i = 1; i < static_cast<int>(r::Route::kCount); ++i)
+      d[r::name(static_cast<r::Route>(i))] = r::count(static_cast<r::Route>(i));
+    return d;
+  }, "Process-wide number of CUDA op calls per route since the start (or the last reset).");
+  m.def("reset_cuda_route_counts", []() { pysparse::routes::reset_counts(); });
+  m.def("strict_cusparselt", []() { return pysparse::routes::strict_cusparselt(); },
+        "Whether PYSPARSE_STRICT_CUSPARSELT is set: a failed cuSPARSELt call then raises instead of "
+        "falling back to decompress + cuBLAS.");
+  m.def("cusparselt_cache_info", []() {
+    py::dict d;
+#ifdef PYSPARSE_WITH_CUDA
+    const auto s = pysparse::cuda::cslt_stats();
+    d["plans_cached"] = s.plans_cached;
+    d["plans_built"] = s.plans_built;
+    d["searches_run"] = s.searches_run;
+    d["weights"] = pysparse::aten::cusparselt_cached_weights();
+    d["bytes"] = pysparse::aten::cusparselt_cached_bytes();
+#else
+    for (const char* k : {"plans_cached", "plans_built", "searches_run", "weights", "bytes"}) d[k] = 0;
+#endif
+    return d;
+  }, "cuSPARSELt plans (cached now, built and searched since the start) and the compressed weight "
+     "buffers alive now (each is freed with its weight).");
+
+  // ---- host-side launch rules (csrc/core/launch_rules.h), exposed so CPU tests check them -------
+  m.def("_is_aligned", [](std::uintptr_t address, std::size_t bytes) {
+    return pysparse::core::is_aligned(address, bytes);
+  });
+  m.def("_vec4_bytes", [](int elem_size) { return pysparse::core::vec4_bytes(elem_size); });
+  m.def("_cusparselt_rows", [](std::int64_t M) { return pysparse::core::cusparselt_rows(M); });
 }

@@ -18,12 +18,17 @@ import torch
 import pysparse
 
 __all__ = [
+    "STRICT_CUSPARSELT_ENV",
     "compress24",
+    "cuda_route_counts",
+    "cusparselt_cache_info",
     "decompress24",
+    "last_cuda_route",
     "meta_cols",
     "prox24",
     "prox24_",
     "prune24",
+    "reset_cuda_route_counts",
     "sparse24_linear",
     "sparse_ffn",
     "sparse_ffn24",
@@ -226,6 +231,46 @@ def kernel_stats(reset: bool = False) -> dict[str, dict[str, int]]:
     ``one_cpu_calls == 0``; bench/decode.py prints these beside its timings."""
     pysparse.require_extension()
     return {k: dict(v) for k, v in pysparse._C.kernel_stats(reset).items()}
+
+
+# ---- what ran on CUDA ----------------------------------------------------------------------------
+#: Set this environment variable to 1 to make an unexpected cuSPARSELt fallback an error: a bf16
+#: ``sparse24_linear`` call on CUDA with more than 16 rows and N, K multiples of 16 must then run
+#: on cuSPARSELt, and raises (naming the failing step) instead of quietly running decompress +
+#: cuBLAS. Read on every call. Tests and bench/gpu_linear24.py set it.
+STRICT_CUSPARSELT_ENV = "PYSPARSE_STRICT_CUSPARSELT"
+
+
+def last_cuda_route(op: str = "sparse24_linear") -> str:
+    """The route the calling thread's last CUDA call of ``op`` took, ``"none"`` before any.
+
+    ``sparse24_linear``: ``"gemv"`` (our 2:4 kernel, up to 16 rows), ``"cusparselt"``, ``"cublas"``
+    (decompress + cuBLAS where cuSPARSELt does not apply: fp32, or N or K not a multiple of 16) or
+    ``"cublas_fallback"`` (cuSPARSELt applied but failed; see ``STRICT_CUSPARSELT_ENV``).
+    ``sparse_ffn`` (all four FFN ops): ``"ffn_kernel"`` (up to 8 rows) or ``"ffn_dense"``.
+    """
+    pysparse.require_extension()
+    return pysparse._C.last_cuda_route(op)
+
+
+def cuda_route_counts() -> dict[str, int]:
+    """Process-wide count of CUDA op calls per route (names as in ``last_cuda_route``)."""
+    pysparse.require_extension()
+    return dict(pysparse._C.cuda_route_counts())
+
+
+def reset_cuda_route_counts() -> None:
+    """Sets every ``cuda_route_counts`` counter back to 0."""
+    pysparse.require_extension()
+    pysparse._C.reset_cuda_route_counts()
+
+
+def cusparselt_cache_info() -> dict[str, int]:
+    """cuSPARSELt state: ``plans_cached`` (now), ``plans_built`` and ``searches_run`` (since the
+    start; one algorithm search per plan), ``weights`` and ``bytes`` of the compressed weight
+    buffers alive now (each lives exactly as long as its ``values`` tensor)."""
+    pysparse.require_extension()
+    return dict(pysparse._C.cusparselt_cache_info())
 
 
 def _register_fakes() -> None:

@@ -163,15 +163,19 @@ def reference_fatrelu(v: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def reference_unpack_down24(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """Dense ``W_down^T [d_ff, d_model]`` from the neuron-group 2:4 layout of the FFN ops
-    (values ``[d_ff/4, 2, d_model]``, meta ``[d_ff/4, ceil(d_model/2)]``), element by element."""
+    (values ``[d_ff/4, 2, d_model]``, meta ``[d_ff/4, ceil(d_model/2)]``: per output column one
+    nibble ``idx0 | idx1 << 2``, the even column in the low nibble).
+
+    Vectorised (a scatter per plane, on the tensors' device): the element-by-element version took
+    minutes at LLaMA-7B's 4096x11008. Plane 0 is written before plane 1, so a nibble naming one
+    index twice keeps plane 1's value, as writing the two planes in order would."""
     G, _, D = values.shape
-    dense = torch.zeros(G * 4, D, dtype=values.dtype)
-    for g in range(G):
-        for n in range(D):
-            nib = (int(meta[g, n // 2]) >> (4 * (n % 2))) & 0xF
-            dense[4 * g + (nib & 3), n] = values[g, 0, n]
-            dense[4 * g + (nib >> 2), n] = values[g, 1, n]
-    return dense
+    n = torch.arange(D, device=meta.device)
+    nib = (meta[:, n // 2].to(torch.int64) >> (4 * (n % 2))) & 0xF  # [G, D]
+    dense = torch.zeros(G, 4, D, dtype=values.dtype, device=values.device)
+    dense.scatter_(1, (nib & 3).unsqueeze(1).to(values.device), values[:, 0:1, :])
+    dense.scatter_(1, (nib >> 2).unsqueeze(1).to(values.device), values[:, 1:2, :])
+    return dense.reshape(G * 4, D)
 
 
 def _dense(w) -> torch.Tensor:

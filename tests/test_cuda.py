@@ -1,7 +1,9 @@
 """CUDA kernels against the CPU kernels and the float64 references: compress/decompress/prune,
-the hand-written 2:4 GEMV (M <= 16), cuSPARSELt (bf16, larger M) and the decompress + cuBLAS
-fallback (fp32). Skipped, with the reason, where no GPU is present; bench/gpu_check.sh runs them on
-a lent GPU machine."""
+the hand-written 2:4 GEMV (M <= 16), cuSPARSELt (bf16, larger M) and decompress + cuBLAS (fp32),
+the FFN kernels, misaligned (offset) views. Every test runs with PYSPARSE_STRICT_CUSPARSELT=1 and
+checks the route each call took, so a cuSPARSELt failure fails the test instead of passing on
+cuBLAS. Skipped, with the reason, where no GPU is present; bench/gpu_check.sh runs them on a lent
+GPU machine."""
 
 from __future__ import annotations
 
@@ -23,6 +25,29 @@ pytestmark = pytest.mark.skipif(
     ),
     reason="needs an NVIDIA GPU and pysparse built with CUDA",
 )
+
+
+@pytest.fixture(autouse=True)
+def strict_cusparselt(monkeypatch):
+    monkeypatch.setenv(ops.STRICT_CUSPARSELT_ENV, "1")
+
+
+def expected_route(M, N, K, dtype):
+    if M <= pysparse.build_info()["cuda_gemv_max_rows"]:
+        return "gemv"
+    if dtype == torch.bfloat16 and N % 16 == 0 and K % 16 == 0:
+        return "cusparselt"
+    return "cublas"
+
+
+def offset_view(t, offset=1):
+    """A contiguous copy of t that starts `offset` elements into its storage (misaligned for
+    vector loads when offset * element_size is not a multiple of their width)."""
+    flat = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    view = flat[offset:].view(t.shape)
+    view.copy_(t)
+    assert view.is_contiguous() and view.storage_offset() == offset
+    return view
 
 
 def random_24(N, K, dtype, seed):
@@ -74,8 +99,90 @@ def test_linear_matches_reference(dtype, M, N, K):
     x = torch.randn(M, K).to(dtype).cuda()
     bias = torch.randn(N).to(dtype).cuda()
     y = ops.sparse24_linear(x, v, m, bias)
+    assert ops.last_cuda_route() == expected_route(M, N, K, dtype)
     assert y.shape == (M, N) and y.dtype == dtype and y.is_cuda
     check_close(y, x, v, m, bias, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [2, 5, 6, 7, 8])
+@pytest.mark.parametrize("N,K", [(33, 388), (4096, 4096)])
+def test_gemv_rows_match_reference(dtype, M, N, K):
+    """The GEMV's row-count instantiations (2, 4 and 8 rows: M = 5..8 runs the 8-row one partly
+    filled), with and without bias, and on misaligned offset views of x and the weights."""
+    w = random_24(N, K, dtype, M * 13 + K)
+    v, m = (t.cuda() for t in ops.compress24(w))
+    x = torch.randn(M, K).to(dtype).cuda()
+    bias = torch.randn(N).to(dtype).cuda()
+    for args in (
+        (x, v, m, bias),
+        (x, v, m, None),
+        (offset_view(x), offset_view(v), offset_view(m), offset_view(bias)),
+    ):
+        y = ops.sparse24_linear(*args)
+        assert ops.last_cuda_route() == "gemv"
+        check_close(y, *args, dtype)
+
+
+@pytest.mark.parametrize("M", [17, 40, 100, 257, 1000])
+@pytest.mark.parametrize("N,K", [(64, 64), (128, 272), (4096, 4096), (11008, 4096), (4096, 11008)])
+def test_cusparselt_matches_reference(M, N, K):
+    """cuSPARSELt (bf16) on several shapes and row counts that are not bucket sizes (x padded),
+    without bias (beta = 0: C is not read) and with it (beta = 1 over the pre-filled bias), against
+    the float64 reference; and x at a misaligned offset."""
+    w = random_24(N, K, torch.bfloat16, M + N + K)
+    v, m = (t.cuda() for t in ops.compress24(w))
+    x = torch.randn(M, K, dtype=torch.bfloat16, device="cuda")
+    bias = torch.randn(N, dtype=torch.bfloat16, device="cuda")
+    for b in (None, bias):
+        y = ops.sparse24_linear(x, v, m, b)
+        assert ops.last_cuda_route() == "cusparselt"
+        assert y.shape == (M, N)
+        check_close(y, x, v, m, b, torch.bfloat16)
+    xo = offset_view(x)
+    y = ops.sparse24_linear(xo, v, m)
+    assert ops.last_cuda_route() == "cusparselt"
+    check_close(y, xo, v, m, None, torch.bfloat16)
+
+
+def test_cusparselt_plans_are_bucketed_and_searched_once():
+    w = random_24(256, 512, torch.bfloat16, 11)
+    v, m = (t.cuda() for t in ops.compress24(w))
+    rows = [100, 120, 128, 100]  # one bucket (128 rows)
+    assert {pysparse._C._cusparselt_rows(r) for r in rows} == {128}
+    ops.sparse24_linear(torch.randn(rows[0], 512, dtype=torch.bfloat16, device="cuda"), v, m)
+    before = ops.cusparselt_cache_info()
+    for r in rows[1:]:
+        x = torch.randn(r, 512, dtype=torch.bfloat16, device="cuda")
+        y = ops.sparse24_linear(x, v, m)
+        assert ops.last_cuda_route() == "cusparselt" and y.shape == (r, 256)
+        check_close(y, x, v, m, None, torch.bfloat16)
+    after = ops.cusparselt_cache_info()
+    assert after["plans_built"] == before["plans_built"], (before, after)
+    assert after["searches_run"] == before["searches_run"], (before, after)
+
+
+def test_cusparselt_buffer_is_freed_with_its_weight():
+    base = ops.cusparselt_cache_info()
+    w = random_24(512, 1024, torch.bfloat16, 12)
+    v, m = (t.cuda() for t in ops.compress24(w))
+    x = torch.randn(64, 1024, dtype=torch.bfloat16, device="cuda")
+    ops.sparse24_linear(x, v, m)
+    ops.sparse24_linear(x, v, m)  # the same entry, not a second one
+    held = ops.cusparselt_cache_info()
+    assert held["weights"] == base["weights"] + 1 and held["bytes"] > base["bytes"]
+    del v, m
+    freed = ops.cusparselt_cache_info()
+    assert freed["weights"] == base["weights"] and freed["bytes"] == base["bytes"]
+
+
+def test_fp32_runs_cublas_without_tripping_strict_mode():
+    w = random_24(256, 256, torch.float32, 4)
+    v, m = (t.cuda() for t in ops.compress24(w))
+    x = torch.randn(64, 256, device="cuda")
+    y = ops.sparse24_linear(x, v, m)
+    assert ops.last_cuda_route() == "cublas"
+    check_close(y, x, v, m, None, torch.float32)
 
 
 def test_cusparselt_cache_sees_in_place_weight_updates():
@@ -85,6 +192,7 @@ def test_cusparselt_cache_sees_in_place_weight_updates():
     y1 = ops.sparse24_linear(x, v, m)
     v.mul_(2)  # bumps the version counter: the cached cuSPARSELt buffer must be rebuilt
     y2 = ops.sparse24_linear(x, v, m)
+    assert ops.last_cuda_route() == "cusparselt"
     torch.testing.assert_close(y2.float(), 2 * y1.float(), rtol=2e-2, atol=2e-2)
 
 
@@ -131,7 +239,7 @@ def _ffn_case(M, D, F, dtype, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M", [1, 3, 8, 9])
+@pytest.mark.parametrize("M", [1, 2, 3, 8, 9])
 @pytest.mark.parametrize("D,F", [(64, 96), (132, 44), (4096, 11008)])
 def test_ffn_ops_match_reference_on_cuda(dtype, M, D, F):
     """Up to 8 rows the CUDA FFN kernels, from 9 the dense route; each against float64. The gate
@@ -169,6 +277,7 @@ def test_ffn_ops_match_reference_on_cuda(dtype, M, D, F):
     for fn, args, ref in cases:
         args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
         y = fn(*args)
+        assert ops.last_cuda_route("sparse_ffn") == ("ffn_kernel" if M <= 8 else "ffn_dense")
         assert y.is_cuda and y.dtype == dtype and y.shape == x.shape
         tol = 1e-4 if dtype == torch.float32 else (2.0**-7 if M <= 8 else 2.0**-5)
         scale = ref.abs().max().item() + 1e-3
@@ -185,3 +294,39 @@ def test_ffn_opcheck_on_cuda():
     opcheck(p.sparse_mlp.default, (x, wg, b1, wdt, b2, 0.1))
     opcheck(p.sparse_ffn24.default, (x, *g24, *u24, *d24, 0.1))
     opcheck(p.sparse_mlp24.default, (x, *g24, b1, *d24, b2, 0.1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 2, 5])
+def test_ffn_misaligned_views_are_copied_not_faulted(dtype, M):
+    """Contiguous views one element into their storage: x (float4 loads in fp32), the dense
+    gate/up/down rows and the neuron-group down values (4 weights per load). The glue must copy
+    them (a fault would poison the CUDA context and fail every later test) and match the
+    float64 reference."""
+    D, F = 132, 44
+    x, wg, wu, wdt, b1, b2 = _ffn_case(M, D, F, dtype, seed=M + 7)
+    t = 0.05
+    g24 = ops.compress24(ops.prune24(wg))
+    u24 = ops.compress24(ops.prune24(wu))
+    d24 = pysparse.formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
+    off = lambda ts: tuple(offset_view(v.cuda()) for v in ts)
+    cases = [
+        (ops.sparse_ffn, (*off((x, wg, wu, wdt)), t), R.reference_sparse_ffn(x, wg, wu, wdt, t)),
+        (
+            ops.sparse_mlp,
+            (*off((x, wg, b1, wdt, b2)), t),
+            R.reference_sparse_mlp(x, wg, b1, wdt, b2, t),
+        ),
+        (
+            ops.sparse_ffn24,
+            (*off((x,)), off(g24), off(u24), off(d24), t),
+            R.reference_sparse_ffn(x, g24, u24, d24, t),
+        ),
+    ]
+    for fn, args, ref in cases:
+        y = fn(*args)
+        torch.cuda.synchronize()  # a fault would surface here
+        assert ops.last_cuda_route("sparse_ffn") == "ffn_kernel"
+        tol = 1e-4 if dtype == torch.float32 else 2.0**-7
+        scale = ref.abs().max().item() + 1e-3
+        torch.testing.assert_close(y.cpu().double(), ref, atol=tol * scale, rtol=tol)

@@ -277,6 +277,29 @@ def test_pack_down24_round_trip(D):
     assert torch.equal(R.reference_unpack_down24(gv, gm), w_down.T)
 
 
+def _unpack_down24_loop(values, meta):
+    """The element-by-element definition the vectorised reference replaced (tiny shapes only)."""
+    G, _, D = values.shape
+    dense = torch.zeros(G * 4, D, dtype=values.dtype)
+    for g in range(G):
+        for n in range(D):
+            nib = (int(meta[g, n // 2]) >> (4 * (n % 2))) & 0xF
+            dense[4 * g + (nib & 3), n] = values[g, 0, n]
+            dense[4 * g + (nib >> 2), n] = values[g, 1, n]
+    return dense
+
+
+@pytest.mark.parametrize("G,D", [(1, 1), (1, 5), (3, 7), (5, 2), (2, 33)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_reference_unpack_down24_matches_the_loop(G, D, dtype):
+    """Odd d_model (a half-used last meta byte) and arbitrary nibbles, repeated indices included
+    (idx0 == idx1: the loop's last write, plane 1, must win in both)."""
+    gen = torch.Generator().manual_seed(G * 100 + D)
+    values = torch.randn(G, 2, D, generator=gen).to(dtype)
+    meta = torch.randint(0, 256, (G, (D + 1) // 2), generator=gen, dtype=torch.uint8)
+    assert torch.equal(R.reference_unpack_down24(values, meta), _unpack_down24_loop(values, meta))
+
+
 def _opcheck_cases():
     x, wg, wu, wdt, b1, b2 = make(3, 40, 24, torch.float32, seed=9)
     g24, u24, d24 = packed(wg, wu, wdt)

@@ -9,9 +9,18 @@
 #include <string>
 #include <vector>
 
+#include "../core/launch_rules.h"
 #include "../core/sparse24.h"
 
 namespace pysparse::aten {
+
+// `t` itself when its data starts at a multiple of `bytes` (what a vectorised CUDA load of it
+// needs), else a contiguous copy: a fresh allocation, which the caching allocator aligns to 512
+// bytes. A contiguous view can start at any element (w.flatten()[1:].view(...)).
+inline at::Tensor aligned_or_copy(const at::Tensor& t, std::size_t bytes) {
+  if (!t.defined() || core::is_aligned(t.data_ptr(), bytes)) return t;
+  return t.clone(at::MemoryFormat::Contiguous);
+}
 
 inline int elem_size_for(const at::Tensor& t, const char* op, const char* name) {
   const auto st = t.scalar_type();

@@ -2,25 +2,34 @@
 // code lives in csrc/cuda/ behind plain launchers.
 //
 // sparse24_linear on CUDA:
-//   M <= 16                       -> our 2:4 GEMV kernel (reads values+meta once)
+//   M <= 16                       -> our 2:4 GEMV kernel (reads values+meta once)       "gemv"
 //   bf16, N % 16 == 0, K % 16 == 0 -> cuSPARSELt; the weight's cuSPARSELt form is built on first
-//                                    use and cached (see CsltCache), M padded to a multiple of 8
+//                                    use and lives as long as the weight (see CsltWeight), M
+//                                    padded to its bucket (core::cusparselt_rows)       "cusparselt"
 //   otherwise (fp32, odd dims)    -> decompress to dense + cuBLAS (cuSPARSELt's fp32 pattern is
-//                                    1:2, so a 2:4 fp32 weight cannot use it)
+//                                    1:2, so a 2:4 fp32 weight cannot use it)          "cublas"
+// When cuSPARSELt should run but cannot (no handle, a failed plan, search, compression or
+// matmul), the call falls back to decompress + cuBLAS with a one-time warning ("cublas_fallback"),
+// or raises when PYSPARSE_STRICT_CUSPARSELT is set. Each call records its route (routes.h), which
+// pysparse.ops.last_cuda_route() and cuda_route_counts() report.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/intrusive_ptr.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <mutex>
 #include <sstream>
+#include <string>
 #include <vector>
 
 #include "../cuda/sparse24_cuda.h"
 #include "common.h"
+#include "cuda_linear.h"
+#include "routes.h"
 
 namespace pysparse::aten {
 namespace {
@@ -96,121 +105,159 @@ at::Tensor prune24_cuda(const at::Tensor& w, const c10::optional<at::Tensor>& sc
   return out;
 }
 
-// The cuSPARSELt form of packed weights, keyed by the identity of the values/meta tensors.
-// Entries hold weak references to the TensorImpls, so an entry neither keeps a weight alive nor can
-// be matched by a different tensor that reuses the address. An in-place change of the weight bumps
-// its version counter: the entry for those tensors is then rebuilt in place (never duplicated).
-// Dead entries are dropped on every lookup. Inference tensors have no version counter, so an
-// in-place update inside inference_mode would go unseen: they are never cached (compressed per call).
-class CsltCache {
+// ---- the cuSPARSELt form of packed weights ----------------------------------------------------
+// Lifetime: the compressed buffer is attached to the weight's own `values` TensorImpl as its
+// BackendMeta (c10's slot for per-tensor backend data, unused for CUDA tensors), so it is freed
+// exactly when that TensorImpl is: deleting the module or the tensor releases it, with no global
+// table to sweep and no reference that keeps a dead weight's buffer alive. Tensors that share the
+// TensorImpl's metadata (detach(), nn.Parameter) share the entry. The entry records the data
+// pointers and version counters of values and meta, and a weak reference to meta's TensorImpl (so
+// a new meta tensor at a reused address is not mistaken for the old one): an in-place update, a
+// swapped meta or a `.data =` assignment rebuilds it. Inference tensors have no version counter,
+// so an update inside inference_mode would go unseen: they are compressed per call, never cached.
+std::atomic<int64_t> g_cslt_bytes{0};
+std::atomic<int64_t> g_cslt_entries{0};
+
+class CsltWeight final : public c10::BackendMeta {
  public:
-  at::Tensor lookup_or_build(const at::Tensor& values, const at::Tensor& meta) {
-    if (values.is_inference() || meta.is_inference()) return build(values, meta);
-    std::lock_guard<std::mutex> lock(mu_);
-    entries_.erase(std::remove_if(entries_.begin(), entries_.end(),
-                                  [](const Entry& e) { return e.values.expired() || e.meta.expired(); }),
-                   entries_.end());
-    for (Entry& e : entries_) {
-      if (!e.same_tensors(values, meta)) continue;
-      if (!e.current(values, meta)) e = Entry(values, meta, build(values, meta));
-      return e.compressed;
-    }
-    entries_.emplace_back(values, meta, build(values, meta));
-    return entries_.back().compressed;
+  CsltWeight(const at::Tensor& v, const at::Tensor& m, at::Tensor compressed)
+      : meta_(m.getIntrusivePtr()),
+        values_ptr_(v.data_ptr()),
+        meta_ptr_(m.data_ptr()),
+        values_version_(v._version()),
+        meta_version_(m._version()),
+        compressed_(std::move(compressed)),
+        bytes_(static_cast<int64_t>(compressed_.nbytes())) {
+    g_cslt_bytes += bytes_;
+    ++g_cslt_entries;
   }
+  ~CsltWeight() override {
+    g_cslt_bytes -= bytes_;
+    --g_cslt_entries;
+  }
+  bool current(const at::Tensor& v, const at::Tensor& m) const {
+    return meta_._unsafe_get_target() == m.unsafeGetTensorImpl() && !meta_.expired() &&
+           values_ptr_ == v.data_ptr() && meta_ptr_ == m.data_ptr() &&
+           values_version_ == static_cast<int64_t>(v._version()) &&
+           meta_version_ == static_cast<int64_t>(m._version());
+  }
+  const at::Tensor& compressed() const { return compressed_; }
 
  private:
-  using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
-  struct Entry {
-    Entry(const at::Tensor& v, const at::Tensor& m, at::Tensor c)
-        : values(v.getIntrusivePtr()),
-          meta(m.getIntrusivePtr()),
-          values_ptr(v.data_ptr()),
-          meta_ptr(m.data_ptr()),
-          values_version(v._version()),
-          meta_version(m._version()),
-          compressed(std::move(c)) {}
-    WeakImpl values, meta;
-    const void* values_ptr;
-    const void* meta_ptr;
-    int64_t values_version, meta_version;
-    at::Tensor compressed;
-    bool same_tensors(const at::Tensor& v, const at::Tensor& m) const {
-      return values._unsafe_get_target() == v.unsafeGetTensorImpl() &&
-             meta._unsafe_get_target() == m.unsafeGetTensorImpl();
-    }
-    bool current(const at::Tensor& v, const at::Tensor& m) const {
-      return values_ptr == v.data_ptr() && meta_ptr == m.data_ptr() &&
-             values_version == static_cast<int64_t>(v._version()) &&
-             meta_version == static_cast<int64_t>(m._version());
-    }
-  };
-  static at::Tensor build(const at::Tensor& values, const at::Tensor& meta) {
-    const int64_t N = values.size(0), K = values.size(1) * 2;
-    const int dev = values.device().index();
-    at::Tensor dense = decompress24_cuda(values, meta, K);
-    size_t size = 0, tmp_size = 0;
-    int st = pc::cslt_compressed_size(dev, dtype_of(values), N, K, &size, &tmp_size);
-    TORCH_CHECK(st == 0, "sparse24_linear: cuSPARSELt compressed-size query failed: ",
-                pc::cslt_error_string(st));
-    at::Tensor out = at::empty({static_cast<int64_t>(size)}, values.options().dtype(at::kByte));
-    at::Tensor tmp =
-        at::empty({static_cast<int64_t>(std::max<size_t>(tmp_size, 1))}, values.options().dtype(at::kByte));
-    st = pc::cslt_compress(dev, dtype_of(values), dense.data_ptr(), N, K, out.data_ptr(),
-                           tmp.data_ptr(), stream_of(values));
-    TORCH_CHECK(st == 0, "sparse24_linear: cuSPARSELt compression failed: ", pc::cslt_error_string(st));
-    return out;
-  }
-  std::mutex mu_;
-  std::vector<Entry> entries_;
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> meta_;
+  const void* values_ptr_;
+  const void* meta_ptr_;
+  int64_t values_version_, meta_version_;
+  at::Tensor compressed_;
+  int64_t bytes_;
 };
 
-CsltCache& cslt_cache() {
-  static CsltCache* c = new CsltCache();
-  return *c;
+// A status from cuSPARSELt and the step that returned it; status 0 = success.
+struct CsltStatus {
+  int status = 0;
+  const char* step = "";
+  explicit operator bool() const { return status != 0; }
+};
+
+CsltStatus cslt_build(const at::Tensor& values, const at::Tensor& meta, at::Tensor* out) {
+  const int64_t N = values.size(0), K = values.size(1) * 2;
+  const int dev = values.device().index();
+  at::Tensor dense = decompress24_cuda(values, meta, K);
+  size_t size = 0, tmp_size = 0;
+  int st = pc::cslt_compressed_size(dev, dtype_of(values), N, K, &size, &tmp_size);
+  if (st != 0) return {st, "compressed-size query"};
+  at::Tensor buf = at::empty({static_cast<int64_t>(size)}, values.options().dtype(at::kByte));
+  at::Tensor tmp = at::empty({static_cast<int64_t>(std::max<size_t>(tmp_size, 1))},
+                             values.options().dtype(at::kByte));
+  st = pc::cslt_compress(dev, dtype_of(values), dense.data_ptr(), N, K, buf.data_ptr(),
+                         tmp.data_ptr(), stream_of(values));
+  if (st != 0) return {st, "compression"};
+  *out = std::move(buf);
+  return {};
 }
 
-bool cslt_usable(int device) {
-  static std::mutex mu;
-  static std::vector<int> state(64, -1);  // -1 unknown, 0 no, 1 yes
+// The compressed form of (values, meta): the one attached to values when it is current, else
+// built (and attached, unless values is an inference tensor or carries someone else's BackendMeta).
+CsltStatus cslt_compressed(const at::Tensor& values, const at::Tensor& meta, at::Tensor* out) {
+  if (values.is_inference() || meta.is_inference()) return cslt_build(values, meta, out);
+  static std::mutex mu;  // guards the BackendMeta slot of the weights we touch
   std::lock_guard<std::mutex> lock(mu);
-  if (device < 0 || device >= 64) return false;
-  if (state[device] < 0) state[device] = pc::cslt_info(device).available ? 1 : 0;
-  return state[device] == 1;
+  c10::TensorImpl* impl = values.unsafeGetTensorImpl();
+  c10::BackendMeta* held = impl->get_backend_meta();
+  auto* entry = dynamic_cast<CsltWeight*>(held);
+  if (entry && entry->current(values, meta)) {
+    *out = entry->compressed();
+    return {};
+  }
+  if (CsltStatus st = cslt_build(values, meta, out)) return st;
+  if (held == nullptr || entry != nullptr)
+    impl->set_backend_meta(c10::make_intrusive<CsltWeight>(values, meta, *out));
+  return {};
 }
 
-// cuSPARSELt route; nullopt (after a one-time warning) when cuSPARSELt refuses the problem, so the
-// caller falls back to decompress + cuBLAS instead of failing.
-c10::optional<at::Tensor> linear_cusparselt(const at::Tensor& x2, const at::Tensor& values,
-                                            const at::Tensor& meta, const at::Tensor& v,
-                                            const at::Tensor& m, const at::Tensor& b, int dev) {
+// -1 unknown, else the cusparseLtInit status on that device (0: usable).
+int cslt_init_status(int device) {
+  static std::mutex mu;
+  static std::vector<int> state(64, -1);
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0 || device >= 64) return -2;
+  if (state[device] < 0) state[device] = pc::cslt_info(device).status;
+  return state[device];
+}
+
+// The cuSPARSELt route: y[M, N], or the failing status (the caller falls back or raises).
+CsltStatus linear_cusparselt(const at::Tensor& x2, const at::Tensor& values, const at::Tensor& meta,
+                             const at::Tensor& v, const at::Tensor& m, const at::Tensor& b, int dev,
+                             at::Tensor* out) {
   const int64_t M = x2.size(0), K = x2.size(1), N = v.size(0);
-  // The cache is keyed on the caller's tensors when they are already contiguous.
-  at::Tensor compressed = (v.is_same(values) && m.is_same(meta))
-                              ? cslt_cache().lookup_or_build(values, meta)
-                              : cslt_cache().lookup_or_build(v, m);
-  // M padded to a multiple of 8 (cuSPARSELt's dense-operand rule); operands 16-byte aligned, as
-  // the descriptors promise (a contiguous view can start at any element).
-  const int64_t Mp = (M + 7) / 8 * 8;
+  const pc::DType dt = dtype_of(v);
+  // The entry is attached to the caller's tensors when they are already contiguous (a contiguous
+  // copy made for this call dies with it, and its entry with it).
+  at::Tensor compressed;
+  if (CsltStatus st = (v.is_same(values) && m.is_same(meta)) ? cslt_compressed(values, meta, &compressed)
+                                                             : cslt_compressed(v, m, &compressed))
+    return st;
+  // x padded to the row bucket (plans are per M; cuSPARSELt wants M % 8 == 0) and 16-byte aligned,
+  // as the descriptors promise (a contiguous view can start at any element). Rows past M are zero
+  // and their outputs are dropped: an output row depends only on its own row of x.
+  const int64_t Mb = core::cusparselt_rows(M);
   at::Tensor xp = x2;
-  if (Mp != M) xp = at::cat({x2, at::zeros({Mp - M, K}, x2.options())}, 0);
-  else if (reinterpret_cast<uintptr_t>(xp.data_ptr()) % 16 != 0) xp = x2.clone();
+  if (Mb != M) {
+    xp = at::empty({Mb, K}, x2.options());
+    xp.narrow(0, 0, M).copy_(x2);
+    xp.narrow(0, M, Mb - M).zero_();
+  } else {
+    xp = aligned_or_copy(x2, 16);
+  }
+  size_t ws = 0;
+  bool searched = false;
+  int st = pc::cslt_plan(dev, dt, Mb, N, K, &ws, &searched);
+  if (st != 0) return {st, "plan"};
+  if (!searched) {  // once per plan: choose the algorithm on this problem
+    at::Tensor scratch = at::empty({Mb, N}, x2.options());
+    at::Tensor work = at::empty({static_cast<int64_t>(std::max<size_t>(ws, 1))}, x2.options().dtype(at::kByte));
+    const int sst = pc::cslt_search(dev, dt, compressed.data_ptr(), xp.data_ptr(), Mb, N, K,
+                                    scratch.data_ptr(), work.data_ptr(), ws, stream_of(x2));
+    st = pc::cslt_plan(dev, dt, Mb, N, K, &ws, &searched);
+    if (st != 0) return {st, "plan"};
+    if (sst != 0) {
+      // The plan keeps cuSPARSELt's default algorithm, which still runs; say it, or refuse.
+      TORCH_CHECK(!routes::strict_cusparselt(), "sparse24_linear: cusparseLtMatmulSearch failed (",
+                  pc::cslt_error_string(sst), ") for M=", Mb, " N=", N, " K=", K,
+                  "; PYSPARSE_STRICT_CUSPARSELT is set, so this is an error");
+      TORCH_WARN_ONCE("sparse24_linear: cusparseLtMatmulSearch failed (", pc::cslt_error_string(sst),
+                      "); such shapes run cuSPARSELt's default algorithm, unsearched");
+    }
+  }
   // With a bias, C = D = y starts as the broadcast bias and beta = 1: the bias joins the fp32
   // accumulation and the result is rounded to bf16 once.
-  at::Tensor y = b.defined() ? b.expand({Mp, N}).contiguous() : at::empty({Mp, N}, x2.options());
-  size_t ws = 0;
-  int st = pc::cslt_workspace(dev, dtype_of(v), Mp, N, K, &ws);
-  if (st == 0) {
-    at::Tensor work = at::empty({static_cast<int64_t>(std::max<size_t>(ws, 1))}, x2.options().dtype(at::kByte));
-    st = pc::cslt_matmul(dev, dtype_of(v), compressed.data_ptr(), xp.data_ptr(), Mp, N, K,
-                         b.defined() ? 1.f : 0.f, y.data_ptr(), work.data_ptr(), ws, stream_of(x2));
-  }
-  if (st != 0) {
-    TORCH_WARN_ONCE("sparse24_linear: cuSPARSELt failed (", pc::cslt_error_string(st),
-                    "); using decompress + cuBLAS for such shapes instead");
-    return c10::nullopt;
-  }
-  return Mp != M ? y.narrow(0, 0, M) : y;
+  at::Tensor y = b.defined() ? b.expand({Mb, N}).contiguous() : at::empty({Mb, N}, x2.options());
+  at::Tensor work = at::empty({static_cast<int64_t>(std::max<size_t>(ws, 1))}, x2.options().dtype(at::kByte));
+  st = pc::cslt_matmul(dev, dt, compressed.data_ptr(), xp.data_ptr(), Mb, N, K,
+                       b.defined() ? 1.f : 0.f, y.data_ptr(), work.data_ptr(), ws, stream_of(x2));
+  if (st != 0) return {st, "matmul"};
+  *out = Mb != M ? y.narrow(0, 0, M) : y;
+  return {};
 }
 
 at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values,
@@ -232,11 +279,34 @@ at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values,
                                  N, K, b.defined() ? b.data_ptr() : nullptr, y.data_ptr(),
                                  stream_of(x2)),
                op);
+    routes::record(routes::Family::Linear, routes::Route::Gemv);
     return y.view(out_shape);
   }
   const int dev = x.device().index();
-  if (v.scalar_type() == at::kBFloat16 && N % 16 == 0 && K % 16 == 0 && cslt_usable(dev)) {
-    if (auto y = linear_cusparselt(x2, values, meta, v, m, b, dev)) return y->reshape(out_shape);
+  if (v.scalar_type() == at::kBFloat16 && N % 16 == 0 && K % 16 == 0) {
+    std::string why;
+    const int init = cslt_init_status(dev);
+    if (init != 0) {
+      why = std::string("cuSPARSELt cannot be initialised on this device (") +
+            (init > 0 ? pc::cslt_error_string(init) : "device index out of range") + ")";
+    } else {
+      at::Tensor y;
+      const CsltStatus st = linear_cusparselt(x2, values, meta, v, m, b, dev, &y);
+      if (!st) {
+        routes::record(routes::Family::Linear, routes::Route::Cusparselt);
+        return y.view(out_shape);
+      }
+      why = std::string("cuSPARSELt's ") + st.step + " failed (" + pc::cslt_error_string(st.status) + ")";
+    }
+    TORCH_CHECK(!routes::strict_cusparselt(), op, ": cuSPARSELt should run this bf16 problem (M=", M,
+                ", N=", N, ", K=", K, ") but ", why,
+                "; PYSPARSE_STRICT_CUSPARSELT is set, so this is an error instead of a fallback to "
+                "decompress + cuBLAS");
+    TORCH_WARN_ONCE(op, ": ", why, "; using decompress + cuBLAS for such shapes instead (set "
+                    "PYSPARSE_STRICT_CUSPARSELT=1 to make this an error)");
+    routes::record(routes::Family::Linear, routes::Route::CublasFallback);
+  } else {
+    routes::record(routes::Family::Linear, routes::Route::Cublas);
   }
   at::Tensor dense = decompress24_cuda(v, m, K);
   at::Tensor y = b.defined() ? at::addmm(b, x2, dense.t()) : at::mm(x2, dense.t());
@@ -244,6 +314,9 @@ at::Tensor sparse24_linear_cuda(const at::Tensor& x, const at::Tensor& values,
 }
 
 }  // namespace
+
+int64_t cusparselt_cached_bytes() { return g_cslt_bytes.load(); }
+int64_t cusparselt_cached_weights() { return g_cslt_entries.load(); }
 
 void prox24_inplace_cuda(at::Tensor& w, double lam, int64_t max_iters, double tol) {
   constexpr const char* op = "prox24";

@@ -8,36 +8,58 @@
 
 #include "../cuda/sparse24_cuda.h"
 #include "ffn_common.h"
+#include "routes.h"
 
 namespace pysparse::aten {
 namespace {
 
 namespace pc = pysparse::cuda;
 
+// A weight the kernels read 4 elements at a time, copied when it starts misaligned (see
+// aligned_or_copy). That copy costs a full weight read per call, so it is said once.
+at::Tensor aligned_weight(const at::Tensor& w, std::size_t bytes) {
+  at::Tensor out = aligned_or_copy(w, bytes);
+  if (out.defined() && !out.is_same(w)) {
+    TORCH_WARN_ONCE("sparse_ffn (CUDA): a weight does not start at a multiple of ", bytes,
+                    " bytes (an offset view?), so it is copied on every call; pass weights that "
+                    "own their storage (w.clone()) to avoid the copy");
+  }
+  return out;
+}
 
 at::Tensor ffn_cuda(const at::Tensor& x, const FfnWeights& w, double t, int64_t D, int64_t F) {
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor x2 = as_rows(x, D);
   const int64_t M = x2.size(0);
   if (M == 0) return at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (M > pc::kFfnMaxRows || D % 4 != 0) return ffn_dense_route(x2, w, t, D).view(x.sizes());
-  at::Tensor xf = x2.to(at::kFloat).contiguous();
+  if (M > pc::kFfnMaxRows || D % 4 != 0) {
+    routes::record(routes::Family::Ffn, routes::Route::FfnDense);
+    return ffn_dense_route(x2, w, t, D).view(x.sizes());
+  }
+  // The kernels load x as float4 and 4 weights at a time from the dense gate/up rows and the
+  // dense or neuron-group down rows (csrc/cuda/sparse_ffn.cu): each must start 16-byte (fp32) /
+  // 8-byte (bf16) aligned, which a contiguous view at an odd offset does not.
+  at::Tensor xf = aligned_or_copy(x2.to(at::kFloat).contiguous(), 16);
+  const std::size_t wb = core::vec4_bytes(static_cast<int>(w.gv.element_size()));
+  const at::Tensor gv = w.gm.defined() ? w.gv : aligned_weight(w.gv, wb);
+  const at::Tensor uv = w.um.defined() ? w.uv : aligned_weight(w.uv, wb);
+  const at::Tensor dv = (w.dm.defined() && w.down_by_row) ? w.dv : aligned_weight(w.dv, wb);
   const int64_t chunks = pc::ffn_down_chunks(F);
   at::Tensor h = at::empty({M, F}, xf.options());
   at::Tensor partial = at::empty({chunks, M, D}, xf.options());
   at::Tensor y = at::empty({M, D}, x.options());
   pc::FfnLaunch a;
-  a.dtype = w.gv.scalar_type() == at::kFloat ? pc::DType::F32 : pc::DType::BF16;
+  a.dtype = gv.scalar_type() == at::kFloat ? pc::DType::F32 : pc::DType::BF16;
   a.M = M;
   a.D = D;
   a.F = F;
   a.x = xf.data_ptr<float>();
-  a.gate_values = ptr(w.gv);
+  a.gate_values = ptr(gv);
   a.gate_meta = mptr(w.gm);
   a.gate_bias = ptr(w.b1);
-  a.up_values = ptr(w.uv);
+  a.up_values = ptr(uv);
   a.up_meta = mptr(w.um);
-  a.down_values = ptr(w.dv);
+  a.down_values = ptr(dv);
   a.down_meta = mptr(w.dm);
   a.down_by_row = w.down_by_row;
   a.down_bias = ptr(w.b2);
@@ -47,6 +69,7 @@ at::Tensor ffn_cuda(const at::Tensor& x, const FfnWeights& w, double t, int64_t 
   a.y = y.data_ptr();
   const int err = pc::sparse_ffn(a, c10::cuda::getCurrentCUDAStream(x.device().index()).stream());
   TORCH_CHECK(err == 0, "sparse_ffn (CUDA): ", pc::cuda_error_string(err));
+  routes::record(routes::Family::Ffn, routes::Route::FfnKernel);
   return y.view(x.sizes());
 }
 

@@ -4,7 +4,10 @@
 // so its 2:4 groups run along K; x is B, [M, K] row-major with op T; y is C/D described as a
 // column-major [N, M] matrix with ld N, which is exactly row-major y[M, N].
 // The compressed weight is made with the plan-free Compress2 API so one buffer serves every M;
-// plans depend on M and are cached per (device, dtype, M, N, K) under a mutex, LRU-bounded.
+// plans depend on M and are cached per (device, dtype, M, N, K) under a mutex, LRU-bounded. The
+// glue asks for bucketed M (core::cusparselt_rows), so varying prefill lengths share plans. Each
+// plan's algorithm is chosen once, by cusparseLtMatmulSearch on the first problem that uses it
+// (cslt_search); later calls run the chosen algorithm without searching again.
 // fp32 is not offered: cuSPARSELt's 50% pattern for fp32 is 1:2, which a 2:4 mask does not meet.
 // Plain C++ (cuda_runtime + cusparseLt headers only): compiles in seconds.
 #include <cuda_runtime.h>
@@ -21,7 +24,7 @@ namespace pysparse::cuda {
 namespace {
 
 constexpr uint32_t kAlign = 16;
-constexpr size_t kMaxPlans = 64;
+constexpr size_t kMaxPlans = 256;  // a few hundred bytes of host state each
 
 cudaDataType to_cuda(DType d) { return d == DType::F16 ? CUDA_R_16F : CUDA_R_16BF; }
 
@@ -44,6 +47,7 @@ struct Plan {
   cusparseLtMatmulAlgSelection_t alg;
   cusparseLtMatmulPlan_t plan;
   size_t workspace = 0;
+  bool searched = false;  // cusparseLtMatmulSearch has run (or failed and was not retried)
 };
 
 using Key = std::tuple<int, int, int64_t, int64_t, int64_t>;
@@ -54,6 +58,7 @@ struct State {
   std::map<int, int> failed;  // device -> status of the failed init
   std::map<Key, Plan*> plans;
   std::list<Key> lru;  // front = most recent
+  int64_t plans_built = 0, searches_run = 0;
 };
 
 State& state() {
@@ -161,6 +166,7 @@ int plan_for(int device, DType dtype, int64_t M, int64_t N, int64_t K, cusparseL
     delete p;
     return s;
   }
+  ++st.plans_built;
   if (st.plans.size() >= kMaxPlans) {
     const Key old = st.lru.back();
     st.lru.pop_back();
@@ -215,13 +221,52 @@ int cslt_compress(int device, DType dtype, const void* dense, int64_t N, int64_t
   return static_cast<int>(s);
 }
 
-int cslt_workspace(int device, DType dtype, int64_t M, int64_t N, int64_t K, size_t* size) {
+int cslt_plan(int device, DType dtype, int64_t M, int64_t N, int64_t K, size_t* workspace,
+              bool* searched) {
   std::lock_guard<std::mutex> lock(state().mu);
   cusparseLtHandle_t* h = nullptr;
   Plan* p = nullptr;
   if (int s = plan_for(device, dtype, M, N, K, &h, &p)) return s;
-  *size = p->workspace;
+  *workspace = p->workspace;
+  *searched = p->searched;
   return 0;
+}
+
+int cslt_search(int device, DType dtype, const void* compressed, const void* x, int64_t M,
+                int64_t N, int64_t K, void* scratch, void* workspace, size_t workspace_size,
+                void* stream) {
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  cusparseLtHandle_t* h = nullptr;
+  Plan* p = nullptr;
+  if (int s = plan_for(device, dtype, M, N, K, &h, &p)) return s;
+  if (p->searched) return 0;  // another caller searched it first
+  if (p->workspace > workspace_size) return static_cast<int>(CUSPARSE_STATUS_INSUFFICIENT_RESOURCES);
+  DeviceGuard g(device);
+  const float alpha = 1.f, beta = 0.f;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  // The search runs the product several times per candidate: C = D = scratch with beta 0, so no
+  // caller's output (or a bias pre-filled in it) is read or accumulated into.
+  cusparseStatus_t status = cusparseLtMatmulSearch(h, &p->plan, &alpha, compressed, x, &beta,
+                                                   scratch, scratch, workspace, &s, 1);
+  ++st.searches_run;
+  p->searched = true;  // not retried on failure: every call would pay for it again
+  if (status == CUSPARSE_STATUS_SUCCESS) {
+    // The chosen algorithm (split-K included) can need a different workspace.
+    status = cusparseLtMatmulGetWorkspace(h, &p->plan, &p->workspace);
+    if (status == CUSPARSE_STATUS_SUCCESS) return 0;
+  }
+  // A failed search leaves the plan in an unknown state: rebuild it with the default algorithm,
+  // which keeps working, and report the failure so the caller can say so (or refuse, if strict).
+  Plan* fresh = new Plan();
+  if (build_plan(h, dtype, M, N, K, fresh) == 0) {
+    fresh->searched = true;
+    destroy_plan(p);
+    st.plans[Key{device, static_cast<int>(dtype), M, N, K}] = fresh;
+  } else {
+    delete fresh;
+  }
+  return static_cast<int>(status);
 }
 
 int cslt_matmul(int device, DType dtype, const void* compressed, const void* x, int64_t M,
@@ -238,6 +283,16 @@ int cslt_matmul(int device, DType dtype, const void* compressed, const void* x, 
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   return static_cast<int>(
       cusparseLtMatmul(h, &p->plan, &alpha, compressed, x, &beta, y, y, workspace, &s, 1));
+}
+
+CsltStats cslt_stats() {
+  State& st = state();
+  std::lock_guard<std::mutex> lock(st.mu);
+  CsltStats out;
+  out.plans_cached = static_cast<int64_t>(st.plans.size());
+  out.plans_built = st.plans_built;
+  out.searches_run = st.searches_run;
+  return out;
 }
 
 const char* cslt_error_string(int status) {

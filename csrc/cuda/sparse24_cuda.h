@@ -53,6 +53,10 @@ struct FfnLaunch {
   void* y = nullptr;         // [M, D]
 };
 int64_t ffn_down_chunks(int64_t F);
+// The kernels load 4 elements at once (float4 / uint2) from x and partial (fp32, 16 bytes), the
+// dense gate/up rows and the dense or neuron-group down rows (4 weights): whether every such
+// operand starts at a multiple of that size. sparse_ffn returns cudaErrorMisalignedAddress if not.
+bool ffn_vector_operands_aligned(const FfnLaunch& args);
 int sparse_ffn(const FfnLaunch& args, void* stream);
 
 // ---- cuSPARSELt (bf16/fp16 only: for fp32 its 50% pattern is 1:2, not 2:4) -------------------
@@ -70,8 +74,18 @@ int cslt_compressed_size(int device, DType dtype, int64_t N, int64_t K, size_t* 
 // dense: [N, K] row-major 2:4 along K. out: cslt_compressed_size bytes; tmp: buffer_size bytes.
 int cslt_compress(int device, DType dtype, const void* dense, int64_t N, int64_t K, void* out,
                   void* tmp, void* stream);
-// Workspace needed by cslt_matmul for this problem (plans are cached per device/shape/dtype).
-int cslt_workspace(int device, DType dtype, int64_t M, int64_t N, int64_t K, size_t* size);
+// Looks up or builds the plan for this problem (cached per device/dtype/M/N/K; pass M bucketed by
+// core::cusparselt_rows so prefill lengths share plans): the workspace cslt_matmul needs, and
+// whether its algorithm has been searched yet. If not, call cslt_search once before cslt_matmul.
+int cslt_plan(int device, DType dtype, int64_t M, int64_t N, int64_t K, size_t* workspace,
+              bool* searched);
+// Runs cusparseLtMatmulSearch for the plan (a no-op once done): times the candidate algorithms on
+// these operands, writing only `scratch` (M x N elements, beta 0). Afterwards the plan's workspace
+// may differ: ask cslt_plan again. A failed search is not retried; the plan keeps the default
+// algorithm and the status is returned so the caller can report it.
+int cslt_search(int device, DType dtype, const void* compressed, const void* x, int64_t M,
+                int64_t N, int64_t K, void* scratch, void* workspace, size_t workspace_size,
+                void* stream);
 // D = W x^T + beta * C with C = D = y, i.e. y[M, N] = x[M, K] @ W^T + beta * y (beta 0 or 1: the
 // glue pre-fills y with the bias so it is added before the single rounding). M a multiple of 8,
 // N and K multiples of 16, pointers 16-byte aligned. `workspace_size` is what the caller
@@ -79,6 +93,13 @@ int cslt_workspace(int device, DType dtype, int64_t M, int64_t N, int64_t K, siz
 int cslt_matmul(int device, DType dtype, const void* compressed, const void* x, int64_t M,
                 int64_t N, int64_t K, float beta, void* y, void* workspace, size_t workspace_size,
                 void* stream);
+// Plan cache figures since the process started (tests check that plans are reused).
+struct CsltStats {
+  int64_t plans_cached = 0;  // now in the cache
+  int64_t plans_built = 0;   // ever built (evictions and rebuilds included)
+  int64_t searches_run = 0;  // cusparseLtMatmulSearch calls
+};
+CsltStats cslt_stats();
 const char* cslt_error_string(int status);
 const char* cuda_error_string(int err);
 

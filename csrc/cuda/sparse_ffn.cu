@@ -16,6 +16,7 @@
 
 #include <cstdint>
 
+#include "../core/launch_rules.h"
 #include "bf16.cuh"
 #include "sparse24_cuda.h"
 
@@ -261,11 +262,22 @@ int dispatch(const FfnLaunch& a, cudaStream_t s) {
 
 int64_t ffn_down_chunks(int64_t F) { return (F + kChunk - 1) / kChunk; }
 
+bool ffn_vector_operands_aligned(const FfnLaunch& a) {
+  const std::size_t w = core::vec4_bytes(a.dtype == DType::F32 ? 4 : 2);
+  return core::is_aligned(a.x, 16) && core::is_aligned(a.partial, 16) &&
+         (a.gate_meta || core::is_aligned(a.gate_values, w)) &&
+         (!a.up_values || a.up_meta || core::is_aligned(a.up_values, w)) &&
+         ((a.down_meta && a.down_by_row) || core::is_aligned(a.down_values, w));
+}
+
 int sparse_ffn(const FfnLaunch& a, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   if (a.M == 0 || a.D == 0) return 0;
   if (a.M > kFfnMaxRows || a.D % 4 != 0 || (a.down_meta && !a.down_by_row && a.F % 4 != 0))
     return static_cast<int>(cudaErrorInvalidValue);
+  // A misaligned vector load faults and poisons the CUDA context: refuse instead (the glue copies
+  // misaligned operands first, so this only guards other callers).
+  if (!ffn_vector_operands_aligned(a)) return static_cast<int>(cudaErrorMisalignedAddress);
   switch (a.dtype) {
     case DType::F32: return dispatch<float>(a, s);
     case DType::BF16: return dispatch<uint16_t>(a, s);
