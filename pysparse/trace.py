@@ -311,7 +311,7 @@ def widen_unit_dims(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
     dims = [d for d in (0, 1) if widen(d, [t for t in tensors if t.dim() > d])]
     if not dims:
-        return args, kwargs
+        return args, kwargs  # the same objects: nothing to widen
 
     def rep(v: Any) -> Any:
         if not isinstance(v, torch.Tensor):
@@ -329,34 +329,29 @@ def export_module(
 ) -> torch.export.ExportedProgram:
     """torch.export with automatic dynamic shapes (batch and sequence length vary at run time);
     falls back to static shapes, with a warning, for models that do not export dynamically."""
-    dyn_args, dyn_kwargs = widen_unit_dims(args, kwargs)
-    try:
-        return torch.export.export(
-            module,
-            dyn_args,
-            dyn_kwargs,
-            strict=False,
-            dynamic_shapes=dynamic_shapes_for(module, dyn_args, dyn_kwargs),
-        )
-    except Exception as exc:  # noqa: BLE001 - the widened examples are only a means to dynamic dims
-        _log.debug("export with widened examples failed (%s); retrying with the examples", exc)
-    try:
-        return torch.export.export(
-            module,
-            args,
-            kwargs,
-            strict=False,
-            dynamic_shapes=dynamic_shapes_for(module, args, kwargs),
-        )
-    except Exception as exc:  # noqa: BLE001 - any failure here means "retry static"
-        _log.warning(
-            "dynamic-shape export of %s failed (%s: %s); exporting with static shapes: "
-            "the result only accepts inputs shaped like the examples",
-            type(module).__name__,
-            type(exc).__name__,
-            str(exc).splitlines()[0][:200],
-        )
-        return torch.export.export(module, args, kwargs, strict=False)
+    widened = widen_unit_dims(args, kwargs)
+    unchanged = widened[0] is args and widened[1] is kwargs  # (an empty tuple is always `()`)
+    attempts = [(args, kwargs)] if unchanged else [widened, (args, kwargs)]
+    error: Exception | None = None
+    for ex_args, ex_kwargs in attempts:
+        try:
+            return torch.export.export(
+                module,
+                ex_args,
+                ex_kwargs,
+                strict=False,
+                dynamic_shapes=dynamic_shapes_for(module, ex_args, ex_kwargs),
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure here means "try the next way"
+            error = exc
+    _log.warning(
+        "dynamic-shape export of %s failed (%s: %s); exporting with static shapes: "
+        "the result only accepts inputs shaped like the examples",
+        type(module).__name__,
+        type(error).__name__,
+        str(error).splitlines()[0][:200] if str(error) else "",
+    )
+    return torch.export.export(module, args, kwargs, strict=False)
 
 
 def _drop_guard_module(gm: fx.GraphModule) -> None:
