@@ -157,12 +157,15 @@ def _load_hf(model_dir: str | None):
         raise RuntimeError(
             f"{model_dir} is not a folder; pass a local Hugging Face checkpoint folder"
         )
-    config = AutoConfig.from_pretrained(model_dir)
+    # A model folder is data: the Python a config's auto_map points to is never run (without
+    # this, transformers would ask on a terminal). Weights are read as transformers reads them:
+    # safetensors, or torch.load(weights_only=True) for .bin files.
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
     causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     cls = AutoModelForCausalLM if causal else AutoModel
     return (
-        cls.from_pretrained(model_dir).eval(),
-        AutoTokenizer.from_pretrained(model_dir),
+        cls.from_pretrained(model_dir, trust_remote_code=False).eval(),
+        AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False),
         model_dir,
     )
 
@@ -278,7 +281,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise RuntimeError(f"{args.dir} has no tokenizer; pass --reference MODEL_DIR")
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     reference = None
     if source and not args.no_reference:
         if not Path(source).is_dir():
