@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from pysparse.objectives import Objective, default_objective
+from pysparse.objectives import Objective, default_objective, mean_pool
 from pysparse.pipeline import Pass, PassContext, PassError, PassResult, _call_graph
 from pysparse.train import TrainConfig, Trainer
 
@@ -546,9 +546,7 @@ class ProSparse(Pass):
                 if t is None:
                     raise PassError("prosparse: no teacher output for a validation batch")
                 if objective.name == "hidden_mse":
-                    m = b[1].get("attention_mask")
-                    m = torch.ones(t.shape[:2]) if m is None else m.to(t.dtype)
-                    t = (t * m.unsqueeze(-1)).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+                    t = mean_pool(t, b)
                 cos.append(torch.nn.functional.cosine_similarity(e, t, dim=-1).mean())
             return float(torch.stack(cos).mean())
 

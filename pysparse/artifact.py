@@ -3,12 +3,15 @@
 An artifact directory holds
   * ``program.pt2``       the compiled graph as a ``torch.export`` program whose weights are
                           replaced by zero-size stand-ins (shape/dtype only, a few bytes each),
+                          with no sample inputs and no guard code (see "Loading files from
+                          others" below),
   * ``weights.safetensors`` every parameter, buffer and lifted constant of that program; packed
                           2:4 weights appear as their plain ``values`` / ``meta`` tensors. Weights
                           shared under several names (tied embeddings) are stored once and the
                           aliases listed in the manifest,
-  * ``example_inputs.pt`` the example inputs of the compile (tensors only, loaded with
-                          ``weights_only=True``), for re-tracing by export and evaluation,
+  * ``example_inputs.safetensors`` the example inputs of the compile, for re-tracing by export
+                          and evaluation: the tensors, and their arrangement (args, kwargs, nested
+                          lists/tuples/dicts, plain values) as JSON in the header,
   * ``tokenizer/``        the tokenizer's files, when one was given (``save(..., tokenizer=)`` or
                           ``sm.tokenizer``),
   * ``manifest.json``     format version, pysparse/torch versions, the source model's class and
@@ -24,36 +27,73 @@ Writes are atomic: everything goes to a hidden temporary directory next to the t
 renamed into place only once complete, so a crash or a full disk never leaves a directory that
 loads. Loading verifies the manifest and every checksum before touching the program, and names
 what is wrong (missing, truncated or altered file; other format version).
+
+Loading files from others. Artifacts get shared, and a checksum protects against corruption, not
+against someone who rewrites the manifest too: ``load`` must not run code an artifact carries.
+What ``torch.export.load`` (torch 2.14) executes from a ``.pt2`` archive, read from its code
+(``torch/export/pt2_archive/_package.py``, ``torch/_export/serde/serialize.py``,
+``torch/export/_unlift.py``, ``torch/fx/graph.py``); a hostile archive made plain
+``torch.export.load(f).module()`` create a file through a ``use_pickle`` weight, the sample
+inputs, a shape expression, an input name and guard code (tests/test_hostile_files.py keeps the
+first four as tests):
+  * weights / constants configs carry a per-tensor ``use_pickle`` flag (torch sets it for tensor
+    subclasses); a flagged entry's file goes to ``torch.load(..., weights_only=False)``: arbitrary
+    unpickling, any code runs. Constants named ``opaque_obj_*`` go to ``pickle.loads``;
+    ``custom_obj_*`` ones to TorchScript's unpickler (any registered TorchBind class).
+  * ``data/sample_inputs/model.pt`` is read with ``weights_only=True`` and, when that fails, again
+    with ``weights_only=False``; the legacy members ``data/weights/model.pt`` /
+    ``data/constants/model.pt``, and a whole archive without ``archive_version`` (torch's 2.7
+    format), take the same fallback.
+  * members under ``data/aotinductor/`` make torch load the shared library they hold.
+  * no pickle needed: every symbolic-shape ``expr_str`` goes through ``sympy.sympify``, which
+    ``eval``s it; graph input names and the input treespec's dict keys are written into the
+    Python source fx generates and ``exec``s (an input named ``x=open(...)`` runs on load), so
+    any name of the graph is treated as possible source; and
+    ``guards_code`` becomes the body of a function ``ep.module()`` ``exec``s when the archive has
+    sample inputs.
+What torch does check: its verifier accepts only operators (and a few builtins) as call targets.
+So ``load`` reads ``program.pt2`` once, verifies that very byte string's checksum, has
+``pysparse.pt2check`` refuse anything but a plain program (no pickled or non-raw tensor entry,
+empty sample inputs, no guard code, shape expressions that are plain sympy, names that are plain
+names, call targets that are operators; the error names the member) and only then hands the same
+bytes to torch. ``save`` writes programs that pass. The other files are safetensors and JSON; the
+tokenizer is read by transformers with ``trust_remote_code=False``. Not covered: what the
+operators in a graph do (aten's, pysparse's, and those of any other extension loaded in the
+process), and a file built to make loading slow or large.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
+import keyword
 import logging
 import os
 import shutil
 import tempfile
 import warnings
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file as _st_load
 from safetensors.torch import save_file as _st_save
 
 import pysparse
 from pysparse.pipeline import SparseModel
+from pysparse.pt2check import UnsafeProgramError, check_program
 from pysparse.trace import _drop_guard_module, export_module
 
 _log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: no pickle anywhere (example inputs in safetensors, program without)
 PROGRAM = "program.pt2"
 WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
-EXAMPLES = "example_inputs.pt"
+EXAMPLES = "example_inputs.safetensors"
 TOKENIZER = "tokenizer"
 
 
@@ -139,6 +179,95 @@ def _spec(x: Any) -> Any:
     return repr(x)
 
 
+def _pack_inputs(args: tuple, kwargs: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The example inputs as safetensors tensors plus a JSON layout that says where each goes:
+    ``{"tensor": key, "device": ...}``, ``{"list"|"tuple": [...]}``, ``{"dict": {...}}`` or
+    ``{"value": plain JSON}``."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def pack(x: Any, path: str) -> dict[str, Any]:
+        if isinstance(x, torch.Tensor):
+            # a copy of its own: safetensors refuses tensors that share memory
+            tensors[path] = x.detach().to("cpu").clone().contiguous()
+            return {"tensor": path, "device": str(x.device)}
+        if isinstance(x, (list, tuple)):
+            kind = "tuple" if isinstance(x, tuple) else "list"
+            return {kind: [pack(v, f"{path}.{i}") for i, v in enumerate(x)]}
+        if isinstance(x, dict) and all(isinstance(k, str) for k in x):
+            return {"dict": {k: pack(v, f"{path}.{k}") for k, v in x.items()}}
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return {"value": x}
+        raise ArtifactError(
+            f"save: example input {path} is a {type(x).__name__}; an artifact stores tensors, "
+            "numbers, strings and lists, tuples or dicts of them"
+        )
+
+    layout = {
+        "args": [pack(a, f"args.{i}") for i, a in enumerate(args)],
+        "kwargs": {k: pack(v, f"kwargs.{k}") for k, v in kwargs.items()},
+    }
+    return tensors, layout
+
+
+def _unpack_inputs(path: Path) -> tuple[tuple, dict]:
+    """Reads ``example_inputs.safetensors`` (tensors and JSON only) back into ``(args, kwargs)``;
+    keyword names must be Python identifiers (export writes them into a generated signature)."""
+
+    def bad(why: str) -> ArtifactError:
+        return ArtifactError(f"{path} is not valid example inputs ({why}); re-save the model")
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            layout = json.loads((f.metadata() or {}).get("layout", ""))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
+    except Exception as exc:  # safetensors' and json's own errors for a bad file
+        raise bad(str(exc)) from exc
+
+    def unpack(node: Any) -> Any:
+        if not isinstance(node, dict) or not node:
+            raise bad(f"entry {node!r}")
+        if "tensor" in node:
+            t = tensors.get(node["tensor"])
+            if t is None:
+                raise bad(f"no tensor {node['tensor']!r}")
+            try:
+                device = torch.device(node.get("device", "cpu"))
+            except (RuntimeError, TypeError) as exc:
+                raise bad(f"device {node.get('device')!r}") from exc
+            # Back on the GPU it was saved from when this machine has it, else on the CPU.
+            if device.type == "cuda" and (device.index or 0) < torch.cuda.device_count():
+                return t.to(device)
+            return t
+        (kind, value), *rest = node.items()
+        if rest or kind not in ("list", "tuple", "dict", "value"):
+            raise bad(f"entry {node!r}")
+        if kind == "value":
+            if value is not None and not isinstance(value, (bool, int, float, str)):
+                raise bad(f"value {value!r}")
+            return value
+        if kind == "dict":
+            if not isinstance(value, dict):
+                raise bad(f"entry {node!r}")
+            return {k: unpack(v) for k, v in value.items()}
+        if not isinstance(value, list):
+            raise bad(f"entry {node!r}")
+        items = [unpack(v) for v in value]
+        return tuple(items) if kind == "tuple" else items
+
+    if not isinstance(layout, dict):
+        raise bad("no layout")
+    args, kwargs = layout.get("args"), layout.get("kwargs")
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise bad("no args / kwargs")
+    for k in kwargs:
+        if not k.isidentifier() or keyword.iskeyword(k):
+            raise bad(f"keyword input {k!r} is not a Python name")
+    try:
+        return tuple(unpack(a) for a in args), {k: unpack(v) for k, v in kwargs.items()}
+    except RecursionError as exc:
+        raise bad("nested too deeply") from exc
+
+
 def _is_model_output(out: Any) -> bool:
     return hasattr(out, "to_tuple") and hasattr(out, "keys")
 
@@ -196,11 +325,16 @@ def save(sm: SparseModel, directory: str | os.PathLike, tokenizer: Any = None) -
         ep = export_module(wrapper, sm.example_args, sm.example_kwargs)
         tensors, aliases = _split_weights(ep)
         _st_save(tensors, str(tmp / WEIGHTS), metadata={"format": "pysparse-artifact"})
+        # The program carries neither of these (both end up as code or a pickle on load, see the
+        # module docstring), so that pysparse.pt2check can refuse any program that does.
+        ep.example_inputs = None
+        ep._guards_code = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the archive writer remarks on the stand-ins
             torch.export.save(ep, tmp / PROGRAM)
         # Kept so that export and evaluation can re-trace the loaded model.
-        torch.save({"args": list(sm.example_args), "kwargs": sm.example_kwargs}, tmp / EXAMPLES)
+        ex_tensors, ex_layout = _pack_inputs(sm.example_args, sm.example_kwargs)
+        _st_save(ex_tensors, str(tmp / EXAMPLES), metadata={"layout": json.dumps(ex_layout)})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / TOKENIZER))
         meta = sm.gm.meta.get("pysparse", {})
@@ -273,7 +407,10 @@ class LoadedModel(torch.nn.Module):
         if not hasattr(self, "_tokenizer"):
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.root / TOKENIZER))
+            # An artifact's tokenizer files are data: never the code a config could point to.
+            self._tokenizer = AutoTokenizer.from_pretrained(
+                str(self.root / TOKENIZER), trust_remote_code=False
+            )
         return self._tokenizer
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -284,8 +421,29 @@ class LoadedModel(torch.nn.Module):
         return out
 
 
+def _listed_file(root: Path, name: Any, rec: Any) -> tuple[Path, int, str]:
+    """The path, size and sha256 the manifest lists for ``name``; names stay inside ``root``."""
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if not parts or name.startswith("/") or ".." in parts or "\\" in name:
+        raise ArtifactError(
+            f"{root}: the manifest lists {name!r}, which is not a file of the "
+            "artifact; the manifest is corrupt, re-save the model"
+        )
+    if not (
+        isinstance(rec, dict)
+        and type(rec.get("bytes")) is int
+        and isinstance(rec.get("sha256"), str)
+    ):
+        raise ArtifactError(
+            f"{root}: the manifest's record of {name} is corrupt; re-save the model"
+        )
+    return root / name, rec["bytes"], rec["sha256"]
+
+
 def load(directory: str | os.PathLike) -> LoadedModel:
-    """Verifies and loads an artifact written by ``pysparse.save``."""
+    """Verifies and loads an artifact written by ``pysparse.save``. Nothing in it is unpickled or
+    run as code (see the module docstring); a program that would be is refused with an
+    ``ArtifactError`` naming the member."""
     pysparse.require_extension()
     root = Path(directory)
     mpath = root / MANIFEST
@@ -297,6 +455,8 @@ def load(directory: str | os.PathLike) -> LoadedModel:
         raise ArtifactError(
             f"{mpath} is corrupt (not valid JSON: {exc}); re-save the model"
         ) from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{mpath} is corrupt (not a JSON object); re-save the model")
     if (
         manifest.get("format") != "pysparse-artifact"
         or manifest.get("format_version") != FORMAT_VERSION
@@ -307,33 +467,56 @@ def load(directory: str | os.PathLike) -> LoadedModel:
             f"(expects version {FORMAT_VERSION}); re-save it with this version"
         )
     files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{mpath} is corrupt (no table of files); re-save the model")
     for required in (PROGRAM, WEIGHTS):
         if required not in files:
             raise ArtifactError(f"{root}: the manifest lists no {required}; re-save the model")
+    program = b""
     for name, rec in files.items():
-        path = root / name
+        path, nbytes, sha256 = _listed_file(root, name, rec)
         if not path.is_file():
             raise ArtifactError(f"{root}: {name} is missing")
         size = path.stat().st_size
-        if size != rec["bytes"]:
+        if size != nbytes:
             raise ArtifactError(
-                f"{root}: {name} is {size} bytes, the manifest says {rec['bytes']} (truncated?)"
+                f"{root}: {name} is {size} bytes, the manifest says {nbytes} (truncated?)"
             )
-        if _sha256(path) != rec["sha256"]:
+        if name == PROGRAM:
+            # Checked, inspected and loaded from these very bytes: the file cannot change between.
+            program = path.read_bytes()
+            digest = hashlib.sha256(program).hexdigest()
+        else:
+            digest = _sha256(path)
+        if digest != sha256:
             raise ArtifactError(f"{root}: {name} does not match its checksum (altered or corrupt)")
+    try:
+        check_program(program)
+    except UnsafeProgramError as exc:
+        raise ArtifactError(
+            f"{root}: {PROGRAM} {exc}. Refused: loading it could run code it carries. Re-save the "
+            "model with pysparse.save, which writes none of this"
+        ) from exc
     try:
         tensors = _st_load(str(root / WEIGHTS))
     except Exception as exc:
         raise ArtifactError(f"{root}: {WEIGHTS} cannot be read ({exc}); re-save the model") from exc
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ep = torch.export.load(root / PROGRAM)
-    _restore_weights(ep, tensors, manifest.get("weights", {}).get("aliases", {}))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.load(io.BytesIO(program))
+    except Exception as exc:  # torch's deserializer raises many kinds
+        raise ArtifactError(
+            f"{root}: {PROGRAM} cannot be loaded by torch ({type(exc).__name__}: {exc}); "
+            "re-save the model"
+        ) from exc
+    weights = manifest.get("weights")
+    aliases = weights.get("aliases") if isinstance(weights, dict) else None
+    _restore_weights(ep, tensors, aliases if isinstance(aliases, dict) else {})
     module = ep.module()
     _drop_guard_module(module)
     loaded = LoadedModel(module, manifest)
     loaded.root = root
-    if (root / EXAMPLES).is_file():
-        ex = torch.load(root / EXAMPLES, weights_only=True)
-        loaded.example_args, loaded.example_kwargs = tuple(ex["args"]), dict(ex["kwargs"])
+    if EXAMPLES in files:
+        loaded.example_args, loaded.example_kwargs = _unpack_inputs(root / EXAMPLES)
     return loaded

@@ -264,9 +264,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if tok is None:
         if not source:
             raise RuntimeError(f"{args.dir} has no tokenizer; pass --reference MODEL_DIR")
-        from transformers import AutoTokenizer
+        from pysparse import models
 
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = models.load_tokenizer(source)
     reference = None
     if source and not args.no_reference:
         try:

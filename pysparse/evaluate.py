@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from pysparse.objectives import hidden_states, mean_pool
+
 aten = torch.ops.aten
 
 
@@ -180,11 +182,7 @@ def measure_activation_sparsity(
 def _pooled(model: Any, batch: tuple[tuple, dict]) -> torch.Tensor:
     with torch.no_grad():
         out = model(*batch[0], **batch[1])
-    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    m = batch[1].get("attention_mask")
-    m = torch.ones(h.shape[:2]) if m is None else m.to(h.dtype)
-    m = m.unsqueeze(-1)
-    return (h.float() * m).sum(1) / m.sum(1).clamp_min(1)
+    return mean_pool(hidden_states(out).float(), batch)
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -60,9 +60,17 @@ class _Positional(torch.nn.Module):
 def _named(inner: torch.nn.Module, n_args: int, kw_names: list[str]) -> torch.nn.Module:
     """A ``_Positional`` whose forward has one named parameter per input."""
     names = [f"input{i}" for i in range(n_args)] + [f"kw_{k}" for k in kw_names]
+    # The keyword names come from the model's example inputs (for a loaded artifact: from its
+    # files); only plain identifiers may reach the source below.
+    for k in kw_names:
+        if not (isinstance(k, str) and f"kw_{k}".isidentifier()):
+            raise ValueError(
+                f"export: keyword input {k!r} is not a Python name; pass it under a plain "
+                "identifier"
+            )
     src = f"def forward(self, {', '.join(names)}):\n    return _Positional.forward(self, {', '.join(names)})\n"
     scope: dict = {"_Positional": _Positional}
-    exec(src, scope)  # noqa: S102 - generated from identifiers we built above
+    exec(src, scope)  # noqa: S102 - generated from identifiers checked above
     cls = type("PositionalInputs", (_Positional,), {"forward": scope["forward"]})
     return cls(inner, n_args, kw_names)
 

@@ -98,13 +98,24 @@ def load(model: str | None) -> tuple[Any, Any, ModelSource]:
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     src = resolve(model)
+    # A model folder is data: the Python a config's auto_map points to is never run.
     kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    kw["trust_remote_code"] = False
     if src.gguf_file:
         causal = True
     else:
-        config = AutoConfig.from_pretrained(src.folder)
+        config = AutoConfig.from_pretrained(src.folder, trust_remote_code=False)
         causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
     cls = AutoModelForCausalLM if causal else AutoModel
     net = cls.from_pretrained(src.folder, **kw).eval()
     tok = AutoTokenizer.from_pretrained(src.folder, **kw)
     return net, tok, src
+
+
+def load_tokenizer(model: str | None) -> Any:
+    """The tokenizer of ``model`` alone (as ``load`` reads it)."""
+    from transformers import AutoTokenizer
+
+    src = resolve(model)
+    kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    return AutoTokenizer.from_pretrained(src.folder, trust_remote_code=False, **kw)

@@ -10,7 +10,12 @@
 Why ``hidden_mse`` is the encoders' default: it constrains every token's state, which carries far
 more signal per sentence than one pooled vector, and pooled embeddings (what sentence-embedding
 quality is measured on) follow when all token states match. ``pooled_cosine`` is offered to
-compare. The teacher's outputs are computed once, before training, from the graph as it is then
+compare.
+
+Shapes: hidden states are ``[batch, seq, d]`` (a token per position; the attention mask, when the
+batch has one, marks the real ones) or ``[batch, d]`` (a plain model such as an ``nn.Sequential``
+on ``[batch, features]``: every row is one item, already pooled). ``causal_lm`` needs
+``[batch, seq, vocab]`` logits. The teacher's outputs are computed once, before training, from the graph as it is then
 (the frozen original), and cached per batch: no second model is kept in memory.
 """
 
@@ -27,7 +32,9 @@ from pysparse.pipeline import _call, _call_graph
 OBJECTIVES = ("causal_lm", "hidden_mse", "pooled_cosine")
 
 
-def _hidden(out: Any) -> torch.Tensor:
+def hidden_states(out: Any) -> torch.Tensor:
+    """The final hidden states of a model's output: ``last_hidden_state``, a plain tensor, or the
+    first tensor of a tuple."""
     if hasattr(out, "last_hidden_state"):
         return out.last_hidden_state
     if isinstance(out, torch.Tensor):
@@ -40,11 +47,29 @@ def _hidden(out: Any) -> torch.Tensor:
     )
 
 
-def _token_mask(batch: tuple[tuple, dict], like: torch.Tensor) -> torch.Tensor:
+def token_mask(batch: tuple[tuple, dict], like: torch.Tensor) -> torch.Tensor:
+    """1 for every real token of ``like`` and 0 for padding, shaped like ``like`` without its last
+    (feature) dim: ``[batch, seq]`` from the batch's attention mask, or all ones when there is
+    none or ``like`` is ``[batch, d]`` (one item per row, nothing to mask)."""
+    tokens = like.shape[:-1]
     mask = batch[1].get("attention_mask")
-    if mask is None:
-        return torch.ones(like.shape[:2], dtype=like.dtype)
+    if mask is None or like.dim() < 3:
+        return torch.ones(tokens, dtype=like.dtype, device=like.device)
+    if tuple(mask.shape) != tuple(tokens):
+        raise ValueError(
+            f"objective: the batch's attention_mask is {tuple(mask.shape)} but the output's token "
+            f"axes are {tuple(tokens)}; pass objective=fn(output, batch) -> loss"
+        )
     return mask.to(like.dtype)
+
+
+def mean_pool(h: torch.Tensor, batch: tuple[tuple, dict]) -> torch.Tensor:
+    """Sentence embeddings: the mean of ``h``'s real tokens, ``[batch, seq, d] -> [batch, d]``. A
+    ``[batch, d]`` ``h`` is one vector per row already and comes back as it is."""
+    if h.dim() < 3:
+        return h
+    m = token_mask(batch, h).unsqueeze(-1)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1)
 
 
 def default_objective(gm: fx.GraphModule, example: tuple[tuple, dict]) -> str:
@@ -67,18 +92,13 @@ class Objective:
         self.teacher: dict[int, torch.Tensor] = {}
         if kind in ("hidden_mse", "pooled_cosine"):
             for b in batches:  # the graph is still the original here
-                h = _hidden(_call_graph(gm, *b)).detach()
-                self.teacher[id(b)] = h if kind == "hidden_mse" else self._pool(h, b)
+                h = hidden_states(_call_graph(gm, *b)).detach()
+                self.teacher[id(b)] = h if kind == "hidden_mse" else mean_pool(h, b)
         elif not (callable(kind) or kind == "causal_lm"):
             raise ValueError(
                 f"objective must be one of {OBJECTIVES} or a callable (output, batch) -> loss, "
                 f"got {kind!r}"
             )
-
-    @staticmethod
-    def _pool(h: torch.Tensor, batch: tuple[tuple, dict]) -> torch.Tensor:
-        m = _token_mask(batch, h).unsqueeze(-1)
-        return (h * m).sum(1) / m.sum(1).clamp_min(1)
 
     @property
     def name(self) -> str:
@@ -89,21 +109,26 @@ class Objective:
         if callable(self.kind):
             return self.kind(out, batch)
         if self.kind == "causal_lm":
-            logits = out.logits if hasattr(out, "logits") else _hidden(out)
+            logits = out.logits if hasattr(out, "logits") else hidden_states(out)
+            if logits.dim() != 3:
+                raise ValueError(
+                    f"objective causal_lm: needs logits [batch, seq, vocab], got shape "
+                    f"{tuple(logits.shape)}; pass objective='hidden_mse' or a callable"
+                )
             ids = batch[0][0] if batch[0] else batch[1]["input_ids"]
-            mask = _token_mask(batch, logits)[:, 1:]
+            mask = token_mask(batch, logits)[:, 1:]
             ce = torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                 ids[:, 1:].reshape(-1),
                 reduction="none",
             ).reshape(mask.shape)
             return (ce * mask).sum() / mask.sum().clamp_min(1)
-        h = _hidden(out)
+        h = hidden_states(out)
         t = self.teacher[id(batch)]
         if self.kind == "hidden_mse":
-            m = _token_mask(batch, h)
+            m = token_mask(batch, h)
             err = ((h - t) ** 2).sum(-1)
             scale = ((t**2).sum(-1) * m).sum() / m.sum().clamp_min(1)
             return (err * m).sum() / m.sum().clamp_min(1) / scale
-        cos = torch.nn.functional.cosine_similarity(self._pool(h, batch), t, dim=-1)
+        cos = torch.nn.functional.cosine_similarity(mean_pool(h, batch), t, dim=-1)
         return (1 - cos).mean()

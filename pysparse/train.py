@@ -8,13 +8,22 @@ and checkpoints.
 
 Checkpoints and resume: every ``checkpoint_every`` steps (and at the end) the trained parameters,
 the optimiser and schedule state, the step, the history and the pass's own state are written to
-``checkpoint_dir/checkpoint.pt`` atomically (temporary file + rename: a crash mid-write leaves the
-previous checkpoint intact). A run started with the same ``checkpoint_dir`` resumes from it. Data
-order is a pure function of the step (micro-batch ``step * accum + i`` modulo the number of
-batches), the models are run without dropout (captured in eval mode) and no random numbers are
-drawn, so a resumed run reproduces the uninterrupted one bit for bit on the same machine and
-thread count. A checkpoint records a fingerprint of the settings and parameter shapes; resuming
-with different ones is refused with a message saying what differs.
+``checkpoint_dir/checkpoint.safetensors`` atomically (temporary file + rename: a crash mid-write
+leaves the previous checkpoint intact). A run started with the same ``checkpoint_dir`` resumes from
+it. Data order is a pure function of the step (micro-batch ``step * accum + i`` modulo the number
+of batches), the models are run without dropout (captured in eval mode) and pysparse draws no
+random numbers (the CPU generator's state is saved and restored all the same, for objectives of
+the user's that do), so a resumed run reproduces the uninterrupted one bit for bit on the same
+machine and thread count. A checkpoint records a fingerprint of the settings and parameter shapes;
+resuming with different ones is refused with a message saying what differs.
+
+Why safetensors and JSON, not ``torch.save``: checkpoint directories get shared and copied, and
+unpickling a file runs whatever code the file carries. A checkpoint holds only tensors (the
+parameters, the optimiser's moments and step counts, the RNG state) in the safetensors part and
+plain JSON (step, history, settings fingerprint, the optimiser's hyper-parameters, the pass's
+state) in the safetensors header's metadata, one file so that one rename keeps it atomic. Reading
+it parses JSON and copies tensor bytes; nothing in it is executed. A ``checkpoint.pt`` of an
+older pysparse (a pickle) is refused without being opened.
 
 Memory: the optimiser state (two fp32 tensors per trained parameter) plus whatever the pass keeps;
 nothing else is copied.
@@ -34,12 +43,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file as _st_save
 
 from pysparse.progress import bar
 
 _log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # the pickle format of earlier pysparse; refused unread
+_CHECKPOINT_FORMAT = "pysparse-checkpoint"
+_CHECKPOINT_VERSION = "1"
 
 
 @dataclass
@@ -88,6 +102,13 @@ class TrainConfig:
 StepHook = Callable[[int, float], dict[str, float]]
 
 
+def _not_json(value: Any) -> Any:
+    raise TypeError(
+        f"{type(value).__name__} is not JSON data; a checkpoint holds tensors, numbers, strings, "
+        "lists and dicts only"
+    )
+
+
 class Trainer:
     """Runs ``config.steps`` optimiser steps of ``loss_fn`` over ``batches``.
 
@@ -96,7 +117,8 @@ class Trainer:
         loss_fn: ``batch -> (loss tensor, {metric: float})``.
         batches: the data, any sequence; micro-batch ``k`` is ``batches[k % len(batches)]``.
         after_step: ``(step, lr) -> {metric: float}``, called after each optimiser step.
-        state: ``(get, set)`` of extra pass state to checkpoint (e.g. a schedule's position).
+        state: ``(get, set)`` of extra pass state to checkpoint (e.g. a schedule's position); the
+            state must be JSON data (numbers, strings, lists, dicts).
         fingerprint: extra settings that must match for a resume (the pass's hyper-parameters).
     """
 
@@ -138,7 +160,9 @@ class Trainer:
         self.fingerprint = hashlib.sha256(
             json.dumps(ident, sort_keys=True, default=str).encode()
         ).hexdigest()[:16]
-        self._ident = ident
+        # As a checkpoint stores it (settings that are not JSON as their str), for naming what
+        # differs when a checkpoint of other settings is found.
+        self._ident_json = json.loads(json.dumps(ident, default=str))
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _ckpt_path(self) -> Path | None:
@@ -150,48 +174,134 @@ class Trainer:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        blob = {
+        tensors = {f"param/{k}": p.detach().to("cpu").clone() for k, p in self.params.items()}
+        tensors["rng/cpu"] = torch.get_rng_state()
+        opt = self.optimizer.state_dict()
+        opt_scalars: dict[str, dict[str, Any]] = {}
+        for index, entry in opt["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer/{index}/{key}"] = value.detach().to("cpu").clone()
+                else:
+                    opt_scalars.setdefault(str(index), {})[key] = value
+        record = {
             "fingerprint": self.fingerprint,
-            "ident": self._ident,
+            "ident": self._ident_json,
             "step": self.step,
-            "params": {k: p.detach().clone() for k, p in self.params.items()},
-            "optimizer": self.optimizer.state_dict(),
             "history": self.history,
             "extra": self.state[0]() if self.state else None,
+            "optimizer": {"param_groups": opt["param_groups"], "scalars": opt_scalars},
         }
+        try:
+            text = json.dumps(record, default=_not_json)
+        except TypeError as exc:
+            raise RuntimeError(
+                f"{self.config.desc}: cannot write checkpoint {path}: {exc}"
+            ) from exc
+        metadata = {"format": _CHECKPOINT_FORMAT, "version": _CHECKPOINT_VERSION, "state": text}
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            torch.save(blob, tmp)
+            _st_save(tensors, str(tmp), metadata=metadata)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
 
+    def _read_checkpoint(self, path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """The JSON record and the tensors of a checkpoint; safetensors and JSON only, so a
+        hostile file can be wrong but cannot run code."""
+
+        def unreadable(why: str) -> RuntimeError:
+            return RuntimeError(
+                f"train: checkpoint {path} cannot be read ({why}); delete it to start over"
+            )
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise unreadable(f"not a safetensors file: {exc}") from exc
+        if (
+            metadata.get("format") != _CHECKPOINT_FORMAT
+            or metadata.get("version") != _CHECKPOINT_VERSION
+        ):
+            raise unreadable(
+                f"format {metadata.get('format')!r} version {metadata.get('version')!r}, expected "
+                f"{_CHECKPOINT_FORMAT!r} version {_CHECKPOINT_VERSION}"
+            )
+        try:
+            record = json.loads(metadata.get("state", ""))
+        except json.JSONDecodeError as exc:
+            raise unreadable(f"its state is not JSON: {exc}") from exc
+        if not isinstance(record, dict):
+            raise unreadable("its state is not a JSON object")
+        missing = [f"param/{k}" for k in self.params if f"param/{k}" not in tensors]
+        if missing:
+            raise unreadable(f"incomplete: no {', '.join(missing)}")
+        step = record.get("step")
+        if type(step) is not int or not 0 <= step <= self.config.steps:
+            raise unreadable(f"step {step!r} is not a step of this run (0..{self.config.steps})")
+        return record, tensors
+
+    def _optimizer_state(
+        self, record: dict[str, Any], tensors: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        """The optimiser's ``state_dict`` rebuilt from a checkpoint. JSON has no tuples: a
+        hyper-parameter that is a tuple in this run's optimiser (AdamW's betas) is made one again."""
+        saved = record.get("optimizer", {})
+        state: dict[int, dict[str, Any]] = {}
+        for key, t in tensors.items():
+            if key.startswith("optimizer/"):
+                _, index, name = key.split("/", 2)
+                state.setdefault(int(index), {})[name] = t
+        for index, scalars in saved.get("scalars", {}).items():
+            state.setdefault(int(index), {}).update(scalars)
+        groups = []
+        for mine, theirs in zip(self.optimizer.state_dict()["param_groups"], saved["param_groups"]):
+            groups.append(
+                {k: tuple(v) if isinstance(mine.get(k), tuple) else v for k, v in theirs.items()}
+            )
+        return {"state": state, "param_groups": groups}
+
     def _maybe_resume(self) -> None:
         path = self._ckpt_path()
-        if path is None or not path.is_file():
+        if path is None:
             return
-        try:
-            blob = torch.load(path, weights_only=False)
-        except Exception as exc:
+        legacy = path.with_name(LEGACY_CHECKPOINT)
+        if legacy.exists():
             raise RuntimeError(
-                f"train: checkpoint {path} cannot be read ({exc}); delete it to start over"
-            ) from exc
-        if blob.get("fingerprint") != self.fingerprint:
-            theirs, ours = blob.get("ident", {}), self._ident
+                f"train: {legacy} is a checkpoint of an older pysparse, a pickle, which pysparse "
+                "no longer reads (unpickling a file runs the code it carries); delete it to start "
+                f"over (checkpoints are now {CHECKPOINT})"
+            )
+        if not path.is_file():
+            return
+        record, tensors = self._read_checkpoint(path)
+        if record.get("fingerprint") != self.fingerprint:
+            theirs = record.get("ident") if isinstance(record.get("ident"), dict) else {}
+            ours = self._ident_json
             diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
             raise RuntimeError(
                 f"train: checkpoint {path} was written by a run with other settings "
                 f"(differs in: {', '.join(diff) or 'unknown'}); use another checkpoint_dir or "
                 "delete the checkpoint to start over"
             )
-        with torch.no_grad():
-            for k, p in self.params.items():
-                p.copy_(blob["params"][k])
-        self.optimizer.load_state_dict(blob["optimizer"])
-        self.history = list(blob["history"])
-        self.step = int(blob["step"])
-        if self.state and blob.get("extra") is not None:
-            self.state[1](blob["extra"])
+        try:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(tensors[f"param/{k}"])
+            self.optimizer.load_state_dict(self._optimizer_state(record, tensors))
+            if "rng/cpu" in tensors:
+                torch.set_rng_state(tensors["rng/cpu"])
+            self.history = list(record["history"])
+            if self.state and record.get("extra") is not None:
+                self.state[1](record["extra"])
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise RuntimeError(
+                f"train: checkpoint {path} does not fit this run ({type(exc).__name__}: {exc}); "
+                "delete it to start over"
+            ) from exc
+        self.step = record["step"]
         self.resumed_from = self.step
         _log.info("%s: resumed from %s at step %d", self.config.desc, path, self.step)
 

@@ -76,7 +76,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, kind):
     assert _run(tmp_path, kind, "", 0, clean) == 0
     assert _run(tmp_path, kind, ckpt, kill_at, str(tmp_path / "never.pt")) == -signal.SIGKILL
     assert not (tmp_path / "never.pt").exists()
-    assert any(Path(ckpt).rglob("checkpoint.pt")), "no checkpoint before the kill"
+    assert any(Path(ckpt).rglob("checkpoint.safetensors")), "no checkpoint before the kill"
     assert _run(tmp_path, kind, ckpt, 0, resumed) == 0
     a, b = torch.load(clean), torch.load(resumed)
     assert a.keys() == b.keys()

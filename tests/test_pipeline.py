@@ -381,7 +381,11 @@ def _check_weight_split(sm, out):
     assert blobs and max(blobs) <= 8  # one element per stand-in, nothing of the real weights
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"]["class"].endswith(type(sm).__name__) or "config" in manifest["model"]
-    assert set(manifest["files"]) >= {"program.pt2", "weights.safetensors", "example_inputs.pt"}
+    assert set(manifest["files"]) >= {
+        "program.pt2",
+        "weights.safetensors",
+        "example_inputs.safetensors",
+    }
 
 
 def test_save_load_round_trip_in_a_fresh_process(tmp_path):
@@ -393,7 +397,7 @@ def test_save_load_round_trip_in_a_fresh_process(tmp_path):
     out = tmp_path / "artifact"
     pysparse.save(sm, out)
     assert sorted(p.name for p in out.iterdir()) == [
-        "example_inputs.pt",
+        "example_inputs.safetensors",
         "manifest.json",
         "program.pt2",
         "weights.safetensors",

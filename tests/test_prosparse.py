@@ -1,7 +1,7 @@
 """ProSparse: the staged sine schedule against its formula, the penalty's gradient reaching the
 FFN weights (loss mode and the gradient-injection mode used by the HF callback, which must agree),
 sparsity rising over a short run, the callback inside a Hugging Face Trainer, FATReLU at t = 0
-equal to ReLU, the threshold sweep, and errors."""
+equal to ReLU, the threshold sweep, 2-D inputs (a plain MLP on [batch, features]), and errors."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import transformers
 from pysparse.passes import ProSparse, ReluSubstitution
 from pysparse.passes.prosparse import Constant, StagedSine, regularizer, set_threshold
-from tiny_models import bert_config, bert_with_batches, llama_with_batches
+from tiny_models import bert_config, bert_with_batches, llama_with_batches, sequential_with_batches
 
 import pysparse
 from pysparse.evaluate import measure_activation_sparsity
@@ -240,6 +240,30 @@ def test_threshold_sweep_picks_the_largest_threshold_within_the_bound():
     assert 0 < chosen < len(quality) - 1, quality
     floor = quality[0] - bound
     assert quality[chosen] > floor + 1e-4 and quality[chosen + 1] < floor - 1e-4, quality
+
+
+@pytest.mark.parametrize("objective", ["hidden_mse", "pooled_cosine"])
+def test_two_dimensional_inputs_train_and_sweep(objective):
+    """An nn.Sequential on [batch, features]: the objective, the penalty and the threshold sweep's
+    quality (pooled embeddings) all take rows as items."""
+    model, batches = sequential_with_batches(4)
+    sm = pysparse.compile(
+        model,
+        [
+            "relu",
+            ProSparse(
+                data=batches, steps=4, lam=0.5, lr=1e-3, objective=objective, threshold="sweep"
+            ),
+        ],
+        *batches[0],
+        calibration=batches,
+    )
+    rep = sm.report[-1]
+    assert rep["objective"] == objective
+    rows = rep["threshold_sweep"]["rows"]
+    assert rows[0]["t"] == 0 and 0.9 < rows[0]["quality"] <= 1.0 + 1e-6  # cosine to the original
+    out = sm(*batches[0][0])
+    assert out.shape == (4, 16) and torch.isfinite(out).all()
 
 
 def test_callback_inside_a_hugging_face_trainer(tmp_path):

@@ -1,6 +1,8 @@
 """ProxSparse and the shared trainer, for mechanics: the loss falls, the groups become 2:4, the
 original weights come back under the learned mask, resume after a crash reproduces the
-uninterrupted run, bad settings are refused; and the evaluation harness on a tiny encoder."""
+uninterrupted run, bad settings are refused, 2-D inputs (a plain MLP on [batch, features]) train
+like 3-D ones; the objectives against their formulas; and the evaluation harness on a tiny
+encoder."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 import transformers
 from pysparse.passes import Compress24, Lower, ProxSparse
 from pysparse.passes.proxsparse import frozen_regularizer
-from tiny_models import bert_with_batches, llama_with_batches
+from tiny_models import bert_with_batches, llama_with_batches, sequential_with_batches
 
 import pysparse
 from pysparse.reference import is_24_sparse
@@ -128,7 +130,7 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path):
             *batches[0],
             calibration=batches,
         )
-    assert (tmp_path / "ckpt" / "learn" / "checkpoint.pt").is_file()  # from step 8
+    assert (tmp_path / "ckpt" / "learn" / "checkpoint.safetensors").is_file()  # from step 8
     resumed = pysparse.compile(
         model,
         [ProxSparse(objective=_Objective(), checkpoint_dir=ckpt, **kw)],
@@ -147,6 +149,47 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path):
             *batches[0],
             calibration=batches,
         )
+
+
+@pytest.mark.parametrize("objective", ["hidden_mse", "pooled_cosine"])
+def test_two_dimensional_inputs_train(objective):
+    """An nn.Sequential on [batch, features]: no sequence axis, so no token mask to build."""
+    model, batches = sequential_with_batches()
+    sm = pysparse.compile(
+        model,
+        [ProxSparse(data=batches, steps=6, lam1=2.0, objective=objective), Compress24(), Lower()],
+        *batches[0],
+        calibration=batches,
+    )
+    rep = sm.report[0]
+    assert rep["objective"] == objective and rep["layers_pruned"] == 2
+    assert 0 <= rep["last_loss"] < 1  # relative error / 1 - cos: small for a 2:4 MLP
+    out = sm(*batches[1][0])
+    assert out.shape == (4, 16) and torch.isfinite(out).all()
+
+
+def test_objectives_match_their_formulas_on_2d_and_3d_outputs():
+    from pysparse.objectives import Objective, mean_pool
+
+    model, batches = sequential_with_batches()
+    gm = pysparse.trace(model, batches[0][0], copy_model=True)
+    objectives = {k: Objective(gm, k, batches) for k in ("hidden_mse", "pooled_cosine")}
+    with torch.no_grad():
+        teacher = model(batches[0][0][0])
+        gm.get_parameter("2.weight").mul_(0.9)  # the student drifts from the teacher
+        h = gm(batches[0][0][0])
+    # [batch, d]: every row is one item
+    mse = ((h - teacher) ** 2).sum(-1).mean() / (teacher**2).sum(-1).mean()
+    torch.testing.assert_close(objectives["hidden_mse"](batches[0]), mse)
+    cos = 1 - torch.nn.functional.cosine_similarity(h, teacher, dim=-1).mean()
+    torch.testing.assert_close(objectives["pooled_cosine"](batches[0]), cos)
+    # [batch, seq, d] with padding: the mean over the real tokens only
+    h3 = torch.randn(2, 3, 4)
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    pooled = mean_pool(h3, ((), {"attention_mask": mask}))
+    torch.testing.assert_close(pooled[0], h3[0, :2].mean(0))
+    torch.testing.assert_close(pooled[1], h3[1].mean(0))
+    torch.testing.assert_close(mean_pool(h, ((), {})), h)
 
 
 def test_trainer_schedule_clipping_accumulation():

@@ -50,3 +50,14 @@ def bert_with_batches(n_batches: int = 2):
         mask[0, 6:] = 0
         batches.append(((ids,), {"attention_mask": mask}))
     return transformers.BertModel(bert_config()).eval(), batches
+
+
+def sequential_with_batches(n_batches: int = 2):
+    """A plain ``nn.Sequential`` MLP (eval mode) called on ``[batch, features]``: no sequence
+    axis, every row one item; batches ``((x [4, 16],), {})``."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16)
+    ).eval()
+    gen = torch.Generator().manual_seed(3)
+    return model, [((torch.randn(4, 16, generator=gen),), {}) for _ in range(n_batches)]
