@@ -39,11 +39,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import transformers
 from pysparse.passes import MagnitudePrune, ReluSubstitution
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/'s helpers, however started
 from runinfo import KernelTally, header, packed_alignment
 
 import pysparse
