@@ -38,7 +38,7 @@ def header() -> str:
     return (
         f"{cpu_model()} ({isa}; 2:4 linear {cpu['linear_impl']}, FFN {cpu['ffn_impl']}) | "
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"affinity {len(os.sched_getaffinity(0))} CPUs | load avg {load}"
+        f"this thread may run on {len(os.sched_getaffinity(0))} CPU(s) | load avg {load}"
     )
 
 
