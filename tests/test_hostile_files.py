@@ -15,6 +15,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -47,8 +48,14 @@ def _pickle_payload(marker: Path) -> bytes:
 def _run_python(code: str, *args: str) -> None:
     """Runs ``code`` in a fresh interpreter; its errors are expected (a payload's return value
     breaks whatever loads it) and ignored: the marker file is what counts."""
+    # Not from the repository root: `python -c` puts the working directory first on sys.path, and
+    # there `import pysparse` would find the source folder (no compiled _C, no ops registered).
     subprocess.run(
-        [sys.executable, "-c", code, *args], check=False, capture_output=True, timeout=120
+        [sys.executable, "-c", code, *args],
+        check=False,
+        capture_output=True,
+        timeout=120,
+        cwd=Path(tempfile.gettempdir()),
     )
 
 
