@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from pysparse.formats import pack_down24
-from pysparse.pipeline import Pass, PassContext, PassResult
+from pysparse.pipeline import Pass, PassContext, PassResult, sync_graph
 
 from .baselines import prunable_linears
 
@@ -96,6 +96,23 @@ class Lower(Pass):
 
     def settings(self):
         return {"ffn": self.ffn}
+
+    def mirror(self, primary: fx.GraphModule, secondary: fx.GraphModule, ctx: PassContext) -> None:
+        """Lowers ``secondary`` the same way; the kernel tensors this pass made for ``primary``
+        (regrouped down projections) are shared, not made twice."""
+        sync_graph(primary, secondary)
+        self.call(secondary, ctx)
+        mine = dict(primary.named_buffers())
+        for name, t in list(secondary.named_buffers()):
+            src = mine.get(name)
+            if (
+                name.startswith("pysparse_ffn")
+                and src is not None
+                and src is not t
+                and src.shape == t.shape
+                and src.dtype == t.dtype
+            ):
+                secondary.register_buffer(name, src)
 
     # ---- step 1: FFN blocks -------------------------------------------------------------------
     def _lower_ffn(self, gm: fx.GraphModule, block: dict, infos: dict) -> tuple[str, int]:

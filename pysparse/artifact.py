@@ -5,7 +5,9 @@ An artifact directory holds
                           replaced by zero-size stand-ins (shape/dtype only, a few bytes each),
                           with no sample inputs and no guard code (see "Loading files from
                           others" below),
-  * ``weights.safetensors`` every parameter, buffer and lifted constant of that program; packed
+  * ``step.pt2``          decoders: the generation step graph (pysparse.generate), written the
+                          same way; its weights are the forward graph's, stored once,
+  * ``weights.safetensors`` every parameter, buffer and lifted constant of the programs; packed
                           2:4 weights appear as their plain ``values`` / ``meta`` tensors. Weights
                           shared under several names (tied embeddings) are stored once and the
                           aliases listed in the manifest,
@@ -83,6 +85,7 @@ from safetensors.torch import load_file as _st_load
 from safetensors.torch import save_file as _st_save
 
 import pysparse
+from pysparse.generate import CacheSpec, Generates, export_step
 from pysparse.pipeline import SparseModel
 from pysparse.pt2check import UnsafeProgramError, check_program
 from pysparse.trace import _drop_guard_module, export_module
@@ -95,6 +98,8 @@ WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
 EXAMPLES = "example_inputs.safetensors"
 TOKENIZER = "tokenizer"
+STEP = "step"
+STEP_PROGRAM = "step.pt2"  # decoders: the generation step graph (pysparse.generate)
 
 
 class ArtifactError(RuntimeError):
@@ -119,14 +124,21 @@ def _stand_in(t: torch.Tensor) -> torch.Tensor:
 
 
 def _split_weights(
-    ep: torch.export.ExportedProgram,
+    programs: dict[str, torch.export.ExportedProgram],
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Moves every tensor of ``ep`` (state_dict and constants) out, leaving stand-ins; returns the
-    tensors by key (``state:NAME`` / ``const:NAME``) and the aliases of shared tensors."""
+    """Moves every tensor of each program (state_dict and constants) out, leaving stand-ins;
+    returns the tensors by key (``state:NAME`` / ``const:NAME``, prefixed ``PROGRAM/`` for every
+    program but the main one, keyed "") and the aliases of tensors shared within or across the
+    programs (tied embeddings; the step graph's weights, which are the forward graph's)."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
-    for prefix, table in (("state", ep.state_dict), ("const", ep.constants)):
+    tables = [
+        (f"{program}/{kind}" if program else kind, table)
+        for program, ep in programs.items()
+        for kind, table in (("state", ep.state_dict), ("const", ep.constants))
+    ]
+    for prefix, table in tables:
         for name, t in list(table.items()):
             if not isinstance(t, torch.Tensor):
                 continue  # script objects stay in the program
@@ -153,9 +165,13 @@ def _split_weights(
 
 
 def _restore_weights(
-    ep: torch.export.ExportedProgram, tensors: dict[str, torch.Tensor], aliases: dict[str, str]
+    ep: torch.export.ExportedProgram,
+    tensors: dict[str, torch.Tensor],
+    aliases: dict[str, str],
+    program: str = "",
 ) -> None:
-    for prefix, table in (("state", ep.state_dict), ("const", ep.constants)):
+    for kind, table in (("state", ep.state_dict), ("const", ep.constants)):
+        prefix = f"{program}/{kind}" if program else kind
         for name, stub in list(table.items()):
             if not isinstance(stub, torch.Tensor):
                 continue
@@ -279,7 +295,10 @@ class _PlainOutputs(torch.nn.Module):
 
     def __init__(self, sm: torch.nn.Module):
         super().__init__()
-        self.sm = sm
+        # Only the forward graph is a submodule here: the step graph of a decoder is a program of
+        # its own (step.pt2) and has no place among this program's weights.
+        self.compiled = sm.gm if isinstance(sm, SparseModel) else sm.module
+        object.__setattr__(self, "sm", sm)
         # Read from one eager call: attributes set during export tracing do not survive it.
         with torch.no_grad():
             out = sm(*sm.example_args, **sm.example_kwargs)
@@ -322,16 +341,21 @@ def save(sm: SparseModel, directory: str | os.PathLike, tokenizer: Any = None) -
     os.umask(umask)
     try:
         wrapper = _PlainOutputs(sm)
-        ep = export_module(wrapper, sm.example_args, sm.example_kwargs)
-        tensors, aliases = _split_weights(ep)
+        programs = {"": export_module(wrapper, sm.example_args, sm.example_kwargs)}
+        generation = None
+        if getattr(sm, "can_generate", False):
+            programs[STEP] = export_step(sm.step, sm.cache_spec)
+            generation = {"program": STEP_PROGRAM, "cache": sm.cache_spec.to_dict()}
+        tensors, aliases = _split_weights(programs)
         _st_save(tensors, str(tmp / WEIGHTS), metadata={"format": "pysparse-artifact"})
-        # The program carries neither of these (both end up as code or a pickle on load, see the
-        # module docstring), so that pysparse.pt2check can refuse any program that does.
-        ep.example_inputs = None
-        ep._guards_code = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the archive writer remarks on the stand-ins
-            torch.export.save(ep, tmp / PROGRAM)
+        for name, ep in programs.items():
+            # The programs carry neither of these (both end up as code or a pickle on load, see
+            # the module docstring), so that pysparse.pt2check can refuse any program that does.
+            ep.example_inputs = None
+            ep._guards_code = []
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the archive writer remarks on the stand-ins
+                torch.export.save(ep, tmp / (STEP_PROGRAM if name else PROGRAM))
         # Kept so that export and evaluation can re-trace the loaded model.
         ex_tensors, ex_layout = _pack_inputs(sm.example_args, sm.example_kwargs)
         _st_save(ex_tensors, str(tmp / EXAMPLES), metadata={"layout": json.dumps(ex_layout)})
@@ -356,6 +380,7 @@ def save(sm: SparseModel, directory: str | os.PathLike, tokenizer: Any = None) -
             "example_kwargs": {k: _spec(v) for k, v in sm.example_kwargs.items()},
             "weights": {"file": WEIGHTS, "tensors": len(tensors), "aliases": aliases},
             "tokenizer": TOKENIZER if tokenizer is not None else None,
+            "generation": generation,
             "files": {
                 p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
                 for p in files
@@ -387,12 +412,21 @@ def save(sm: SparseModel, directory: str | os.PathLike, tokenizer: Any = None) -
     return target
 
 
-class LoadedModel(torch.nn.Module):
-    """A reloaded artifact: call it like the compiled model; ``manifest`` holds its record."""
+class LoadedModel(Generates, torch.nn.Module):
+    """A reloaded artifact: call it like the compiled model; ``manifest`` holds its record.
+    Decoders saved with their step graph also ``generate``."""
 
-    def __init__(self, module: torch.nn.Module, manifest: dict[str, Any]):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        manifest: dict[str, Any],
+        step: torch.nn.Module | None = None,
+        cache_spec: CacheSpec | None = None,
+    ):
         super().__init__()
         self.module = module
+        self.step = step
+        self.cache_spec = cache_spec
         self.manifest = manifest
         self.report = manifest.get("passes", [])
         self.example_args: tuple = ()
@@ -472,7 +506,14 @@ def load(directory: str | os.PathLike) -> LoadedModel:
     for required in (PROGRAM, WEIGHTS):
         if required not in files:
             raise ArtifactError(f"{root}: the manifest lists no {required}; re-save the model")
-    program = b""
+    generation = manifest.get("generation")
+    if generation is not None and (
+        not isinstance(generation, dict) or generation.get("program") != STEP_PROGRAM
+    ):
+        raise ArtifactError(f"{mpath} is corrupt (its generation record); re-save the model")
+    if generation is not None and STEP_PROGRAM not in files:
+        raise ArtifactError(f"{root}: the manifest lists no {STEP_PROGRAM}; re-save the model")
+    blobs: dict[str, bytes] = {}
     for name, rec in files.items():
         path, nbytes, sha256 = _listed_file(root, name, rec)
         if not path.is_file():
@@ -482,40 +523,55 @@ def load(directory: str | os.PathLike) -> LoadedModel:
             raise ArtifactError(
                 f"{root}: {name} is {size} bytes, the manifest says {nbytes} (truncated?)"
             )
-        if name == PROGRAM:
+        if name in (PROGRAM, STEP_PROGRAM):
             # Checked, inspected and loaded from these very bytes: the file cannot change between.
-            program = path.read_bytes()
-            digest = hashlib.sha256(program).hexdigest()
+            blobs[name] = path.read_bytes()
+            digest = hashlib.sha256(blobs[name]).hexdigest()
         else:
             digest = _sha256(path)
         if digest != sha256:
             raise ArtifactError(f"{root}: {name} does not match its checksum (altered or corrupt)")
-    try:
-        check_program(program)
-    except UnsafeProgramError as exc:
-        raise ArtifactError(
-            f"{root}: {PROGRAM} {exc}. Refused: loading it could run code it carries. Re-save the "
-            "model with pysparse.save, which writes none of this"
-        ) from exc
+    wanted = [PROGRAM] + ([STEP_PROGRAM] if generation is not None else [])
+    for name in wanted:
+        try:
+            check_program(blobs[name])
+        except UnsafeProgramError as exc:
+            raise ArtifactError(
+                f"{root}: {name} {exc}. Refused: loading it could run code it carries. Re-save "
+                "the model with pysparse.save, which writes none of this"
+            ) from exc
     try:
         tensors = _st_load(str(root / WEIGHTS))
     except Exception as exc:
         raise ArtifactError(f"{root}: {WEIGHTS} cannot be read ({exc}); re-save the model") from exc
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ep = torch.export.load(io.BytesIO(program))
-    except Exception as exc:  # torch's deserializer raises many kinds
-        raise ArtifactError(
-            f"{root}: {PROGRAM} cannot be loaded by torch ({type(exc).__name__}: {exc}); "
-            "re-save the model"
-        ) from exc
     weights = manifest.get("weights")
     aliases = weights.get("aliases") if isinstance(weights, dict) else None
-    _restore_weights(ep, tensors, aliases if isinstance(aliases, dict) else {})
-    module = ep.module()
-    _drop_guard_module(module)
-    loaded = LoadedModel(module, manifest)
+    modules = {}
+    for name in wanted:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ep = torch.export.load(io.BytesIO(blobs[name]))
+        except Exception as exc:  # torch's deserializer raises many kinds
+            raise ArtifactError(
+                f"{root}: {name} cannot be loaded by torch ({type(exc).__name__}: {exc}); "
+                "re-save the model"
+            ) from exc
+        _restore_weights(
+            ep,
+            tensors,
+            aliases if isinstance(aliases, dict) else {},
+            STEP if name == STEP_PROGRAM else "",
+        )
+        modules[name] = ep.module()
+        _drop_guard_module(modules[name])
+    cache_spec = None
+    if generation is not None:
+        try:
+            cache_spec = CacheSpec.from_dict(generation.get("cache") or {})
+        except Exception as exc:
+            raise ArtifactError(f"{mpath}: {exc}; re-save the model") from exc
+    loaded = LoadedModel(modules[PROGRAM], manifest, modules.get(STEP_PROGRAM), cache_spec)
     loaded.root = root
     if EXAMPLES in files:
         loaded.example_args, loaded.example_kwargs = _unpack_inputs(root / EXAMPLES)

@@ -8,6 +8,9 @@
                              training part of pysparse.corpus) and save the artifact;
                              --set PASS.KEY=VALUE sets a pass's argument
     pysparse export DIR --format pt2|torchscript|onnx [--out FILE]
+    pysparse generate DIR "PROMPT" [--max-new-tokens N] [--chat]
+                             stream a compiled decoder's continuation (KV cache on the sparse
+                             kernels), then prefill and decode tokens/s
     pysparse eval DIR        held-out quality vs the dense original (encoders: embedding cosine
                              and Spearman of pairwise similarities; decoders: perplexity) and
                              FFN activation sparsity
@@ -286,6 +289,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    from transformers import TextStreamer
+
+    from pysparse.artifact import load
+
+    loaded = load(args.dir)
+    if not loaded.can_generate:
+        raise RuntimeError(
+            f"{args.dir} holds no generation step graph (it is not a decoder, or its capture "
+            "failed at compile time; see that log); recompile a *ForCausalLM model"
+        )
+    tok = loaded.tokenizer
+    if tok is None:
+        source = loaded.manifest.get("model", {}).get("source")
+        if not source:
+            raise RuntimeError(f"{args.dir} has no tokenizer; recompile with a tokenizer")
+        from pysparse import models
+
+        tok = models.load_tokenizer(source)
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise RuntimeError(f"the tokenizer of {args.dir} has no chat template; drop --chat")
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": args.prompt}], tokenize=False, add_generation_prompt=True
+        )
+        enc = tok(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        enc = tok(args.prompt, return_tensors="pt")
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
+    if not args.chat:  # the continuation follows the prompt on the same line
+        print(args.prompt, end="", flush=True)
+    loaded.generate(
+        enc["input_ids"],
+        enc.get("attention_mask"),
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature or 1.0,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        streamer=streamer,
+        max_cache_len=args.max_cache_len,
+        generator=generator,
+    )
+    st = loaded.last_generation
+    print(
+        f"\n[prefill {st.prompt_tokens} tokens: {st.prefill_tokens_per_s:.1f} tok/s "
+        f"({st.prefill_s * 1e3:.0f} ms); decode {st.decode_steps} tokens: "
+        f"{st.decode_tokens_per_s:.1f} tok/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="pysparse", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -352,6 +409,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--json", default=None, help="also write the result as JSON here")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("generate", help="generate text with a compiled decoder (KV cache)")
+    p.add_argument("dir", help="artifact directory from `pysparse compile` of a decoder")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="0 (default): greedy; > 0: sampling"
+    )
+    p.add_argument("--top-k", type=int, default=0, help="sampling: keep the k likeliest (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="sampling: nucleus mass")
+    p.add_argument("--seed", type=int, default=None, help="sampling: random seed")
+    p.add_argument(
+        "--max-cache-len",
+        type=int,
+        default=None,
+        help="KV-cache limit, prompt + new tokens (default: the model's context length)",
+    )
+    p.set_defaults(func=cmd_generate)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

@@ -13,6 +13,7 @@ proxsparse) before compress24; compress24 before lower; lower last.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +22,8 @@ from typing import Any
 
 import torch
 from torch import fx
+
+from pysparse.generate import CacheSpec, GenerationError, Generates, capture_step
 
 _log = logging.getLogger(__name__)
 
@@ -74,6 +77,13 @@ class Pass:
     def ensures(self, gm: fx.GraphModule) -> None:
         pass
 
+    def mirror(self, primary: fx.GraphModule, secondary: fx.GraphModule, ctx: PassContext) -> None:
+        """Makes ``secondary`` (another capture of the same model, e.g. the generation step graph
+        of pysparse.generate) what this pass made of ``primary``. The default suits passes that
+        change weights (shared tensors), records and activations: ``sync_graph``. A pass that
+        rewrites other parts of the graph overrides this and runs itself on ``secondary``."""
+        sync_graph(primary, secondary)
+
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_") and _plain(v)}
 
@@ -84,6 +94,73 @@ class Pass:
 
 def _plain(v: Any) -> bool:
     return isinstance(v, (int, float, str, bool, type(None), tuple, list))
+
+
+def _tensor_attrs(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    return {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
+
+
+def _set_tensor_attr(gm: fx.GraphModule, name: str, t: torch.Tensor) -> None:
+    owner_path, _, attr = name.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    if isinstance(t, torch.nn.Parameter):
+        if attr in owner._buffers:
+            del owner._buffers[attr]
+        owner.register_parameter(attr, t)
+    else:
+        if attr in owner._parameters:
+            del owner._parameters[attr]
+        owner.register_buffer(attr, t)
+
+
+def sync_graph(primary: fx.GraphModule, secondary: fx.GraphModule) -> None:
+    """Brings ``secondary`` in line with ``primary``, two captures of one model whose tensors have
+    the same names: every tensor of ``primary`` the other holds, or that a pass added (packed
+    2:4 buffers), becomes the same tensor there; each linear's record (mask axis, packing) is
+    copied by weight name; each FFN's activation is rewritten to match (ReLU, FATReLU threshold,
+    the original). Graph rewrites beyond activations are the passes' own (``Pass.mirror``)."""
+    from pysparse.passes.lower import _threshold
+    from pysparse.passes.relu import set_activation
+
+    theirs = _tensor_attrs(secondary)
+    for name, t in _tensor_attrs(primary).items():
+        if theirs.get(name) is not t and (name in theirs or name.startswith("pysparse__")):
+            _set_tensor_attr(secondary, name, t)
+    pmeta, smeta = primary.meta["pysparse"], secondary.meta["pysparse"]
+    by_weight = {i["weight"]: i for i in pmeta["linears"].values() if i.get("weight")}
+    for info in smeta["linears"].values():
+        src = by_weight.get(info.get("weight"))
+        if src is not None:
+            info.update({k: v for k, v in src.items() if k != "layer"})
+    pnodes = {n.name: n for n in primary.graph.nodes}
+    snodes = {n.name: n for n in secondary.graph.nodes}
+
+    def down_weight(meta: dict, block: dict) -> str | None:
+        return meta["linears"].get(block["down"], {}).get("weight")
+
+    pblocks = {down_weight(pmeta, b): b for b in pmeta["ffns"]}
+    changed = False
+    for block in smeta["ffns"]:
+        src = pblocks.get(down_weight(smeta, block))
+        if src is None or src["act"] not in pnodes or block["act"] not in snodes:
+            continue
+        want = _threshold(pnodes[src["act"]])
+        have = _threshold(snodes[block["act"]])
+        if want == have and (want is not None or src.get("act_op") == block.get("act_op")):
+            continue
+        if "original" in src and "original" not in block:
+            block["original"] = src["original"]
+        if want is None:
+            if "original" in block:
+                set_activation(secondary, block, "original")
+        else:
+            set_activation(secondary, block, "fatrelu" if want else "relu", want or None)
+        for key in ("act_op", "threshold"):
+            if key in src:
+                block[key] = src[key]
+        changed = True
+    if changed:
+        secondary.recompile()
 
 
 def order_passes(passes: Sequence[Pass]) -> list[Pass]:
@@ -139,7 +216,14 @@ class PassManager:
         self.passes = order_passes(passes)
         self.report: list[dict[str, Any]] = []
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    def run(
+        self,
+        gm: fx.GraphModule,
+        ctx: PassContext,
+        mirrors: Sequence[fx.GraphModule] = (),
+    ) -> fx.GraphModule:
+        """Runs the passes on ``gm``; after each, ``Pass.mirror`` applies it to every graph of
+        ``mirrors`` (other captures of the same model, such as the generation step graph)."""
         done: list[str] = []
         for p in self.passes:
             before = None
@@ -153,6 +237,10 @@ class PassManager:
                 gm.graph.lint()
                 gm.recompile()
                 p.ensures(gm)
+                for other in mirrors:
+                    p.mirror(gm, other, ctx)
+                    other.graph.lint()
+                    other.recompile()
             except Exception as exc:
                 raise PassError(
                     f"pass '{p.name}' failed (passes run before it: {done or 'none'}): "
@@ -191,9 +279,11 @@ class PassManager:
         return gm
 
 
-class SparseModel(torch.nn.Module):
+class SparseModel(Generates, torch.nn.Module):
     """What ``pysparse.compile`` returns: the rewritten GraphModule, called like the model (keyword
-    arguments the capture fixed, such as ``use_cache=False``, are supplied), plus ``report``."""
+    arguments the capture fixed, such as ``use_cache=False``, are supplied), plus ``report``.
+    Decoders also carry ``step``, the generation step graph (see pysparse.generate), and
+    ``generate(...)``."""
 
     def __init__(
         self,
@@ -201,10 +291,15 @@ class SparseModel(torch.nn.Module):
         report: list[dict[str, Any]],
         example_args: tuple = (),
         example_kwargs: dict | None = None,
+        step: fx.GraphModule | None = None,
     ):
         super().__init__()
         self.gm = gm
         self.report = report
+        self.step = step
+        self.cache_spec = (
+            CacheSpec.from_dict(step.meta["pysparse"]["cache"]) if step is not None else None
+        )
         # Kept for save/export, which capture the compiled model again with these inputs.
         self.example_args = example_args
         self.example_kwargs = dict(example_kwargs or {})
@@ -246,6 +341,8 @@ def compile(
     calibration: list[tuple[tuple, dict]] | None = None,
     copy_model: bool = True,
     check_numerics: bool = True,
+    generation: bool | None = None,
+    max_cache_len: int | None = None,
 ) -> SparseModel:
     """Captures ``model``, runs ``passes`` (objects or names) and returns a runnable SparseModel.
 
@@ -258,12 +355,30 @@ def compile(
         copy_model: capture a deep copy so the caller's weights are never modified.
         check_numerics: after passes that must not change outputs, compare against the graph
             before the pass and fail loudly if they differ.
+        generation: also capture the generation step graph (KV cache, see pysparse.generate) and
+            transform it with the same passes. None (default): for models that can generate
+            (Hugging Face decoders), with a warning when the capture fails; True: fail instead;
+            False: never.
+        max_cache_len: the default KV-cache limit of ``generate`` (prompt + new tokens); default
+            the model's ``max_position_embeddings``.
     """
     from pysparse.trace import trace
 
     pass_objs = resolve_passes(passes)
     manager = PassManager(pass_objs)  # validates the order before any expensive work
-    gm = trace(model, example_inputs, example_kwargs, copy_model=copy_model)
+    if copy_model:
+        model = copy.deepcopy(model)
+    gm = trace(model, example_inputs, example_kwargs)
+    step = None
+    if generation or (generation is None and _is_decoder(model)):
+        t0 = time.perf_counter()
+        try:
+            step = capture_step(model, max_cache_len)
+            _log.info("captured the generation step graph in %.1fs", time.perf_counter() - t0)
+        except GenerationError as exc:
+            if generation:
+                raise
+            _log.warning("%s; the compiled model will not generate", exc)
     args = (
         (example_inputs,)
         if isinstance(example_inputs, torch.Tensor)
@@ -275,5 +390,14 @@ def compile(
         calibration=list(calibration or []),
         check_numerics=check_numerics,
     )
-    gm = manager.run(gm, ctx)
-    return SparseModel(gm, manager.report, args, dict(example_kwargs or {}))
+    gm = manager.run(gm, ctx, mirrors=[step] if step is not None else [])
+    return SparseModel(gm, manager.report, args, dict(example_kwargs or {}), step=step)
+
+
+def _is_decoder(model: torch.nn.Module) -> bool:
+    """Hugging Face models that generate text (``*ForCausalLM`` and the like)."""
+    can = getattr(model, "can_generate", None)
+    try:
+        return bool(can()) if callable(can) else False
+    except Exception:  # noqa: BLE001 - a model's own check failing means "no"
+        return False
