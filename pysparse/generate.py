@@ -349,8 +349,10 @@ def generate(
     eos = spec.eos_token_id if eos_token_id is None else eos_token_id
     eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device).long()
     if pad_token_id is None:
-        pad_token_id = spec.pad_token_id if spec.pad_token_id is not None else int(
-            eos_ids[0] if eos_ids.numel() else 0
+        pad_token_id = (
+            spec.pad_token_id
+            if spec.pad_token_id is not None
+            else int(eos_ids[0] if eos_ids.numel() else 0)
         )
     stats = stats if stats is not None else GenerationStats()
     stats.batch, stats.prompt_tokens, stats.new_tokens = batch, prompt, 0

@@ -1,0 +1,261 @@
+"""End-to-end generation benchmark: tokens per second with the KV cache, as a user sees them.
+
+Rows (one process, interleaved call by call so the machine's drift hits all alike):
+    HF dense         Hugging Face ``generate`` on the dense model (DynamicCache): the baseline
+    pysparse dense   pysparse.compile(lower) of the same model: nothing sparse, the toolchain's
+                     own overhead (graph interpreter, static-cache step, mask built per step)
+    act-sparse       compile(relu[t], lower): FFNs on sparse_ffn, t set for --sparsity of the
+                     FFN gate activations off (pooled over layers, on the prompt)
+    2:4              compile(magnitude, compress24, lower): every linear but the lm_head 2:4
+    2:4 + act        compile(relu[t], magnitude, compress24, lower)
+
+Decode tokens/s: batch 1, a --prompt-len prompt, --new-tokens tokens; every row is timed the same
+way, by a streamer that stamps each token: decode = (new tokens - 1) / (last stamp - first new
+token's stamp); the first new token's stamp minus the call's start is the prefill time (time to
+first token). Prefill tokens/s at each --prefill-lens length: generate(max_new_tokens=1).
+Models: ``smollm2`` (SmolLM2-135M-Instruct, real weights; --sparsity sets speed only, its
+quality is issue 14's) or ``1b`` (bench/decode.py's 1B LLaMA shape, random weights).
+Magnitude masks are used for speed rows: the mask's choice does not change the bytes read.
+
+    python bench/generate.py                                  # SmolLM2, fp32 and bf16
+    python bench/generate.py --model 1b --layers 22 --new-tokens 32 --dtypes float32
+    python bench/generate.py --rss      # + peak RSS while generating, each row in a child process
+
+The OpenMP team is pinned (pysparse.pin_threads) unless --no-pin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from pysparse.passes import Compress24, Lower, MagnitudePrune, ReluSubstitution
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/'s helpers, however started
+from decode import build as build_1b
+from runinfo import header
+
+import pysparse
+
+ROWS = ["HF dense", "pysparse dense", "act-sparse", "2:4", "2:4 + act"]
+
+
+def load_model(name: str, layers: int, dtype: torch.dtype):
+    if name == "1b":
+        return build_1b(layers, dtype)
+    from pysparse import models
+
+    model, _, _ = models.load(name)
+    return model.to(dtype).eval()
+
+
+def gate_threshold(model, sparsity: float, ids: torch.Tensor) -> float:
+    """The ``sparsity`` quantile of every FFN's gate output on ``ids``, pooled over layers."""
+    outs = []
+    hooks = [
+        layer.mlp.gate_proj.register_forward_hook(lambda m, i, o: outs.append(o.detach().float()))
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    pooled = torch.cat([o.flatten() for o in outs])
+    if pooled.numel() > 1 << 24:
+        pooled = pooled[torch.randperm(pooled.numel(), generator=torch.Generator())[: 1 << 24]]
+    return max(float(torch.quantile(pooled, sparsity)), 0.0)
+
+
+def passes_for(row: str, t: float) -> list:
+    return {
+        "pysparse dense": lambda: [Lower()],
+        "act-sparse": lambda: [ReluSubstitution(t), Lower()],
+        "2:4": lambda: [MagnitudePrune(), Compress24(), Lower()],
+        "2:4 + act": lambda: [ReluSubstitution(t), MagnitudePrune(), Compress24(), Lower()],
+    }[row]()
+
+
+class Stamps:
+    """A streamer that records when each put arrives."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, _ids) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def runner(row: str, model, compiled):
+    """generate(ids, n) -> (prefill s, decode tokens/s) for one row."""
+
+    def run(ids: torch.Tensor, n: int) -> tuple[float, float]:
+        st = Stamps()
+        t0 = time.perf_counter()
+        if row == "HF dense":
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                streamer=st,
+                pad_token_id=0,
+            )
+        else:
+            compiled.generate(ids, max_new_tokens=n, eos_token_id=[], streamer=st)
+        new = st.times[1:]  # the first put is the prompt
+        decode = (len(new) - 1) / (new[-1] - new[0]) if len(new) > 1 else 0.0
+        return new[0] - t0, decode
+
+    return run
+
+
+def rss_row(args: argparse.Namespace, row: str, dtype: torch.dtype) -> int:
+    """Peak RSS (bytes) while generating, this row alone: the source model is dropped after the
+    compile, the kernel's high-water mark reset before generation (/proc/self/clear_refs)."""
+    model = load_model(args.model, args.layers, dtype)
+    ids = torch.randint(100, 1000, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    if row == "HF dense":
+        target = model
+    else:
+        t = gate_threshold(model, args.sparsity, ids)
+        sm = pysparse.compile(model, passes_for(row, t), (ids[:, :8],), copy_model=False)
+        del model
+        target = sm
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    runner(row, target, target)(ids, args.new_tokens)
+    status = Path("/proc/self/status").read_text()
+    return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM"))) * 1024
+
+
+def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    model = load_model(args.model, args.layers, dtype)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, 1000, (1, args.prompt_len), generator=gen)
+    t = gate_threshold(model, args.sparsity, ids)
+    compiled = {}
+    for row in args.rows:
+        if row == "HF dense":
+            continue
+        t0 = time.perf_counter()
+        compiled[row] = pysparse.compile(model, passes_for(row, t), (ids[:, :8],))
+        print(f"  compiled {row} in {time.perf_counter() - t0:.1f}s", flush=True)
+    runs = {r: runner(r, model, compiled.get(r)) for r in args.rows}
+    print(f"\n{args.model} {str(dtype).removeprefix('torch.')}: FATReLU t={t:.4g}", flush=True)
+
+    if "HF dense" in args.rows and "pysparse dense" in compiled:
+        with torch.no_grad():
+            hf = model.generate(
+                ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0
+            )
+        ours = compiled["pysparse dense"].generate(ids, max_new_tokens=32, eos_token_id=[])
+        same = int((hf[0, -32:] == ours[0, -32:]).cumprod(0).sum())
+        print(f"  pysparse dense vs HF greedy: first {same} of 32 new tokens identical")
+    decode = {r: [] for r in args.rows}
+    prefill0 = {r: [] for r in args.rows}
+    for r in args.rows:  # warm-up
+        runs[r](ids, 4)
+    for _ in range(args.repeats):
+        for r in args.rows:
+            p, d = runs[r](ids, args.new_tokens)
+            decode[r].append(d)
+            prefill0[r].append(p)
+    base = decode["HF dense"] if "HF dense" in decode else None
+    print(f"  decode, prompt {args.prompt_len}, {args.new_tokens} new tokens, batch 1:")
+    print(f"  {'row':<16} {'tok/s':>8} {'vs HF':>7}  {'TTFT ms':>8}")
+    for r in args.rows:
+        ratio = (
+            statistics.median(d / b for d, b in zip(decode[r], base)) if base else float("nan")
+        )
+        print(
+            f"  {r:<16} {statistics.median(decode[r]):>8.2f} {ratio:>6.2f}x "
+            f"{statistics.median(prefill0[r]) * 1e3:>8.0f}"
+        )
+    for n in args.prefill_lens:
+        pids = torch.randint(100, 1000, (1, n), generator=gen)
+        times = {r: [] for r in args.rows}
+        for r in args.rows:
+            runs[r](pids, 1)
+        for _ in range(args.repeats):
+            for r in args.rows:
+                s = time.perf_counter()
+                runs[r](pids, 1)
+                times[r].append(time.perf_counter() - s)
+        print(f"  prefill {n} tokens (generate 1 token):")
+        for r in args.rows:
+            med = statistics.median(times[r])
+            ratio = (
+                statistics.median(b / x for b, x in zip(times["HF dense"], times[r]))
+                if "HF dense" in times
+                else float("nan")
+            )
+            print(f"  {r:<16} {n / med:>8.1f} tok/s {ratio:>6.2f}x")
+    if args.rss:
+        print(f"  peak RSS while generating ({args.prompt_len}+{args.new_tokens} tokens):")
+        for r in args.rows:
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--rss-row",
+                    r,
+                    "--model",
+                    args.model,
+                    "--layers",
+                    str(args.layers),
+                    "--dtypes",
+                    str(dtype).removeprefix("torch."),
+                    "--prompt-len",
+                    str(args.prompt_len),
+                    "--new-tokens",
+                    str(args.new_tokens),
+                    "--sparsity",
+                    str(args.sparsity),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            rss = json.loads(out.stdout.strip().splitlines()[-1])["rss"]
+            print(f"  {r:<16} {rss / 2**20:>8.0f} MiB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["smollm2", "1b"], default="smollm2")
+    ap.add_argument("--layers", type=int, default=22, help="1b: number of layers")
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prefill-lens", type=int, nargs="*", default=[128, 512])
+    ap.add_argument("--sparsity", type=float, default=0.9)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    ap.add_argument("--rss", action="store_true", help="peak RSS per row (child processes)")
+    ap.add_argument("--rss-row", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-pin", action="store_true")
+    args = ap.parse_args()
+    if not args.no_pin:
+        pysparse.pin_threads()
+    if args.rss_row:
+        dtype = getattr(torch, args.dtypes[0])
+        print(json.dumps({"rss": rss_row(args, args.rss_row, dtype)}))
+        return
+    print(header())
+    for name in args.dtypes:
+        bench_dtype(args, getattr(torch, name))
+
+
+if __name__ == "__main__":
+    main()
