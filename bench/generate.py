@@ -171,13 +171,11 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
             p, d = runs[r](ids, args.new_tokens)
             decode[r].append(d)
             prefill0[r].append(p)
-    base = decode["HF dense"] if "HF dense" in decode else None
+    base = decode.get("HF dense")
     print(f"  decode, prompt {args.prompt_len}, {args.new_tokens} new tokens, batch 1:")
     print(f"  {'row':<16} {'tok/s':>8} {'vs HF':>7}  {'TTFT ms':>8}")
     for r in args.rows:
-        ratio = (
-            statistics.median(d / b for d, b in zip(decode[r], base)) if base else float("nan")
-        )
+        ratio = statistics.median(d / b for d, b in zip(decode[r], base)) if base else float("nan")
         print(
             f"  {r:<16} {statistics.median(decode[r]):>8.2f} {ratio:>6.2f}x "
             f"{statistics.median(prefill0[r]) * 1e3:>8.0f}"
