@@ -69,16 +69,24 @@ def build(layers: int, dtype: torch.dtype) -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
 
 
-def gate_threshold(model, sparsity: float, ids: torch.Tensor) -> float:
-    """The quantile of the first layer's gate pre-activations on a few tokens (the random layers
-    are statistically alike: RMSNorm'd inputs, same init)."""
-    seen = {}
-    layer = model.model.layers[0].mlp
-    hook = layer.gate_proj.register_forward_hook(lambda m, i, o: seen.setdefault("g", o.detach()))
+def gate_threshold(model, sparsity: float, ids: torch.Tensor, layers: int | None = 1) -> float:
+    """The ``sparsity`` quantile of the gate pre-activations of the first ``layers`` FFNs (None:
+    all) on ``ids``, pooled. One layer suits random weights (the layers are statistically alike:
+    RMSNorm'd inputs, same init); real weights differ by layer, so pool them all."""
+    outs: list[torch.Tensor] = []
+    mlps = [layer.mlp for layer in model.model.layers][:layers]
+    hooks = [
+        m.gate_proj.register_forward_hook(lambda m, i, o: outs.append(o.detach().float()))
+        for m in mlps
+    ]
     with torch.no_grad():
         model(input_ids=ids)
-    hook.remove()
-    return max(float(torch.quantile(seen["g"].float().flatten(), sparsity)), 0.0)
+    for h in hooks:
+        h.remove()
+    pooled = torch.cat([o.flatten() for o in outs])
+    if pooled.numel() > 1 << 24:  # torch.quantile's input limit
+        pooled = pooled[torch.randperm(pooled.numel())[: 1 << 24]]
+    return max(float(torch.quantile(pooled, sparsity)), 0.0)
 
 
 def main() -> None:

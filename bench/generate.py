@@ -40,7 +40,9 @@ from pysparse.passes import Compress24, Lower, MagnitudePrune, ReluSubstitution
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/'s helpers, however started
 from decode import build as build_1b
+from decode import gate_threshold
 from runinfo import header
+from timing import interleaved_times
 
 import pysparse
 
@@ -54,23 +56,6 @@ def load_model(name: str, layers: int, dtype: torch.dtype):
 
     model, _, _ = models.load(name)
     return model.to(dtype).eval()
-
-
-def gate_threshold(model, sparsity: float, ids: torch.Tensor) -> float:
-    """The ``sparsity`` quantile of every FFN's gate output on ``ids``, pooled over layers."""
-    outs = []
-    hooks = [
-        layer.mlp.gate_proj.register_forward_hook(lambda m, i, o: outs.append(o.detach().float()))
-        for layer in model.model.layers
-    ]
-    with torch.no_grad():
-        model(input_ids=ids)
-    for h in hooks:
-        h.remove()
-    pooled = torch.cat([o.flatten() for o in outs])
-    if pooled.numel() > 1 << 24:
-        pooled = pooled[torch.randperm(pooled.numel(), generator=torch.Generator())[: 1 << 24]]
-    return max(float(torch.quantile(pooled, sparsity)), 0.0)
 
 
 def passes_for(row: str, t: float) -> list:
@@ -128,7 +113,7 @@ def rss_row(args: argparse.Namespace, row: str, dtype: torch.dtype) -> int:
     if row == "HF dense":
         target = model
     else:
-        t = gate_threshold(model, args.sparsity, ids)
+        t = gate_threshold(model, args.sparsity, ids, layers=None)
         sm = pysparse.compile(model, passes_for(row, t), (ids[:, :8],), copy_model=False)
         del model
         target = sm
@@ -143,7 +128,7 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
     model = load_model(args.model, args.layers, dtype)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 1000, (1, args.prompt_len), generator=gen)
-    t = gate_threshold(model, args.sparsity, ids)
+    t = gate_threshold(model, args.sparsity, ids, layers=None)
     compiled = {}
     for row in args.rows:
         if row == "HF dense":
@@ -157,7 +142,12 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
     if "HF dense" in args.rows and "pysparse dense" in compiled:
         with torch.no_grad():
             hf = model.generate(
-                ids, max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=32,
+                min_new_tokens=32,
+                do_sample=False,
+                pad_token_id=0,
             )
         ours = compiled["pysparse dense"].generate(ids, max_new_tokens=32, eos_token_id=[])
         same = int((hf[0, -32:] == ours[0, -32:]).cumprod(0).sum())
@@ -182,23 +172,15 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
         )
     for n in args.prefill_lens:
         pids = torch.randint(100, 1000, (1, n), generator=gen)
-        times = {r: [] for r in args.rows}
-        for r in args.rows:
-            runs[r](pids, 1)
-        for _ in range(args.repeats):
-            for r in args.rows:
-                s = time.perf_counter()
-                runs[r](pids, 1)
-                times[r].append(time.perf_counter() - s)
+        timed = interleaved_times(
+            {r: (lambda r=r, p=pids: runs[r](p, 1)) for r in args.rows},
+            min_repeats=args.repeats,
+            min_seconds=0.0,
+            warmup=1,
+        )
         print(f"  prefill {n} tokens (generate 1 token):")
         for r in args.rows:
-            med = statistics.median(times[r])
-            ratio = (
-                statistics.median(b / x for b, x in zip(times["HF dense"], times[r]))
-                if "HF dense" in times
-                else float("nan")
-            )
-            print(f"  {r:<16} {n / med:>8.1f} tok/s {ratio:>6.2f}x")
+            print(f"  {r:<16} {n / timed[r].median_s:>8.1f} tok/s {timed[r].ratio:>6.2f}x")
     if args.rss:
         print(f"  peak RSS while generating ({args.prompt_len}+{args.new_tokens} tokens):")
         for r in args.rows:

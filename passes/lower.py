@@ -16,21 +16,22 @@ implementation) and must give the same outputs as before (the PassManager spot-c
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import fx
 
 from pysparse.formats import pack_down24
-from pysparse.pipeline import Pass, PassContext, PassResult, sync_graph
+from pysparse.pipeline import Pass, PassContext, PassResult, sync_graph, tensor_owner
 
 from .baselines import prunable_linears
+from .relu import activation_threshold
 
 aten = torch.ops.aten
 
 
 def _drop_parameter(gm: fx.GraphModule, target: str) -> None:
-    owner_path, _, attr = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    delattr(owner, attr)
+    delattr(*tensor_owner(gm, target))
 
 
 def _drop_unused_attr(gm: fx.GraphModule, node: object) -> int:
@@ -44,24 +45,7 @@ def _drop_unused_attr(gm: fx.GraphModule, node: object) -> int:
 
 
 def _tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    owner_path, _, attr = target.rpartition(".")
-    return getattr(gm.get_submodule(owner_path) if owner_path else gm, attr)
-
-
-def _threshold(act: fx.Node) -> float | None:
-    """0.0 for ReLU, t for FATReLU ``where(ge(x, t), x, 0)``, None for anything else."""
-    if act.target is aten.relu.default:
-        return 0.0
-    if act.target is aten.where.ScalarOther:
-        keep = act.args[0]
-        if (
-            isinstance(keep, fx.Node)
-            and keep.target is aten.ge.Scalar
-            and keep.args[0] is act.args[1]
-            and act.args[2] == 0
-        ):
-            return float(keep.args[1])
-    return None
+    return getattr(*tensor_owner(gm, target))
 
 
 def _fatrelu_ge(act: fx.Node) -> list[fx.Node]:
@@ -98,24 +82,16 @@ class Lower(Pass):
         return {"ffn": self.ffn}
 
     def mirror(self, primary: fx.GraphModule, secondary: fx.GraphModule, ctx: PassContext) -> None:
-        """Lowers ``secondary`` the same way; the kernel tensors this pass made for ``primary``
-        (regrouped down projections) are shared, not made twice."""
+        """Lowers ``secondary`` the same way, taking the kernel tensors this pass made for
+        ``primary`` (regrouped down projections, transposed downs) instead of making them again:
+        both graphs are captures of one model, so FFN ``layer`` k is the same block in each."""
         sync_graph(primary, secondary)
-        self.call(secondary, ctx)
-        mine = dict(primary.named_buffers())
-        for name, t in list(secondary.named_buffers()):
-            src = mine.get(name)
-            if (
-                name.startswith("pysparse_ffn")
-                and src is not None
-                and src is not t
-                and src.shape == t.shape
-                and src.dtype == t.dtype
-            ):
-                secondary.register_buffer(name, src)
+        self._lower(secondary, reuse=dict(primary.named_buffers()))
 
     # ---- step 1: FFN blocks -------------------------------------------------------------------
-    def _lower_ffn(self, gm: fx.GraphModule, block: dict, infos: dict) -> tuple[str, int]:
+    def _lower_ffn(
+        self, gm: fx.GraphModule, block: dict, infos: dict, reuse: dict[str, torch.Tensor]
+    ) -> tuple[str, int]:
         """Rewrites one block; returns (the op used, dense weights dropped) or raises _Skip."""
         nodes = {n.name: n for n in gm.graph.nodes}
         if block.get("gate_up"):
@@ -126,7 +102,7 @@ class Lower(Pass):
         gate = nodes.get(block["gate"]) if block.get("gate") else None
         if act is None or down is None or up is None:
             raise _Skip("block nodes not found")
-        t = _threshold(act)
+        t = activation_threshold(act)
         if t is None:
             raise _Skip(f"activation {act.target} is not ReLU/FATReLU")
         act_in = act.args[0] if act.target is aten.relu.default else act.args[1]
@@ -173,19 +149,30 @@ class Lower(Pass):
         prefix = f"pysparse_ffn{block['layer']}"
         graph = gm.graph
 
-        def attr(name: str, tensor: torch.Tensor) -> fx.Node:
-            gm.register_buffer(f"{prefix}_{name}", tensor.detach().contiguous())
-            return graph.get_attr(f"{prefix}_{name}")
+        def attr(name: str, make: Callable[[], torch.Tensor]) -> fx.Node:
+            full = f"{prefix}_{name}"
+            made = reuse.get(full)
+            gm.register_buffer(full, made if made is not None else make().detach().contiguous())
+            return graph.get_attr(full)
+
+        regrouped: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        def down24(i: int) -> torch.Tensor:  # pack_down24 once for both of its outputs
+            if not regrouped:
+                regrouped.append(
+                    pack_down24(gm.get_buffer(packed["down"][0]), gm.get_buffer(packed["down"][1]))
+                )
+            return regrouped[0][i]
 
         with graph.inserting_before(down):
             if n_packed:
                 if infos.get(down.name, {}).get("packed_by_row"):  # masked along d_model
                     down_args = tuple(graph.get_attr(n) for n in packed["down"])
                 else:  # masked along d_ff: regroup by groups of 4 neurons
-                    dv, dm = pack_down24(
-                        gm.get_buffer(packed["down"][0]), gm.get_buffer(packed["down"][1])
+                    down_args = (
+                        attr("down24_values", lambda: down24(0)),
+                        attr("down24_meta", lambda: down24(1)),
                     )
-                    down_args = (attr("down24_values", dv), attr("down24_meta", dm))
                 first = parts["gate" if gated else "up"]
                 fv, fm = (graph.get_attr(n) for n in packed["gate" if gated else "up"])
                 if gated:
@@ -196,7 +183,7 @@ class Lower(Pass):
                     op = torch.ops.pysparse.sparse_mlp24.default
                     args = (x, fv, fm, first[2], *down_args, parts["down"][2], t)
             else:
-                down_t = attr("down_t", w["down"].T)
+                down_t = attr("down_t", lambda: w["down"].T)
                 if gated:
                     op = torch.ops.pysparse.sparse_ffn.default
                     args = (x, parts["gate"][1], parts["up"][1], down_t, t)
@@ -221,6 +208,9 @@ class Lower(Pass):
         return op.name(), dropped
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        return self._lower(gm, reuse={})
+
+    def _lower(self, gm: fx.GraphModule, reuse: dict[str, torch.Tensor]) -> PassResult:
         lowered, dropped = 0, 0
         graph = gm.graph
         ffn_ops: dict[str, int] = {}
@@ -229,7 +219,7 @@ class Lower(Pass):
             infos = {n.name: n.meta.get("pysparse", {}) for n in graph.nodes}
             for block in gm.meta["pysparse"]["ffns"]:
                 try:
-                    op, d = self._lower_ffn(gm, block, infos)
+                    op, d = self._lower_ffn(gm, block, infos, reuse)
                 except _Skip as why:
                     ffn_skipped[str(why)] = ffn_skipped.get(str(why), 0) + 1
                     continue

@@ -67,6 +67,22 @@ class ReluSubstitution(Pass):
             assert ok, f"FFN layer {block['layer']} still uses {act.target}"
 
 
+def activation_threshold(act: fx.Node) -> float | None:
+    """0.0 for ReLU, t for FATReLU ``where(ge(x, t), x, 0)``, None for anything else."""
+    if act.target is aten.relu.default:
+        return 0.0
+    if act.target is aten.where.ScalarOther:
+        keep = act.args[0]
+        if (
+            isinstance(keep, fx.Node)
+            and keep.target is aten.ge.Scalar
+            and keep.args[0] is act.args[1]
+            and act.args[2] == 0
+        ):
+            return float(keep.args[1])
+    return None
+
+
 def set_activation(
     gm: fx.GraphModule, block: dict, kind: str, threshold: float | None = None
 ) -> None:

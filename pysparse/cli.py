@@ -257,19 +257,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _artifact_tokenizer(loaded, directory: str, source: str | None, fix: str):
+    """The tokenizer saved with an artifact, else its source model's; an error saying ``fix``."""
+    if loaded.tokenizer is not None:
+        return loaded.tokenizer
+    if not source:
+        raise RuntimeError(f"{directory} has no tokenizer; {fix}")
+    from pysparse import models
+
+    return models.load_tokenizer(source)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from pysparse.artifact import load
     from pysparse.evaluate import evaluate, format_table
 
     loaded = load(args.dir)
-    tok = loaded.tokenizer
     source = args.reference or loaded.manifest.get("model", {}).get("source")
-    if tok is None:
-        if not source:
-            raise RuntimeError(f"{args.dir} has no tokenizer; pass --reference MODEL_DIR")
-        from pysparse import models
-
-        tok = models.load_tokenizer(source)
+    tok = _artifact_tokenizer(loaded, args.dir, source, "pass --reference MODEL_DIR")
     reference = None
     if source and not args.no_reference:
         try:
@@ -300,14 +305,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"{args.dir} holds no generation step graph (it is not a decoder, or its capture "
             "failed at compile time; see that log); recompile a *ForCausalLM model"
         )
-    tok = loaded.tokenizer
-    if tok is None:
-        source = loaded.manifest.get("model", {}).get("source")
-        if not source:
-            raise RuntimeError(f"{args.dir} has no tokenizer; recompile with a tokenizer")
-        from pysparse import models
-
-        tok = models.load_tokenizer(source)
+    source = loaded.manifest.get("model", {}).get("source")
+    tok = _artifact_tokenizer(loaded, args.dir, source, "recompile it with its tokenizer")
     if args.chat:
         if not getattr(tok, "chat_template", None):
             raise RuntimeError(f"the tokenizer of {args.dir} has no chat template; drop --chat")

@@ -226,19 +226,13 @@ def capture_step(model: torch.nn.Module, max_cache_len: int | None = None) -> fx
 
     spec = cache_spec_for(model, max_cache_len)
     wrapper = _StepModule(model).eval()
-    device = next(model.parameters()).device
     # With a mask, transformers repeats the grouped KV heads (repeat_kv) before SDPA: a copy of
     # the whole live cache per layer per token, which measured on SmolLM2 cost more than a third
     # of a decode step. SDPA takes the grouped heads itself (enable_gqa), mask or not.
     saved = os.environ.get("TRANSFORMERS_SDPA_FORCE_GQA")
     os.environ["TRANSFORMERS_SDPA_FORCE_GQA"] = "1"
     try:
-        ep = torch.export.export(
-            wrapper,
-            step_example_inputs(spec, device),
-            strict=False,
-            dynamic_shapes=step_dynamic_shapes(spec.n_layers),
-        )
+        ep = export_step(wrapper, spec)
     except Exception as exc:  # export raises many kinds; all mean "no step graph"
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise GenerationError(
@@ -428,11 +422,12 @@ class Generates:
 
     # (no class-level ``step``: nn.Module keeps submodules out of the instance dict, so a class
     # attribute would hide the step graph)
+    cache_spec: CacheSpec | None = None
     last_generation: GenerationStats | None = None
 
     @property
     def can_generate(self) -> bool:
-        return getattr(self, "step", None) is not None and getattr(self, "cache_spec", None)
+        return getattr(self, "step", None) is not None and self.cache_spec is not None
 
     def generate(
         self,
@@ -464,9 +459,9 @@ class Generates:
 
 
 def export_step(step: torch.nn.Module, spec: CacheSpec) -> torch.export.ExportedProgram:
-    """The step graph as a torch.export program (dynamic batch, prompt, length and cache size),
-    for artifacts and ``pysparse.export(..., part="step")``."""
-    device = next(iter(step.buffers()), torch.empty(0)).device
+    """``step`` (a ``_StepModule`` or a step graph) as a torch.export program with dynamic batch,
+    prompt, context length and cache size: the capture, and the re-export of artifacts."""
+    device = next(iter((*step.parameters(), *step.buffers())), torch.empty(0)).device
     return torch.export.export(
         step,
         step_example_inputs(spec, device),

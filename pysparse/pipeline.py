@@ -100,9 +100,14 @@ def _tensor_attrs(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     return {**dict(gm.named_parameters()), **dict(gm.named_buffers())}
 
 
+def tensor_owner(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
+    """(the submodule holding a dotted parameter/buffer name, its last part)."""
+    owner_path, _, attr = target.rpartition(".")
+    return (gm.get_submodule(owner_path) if owner_path else gm), attr
+
+
 def _set_tensor_attr(gm: fx.GraphModule, name: str, t: torch.Tensor) -> None:
-    owner_path, _, attr = name.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
+    owner, attr = tensor_owner(gm, name)
     if isinstance(t, torch.nn.Parameter):
         if attr in owner._buffers:
             del owner._buffers[attr]
@@ -119,8 +124,7 @@ def sync_graph(primary: fx.GraphModule, secondary: fx.GraphModule) -> None:
     2:4 buffers), becomes the same tensor there; each linear's record (mask axis, packing) is
     copied by weight name; each FFN's activation is rewritten to match (ReLU, FATReLU threshold,
     the original). Graph rewrites beyond activations are the passes' own (``Pass.mirror``)."""
-    from pysparse.passes.lower import _threshold
-    from pysparse.passes.relu import set_activation
+    from pysparse.passes.relu import activation_threshold, set_activation
 
     theirs = _tensor_attrs(secondary)
     for name, t in _tensor_attrs(primary).items():
@@ -144,8 +148,8 @@ def sync_graph(primary: fx.GraphModule, secondary: fx.GraphModule) -> None:
         src = pblocks.get(down_weight(smeta, block))
         if src is None or src["act"] not in pnodes or block["act"] not in snodes:
             continue
-        want = _threshold(pnodes[src["act"]])
-        have = _threshold(snodes[block["act"]])
+        want = activation_threshold(pnodes[src["act"]])
+        have = activation_threshold(snodes[block["act"]])
         if want == have and (want is not None or src.get("act_op") == block.get("act_op")):
             continue
         if "original" in src and "original" not in block:
