@@ -85,7 +85,7 @@ from safetensors.torch import load_file as _st_load
 from safetensors.torch import save_file as _st_save
 
 import pysparse
-from pysparse.generate import CacheSpec, Generates, export_step
+from pysparse.generate import CacheSpec, Generates, drop_input_checks, export_step
 from pysparse.pipeline import SparseModel
 from pysparse.pt2check import UnsafeProgramError, check_program
 from pysparse.trace import _drop_guard_module, export_module
@@ -565,6 +565,8 @@ def load(directory: str | os.PathLike) -> LoadedModel:
         )
         modules[name] = ep.module()
         _drop_guard_module(modules[name])
+        if name == STEP_PROGRAM:
+            drop_input_checks(modules[name])
     cache_spec = None
     if generation is not None:
         try:

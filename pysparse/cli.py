@@ -7,7 +7,7 @@
                              Face checkpoint folder or .gguf file — with calibration text (--calib FILE, default: the
                              training part of pysparse.corpus) and save the artifact;
                              --set PASS.KEY=VALUE sets a pass's argument
-    pysparse export DIR --format pt2|torchscript|onnx [--out FILE]
+    pysparse export DIR --format pt2|torchscript|onnx [--out FILE] [--part forward|step]
     pysparse generate DIR "PROMPT" [--max-new-tokens N] [--chat]
                              stream a compiled decoder's continuation (KV cache on the sparse
                              kernels), then prefill and decode tokens/s
@@ -247,9 +247,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     loaded = load(args.dir)
     suffix = {"pt2": ".pt2", "torchscript": ".ts", "onnx": ".onnx"}[args.format]
-    out = Path(args.out) if args.out else Path(args.dir) / f"model{suffix}"
+    stem = "model" if args.part == "forward" else "model-step"
+    out = Path(args.out) if args.out else Path(args.dir) / f"{stem}{suffix}"
     t0 = time.perf_counter()
-    pysparse.export(loaded, out, format=args.format)
+    try:
+        pysparse.export(loaded, out, format=args.format, part=args.part)
+    except ValueError as exc:
+        raise RuntimeError(str(exc)) from exc
     size = out.stat().st_size / 1e6
     print(
         f"exported {args.dir} -> {out} ({args.format}, {size:.1f} MB, {time.perf_counter() - t0:.1f}s)"
@@ -391,6 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("dir", help="artifact directory from `pysparse compile`")
     p.add_argument("--format", choices=["pt2", "torchscript", "onnx"], default="pt2")
     p.add_argument("--out", default=None, help="output file (default: DIR/model.pt2|.ts|.onnx)")
+    p.add_argument(
+        "--part",
+        choices=["forward", "step"],
+        default="forward",
+        help="step: a decoder's generation step with its KV cache (pt2 only; DIR/model-step.pt2)",
+    )
     p.set_defaults(func=cmd_export)
     p = sub.add_parser("eval", help="evaluate a saved artifact against its dense original")
     p.add_argument("dir", help="artifact directory from `pysparse compile`")

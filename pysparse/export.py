@@ -25,16 +25,19 @@ file at ``path``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pysparse.artifact import _PlainOutputs
+from pysparse.generate import export_step
 from pysparse.trace import _drop_guard_module, export_module
 
 FORMATS = ("pt2", "torchscript", "onnx")
@@ -110,22 +113,56 @@ def _onnx(wrapper: _PlainOutputs, n_args: int, names: list[str], inputs: tuple, 
     program.save(str(tmp))
 
 
-def export(model: Any, path: str | os.PathLike, format: str = "pt2") -> Path:
+@contextlib.contextmanager
+def _atomic(target: Path) -> Iterator[Path]:
+    """A temporary path beside ``target``, renamed to it when the block ends without error and
+    removed otherwise: a failed export never leaves a partial file at ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _export_step(model: Any, target: Path, format: str) -> Path:
+    if format != "pt2":
+        raise ValueError(
+            f"export: the generation step graph exports as pt2 only (got {format!r}): its KV "
+            "cache is updated in place, which TorchScript tracing and ONNX do not keep"
+        )
+    if not getattr(model, "can_generate", False):
+        raise ValueError(
+            "export: this model has no generation step graph (only compiled decoders have one)"
+        )
+    with _atomic(target) as tmp:
+        torch.export.save(export_step(model.step, model.cache_spec), tmp)
+    return target
+
+
+def export(model: Any, path: str | os.PathLike, format: str = "pt2", part: str = "forward") -> Path:
     """Writes ``model`` (from ``pysparse.compile`` or ``pysparse.load``) to ``path`` in
-    ``format``; returns the path."""
+    ``format``; returns the path. ``part="step"`` (decoders, pt2 only) writes the generation step
+    graph instead: ``torch.export.load(path).module()(input_ids, position_ids, cache_position,
+    attention_mask, keys, values)`` with the KV cache as two lists of [B, kv_heads, S, head_dim]
+    tensors updated in place (pysparse.generate describes the inputs)."""
     if format not in FORMATS:
         raise ValueError(f"export: unknown format {format!r}; choose one of {list(FORMATS)}")
+    if part not in ("forward", "step"):
+        raise ValueError(f"export: unknown part {part!r}; choose 'forward' or 'step'")
+    if part == "step":
+        return _export_step(model, Path(path), format)
     if not hasattr(model, "example_args") or not hasattr(model, "example_kwargs"):
         raise TypeError(
             f"export: expected a model from pysparse.compile or pysparse.load, got "
             f"{type(model).__name__}; compile it first"
         )
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with _atomic(target) as tmp:
         wrapper = _PlainOutputs(model)
         names = list(model.example_kwargs)
         n_args = len(model.example_args)
@@ -145,8 +182,4 @@ def export(model: Any, path: str | os.PathLike, format: str = "pt2") -> Path:
                 _drop_guard_module(static)
                 traced = torch.jit.trace(static, inputs, check_trace=False, strict=False)
                 torch.jit.save(traced, str(tmp))
-        tmp.replace(target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return target

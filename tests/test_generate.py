@@ -10,7 +10,7 @@ from pysparse.passes import Compress24, Lower, MagnitudePrune, ReluSubstitution
 from tiny_models import bert_with_batches, llama_config
 
 import pysparse
-from pysparse.generate import GenerationError, _mask
+from pysparse.generate import GenerationError, _mask, generate
 
 THRESHOLD = 0.02  # FATReLU threshold of the act-sparse cases (about half the tiny FFN's neurons)
 
@@ -234,3 +234,19 @@ def test_pass_mirror_keeps_one_copy_of_each_weight():
     forward = {t.data_ptr() for t in (*sm.gm.parameters(), *sm.gm.buffers())}
     step = [t for t in (*sm.step.parameters(), *sm.step.buffers()) if t.numel() > 1]
     assert step and all(t.data_ptr() in forward for t in step)
+
+
+def test_step_graph_exports_as_pt2_and_runs_a_generation(tmp_path):
+    sm, _ = _compiled("2:4+fatrelu")
+    path = pysparse.export(sm, tmp_path / "step.pt2", part="step")
+    step = torch.export.load(path).module()
+    ids = torch.randint(0, 96, (2, 5), generator=torch.Generator().manual_seed(29))
+    want = sm.generate(ids, max_new_tokens=12, eos_token_id=[])
+    got = generate(step, sm.cache_spec, ids, max_new_tokens=12, eos_token_id=[])
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="pt2 only"):
+        pysparse.export(sm, tmp_path / "step.onnx", format="onnx", part="step")
+    bert, batches = bert_with_batches()
+    encoder = pysparse.compile(bert, ["magnitude", "compress24", "lower"], *batches[0])
+    with pytest.raises(ValueError, match="no generation step graph"):
+        pysparse.export(encoder, tmp_path / "e.pt2", part="step")

