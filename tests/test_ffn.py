@@ -110,6 +110,23 @@ def test_24_weights_match_reference(impl, shape, threshold, dtype, down):
     check(y, R.reference_sparse_mlp(x, g24, b1, d24, b2, threshold), dtype, M)
 
 
+@pytest.mark.parametrize("chunk_kb", ["1", "2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_24_dense_route_in_chunks(monkeypatch, dtype, chunk_kb):
+    """Past 16 rows the 2:4 FFN hands gate, up and down to torch's GEMM over weights unpacked a
+    chunk of outputs at a time: tiny chunks cut W_down [D, F] into several, of 16 (1 KB) and of an
+    odd 21 rows (2 KB at d_ff 24 fp32: a chunk starting at an odd output, the high meta nibble)."""
+    monkeypatch.setenv("PYSPARSE_DENSE_CHUNK_KB", chunk_kb)
+    M, D, F = 19, 42 + 2, 24
+    x, wg, wu, wdt, b1, b2 = make(M, D, F, dtype, seed=7)
+    g24, u24, d24 = packed(wg, wu, wdt)
+    for t in (0.0, 0.3):
+        y = ops.sparse_ffn24(x, g24, u24, d24, t)
+        check(y, R.reference_sparse_ffn(x, g24, u24, d24, t), dtype, M)
+        y = ops.sparse_mlp24(x, g24, b1, d24, b2, t)
+        check(y, R.reference_sparse_mlp(x, g24, b1, d24, b2, t), dtype, M)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_random_floats_at_model_size(dtype):
     """Gaussian inputs at a MiniLM-sized FFN, batch 1 and 4, ~90% sparse: the fp32 tolerance is the

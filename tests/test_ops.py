@@ -21,16 +21,19 @@ KS = [4, 12, 388, 4100]
 NS = [1, 7, 33]
 
 
-def _has_amx_bf16() -> bool:
-    return bool(torch._C._cpu._get_cpu_capability().get("amx_bf16", False))
+def _bf16_matmul_native() -> bool:
+    """torch's bf16 GEMM has native bf16 dot products (AMX tiles or AVX512-BF16): the 2:4 linear
+    layer's bf16 dense route is taken only then."""
+    caps = torch._C._cpu._get_cpu_capability()
+    return bool(caps.get("amx_bf16", False) or caps.get("avx512_bf16", False))
 
 
 @pytest.fixture(params=["amx", "avx512", "avx2", "scalar", "dense"])
 def impl(request, monkeypatch):
     """Runs a test on every CPU route: the AMX tile kernel (bf16 from 7 rows; fp32 as avx512), the
     AVX-512 kernels, the AVX2 kernels, the scalar fallback (selected per call through
-    PYSPARSE_DISABLE_*), and the dense route (chunked decompression + torch's matmul: bf16 on AMX
-    CPUs, small fp32 weights), which the first four switch off and the last one turns on from 17
+    PYSPARSE_DISABLE_*), and the dense route (chunked decompression + torch's matmul: bf16 where
+    torch has native bf16 dot products, small fp32 weights), which the first four switch off and the last one turns on from 17
     rows."""
     cpu = pysparse._C.cpu_info()
     monkeypatch.delenv("PYSPARSE_DISABLE_AVX512", raising=False)
@@ -45,9 +48,11 @@ def impl(request, monkeypatch):
     if request.param == "avx512":
         skip_unless_kernel("avx512", cpu["avx512f"] and cpu["avx2"])
     if request.param == "dense":
-        monkeypatch.setenv("PYSPARSE_BF16_DENSE_MIN_ROWS", "17" if _has_amx_bf16() else str(2**62))
+        monkeypatch.setenv("PYSPARSE_BF16_DENSE_MIN_ROWS", "17" if _bf16_matmul_native() else str(2**62))
         monkeypatch.setenv("PYSPARSE_F32_DENSE_MAX_WEIGHTS", str(2**62))
         monkeypatch.setenv("PYSPARSE_F32_DENSE_MIN_ROWS", "17")
+        # 1 KB chunks: W is decompressed in several chunks of 16 rows once N > 16
+        monkeypatch.setenv("PYSPARSE_DENSE_CHUNK_KB", "1")
     if request.param == "avx2":
         skip_unless_kernel("avx2", cpu["avx2"])
         monkeypatch.setenv("PYSPARSE_DISABLE_AVX512", "1")

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -142,6 +143,19 @@ inline void check_prox24(const at::Tensor& w, double lam, int64_t max_iters, dou
 // Whether torch's bf16 matmul runs on AMX tiles on this CPU (then torch's dense bf16 GEMM is hard
 // to beat from a few rows on; both the 2:4 linear layer and the FFN ops dispatch on it).
 bool bf16_matmul_has_amx();
+// Whether torch's bf16 matmul has native bf16 dot products here: AMX tiles or AVX512-BF16
+// (oneDNN's vdpbf16ps kernels). Without either it widens to fp32 as our FMA kernels do.
+bool bf16_matmul_native();
+
+// y[M, N] = x2 @ W^T (+ b) on torch's GEMM, with W [N, K] (dtype `wtype`) never held whole:
+// fill(n0, rows, dst) writes rows [n0, n0 + rows) of W into dst, as [rows, K] (or, with
+// `transposed`, columns of W^T as a [K, rows] slab), both contiguous: a per-thread scratch of
+// ~8 MB that stays cache-resident between the fill and the GEMM and is kept between calls (a fresh
+// multi-MB buffer costs ~3 ms of first-touch page faults here). Each chunk's GEMM sums over the
+// whole of K, so bf16 outputs are rounded once.
+using FillRows = std::function<void(int64_t n0, int64_t rows, void* dst)>;
+at::Tensor linear_by_dense_chunks(const at::Tensor& x2, int64_t N, int64_t K, at::ScalarType wtype,
+                                  const at::Tensor& b, const FillRows& fill, bool transposed = false);
 
 // The CPU sparse24_linear kernel (sparse24_cpu.cpp), also used by the FFN ops' large-batch route.
 at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,

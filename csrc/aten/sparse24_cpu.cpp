@@ -51,58 +51,74 @@ at::Tensor prune24_cpu(const at::Tensor& w, const c10::optional<at::Tensor>& sco
   return out;
 }
 
-// The dense route (linear_via_dense_chunks) serves two regimes where torch's own GEMM wins:
-// bf16 on a CPU with AMX-BF16: torch's dense bf16 matmul runs on the AMX tiles, far beyond what
-// FMA units give, so from a few rows of x on the fastest exact route is to decompress W in chunks
-// of rows small enough to stay in cache and hand each chunk to at::mm (W is still read from
-// memory in its packed, ~half-size form). Below the crossover the 2:4 GEMV wins (memory-bound).
-}  // namespace
-
-bool bf16_matmul_has_amx() {
-  static const bool amx = [] {
-    const auto caps = at::cpu::get_cpu_capabilities();
-    const auto it = caps.find("amx_bf16");
-    return it != caps.end() && it->second.isBool() && it->second.toBool();
-  }();
-  return amx;
-}
-
-namespace {
-
 int64_t env_int(const char* name, int64_t fallback) {
   const char* v = std::getenv(name);
   return v && *v ? std::atoll(v) : fallback;
 }
 
-at::Tensor linear_via_dense_chunks(const at::Tensor& x2, const at::Tensor& v, const at::Tensor& m,
-                                   const at::Tensor& b, int64_t N, int64_t K) {
+bool cpu_capability(const char* name) {
+  const auto caps = at::cpu::get_cpu_capabilities();
+  const auto it = caps.find(name);
+  return it != caps.end() && it->second.isBool() && it->second.toBool();
+}
+
+}  // namespace
+
+bool bf16_matmul_has_amx() {
+  static const bool amx = cpu_capability("amx_bf16");
+  return amx;
+}
+
+bool bf16_matmul_native() {
+  static const bool native = bf16_matmul_has_amx() || cpu_capability("avx512_bf16");
+  return native;
+}
+
+at::Tensor linear_by_dense_chunks(const at::Tensor& x2, int64_t N, int64_t K, at::ScalarType wtype,
+                                  const at::Tensor& b, const FillRows& fill, bool transposed) {
   const int64_t M = x2.size(0);
-  const int64_t mcols = core::meta_cols(K);
   // torch's GEMM runs its own threads: counted as a call of this route, threads not traced.
   core::RegionTrace(at::get_num_threads()).finish(core::Route::kLinearDense);
-  const int es = static_cast<int>(v.element_size());
+  const auto opts = x2.options().dtype(wtype);
+  const int64_t es = static_cast<int64_t>(c10::elementSize(wtype));
   // 8 MB chunks: fewer, larger GEMM calls (each at::mm call has a fixed cost of ~0.1 ms here) and
-  // still cache-resident between decompression and use.
-  static const int64_t chunk_bytes = env_int("PYSPARSE_DENSE_CHUNK_KB", 8192) * 1024;
+  // still cache-resident between the fill and the GEMM. PYSPARSE_DENSE_CHUNK_KB (read per call, a
+  // getenv next to a GEMM) lets tests cut W into many chunks.
+  const int64_t chunk_bytes = std::max<int64_t>(1, env_int("PYSPARSE_DENSE_CHUNK_KB", 8192)) * 1024;
   const int64_t rows = std::clamp<int64_t>(chunk_bytes / std::max<int64_t>(1, K * es), 16, N);
   at::Tensor y = at::empty({M, N}, x2.options());
-  // One buffer per thread, kept between calls: a fresh multi-MB allocation costs ~1.5 us per 4 KB
-  // page in first-touch faults on this machine (~3 ms per call for 8 MB).
   thread_local at::Tensor scratch;
-  if (!scratch.defined() || scratch.numel() < rows * K || scratch.scalar_type() != v.scalar_type())
-    scratch = at::empty({rows * K}, v.options());
-  at::Tensor wbuf = scratch.narrow(0, 0, rows * K).view({rows, K});
+  if (!scratch.defined() || scratch.numel() < rows * K || scratch.scalar_type() != wtype)
+    scratch = at::empty({rows * K}, opts);
   for (int64_t n0 = 0; n0 < N; n0 += rows) {
     const int64_t nc = std::min(rows, N - n0);
-    at::Tensor wc = wbuf.narrow(0, 0, nc);
-    core::decompress24(static_cast<const char*>(v.data_ptr()) + n0 * (K / 2) * es,
-                       m.data_ptr<uint8_t>() + n0 * mcols, nc, K, es, wc.data_ptr());
+    at::Tensor wc = transposed ? scratch.narrow(0, 0, nc * K).view({K, nc}).t()
+                               : scratch.narrow(0, 0, nc * K).view({nc, K});
+    fill(n0, nc, wc.data_ptr());
     // addmm fuses the bias before the single rounding to bf16 (adding it afterwards would round
-    // twice, which the fp32-accumulate contract of the op does not allow).
-    y.narrow(1, n0, nc).copy_(b.defined() ? at::addmm(b.narrow(0, n0, nc), x2, wc.t())
-                                          : at::mm(x2, wc.t()));
+    // twice, which the fp32-accumulate contract of the ops does not allow).
+    at::Tensor part = b.defined() ? at::addmm(b.narrow(0, n0, nc), x2, wc.t()) : at::mm(x2, wc.t());
+    if (nc == N) return part;
+    y.narrow(1, n0, nc).copy_(part);
   }
   return y;
+}
+
+namespace {
+
+// The dense route serves the regimes where torch's own GEMM wins: bf16 where torch has native
+// bf16 dot products (AMX tiles or AVX512-BF16), from a few rows of x (W is decompressed in
+// cache-sized chunks of rows for at::mm, and still read from memory in its packed, ~half-size
+// form); small fp32 weights at many rows. Below the crossovers the 2:4 GEMV/GEMM win.
+at::Tensor linear_via_dense_chunks(const at::Tensor& x2, const at::Tensor& v, const at::Tensor& m,
+                                   const at::Tensor& b, int64_t N, int64_t K) {
+  const int64_t mcols = core::meta_cols(K);
+  const int es = static_cast<int>(v.element_size());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  const uint8_t* mp = m.data_ptr<uint8_t>();
+  return linear_by_dense_chunks(x2, N, K, v.scalar_type(), b, [&](int64_t n0, int64_t nc, void* dst) {
+    core::decompress24(vp + n0 * (K / 2) * es, mp + n0 * mcols, nc, K, es, dst);
+  });
 }
 
 }  // namespace
@@ -118,18 +134,22 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   const int64_t ldx = M > 1 ? x2.stride(0) : K;
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
-  // Measured (bench/linear24.py, bf16, 4096x4096 and 11008x4096): with only FMA kernels, up to 16
-  // rows the 2:4 GEMV is ahead; from 64 rows this route wins (M=64: 0.60-0.65x torch vs 0.49x for
-  // the FMA GEMM; M=512: 0.8-0.9x vs 0.28x). With the core's own AMX kernel (decompression into
-  // tiles, from core::kAmxMinRows rows) the crossover moves to 192 rows: `bench/linear24.py
-  // --routes` (all routes interleaved with torch dense), tiles vs this route x torch: 4096x11008
-  // M=64 0.88x vs 0.53x, M=128 0.65x vs 0.56x, M=160 0.60x vs 0.55x, M=192 0.60x vs 0.58x, M=256
-  // 0.47x vs 0.58x; 11008x4096 M=160 0.75x vs 0.69x, M=192 0.65x vs 0.70x; 4096x4096 M=160 0.62x
-  // vs 0.64x (the tile kernel decompresses W once per 32 rows of x, this route once per call).
+  // bf16 from a few rows, where torch's bf16 GEMM has native dot products. AMX (measured with
+  // bench/linear24.py, bf16, 4096x4096 and 11008x4096): with only FMA kernels, up to 16 rows the
+  // 2:4 GEMV is ahead; from 64 rows this route wins (M=64: 0.60-0.65x torch vs 0.49x for the FMA
+  // GEMM; M=512: 0.8-0.9x vs 0.28x). With the core's own AMX kernel (decompression into tiles,
+  // from core::kAmxMinRows rows) the crossover moves to 192 rows: `bench/linear24.py --routes`,
+  // tiles vs this route x torch: 4096x11008 M=64 0.88x vs 0.53x, M=128 0.65x vs 0.56x, M=160 0.60x
+  // vs 0.55x, M=192 0.60x vs 0.58x, M=256 0.47x vs 0.58x; 11008x4096 M=160 0.75x vs 0.69x, M=192
+  // 0.65x vs 0.70x; 4096x4096 M=160 0.62x vs 0.64x (the tile kernel decompresses W once per 32
+  // rows of x, this route once per call). AVX512-BF16 without AMX (AMD EPYC, 2 threads; 2:4 FMA
+  // kernels vs decompression + torch, x torch dense): M=16 0.71-1.33x vs 0.64-0.75x, M=24
+  // 0.28-0.78x vs 0.58-0.77x, M=64 0.34-0.89x vs 0.70-0.87x, M=512 (SmolLM2's 576x576, 1536x576,
+  // 576x1536) 0.33-0.47x vs 0.95-1.0x: from 17 rows.
   // PYSPARSE_BF16_DENSE_MIN_ROWS overrides it (read per call, so tests can take either route).
-  const int64_t amx_min_rows =
+  const int64_t bf16_min_rows =
       env_int("PYSPARSE_BF16_DENSE_MIN_ROWS", core::sparse24_bf16_amx() ? 192 : 17);
-  if (v.scalar_type() == at::kBFloat16 && M >= amx_min_rows && bf16_matmul_has_amx())
+  if (v.scalar_type() == at::kBFloat16 && M >= bf16_min_rows && bf16_matmul_native())
     return linear_via_dense_chunks(x2, v, m, b, N, K).view(linear_out_shape(x, N));
   // fp32, small weights (MiniLM-sized, <= 1M elements), many rows: the decompressed weight fits in
   // L2 and MKL's GEMM beats ours there (bench, 1536x384 M=512: 0.83x torch vs 0.59x; 384x1536:

@@ -1,6 +1,9 @@
 // Declarations shared by the kernel translation units of the core (not part of the public header).
 #pragma once
 
+#include <cstring>
+#include <type_traits>
+
 #include "kernel_trace.h"
 #include "sparse24.h"
 
@@ -17,6 +20,23 @@ inline int resolve_threads(int nthreads) {
   (void)nthreads;
   return 1;
 #endif
+}
+
+// One group of 4 (kept values v0 at index nib & 3, v1 at nib >> 2, zeros elsewhere) assembled in a
+// register and written with one store: no zero-fill pass, no read-modify-write. The portable
+// decompressors of both 2:4 layouts use it.
+template <typename Bits>
+inline void write_group(Bits* dst, unsigned nib, Bits v0, Bits v1) {
+  if constexpr (sizeof(Bits) <= 4) {
+    using Group = std::conditional_t<sizeof(Bits) == 2, uint64_t, unsigned __int128>;
+    constexpr int bits = 8 * sizeof(Bits);
+    const Group out = (Group(v0) << (bits * (nib & 3u))) | (Group(v1) << (bits * (nib >> 2)));
+    std::memcpy(dst, &out, sizeof(out));
+  } else {
+    dst[0] = dst[1] = dst[2] = dst[3] = Bits(0);
+    dst[nib & 3u] = v0;
+    dst[nib >> 2] = v1;
+  }
 }
 }  // namespace pysparse::core
 

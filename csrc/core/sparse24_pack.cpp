@@ -8,6 +8,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "sparse24_internal.h"
+
 namespace pysparse::core {
 namespace {
 
@@ -81,23 +83,6 @@ Compress24Status compress_impl(const Bits* dense, int64_t N, int64_t K, int64_t 
     }
   }
   return st;
-}
-
-// Each group of 4 is assembled in a register and written with one store (no zero-fill pass and no
-// read-modify-write): decompression also feeds the chunked dense path of the bf16 linear layer.
-template <typename Bits>
-inline void write_group(Bits* dst, unsigned nib, Bits v0, Bits v1) {
-  if constexpr (sizeof(Bits) <= 4) {
-    // The whole group as one integer, built with shifts: no stack round trip.
-    using Group = std::conditional_t<sizeof(Bits) == 2, uint64_t, unsigned __int128>;
-    constexpr int bits = 8 * sizeof(Bits);
-    const Group out = (Group(v0) << (bits * (nib & 3u))) | (Group(v1) << (bits * (nib >> 2)));
-    std::memcpy(dst, &out, sizeof(out));
-  } else {
-    dst[0] = dst[1] = dst[2] = dst[3] = Bits(0);
-    dst[nib & 3u] = v0;
-    dst[nib >> 2] = v1;
-  }
 }
 
 template <typename Bits>

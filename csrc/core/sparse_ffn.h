@@ -84,6 +84,13 @@ void ffn_linear24_amx(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t*
 void ffn_down24_amx(const float* h, int64_t M, const uint16_t* values, const uint8_t* meta,
                     int64_t F, int64_t D, const uint16_t* bias, uint16_t* y, int nthreads);
 
+// Columns [n0, n0 + cols) of the dense W_down^T [F, D] as a [F, cols] slab, from the neuron-group
+// layout above (values [F/4, 2, D], meta [F/4, ceil(D/2)]); elem_size 2 or 4, bit patterns copied.
+// The large-batch route unpacks the down weight a cache-sized slab of outputs at a time for a
+// dense GEMM.
+void unpack_down24(const void* values, const uint8_t* meta, int64_t F, int64_t D, int64_t n0,
+                   int64_t cols, int elem_size, void* dense, int nthreads);
+
 // "avx2" or "scalar": which implementation the FFN kernels use (PYSPARSE_DISABLE_AVX2=1 forces
 // the scalar one, as for the linear layer).
 const char* sparse_ffn_impl();

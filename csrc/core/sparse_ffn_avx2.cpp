@@ -161,6 +161,7 @@ void axpy_group_rows(const float* const* h4, const W* const* v0, const W* const*
 }
 
 #include "sparse_ffn_driver.inc"
+#include "sparse_ffn_unpack_down.inc"
 
 }  // namespace
 
@@ -175,6 +176,17 @@ void ffn_tail_avx2(const FfnProblem& p, const float* a, const int32_t* active, i
     ffn_tail_impl<float, float>(p, a, active, nactive, static_cast<float*>(y), ldy);
   else
     ffn_tail_impl<uint16_t, uint16_t>(p, a, active, nactive, static_cast<uint16_t*>(y), ldy);
+}
+
+void unpack_down24_avx2(const void* values, const uint8_t* meta, int64_t F, int64_t D, int64_t n0,
+                        int64_t cols, int elem_size, void* dense, int nthreads) {
+  const int nt = resolve_threads(nthreads);
+  if (elem_size == 2)
+    unpack_down_cols(static_cast<const uint16_t*>(values), meta, F, D, n0, cols,
+                     static_cast<uint16_t*>(dense), nt);
+  else
+    unpack_down_cols(static_cast<const uint32_t*>(values), meta, F, D, n0, cols,
+                     static_cast<uint32_t*>(dense), nt);
 }
 
 }  // namespace pysparse::core::detail

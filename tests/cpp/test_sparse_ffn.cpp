@@ -465,3 +465,48 @@ INSTANTIATE_TEST_SUITE_P(Impl, SparseFfn,
                                   : info.param == Impl::Avx2 ? "Avx2"
                                                              : "Scalar";
                          });
+
+// unpack_down24 (the large-batch route's slabs of W_down^T): every column range of a random
+// neuron-group weight, odd D (a last half-filled meta byte), odd n0 (the high nibble first), both
+// element widths, 1 and 3 threads, against the layout read element by element.
+TEST_P(SparseFfn, UnpackDownSlabsMatchLayout) {
+  ScopedFfnImpl scoped(GetParam());
+  std::mt19937 rng(7);
+  for (int es : {2, 4})
+    for (auto [F, D] : {std::pair{int64_t{4}, int64_t{1}}, std::pair{int64_t{12}, int64_t{37}},
+                        std::pair{int64_t{132}, int64_t{100}}}) {
+      const int64_t G = F / 4, mcols = (D + 1) / 2;
+      std::vector<uint32_t> v(static_cast<size_t>(G * 2 * D));
+      std::vector<uint8_t> meta(static_cast<size_t>(G * mcols));
+      for (auto& x : v) x = rng() | 1u;  // never zero: a misplaced value cannot pass for a zero
+      if (es == 2)
+        for (auto& x : v) x &= 0xffffu;
+      // valid nibbles only: idx0 < idx1
+      const uint8_t pairs[6] = {0x4, 0x8, 0xc, 0x9, 0xd, 0xe};
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t n = 0; n < D; ++n)
+          meta[g * mcols + n / 2] |= pairs[rng() % 6] << ((n & 1) * 4);
+      std::vector<uint16_t> v16(v.begin(), v.end());
+      const void* vp = es == 2 ? static_cast<const void*>(v16.data()) : v.data();
+      for (int64_t n0 : {int64_t{0}, int64_t{1}, D / 2})
+        for (int64_t cols : {D - n0, std::min<int64_t>(3, D - n0)})
+          for (int nt : {1, 3}) {
+            if (cols <= 0) continue;
+            std::vector<uint32_t> out32(static_cast<size_t>(F * cols), 0xdeadbeefu);
+            std::vector<uint16_t> out16(static_cast<size_t>(F * cols), 0xdeadu);
+            void* op = es == 2 ? static_cast<void*>(out16.data()) : out32.data();
+            core::unpack_down24(vp, meta.data(), F, D, n0, cols, es, op, nt);
+            for (int64_t f = 0; f < F; ++f)
+              for (int64_t c = 0; c < cols; ++c) {
+                const int64_t g = f / 4, r = f % 4, n = n0 + c;
+                const unsigned nib = (meta[g * mcols + n / 2] >> ((n & 1) * 4)) & 0xFu;
+                const uint32_t want = (nib & 3u) == r   ? v[g * 2 * D + n]
+                                      : (nib >> 2) == r ? v[g * 2 * D + D + n]
+                                                        : 0u;
+                const uint32_t got = es == 2 ? out16[f * cols + c] : out32[f * cols + c];
+                ASSERT_EQ(want, got) << "es " << es << " F " << F << " D " << D << " n0 " << n0
+                                     << " cols " << cols << " f " << f << " c " << c;
+              }
+          }
+    }
+}
