@@ -5,9 +5,14 @@ Rows (one process, interleaved call by call so the machine's drift hits all alik
     pysparse dense   pysparse.compile(lower) of the same model: nothing sparse, the toolchain's
                      own overhead (graph interpreter, static-cache step, mask built per step)
     act-sparse       compile(relu[t], lower): FFNs on sparse_ffn, t set for --sparsity of the
-                     FFN gate activations off (pooled over layers, on the prompt)
+                     FFN gate activations off (pooled over layers, on a prompt of other random
+                     tokens than the timed one and the compile example, so no gate value of
+                     those sits exactly on t)
     2:4              compile(magnitude, compress24, lower): every linear but the lm_head 2:4
     2:4 + act        compile(relu[t], magnitude, compress24, lower)
+    llama.cpp f32 / f16  (SmolLM2, when llama-cpp-python is installed; bench/llamacpp.py) the
+                     field's reference CPU runtime on the same weights dequantised to an F32 GGUF
+                     (in the float32 table) or F16 (in the bfloat16 table): printed, not a target
 
 Decode tokens/s: batch 1, a --prompt-len prompt, --new-tokens tokens; every row is timed the same
 way, by a streamer that stamps each token: decode = (new tokens - 1) / (last stamp - first new
@@ -19,7 +24,8 @@ Magnitude masks are used for speed rows: the mask's choice does not change the b
 
     python bench/generate.py                                  # SmolLM2, fp32 and bf16
     python bench/generate.py --model 1b --layers 22 --new-tokens 32 --dtypes float32
-    python bench/generate.py --rss      # + peak RSS while generating, each row in a child process
+    python bench/generate.py --rss      # + RSS per row: each row saved, then loaded and run in a
+                                        # fresh process (what a server holds), loaded vs peak
 
 The OpenMP team is pinned (pysparse.pin_threads) unless --no-pin.
 """
@@ -39,6 +45,7 @@ import torch
 from pysparse.passes import Compress24, Lower, MagnitudePrune, ReluSubstitution
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/'s helpers, however started
+import llamacpp
 from decode import build as build_1b
 from decode import gate_threshold
 from runinfo import header
@@ -47,6 +54,7 @@ from timing import interleaved_times
 import pysparse
 
 ROWS = ["HF dense", "pysparse dense", "act-sparse", "2:4", "2:4 + act"]
+LLAMA_ROWS = {"float32": "llama.cpp f32", "bfloat16": "llama.cpp f16"}
 
 
 def load_model(name: str, layers: int, dtype: torch.dtype):
@@ -105,39 +113,69 @@ def runner(row: str, model, compiled):
     return run
 
 
-def rss_row(args: argparse.Namespace, row: str, dtype: torch.dtype) -> int:
-    """Peak RSS (bytes) while generating, this row alone: the source model is dropped after the
-    compile, the kernel's high-water mark reset before generation (/proc/self/clear_refs)."""
-    model = load_model(args.model, args.layers, dtype)
-    ids = torch.randint(100, 1000, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
-    if row == "HF dense":
-        target = model
-    else:
-        t = gate_threshold(model, args.sparsity, ids, layers=None)
-        sm = pysparse.compile(model, passes_for(row, t), (ids[:, :8],), copy_model=False)
-        del model
-        target = sm
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")
-    runner(row, target, target)(ids, args.new_tokens)
+def _rss_mib(field: str) -> float:
     status = Path("/proc/self/status").read_text()
-    return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("VmHWM"))) * 1024
+    return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith(field))) / 1024
+
+
+def rss_child(args: argparse.Namespace) -> dict:
+    """In a fresh process: load one row as a server would (the saved artifact, the HF model, the
+    GGUF), then generate; RSS once loaded and the peak while generating (the kernel's high-water
+    mark reset after loading, /proc/self/clear_refs)."""
+    dtype = getattr(torch, args.dtypes[0])
+    ids = torch.randint(100, 1000, (1, args.prompt_len), generator=torch.Generator().manual_seed(0))
+    row = args.rss_row
+    if row == "HF dense":
+        model = load_model(args.model, args.layers, dtype)
+        run = runner(row, model, None)
+    elif row.startswith("llama.cpp"):
+        run = llamacpp.LlamaCppRunner(Path(args.rss_path), torch.get_num_threads(), 1024)
+    else:
+        run = runner(row, None, pysparse.load(args.rss_path))
+    gc.collect()
+    loaded = _rss_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    run(ids, args.new_tokens)
+    return {"loaded": loaded, "peak": _rss_mib("VmHWM")}
 
 
 def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
     model = load_model(args.model, args.layers, dtype)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(100, 1000, (1, args.prompt_len), generator=gen)
-    t = gate_threshold(model, args.sparsity, ids, layers=None)
+    calib = torch.randint(
+        100, 1000, (1, args.prompt_len), generator=torch.Generator().manual_seed(1)
+    )
+    t = gate_threshold(model, args.sparsity, calib, layers=None)
+    rows = list(args.rows)
+    dname = str(dtype).removeprefix("torch.")
+    ggufs: dict[str, Path] = {}
+    if args.model == "smollm2" and dname in LLAMA_ROWS and not args.no_llamacpp:
+        if llamacpp.available():
+            from pysparse import models
+
+            src = models.resolve("smollm2")
+            kind = LLAMA_ROWS[dname].split()[-1]
+            dst = Path(args.gguf_dir) / f"SmolLM2-135M-Instruct.{kind.upper()}.gguf"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            ggufs[LLAMA_ROWS[dname]] = llamacpp.write_float_gguf(
+                src.folder / src.gguf_file, dst, kind
+            )
+            rows.append(LLAMA_ROWS[dname])
+        else:
+            print("  (llama.cpp rows skipped: pip install llama-cpp-python, see bench/llamacpp.py)")
+    n_ctx = max([args.prompt_len + args.new_tokens, *args.prefill_lens]) + 8
     compiled = {}
-    for row in args.rows:
-        if row == "HF dense":
+    for row in rows:
+        if row == "HF dense" or row in ggufs:
             continue
         t0 = time.perf_counter()
         compiled[row] = pysparse.compile(model, passes_for(row, t), (ids[:, :8],))
         print(f"  compiled {row} in {time.perf_counter() - t0:.1f}s", flush=True)
     runs = {r: runner(r, model, compiled.get(r)) for r in args.rows}
-    print(f"\n{args.model} {str(dtype).removeprefix('torch.')}: FATReLU t={t:.4g}", flush=True)
+    for r, path in ggufs.items():
+        runs[r] = llamacpp.LlamaCppRunner(path, torch.get_num_threads(), n_ctx)
+    print(f"\n{args.model} {dname}: FATReLU t={t:.4g}", flush=True)
 
     if "HF dense" in args.rows and "pysparse dense" in compiled:
         with torch.no_grad():
@@ -152,19 +190,19 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
         ours = compiled["pysparse dense"].generate(ids, max_new_tokens=32, eos_token_id=[])
         same = int((hf[0, -32:] == ours[0, -32:]).cumprod(0).sum())
         print(f"  pysparse dense vs HF greedy: first {same} of 32 new tokens identical")
-    decode = {r: [] for r in args.rows}
-    prefill0 = {r: [] for r in args.rows}
-    for r in args.rows:  # warm-up
+    decode = {r: [] for r in rows}
+    prefill0 = {r: [] for r in rows}
+    for r in rows:  # warm-up
         runs[r](ids, 4)
     for _ in range(args.repeats):
-        for r in args.rows:
+        for r in rows:
             p, d = runs[r](ids, args.new_tokens)
             decode[r].append(d)
             prefill0[r].append(p)
     base = decode.get("HF dense")
     print(f"  decode, prompt {args.prompt_len}, {args.new_tokens} new tokens, batch 1:")
     print(f"  {'row':<16} {'tok/s':>8} {'vs HF':>7}  {'TTFT ms':>8}")
-    for r in args.rows:
+    for r in rows:
         ratio = statistics.median(d / b for d, b in zip(decode[r], base)) if base else float("nan")
         print(
             f"  {r:<16} {statistics.median(decode[r]):>8.2f} {ratio:>6.2f}x "
@@ -173,42 +211,40 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
     for n in args.prefill_lens:
         pids = torch.randint(100, 1000, (1, n), generator=gen)
         timed = interleaved_times(
-            {r: (lambda r=r, p=pids: runs[r](p, 1)) for r in args.rows},
+            {r: (lambda r=r, p=pids: runs[r](p, 1)) for r in rows},
             min_repeats=args.repeats,
             min_seconds=0.0,
             warmup=1,
         )
         print(f"  prefill {n} tokens (generate 1 token):")
-        for r in args.rows:
+        for r in rows:
             print(f"  {r:<16} {n / timed[r].median_s:>8.1f} tok/s {timed[r].ratio:>6.2f}x")
     if args.rss:
-        print(f"  peak RSS while generating ({args.prompt_len}+{args.new_tokens} tokens):")
-        for r in args.rows:
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--rss-row",
-                    r,
-                    "--model",
-                    args.model,
-                    "--layers",
-                    str(args.layers),
-                    "--dtypes",
-                    str(dtype).removeprefix("torch."),
-                    "--prompt-len",
-                    str(args.prompt_len),
-                    "--new-tokens",
-                    str(args.new_tokens),
-                    "--sparsity",
-                    str(args.sparsity),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            rss = json.loads(out.stdout.strip().splitlines()[-1])["rss"]
-            print(f"  {r:<16} {rss / 2**20:>8.0f} MiB")
+        rss_table(args, rows, compiled, ggufs, dname)
+
+
+def rss_table(
+    args: argparse.Namespace, rows: list, compiled: dict, ggufs: dict, dname: str
+) -> None:
+    """Each row saved (pysparse rows: pysparse.save), then loaded and run in a child process."""
+    import tempfile
+
+    print(
+        f"  RSS, each row loaded in a fresh process ({args.prompt_len}+{args.new_tokens} tokens):"
+    )
+    print(f"  {'row':<16} {'loaded MiB':>10} {'peak MiB':>9}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in rows:
+            path = ggufs.get(r, "")
+            if r in compiled:
+                path = Path(tmp) / r.replace(" ", "_").replace(":", "").replace("+", "p")
+                pysparse.save(compiled[r], path)
+            cmd = [sys.executable, __file__, "--rss-row", r, "--rss-path", str(path)]
+            cmd += ["--model", args.model, "--layers", str(args.layers), "--dtypes", dname]
+            cmd += ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"  {r:<16} {got['loaded']:>10.0f} {got['peak']:>9.0f}", flush=True)
 
 
 def main() -> None:
@@ -222,15 +258,21 @@ def main() -> None:
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
-    ap.add_argument("--rss", action="store_true", help="peak RSS per row (child processes)")
+    ap.add_argument("--rss", action="store_true", help="RSS per row, loaded in a fresh process")
     ap.add_argument("--rss-row", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rss-path", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--no-llamacpp", action="store_true", help="leave out the llama.cpp rows")
+    ap.add_argument(
+        "--gguf-dir",
+        default=str(Path.home() / ".cache" / "pysparse" / "gguf"),
+        help="where the F32/F16 GGUFs for llama.cpp are written (once)",
+    )
     ap.add_argument("--no-pin", action="store_true")
     args = ap.parse_args()
     if not args.no_pin:
         pysparse.pin_threads()
     if args.rss_row:
-        dtype = getattr(torch, args.dtypes[0])
-        print(json.dumps({"rss": rss_row(args, args.rss_row, dtype)}))
+        print(json.dumps(rss_child(args)))
         return
     print(header())
     for name in args.dtypes:

@@ -91,6 +91,10 @@ void ffn_down24_groups_amx(const float* h, int64_t M, int64_t ldh, const uint16_
                            const uint8_t* meta, int64_t F, int64_t D, const uint16_t* bias,
                            uint16_t* y, int64_t ldy, int nthreads);
 
+// The lane-parallel fp32 prox24 (prox24_simd.inc): 16 / 8 groups per vector.
+int64_t prox24_f32_avx512(float* w, int64_t groups, float lam, int max_iters, float tol, int nthreads);
+int64_t prox24_f32_avx2(float* w, int64_t groups, float lam, int max_iters, float tol, int nthreads);
+
 // Whether the linear layer's AVX-512 kernels are in use (CPU support, PYSPARSE_DISABLE_AVX512).
 bool sparse24_use_avx512();
 // Whether the AVX2 kernels are in use (CPU support, PYSPARSE_DISABLE_AVX2); the FFN kernels follow it.
