@@ -10,6 +10,9 @@ Rows (one process, interleaved call by call so the machine's drift hits all alik
                      those sits exactly on t)
     2:4              compile(magnitude, compress24, lower): every linear but the lm_head 2:4
     2:4 + act        compile(relu[t], magnitude, compress24, lower)
+    2:4 + act, compiled  the same model, generate(compile_step=True): the step graph through
+                     torch.compile (Inductor); its compile time is paid in the warm-up call and
+                     printed
     llama.cpp f32 / f16  (SmolLM2, when llama-cpp-python is installed; bench/llamacpp.py) the
                      field's reference CPU runtime on the same weights dequantised to an F32 GGUF
                      (in the float32 table) or F16 (in the bfloat16 table): printed, not a target
@@ -53,7 +56,8 @@ from timing import interleaved_times
 
 import pysparse
 
-ROWS = ["HF dense", "pysparse dense", "act-sparse", "2:4", "2:4 + act"]
+ROWS = ["HF dense", "pysparse dense", "act-sparse", "2:4", "2:4 + act", "2:4 + act, compiled"]
+COMPILED_SUFFIX = ", compiled"  # the same model, generate(compile_step=True)
 LLAMA_ROWS = {"float32": "llama.cpp f32", "bfloat16": "llama.cpp f16"}
 
 
@@ -105,7 +109,13 @@ def runner(row: str, model, compiled):
                 pad_token_id=0,
             )
         else:
-            compiled.generate(ids, max_new_tokens=n, eos_token_id=[], streamer=st)
+            compiled.generate(
+                ids,
+                max_new_tokens=n,
+                eos_token_id=[],
+                streamer=st,
+                compile_step=row.endswith(COMPILED_SUFFIX),
+            )
         new = st.times[1:]  # the first put is the prompt
         decode = (len(new) - 1) / (new[-1] - new[0]) if len(new) > 1 else 0.0
         return new[0] - t0, decode
@@ -136,7 +146,14 @@ def rss_child(args: argparse.Namespace) -> dict:
     loaded = _rss_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     run(ids, args.new_tokens)
-    return {"loaded": loaded, "peak": _rss_mib("VmHWM")}
+    # after: the resident memory split into anonymous (allocated) and file-backed pages (the
+    # weights file safetensors maps, paged in as the kernels first read it)
+    return {
+        "loaded": loaded,
+        "peak": _rss_mib("VmHWM"),
+        "anon": _rss_mib("RssAnon"),
+        "file": _rss_mib("RssFile"),
+    }
 
 
 def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
@@ -169,9 +186,14 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
     for row in rows:
         if row == "HF dense" or row in ggufs:
             continue
+        base = row.removesuffix(COMPILED_SUFFIX)
+        if base in compiled:
+            compiled[row] = compiled[base]
+            continue
         t0 = time.perf_counter()
-        compiled[row] = pysparse.compile(model, passes_for(row, t), (ids[:, :8],))
-        print(f"  compiled {row} in {time.perf_counter() - t0:.1f}s", flush=True)
+        compiled[base] = pysparse.compile(model, passes_for(base, t), (ids[:, :8],))
+        compiled[row] = compiled[base]
+        print(f"  compiled {base} in {time.perf_counter() - t0:.1f}s", flush=True)
     runs = {r: runner(r, model, compiled.get(r)) for r in args.rows}
     for r, path in ggufs.items():
         runs[r] = llamacpp.LlamaCppRunner(path, torch.get_num_threads(), n_ctx)
@@ -193,7 +215,10 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
     decode = {r: [] for r in rows}
     prefill0 = {r: [] for r in rows}
     for r in rows:  # warm-up
+        t0 = time.perf_counter()
         runs[r](ids, 4)
+        if r.endswith(COMPILED_SUFFIX):
+            print(f"  {r}: torch.compile of the step graph {time.perf_counter() - t0:.0f}s")
     for _ in range(args.repeats):
         for r in rows:
             p, d = runs[r](ids, args.new_tokens)
@@ -232,9 +257,11 @@ def rss_table(
     print(
         f"  RSS, each row loaded in a fresh process ({args.prompt_len}+{args.new_tokens} tokens):"
     )
-    print(f"  {'row':<16} {'loaded MiB':>10} {'peak MiB':>9}")
+    print(f"  {'row':<16} {'loaded MiB':>10} {'peak MiB':>9} {'after: anon':>11} {'file':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         for r in rows:
+            if r.endswith(COMPILED_SUFFIX):  # the same weights as the row it compiles
+                continue
             path = ggufs.get(r, "")
             if r in compiled:
                 path = Path(tmp) / r.replace(" ", "_").replace(":", "").replace("+", "p")
@@ -244,7 +271,11 @@ def rss_table(
             cmd += ["--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             got = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"  {r:<16} {got['loaded']:>10.0f} {got['peak']:>9.0f}", flush=True)
+            print(
+                f"  {r:<16} {got['loaded']:>10.0f} {got['peak']:>9.0f} {got['anon']:>11.0f} "
+                f"{got['file']:>6.0f}",
+                flush=True,
+            )
 
 
 def main() -> None:

@@ -335,6 +335,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         streamer=streamer,
         max_cache_len=args.max_cache_len,
         generator=generator,
+        compile_step=args.compile,
     )
     st = loaded.last_generation
     print(
@@ -434,6 +435,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="KV-cache limit, prompt + new tokens (default: the model's context length)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="fuse the step graph with torch.compile (Inductor) first: ~1.7x the decode tokens/s "
+        "of SmolLM2, at minutes of compiling on the first run (cached on disk for later runs); "
+        "its time shows in the prefill figure",
     )
     p.set_defaults(func=cmd_generate)
     args = parser.parse_args(argv)

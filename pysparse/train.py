@@ -141,6 +141,10 @@ class Trainer:
         self.batches = batches
         self.config = config
         self.after_step = after_step
+        # Seconds spent in each part of the steps run by this Trainer (forward + backward over the
+        # accumulated micro-batches, clipping + optimiser step, the after-step hook): the passes
+        # report them per step.
+        self.phase_seconds = {"forward_backward": 0.0, "optimizer": 0.0, "after_step": 0.0}
         self.state = state
         self.optimizer = torch.optim.AdamW(
             list(params.values()), lr=config.lr, weight_decay=config.weight_decay
@@ -313,6 +317,7 @@ class Trainer:
             p.requires_grad_(True)
         self._maybe_resume()
         t0 = time.perf_counter()
+        phase = self.phase_seconds
         try:
             with bar(total=cfg.steps, desc=cfg.desc, unit="step", initial=self.step) as pbar:
                 while self.step < cfg.steps:
@@ -321,6 +326,7 @@ class Trainer:
                         g["lr"] = lr
                     self.optimizer.zero_grad(set_to_none=True)
                     metrics: dict[str, float] = {}
+                    tic = time.perf_counter()
                     for i in range(cfg.accum):
                         batch = self.batches[(self.step * cfg.accum + i) % len(self.batches)]
                         loss, m = self.loss_fn(batch)
@@ -332,12 +338,17 @@ class Trainer:
                         (loss / cfg.accum).backward()
                         for k, v in {"loss": float(loss.detach()), **m}.items():
                             metrics[k] = metrics.get(k, 0.0) + v / cfg.accum
+                    toc = time.perf_counter()
+                    phase["forward_backward"] += toc - tic
                     if cfg.grad_clip:
                         torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip)
                     self.optimizer.step()
+                    tic = time.perf_counter()
+                    phase["optimizer"] += tic - toc
                     if self.after_step is not None:
                         with torch.no_grad():
                             metrics.update(self.after_step(self.step, lr))
+                        phase["after_step"] += time.perf_counter() - tic
                     metrics["lr"] = lr
                     metrics["step"] = self.step
                     self.history.append(metrics)
