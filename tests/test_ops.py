@@ -48,7 +48,9 @@ def impl(request, monkeypatch):
     if request.param == "avx512":
         skip_unless_kernel("avx512", cpu["avx512f"] and cpu["avx2"])
     if request.param == "dense":
-        monkeypatch.setenv("PYSPARSE_BF16_DENSE_MIN_ROWS", "17" if _bf16_matmul_native() else str(2**62))
+        monkeypatch.setenv(
+            "PYSPARSE_BF16_DENSE_MIN_ROWS", "17" if _bf16_matmul_native() else str(2**62)
+        )
         monkeypatch.setenv("PYSPARSE_F32_DENSE_MAX_WEIGHTS", str(2**62))
         monkeypatch.setenv("PYSPARSE_F32_DENSE_MIN_ROWS", "17")
         # 1 KB chunks: W is decompressed in several chunks of 16 rows once N > 16
