@@ -31,6 +31,7 @@ sampling (temperature, top-k, top-p), per-row end-of-sequence, a streamer with t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -430,6 +431,17 @@ def generate(
     return torch.cat(out, dim=1)
 
 
+@contextlib.contextmanager
+def _quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 class Generates:
     """``generate`` for compiled and reloaded decoders: a class with ``step`` (the step graph, or
     None) and ``cache_spec`` (a CacheSpec, or None) mixes this in."""
@@ -467,6 +479,7 @@ class Generates:
                 "(see the log of the compile for why it was not)"
             )
         step = self.step
+        quiet = contextlib.nullcontext()
         if compile_step:
             step = self.__dict__.get("_compiled_step")
             if step is None:
@@ -476,16 +489,20 @@ class Generates:
                 )
                 step = torch.compile(self.step, dynamic=True)
                 self.__dict__["_compiled_step"] = step
+                # Inductor's C++ toolchain probe warns "No CUDA runtime is found" on a CPU-only
+                # machine: true and beside the point here.
+                quiet = _quiet_logger("torch.utils.cpp_extension")
         stats = GenerationStats()
-        out = generate(
-            step,
-            self.cache_spec,
-            input_ids,
-            attention_mask,
-            max_new_tokens=max_new_tokens,
-            stats=stats,
-            **kwargs,
-        )
+        with quiet:
+            out = generate(
+                step,
+                self.cache_spec,
+                input_ids,
+                attention_mask,
+                max_new_tokens=max_new_tokens,
+                stats=stats,
+                **kwargs,
+            )
         self.last_generation = stats
         return out
 

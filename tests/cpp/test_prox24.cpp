@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <random>
 #include <vector>
 
@@ -86,6 +87,51 @@ TEST(Prox24, FloatAndDoubleAgreeOverAMatrix) {
     const double f[4] = {wf[4 * g], wf[4 * g + 1], wf[4 * g + 2], wf[4 * g + 3]};
     const double of = objective(f, &z[4 * g], 0.8), od = objective(&wd[4 * g], &z[4 * g], 0.8);
     ASSERT_NEAR(of, od, 1e-5 * (1 + od)) << "group " << g;
+  }
+}
+
+// The fp32 matrix kernel on each CPU path (PYSPARSE_DISABLE_* read per call: lanes with AVX-512,
+// the AVX2 build, the scalar loop): never worse than the grid search on any group, and every path
+// bit-identical to the scalar one. 67 groups: full blocks of 32 and 16 lanes plus a scalar tail.
+TEST(Prox24, EveryCpuPathIsOptimalAndBitIdentical) {
+  std::mt19937 rng(23);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const int64_t groups = 67;
+  std::vector<float> z(4 * groups);
+  for (auto& v : z) v = nd(rng);
+  for (float lam : {0.1f, 0.7f, 2.5f}) {
+    std::vector<std::vector<float>> results;
+    for (int path = 0; path < 3; ++path) {
+      unsetenv("PYSPARSE_DISABLE_AVX512");
+      unsetenv("PYSPARSE_DISABLE_AVX2");
+      if (path == 1) setenv("PYSPARSE_DISABLE_AVX512", "1", 1);
+      if (path == 2) setenv("PYSPARSE_DISABLE_AVX2", "1", 1);
+      std::vector<float> w = z;
+      prox24(w.data(), groups, lam, 200, 1e-7f);
+      results.push_back(w);
+    }
+    unsetenv("PYSPARSE_DISABLE_AVX512");
+    unsetenv("PYSPARSE_DISABLE_AVX2");
+    for (int path = 0; path < 2; ++path)
+      for (size_t i = 0; i < z.size(); ++i)
+        ASSERT_EQ(results[path][i], results[2][i]) << "lam " << lam << " path " << path << " i " << i;
+    for (int64_t g = 0; g < groups; ++g) {
+      const double zg[4] = {z[4 * g], z[4 * g + 1], z[4 * g + 2], z[4 * g + 3]};
+      const double wg[4] = {results[0][4 * g], results[0][4 * g + 1], results[0][4 * g + 2],
+                            results[0][4 * g + 3]};
+      double lo = 1e300;
+      const int steps = 16;
+      for (int a = 0; a <= steps; ++a)
+        for (int b = 0; b <= steps; ++b)
+          for (int c = 0; c <= steps; ++c)
+            for (int d = 0; d <= steps; ++d) {
+              const double p[4] = {zg[0] * a / steps, zg[1] * b / steps, zg[2] * c / steps,
+                                   zg[3] * d / steps};
+              lo = std::fmin(lo, objective(p, zg, lam));
+            }
+      // fp32 rounding of the result: a relative 1e-6 of the objective's scale
+      EXPECT_LE(objective(wg, zg, lam), lo + 1e-5 * (1 + lo)) << "lam " << lam << " group " << g;
+    }
   }
 }
 
