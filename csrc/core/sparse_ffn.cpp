@@ -139,13 +139,7 @@ void unpack_down24(const void* values, const uint8_t* meta, int64_t F, int64_t D
                    int64_t cols, int elem_size, void* dense, int nthreads) {
   if (F == 0 || cols == 0) return;
   if (use_avx2()) return detail::unpack_down24_avx2(values, meta, F, D, n0, cols, elem_size, dense, nthreads);
-  const int nt = resolve_threads(nthreads);
-  if (elem_size == 2)
-    unpack_down_cols(static_cast<const uint16_t*>(values), meta, F, D, n0, cols,
-                     static_cast<uint16_t*>(dense), nt);
-  else
-    unpack_down_cols(static_cast<const uint32_t*>(values), meta, F, D, n0, cols,
-                     static_cast<uint32_t*>(dense), nt);
+  unpack_down_bits(values, meta, F, D, n0, cols, elem_size, dense, resolve_threads(nthreads));
 }
 
 }  // namespace pysparse::core

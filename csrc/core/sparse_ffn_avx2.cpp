@@ -180,13 +180,7 @@ void ffn_tail_avx2(const FfnProblem& p, const float* a, const int32_t* active, i
 
 void unpack_down24_avx2(const void* values, const uint8_t* meta, int64_t F, int64_t D, int64_t n0,
                         int64_t cols, int elem_size, void* dense, int nthreads) {
-  const int nt = resolve_threads(nthreads);
-  if (elem_size == 2)
-    unpack_down_cols(static_cast<const uint16_t*>(values), meta, F, D, n0, cols,
-                     static_cast<uint16_t*>(dense), nt);
-  else
-    unpack_down_cols(static_cast<const uint32_t*>(values), meta, F, D, n0, cols,
-                     static_cast<uint32_t*>(dense), nt);
+  unpack_down_bits(values, meta, F, D, n0, cols, elem_size, dense, resolve_threads(nthreads));
 }
 
 }  // namespace pysparse::core::detail

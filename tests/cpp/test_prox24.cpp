@@ -23,6 +23,22 @@ double objective(const double* w, const double* z, double lam) {
   return 0.5 * q + lam * reg;
 }
 
+// The least objective over a grid of w_i = t_i * z_i, t_i in {0, 1/16, ..., 1} (the minimiser keeps
+// z's signs and never exceeds |z_i|).
+double grid_min(const double* z, double lam) {
+  double lo = 1e300;
+  const int steps = 16;
+  for (int a = 0; a <= steps; ++a)
+    for (int b = 0; b <= steps; ++b)
+      for (int c = 0; c <= steps; ++c)
+        for (int d = 0; d <= steps; ++d) {
+          const double p[4] = {z[0] * a / steps, z[1] * b / steps, z[2] * c / steps,
+                               z[3] * d / steps};
+          lo = std::fmin(lo, objective(p, z, lam));
+        }
+  return lo;
+}
+
 TEST(Prox24, TwoOrFewerNonzerosAreFixedPoints) {
   double g[4] = {0.0, -1.5, 0.0, 0.25};
   const double z[4] = {0.0, -1.5, 0.0, 0.25};
@@ -54,18 +70,7 @@ TEST(Prox24, NeverWorseThanAGridSearch) {
       double z[4], w[4];
       for (int i = 0; i < 4; ++i) w[i] = z[i] = nd(rng);
       prox24_group<double>(w, lam, 200, 1e-12);
-      const double got = objective(w, z, lam);
-      double lo = 1e300;
-      const int steps = 16;
-      for (int a = 0; a <= steps; ++a)
-        for (int b = 0; b <= steps; ++b)
-          for (int c = 0; c <= steps; ++c)
-            for (int d = 0; d <= steps; ++d) {
-              const double p[4] = {z[0] * a / steps, z[1] * b / steps, z[2] * c / steps,
-                                   z[3] * d / steps};
-              lo = std::fmin(lo, objective(p, z, lam));
-            }
-      EXPECT_LE(got, lo + 1e-9) << "lam " << lam << " trial " << trial;
+      EXPECT_LE(objective(w, z, lam), grid_min(z, lam) + 1e-9) << "lam " << lam << " trial " << trial;
       for (int i = 0; i < 4; ++i) EXPECT_TRUE(w[i] == 0 || (w[i] > 0) == (z[i] > 0));
     }
   }
@@ -119,16 +124,7 @@ TEST(Prox24, EveryCpuPathIsOptimalAndBitIdentical) {
       const double zg[4] = {z[4 * g], z[4 * g + 1], z[4 * g + 2], z[4 * g + 3]};
       const double wg[4] = {results[0][4 * g], results[0][4 * g + 1], results[0][4 * g + 2],
                             results[0][4 * g + 3]};
-      double lo = 1e300;
-      const int steps = 16;
-      for (int a = 0; a <= steps; ++a)
-        for (int b = 0; b <= steps; ++b)
-          for (int c = 0; c <= steps; ++c)
-            for (int d = 0; d <= steps; ++d) {
-              const double p[4] = {zg[0] * a / steps, zg[1] * b / steps, zg[2] * c / steps,
-                                   zg[3] * d / steps};
-              lo = std::fmin(lo, objective(p, zg, lam));
-            }
+      const double lo = grid_min(zg, lam);
       // fp32 rounding of the result: a relative 1e-6 of the objective's scale
       EXPECT_LE(objective(wg, zg, lam), lo + 1e-5 * (1 + lo)) << "lam " << lam << " group " << g;
     }
