@@ -41,14 +41,24 @@ def maskable_linears(gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, dict[str, 
     return keep, skipped
 
 
+class _Observed(Exception):
+    """Raised by the last observer of a calibration forward: nothing after it is needed."""
+
+
 def observe_linear_inputs(
     gm: fx.GraphModule, ctx: PassContext, nodes: list[fx.Node], fold: Any, desc: str = "calibration"
 ) -> dict[str, torch.Tensor]:
     """Runs the calibration batches through ``gm`` with temporary observer nodes on the inputs of
     ``nodes`` (removed afterwards); ``fold(acc, x2)`` accumulates a statistic of the float64
-    ``[tokens, in_features]`` inputs, ``acc`` None on the first batch. Returns node name -> acc."""
+    ``[tokens, in_features]`` inputs, ``acc`` None on the first batch. Returns node name -> acc.
+
+    Each forward stops at the last observed input: the rest of the graph (later layers, a 49k-token
+    lm_head) cannot change the statistics. SparseGPT observes one layer at a time, so without the
+    stop every layer paid a whole forward over the calibration set, lm_head included."""
     stats: dict[str, torch.Tensor] = {}
     weights = {n.name: n.meta.get("pysparse", {}).get("weight", n.name) for n in nodes}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    last = max(nodes, key=lambda n: order[n]).name if nodes else None
 
     def observe(x: torch.Tensor, key: str) -> torch.Tensor:
         x2 = x.detach().reshape(-1, x.shape[-1]).double()
@@ -59,6 +69,8 @@ def observe_linear_inputs(
                 f"the model's activations on them)"
             )
         stats[key] = fold(stats.get(key), x2)
+        if key == last:
+            raise _Observed
         return x
 
     observers = []
@@ -70,7 +82,10 @@ def observe_linear_inputs(
     gm.recompile()
     try:
         for args, kwargs in track(ctx.calibration_batches(), desc, unit="batch"):
-            _call_graph(gm, args, kwargs)
+            try:
+                _call_graph(gm, args, kwargs)
+            except _Observed:
+                pass
     finally:
         for obs in observers:
             obs.replace_all_uses_with(obs.args[0])

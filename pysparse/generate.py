@@ -479,32 +479,53 @@ class Generates:
                 "(see the log of the compile for why it was not)"
             )
         step = self.step
-        quiet = contextlib.nullcontext()
         if compile_step:
-            step = self.__dict__.get("_compiled_step")
-            if step is None:
-                _log.info(
-                    "compiling the step graph with torch.compile (Inductor, dynamic shapes): the "
-                    "first tokens wait for it (minutes on a small CPU; cached on disk after)"
-                )
-                step = torch.compile(self.step, dynamic=True)
-                self.__dict__["_compiled_step"] = step
-                # Inductor's C++ toolchain probe warns "No CUDA runtime is found" on a CPU-only
-                # machine: true and beside the point here.
-                quiet = _quiet_logger("torch.utils.cpp_extension")
+            if "_compiled_step" not in self.__dict__:
+                self.prepare_compiled_step()
+            step = self.__dict__["_compiled_step"]
         stats = GenerationStats()
-        with quiet:
-            out = generate(
-                step,
-                self.cache_spec,
-                input_ids,
-                attention_mask,
-                max_new_tokens=max_new_tokens,
-                stats=stats,
-                **kwargs,
-            )
+        out = generate(
+            step,
+            self.cache_spec,
+            input_ids,
+            attention_mask,
+            max_new_tokens=max_new_tokens,
+            stats=stats,
+            **kwargs,
+        )
         self.last_generation = stats
         return out
+
+    def prepare_compiled_step(self) -> float:
+        """Compiles the step graph with ``torch.compile`` (what ``generate(compile_step=True)``
+        uses) and runs it on a 2-token prompt and a 1-token decode step, so that neither a user's
+        prefill nor the decode loop waits for a compile: torch.compile specialises sizes of 1, so
+        the decode step is a compile of its own. Returns the seconds it took (minutes on 2 cores
+        the first time; Inductor's disk cache makes later processes faster). A batch of more than
+        one row, later, compiles once more."""
+        if not self.can_generate:
+            raise GenerationError("this model has no generation step graph to compile")
+        t0 = time.perf_counter()
+        _log.info(
+            "compiling the step graph with torch.compile (Inductor, dynamic shapes): minutes on a "
+            "small CPU the first time, cached on disk after"
+        )
+        compiled = torch.compile(self.step, dynamic=True)
+        device = next(iter((*self.step.parameters(), *self.step.buffers())), torch.empty(0)).device
+        # Inductor's C++ toolchain probe warns "No CUDA runtime is found" on a CPU-only machine:
+        # true and beside the point here.
+        with _quiet_logger("torch.utils.cpp_extension"):
+            generate(
+                compiled,
+                self.cache_spec,
+                torch.zeros(1, 2, dtype=torch.long, device=device),
+                max_new_tokens=2,
+                eos_token_id=[],
+            )
+        self.__dict__["_compiled_step"] = compiled
+        seconds = time.perf_counter() - t0
+        _log.info("step graph compiled in %.1fs", seconds)
+        return seconds
 
 
 def export_step(step: torch.nn.Module, spec: CacheSpec) -> torch.export.ExportedProgram:

@@ -540,3 +540,37 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path, family):
     out_name = sess.get_outputs()[0].name
     assert out_name == ("last_hidden_state" if family == "bert" else "logits")
     torch.testing.assert_close(torch.from_numpy(got[0]), want, atol=1e-4, rtol=1e-4)
+
+
+def test_calibration_stops_after_the_last_observed_input():
+    """observe_linear_inputs ends each forward at the last observed linear (SparseGPT observes one
+    layer at a time: without the stop every layer paid a whole forward, lm_head included). The
+    statistics of the first layer alone equal those taken while observing every layer, and the
+    graph's last op (after the lm_head) is never reached."""
+    from pysparse.passes.baselines import maskable_linears, observe_linear_inputs
+
+    from pysparse.pipeline import PassContext
+
+    model, args, kwargs = _decoder("llama")
+    gm = trace(model, args, kwargs)
+    targets, _ = maskable_linears(gm)
+    first = [n for n, info in targets if info["layer"] == min(i["layer"] for _, i in targets)]
+    gen = torch.Generator().manual_seed(4)
+    ctx = PassContext(
+        example_args=args,
+        example_kwargs=kwargs,
+        calibration=[((torch.randint(0, 96, (2, 9), generator=gen),), {}) for _ in range(3)],
+    )
+    fold = lambda acc, x: x.T @ x if acc is None else acc + x.T @ x
+    everything = observe_linear_inputs(gm, ctx, [n for n, _ in targets], fold)
+    head = [n for n in gm.graph.nodes if n.op == "call_function"][-1]  # the graph's last op
+    reached = []
+    with gm.graph.inserting_after(head):
+        probe = gm.graph.call_function(lambda t: reached.append(1) or t, (head,))
+    head.replace_all_uses_with(probe, delete_user_cb=lambda u: u is not probe)
+    gm.recompile()
+    alone = observe_linear_inputs(gm, ctx, first, fold)
+    assert not reached
+    assert set(alone) == {n.name for n in first}
+    for name, h in alone.items():
+        torch.testing.assert_close(h, everything[name], rtol=0, atol=0)
