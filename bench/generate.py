@@ -123,6 +123,11 @@ def runner(row: str, model, compiled):
     return run
 
 
+def n_ctx(args: argparse.Namespace) -> int:
+    """llama.cpp's context: the longest generation or prefill the bench runs."""
+    return max([args.prompt_len + args.new_tokens, *args.prefill_lens]) + 8
+
+
 def _rss_mib(field: str) -> float:
     status = Path("/proc/self/status").read_text()
     return int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith(field))) / 1024
@@ -139,7 +144,7 @@ def rss_child(args: argparse.Namespace) -> dict:
         model = load_model(args.model, args.layers, dtype)
         run = runner(row, model, None)
     elif row.startswith("llama.cpp"):
-        run = llamacpp.LlamaCppRunner(Path(args.rss_path), torch.get_num_threads(), 1024)
+        run = llamacpp.LlamaCppRunner(Path(args.rss_path), torch.get_num_threads(), n_ctx(args))
     else:
         run = runner(row, None, pysparse.load(args.rss_path))
     gc.collect()
@@ -181,7 +186,6 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
             rows.append(LLAMA_ROWS[dname])
         else:
             print("  (llama.cpp rows skipped: pip install llama-cpp-python, see bench/llamacpp.py)")
-    n_ctx = max([args.prompt_len + args.new_tokens, *args.prefill_lens]) + 8
     compiled = {}
     for row in rows:
         if row == "HF dense" or row in ggufs:
@@ -196,7 +200,7 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
         print(f"  compiled {base} in {time.perf_counter() - t0:.1f}s", flush=True)
     runs = {r: runner(r, model, compiled.get(r)) for r in args.rows}
     for r, path in ggufs.items():
-        runs[r] = llamacpp.LlamaCppRunner(path, torch.get_num_threads(), n_ctx)
+        runs[r] = llamacpp.LlamaCppRunner(path, torch.get_num_threads(), n_ctx(args))
     print(f"\n{args.model} {dname}: FATReLU t={t:.4g}", flush=True)
 
     if "HF dense" in args.rows and "pysparse dense" in compiled:
