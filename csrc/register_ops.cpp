@@ -18,6 +18,11 @@ TORCH_LIBRARY(pysparse, m) {
   // returns nothing, as functionalization requires of custom mutating ops).
   m.def("prox24(Tensor w, float lam, int max_iters=100, float tol=1e-6) -> Tensor");
   m.def("prox24_(Tensor(a!) w, float lam, int max_iters=100, float tol=1e-6) -> ()");
+  // SparseGPT's 2:4 column sweep (the OBS update of one layer), in place, CPU float64: wt [K, N]
+  // (the weight transposed), prune [K, N] bool (written; read when mode=2), hinv [K, K] upper
+  // Cholesky factor of H^-1; choose 0 chooses along K, 1 along N, 2 keeps prune as given. See
+  // pysparse.reference.obs24_sweep for the exact steps.
+  m.def("obs24_sweep_(Tensor(a!) wt, Tensor(b!) prune, Tensor hinv, int block=32, int choose=0) -> ()");
   // Activation-sparse FFNs (ProSparse inference), exact: fatrelu_t(v) = v if v >= t else 0.
   // Gated: y = (fatrelu_t(x @ w_gate^T) * (x @ w_up^T)) @ w_down_t, weights [d_ff, d_model]
   // (w_down_t = W_down^T). Plain: y = fatrelu_t(x @ w1^T + b1) @ w2_t + b2. fp32 or bf16.

@@ -42,7 +42,13 @@ from typing import Any
 import torch
 from torch import fx
 
-from pysparse.objectives import Objective, default_objective, mean_pool
+from pysparse.objectives import (
+    DECODER_OBJECTIVES,
+    Objective,
+    default_objective,
+    lm_loss,
+    mean_pool,
+)
 from pysparse.pipeline import Pass, PassContext, PassError, PassResult, _call_graph
 from pysparse.train import TrainConfig, Trainer
 
@@ -319,9 +325,12 @@ def set_threshold(gm: fx.GraphModule, t: float) -> None:
 
 # ---- the pass -----------------------------------------------------------------------------------
 class ProSparse(Pass):
-    """Fine-tunes a ReLU-substituted model with the sine-staged L1 penalty on x1, then optionally
-    shifts the activation threshold (FATReLU). Defaults fit MiniLM-sized encoders on 2 CPU
-    cores (see bench/prosparse.py)."""
+    """Fine-tunes a ReLU-substituted model with the sine-staged L1 penalty on x1, then shifts the
+    activation threshold (FATReLU): ``threshold="sweep"`` (the default) picks the largest
+    threshold whose quality drop on a validation slice of the data (``val_fraction``) stays within
+    ``max_quality_drop``; a number sets it; None keeps plain ReLU. Defaults fit MiniLM-sized
+    encoders on 2 CPU cores (bench/prosparse.py: 150 steps, final lambda 0.5 and the sweep reach
+    86% activation sparsity at 0.969 held-out cosine; without the sweep 79%)."""
 
     name = "prosparse"
     after = ("relu",)
@@ -335,7 +344,7 @@ class ProSparse(Pass):
         schedule: Callable[[int], float] | None = None,
         lr: float = 1e-4,
         objective: str | Callable[[Any, Any], torch.Tensor] | None = None,
-        threshold: float | str | None = None,
+        threshold: float | str | None = "sweep",
         max_quality_drop: float = 0.01,
         val_fraction: float = 0.2,
         warmup: float = 0.05,
@@ -344,6 +353,10 @@ class ProSparse(Pass):
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 50,
         plot: str | None = None,
+        accum: int = 1,
+        autocast: str | None = None,
+        monitor: Callable[[int, fx.GraphModule], dict[str, Any]] | None = None,
+        monitor_every: int = 0,
     ):
         if (
             threshold is not None
@@ -363,6 +376,8 @@ class ProSparse(Pass):
         self.warmup, self.lr_schedule, self.grad_clip = warmup, lr_schedule, grad_clip
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.plot = plot
+        self.accum, self.autocast = accum, autocast
+        self.monitor, self.monitor_every = monitor, monitor_every
 
     def settings(self) -> dict[str, Any]:
         s = super().settings()
@@ -407,8 +422,23 @@ class ProSparse(Pass):
                 "sparsity": reg.sparsity()["mean"],
             }
 
+        # ``monitor(step, gm)`` every ``monitor_every`` steps (e.g. held-out perplexity and
+        # sparsity for a frontier against training time); its seconds are not training time.
+        watched: list[dict[str, Any]] = []
+        spent = {"monitor": 0.0}
+
         def after_step(step: int, lr: float) -> dict[str, float]:
             reg.t = step + 1
+            if self.monitor and self.monitor_every and reg.t % self.monitor_every == 0:
+                tic = time.perf_counter()
+                reg.enabled = False
+                try:
+                    row = dict(self.monitor(reg.t, gm) or {})
+                finally:
+                    reg.enabled = True
+                train_s = tic - t0 - spent["monitor"]
+                spent["monitor"] += time.perf_counter() - tic
+                watched.append({"step": reg.t, "train_seconds": round(train_s, 1), **row})
             return {}
 
         def state():
@@ -419,7 +449,7 @@ class ProSparse(Pass):
 
         t0 = time.perf_counter()
         try:
-            history = Trainer(
+            trainer = Trainer(
                 params,
                 loss_fn,
                 batches,
@@ -432,11 +462,14 @@ class ProSparse(Pass):
                     checkpoint_dir=self.checkpoint_dir,
                     checkpoint_every=self.checkpoint_every,
                     desc="prosparse",
+                    accum=self.accum,
+                    autocast=self.autocast,
                 ),
                 after_step=after_step,
                 state=(state, set_state),
                 fingerprint={**self.settings(), "objective": objective.name},
-            ).run()
+            )
+            history = trainer.run()
         finally:
             reg.remove()
         info: dict[str, Any] = {
@@ -444,10 +477,13 @@ class ProSparse(Pass):
             "schedule": self.settings()["schedule"],
             "steps": self.steps,
             "final_lambda": round(self.schedule(self.steps), 6),
-            "seconds_training": round(time.perf_counter() - t0, 1),
+            "seconds_training": round(time.perf_counter() - t0 - spent["monitor"], 1),
+            "tokens_per_second": round(trainer.tokens_per_second(), 1),
             "train_sparsity_last": round(history[-1]["sparsity"], 4) if history else None,
             "task_loss_last": round(history[-1]["task"], 5) if history else None,
         }
+        if watched:
+            info["monitor"] = watched
         if self.threshold == "sweep":
             info["threshold_sweep"] = self._sweep(gm, objective, val)
             info["threshold"] = info["threshold_sweep"]["chosen"]
@@ -464,7 +500,8 @@ class ProSparse(Pass):
     def _sweep(self, gm: fx.GraphModule, objective: Objective, val: list) -> dict[str, Any]:
         """Largest FATReLU threshold whose quality drop on ``val`` stays within the bound:
         encoders (distillation): mean cosine to the original's embeddings may fall by at most
-        ``max_quality_drop``; decoders: the LM loss may rise by at most that fraction."""
+        ``max_quality_drop``; decoders: the LM loss may rise by at most that fraction; a callable
+        objective of the user's: its own value, likewise."""
         from pysparse.evaluate import measure_activation_sparsity
 
         # Grid in units of the mean positive x1 value on the validation text.
@@ -472,6 +509,13 @@ class ProSparse(Pass):
         rows = []
         chosen = 0.0
         base = None
+        metric = (
+            "objective"
+            if callable(objective.kind)
+            else "LM loss"
+            if objective.name in DECODER_OBJECTIVES
+            else "mean cosine to original"
+        )
         for mult in (0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5):
             t = mult * scale
             set_threshold(gm, t)
@@ -482,7 +526,7 @@ class ProSparse(Pass):
                 base = quality
             ok = (
                 quality >= base - self.max_quality_drop
-                if objective.name != "causal_lm"
+                if metric == "mean cosine to original"
                 else quality <= base * (1 + self.max_quality_drop)
             )
             rows.append(
@@ -497,7 +541,7 @@ class ProSparse(Pass):
                 chosen = t
         set_threshold(gm, chosen)
         return {
-            "metric": "mean cosine to original" if objective.name != "causal_lm" else "LM loss",
+            "metric": metric,
             "bound": self.max_quality_drop,
             "rows": rows,
             "chosen": round(chosen, 6),
@@ -535,8 +579,10 @@ class ProSparse(Pass):
     @staticmethod
     def _quality(gm: fx.GraphModule, objective: Objective, val: list) -> float:
         with torch.no_grad():
-            if objective.name == "causal_lm":
+            if callable(objective.kind):
                 return float(sum(float(objective(b)) for b in val) / len(val))
+            if objective.name in DECODER_OBJECTIVES:
+                return float(sum(float(lm_loss(_call_graph(gm, *b), b)) for b in val) / len(val))
             from pysparse.evaluate import _pooled
 
             cos = []

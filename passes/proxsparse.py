@@ -14,11 +14,15 @@ Only the prunable linears' weights are trained; everything else stays frozen.
 
 At the end the mask is the top 2 |w| of each group of the *learned* weights and the original
 weights are restored under it (``W0 * M``): only masks leave the pass (mask-only, as published).
-``recover_steps > 0`` adds a separate, clearly reported step that then trains the kept weights
+``reconstruct=True`` then solves SparseGPT's OBS least-squares update of the original weights
+under the learned, fixed masks, layer by layer over the calibration batches (the reconstruction
+of SparseGPT with ProxSparse's mask; see passes.baselines.sparsegpt_graph): the kept weights
+change to compensate for the pruned ones, in closed form. ``recover_steps > 0`` adds a separate, clearly reported step that then trains the kept weights
 under the fixed mask with the same objective (masked distillation / fine-tuning) — not part of
 ProxSparse proper.
 
-Objective: ``"causal_lm"`` for decoders, distillation to the frozen original for encoders
+Objective: ``"logit_kl"`` (distillation to the dense model's next-token distributions) for
+decoders, distillation to the frozen original for encoders
 (``"hidden_mse"`` default, or ``"pooled_cosine"``), or a callable; see pysparse.objectives.
 
 Memory held: a copy of each trained weight's original values (W0, needed for the restore and for
@@ -38,13 +42,17 @@ import torch
 from torch import fx
 
 from pysparse import ops
-from pysparse.objectives import Objective, default_objective
+from pysparse.objectives import DECODER_OBJECTIVES, Objective, default_objective
 from pysparse.pipeline import Pass, PassContext, PassError, PassResult
 from pysparse.train import TrainConfig, Trainer
 
-from .baselines import maskable_linears
+from .baselines import maskable_linears, sparsegpt_graph
 
 _log = logging.getLogger(__name__)
+
+# Tuned defaults by model kind (see ProxSparse's docstring for the sweeps behind them).
+ENCODER_DEFAULTS = {"steps": 200, "lr": 1e-3, "lam1": 0.5}
+DECODER_DEFAULTS = {"steps": 200, "lr": 1e-4, "lam1": 0.5}
 
 STATS_EVERY = 10  # steps between two counts of the 2:4 groups shown on the progress bar
 
@@ -85,9 +93,9 @@ class ProxSparse(Pass):
     def __init__(
         self,
         data: Sequence[tuple[tuple, dict]] | None = None,
-        steps: int = 200,
-        lr: float = 1e-3,
-        lam1: float = 0.5,
+        steps: int | None = None,
+        lr: float | None = None,
+        lam1: float | None = None,
         lam2: float = 0.0,
         eps: float = 0.1,
         objective: str | Callable[[Any, Any], torch.Tensor] | None = None,
@@ -102,6 +110,8 @@ class ProxSparse(Pass):
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 50,
         down_along: str = "d_ff",
+        reconstruct: bool = False,
+        autocast: str | None = None,
     ):
         if down_along not in ("d_ff", "d_model"):
             raise ValueError(
@@ -111,7 +121,7 @@ class ProxSparse(Pass):
             raise ValueError(
                 f"proxsparse: prox_scale must be 'lam' or 'lr*lam', got {prox_scale!r}"
             )
-        if lam1 < 0 or lam2 < 0 or not math.isfinite(lam1 + lam2):
+        if (lam1 or 0) < 0 or lam2 < 0 or not math.isfinite((lam1 or 0) + lam2):
             raise ValueError(
                 f"proxsparse: lam1 and lam2 must be finite and >= 0 (got {lam1}, {lam2})"
             )
@@ -124,6 +134,8 @@ class ProxSparse(Pass):
         self.recover_steps, self.recover_lr = recover_steps, recover_lr
         self.checkpoint_dir, self.checkpoint_every = checkpoint_dir, checkpoint_every
         self.down_along = down_along
+        self.reconstruct = reconstruct
+        self.autocast = autocast
 
     def settings(self) -> dict[str, Any]:
         s = super().settings()
@@ -131,6 +143,13 @@ class ProxSparse(Pass):
         if callable(self.objective):
             s["objective"] = getattr(self.objective, "__name__", "custom")
         return s
+
+    def tuned(self, objective: str) -> dict[str, Any]:
+        """steps / lr / lam1: the ones given, else the tuned defaults of the model kind
+        (``DECODER_DEFAULTS`` when the objective is a decoder's, else ``ENCODER_DEFAULTS``)."""
+        base = DECODER_DEFAULTS if objective in DECODER_OBJECTIVES else ENCODER_DEFAULTS
+        given = {"steps": self.steps, "lr": self.lr, "lam1": self.lam1}
+        return {k: base[k] if v is None else v for k, v in given.items()}
 
     def _sub_dir(self, name: str) -> str | None:
         return f"{self.checkpoint_dir}/{name}" if self.checkpoint_dir else None
@@ -164,6 +183,8 @@ class ProxSparse(Pass):
         batches = list(self.data) if self.data is not None else ctx.calibration_batches()
         kind = self.objective or default_objective(gm, batches[0])
         objective = Objective(gm, kind, batches)
+        hp = self.tuned(objective.name)
+        steps, lam1 = hp["steps"], hp["lam1"]
         w0 = {k: w.detach().clone() for k, w in weights.items()}
         for p in gm.parameters():  # only the prunable weights train
             p.requires_grad_(False)
@@ -182,21 +203,21 @@ class ProxSparse(Pass):
         stats = {"groups_24": 0.0, "prox_s": 0.0, "stats_s": 0.0}
 
         def after_step(step: int, lr: float) -> dict[str, float]:
-            t = self.lam1 if self.prox_scale == "lam" else lr * self.lam1
+            t = lam1 if self.prox_scale == "lam" else lr * lam1
             tic = time.perf_counter()
             for k, w in weights.items():
                 ops.prox24_(grouped(k, w.data), t, self.max_iters)
             toc = time.perf_counter()
             stats["prox_s"] += toc - tic
-            if step % STATS_EVERY == 0 or step == self.steps - 1:
+            if step % STATS_EVERY == 0 or step == steps - 1:
                 stats["groups_24"] = fraction_24([grouped(k, w) for k, w in weights.items()])
                 stats["stats_s"] += time.perf_counter() - toc
             return {"groups_24": stats["groups_24"]}
 
         t0 = time.perf_counter()
         cfg = TrainConfig(
-            steps=self.steps,
-            lr=self.lr,
+            steps=steps,
+            lr=hp["lr"],
             warmup=self.warmup,
             schedule=self.schedule,
             grad_clip=self.grad_clip,
@@ -204,6 +225,7 @@ class ProxSparse(Pass):
             checkpoint_dir=self._sub_dir("learn"),
             checkpoint_every=self.checkpoint_every,
             desc="proxsparse",
+            autocast=self.autocast,
         )
         trainer = Trainer(
             weights,
@@ -211,7 +233,7 @@ class ProxSparse(Pass):
             batches,
             cfg,
             after_step=after_step,
-            fingerprint={**self.settings(), "objective": objective.name},
+            fingerprint={**self.settings(), **hp, "objective": objective.name},
         )
         history = trainer.run()
         ran = max(len(history) - (trainer.resumed_from or 0), 1)
@@ -223,11 +245,31 @@ class ProxSparse(Pass):
         }
         learned_24 = fraction_24([grouped(k, w) for k, w in weights.items()])
         changed = 0
+        keep: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for k, w in weights.items():
                 m = top2_mask(grouped(k, w))
                 changed += int((m != top2_mask(grouped(k, w0[k]))).reshape(-1, 4).any(-1).sum())
-                w.copy_(w0[k] * grouped(k, m))
+                keep[k] = grouped(k, m)
+                w.copy_(w0[k] * keep[k])
+        rebuilt = rebuilt_split = None
+        if self.reconstruct:
+            # SparseGPT's OBS least-squares update of the original weights under the learned
+            # masks, layer by layer over the calibration stream (earlier layers reconstructed).
+            tic = time.perf_counter()
+            with torch.no_grad():
+                for k, w in weights.items():
+                    w.copy_(w0[k])
+            rebuilt_split = sparsegpt_graph(
+                gm,
+                ctx,
+                targets,
+                down_along=self.down_along,
+                keep=keep,
+                batches=batches,
+                desc="proxsparse: reconstruct",
+            )
+            rebuilt = round(time.perf_counter() - tic, 1)
         groups = sum(w.numel() // 4 for w in weights.values())
         for _, info in targets:
             info["masked"] = self.name
@@ -236,9 +278,10 @@ class ProxSparse(Pass):
             "layers_pruned": len(weights),
             "skipped": skipped,
             "objective": objective.name,
-            "steps": self.steps,
-            "seconds_per_step": round((time.perf_counter() - t0) / max(self.steps, 1), 3),
+            **hp,
+            "seconds_per_step": round((time.perf_counter() - t0) / max(steps, 1), 3),
             "seconds_per_step_split": {k: round(v, 4) for k, v in split.items()},
+            "tokens_per_second": round(trainer.tokens_per_second(), 1),
             "first_loss": round(history[0]["task"], 5) if history else None,
             "last_loss": round(history[-1]["task"], 5) if history else None,
             "groups_24_before_hard_mask": round(learned_24, 4),
@@ -246,6 +289,8 @@ class ProxSparse(Pass):
             "weight_density": 0.5,
             "down_along": self.down_along,
             "grouped_along_out_features": len(along_out),
+            "reconstruct_seconds": rebuilt,
+            "reconstruct_seconds_split": rebuilt_split,
         }
         if self.recover_steps > 0:
             info_out["recover"] = self._recover(weights, batches, objective)
@@ -272,6 +317,8 @@ class ProxSparse(Pass):
                 checkpoint_dir=self._sub_dir("recover"),
                 checkpoint_every=self.checkpoint_every,
                 desc="proxsparse: recover",
+                accum=self.accum,
+                autocast=self.autocast,
             ),
             after_step=after,
             fingerprint={"recover_of": self.settings()},

@@ -1,11 +1,21 @@
 """Training objectives shared by the learning passes (ProxSparse, ProSparse).
 
+  * ``"logit_kl"``   distillation to the frozen original on next-token distributions (decoders'
+                     default): mean over real tokens of KL(p_teacher || p_student) at every
+                     position. The teacher's log-probabilities are cached in fp16 (2 bytes per
+                     token per vocabulary entry: SmolLM2, 49k entries, 96 KiB a token; the cache
+                     size is logged, and refused over ``PYSPARSE_TEACHER_CACHE_GB``, default 12).
   * ``"causal_lm"``  next-token cross-entropy on the batch's own tokens, padding excluded
                      (decoders: any output with ``logits``).
   * ``"hidden_mse"`` distillation to the frozen original: mean over real (non-padding) tokens of
                      ||h - h0||^2 / mean ||h0||^2 on the final hidden states (encoders' default).
   * ``"pooled_cosine"`` distillation on sentence embeddings: 1 - cos(mean-pool(h), mean-pool(h0)).
   * a callable ``fn(output, batch) -> loss`` of the user's.
+
+Why ``logit_kl`` is the decoders' default: the dense model's whole next-token distribution is a
+far richer target than the one token the text happened to hold, and it keeps the sparse model's
+behaviour (not the calibration text's) as the thing to preserve; with a few hundred calibration
+sentences the LM loss overfits them (bench/llm_quality.py compares both).
 
 Why ``hidden_mse`` is the encoders' default: it constrains every token's state, which carries far
 more signal per sentence than one pooled vector, and pooled embeddings (what sentence-embedding
@@ -21,6 +31,8 @@ on ``[batch, features]``: every row is one item, already pooled). ``causal_lm`` 
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -29,7 +41,9 @@ from torch import fx
 
 from pysparse.pipeline import _call, _call_graph
 
-OBJECTIVES = ("causal_lm", "hidden_mse", "pooled_cosine")
+_log = logging.getLogger(__name__)
+
+OBJECTIVES = ("logit_kl", "causal_lm", "hidden_mse", "pooled_cosine")
 
 
 def hidden_states(out: Any) -> torch.Tensor:
@@ -73,9 +87,36 @@ def mean_pool(h: torch.Tensor, batch: tuple[tuple, dict]) -> torch.Tensor:
 
 
 def default_objective(gm: fx.GraphModule, example: tuple[tuple, dict]) -> str:
-    """``causal_lm`` when the graph returns logits over a vocabulary, else ``hidden_mse``."""
+    """``logit_kl`` when the graph returns logits over a vocabulary, else ``hidden_mse``."""
     out = _call_graph(gm, *example)
-    return "causal_lm" if hasattr(out, "logits") else "hidden_mse"
+    return "logit_kl" if hasattr(out, "logits") else "hidden_mse"
+
+
+def _logits(out: Any, kind: str) -> torch.Tensor:
+    logits = out.logits if hasattr(out, "logits") else hidden_states(out)
+    if logits.dim() != 3:
+        raise ValueError(
+            f"objective {kind}: needs logits [batch, seq, vocab], got shape "
+            f"{tuple(logits.shape)}; pass objective='hidden_mse' or a callable"
+        )
+    return logits
+
+
+def lm_loss(out: Any, batch: tuple[tuple, dict]) -> torch.Tensor:
+    """Next-token cross-entropy of a decoder's output on the batch's own tokens, padding
+    excluded (the ``causal_lm`` objective, and decoders' quality measure in the passes)."""
+    logits = _logits(out, "causal_lm")
+    ids = batch[0][0] if batch[0] else batch[1]["input_ids"]
+    mask = token_mask(batch, logits)[:, 1:]
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        ids[:, 1:].reshape(-1),
+        reduction="none",
+    ).reshape(mask.shape)
+    return (ce * mask).sum() / mask.sum().clamp_min(1)
+
+
+DECODER_OBJECTIVES = ("logit_kl", "causal_lm")
 
 
 class Objective:
@@ -94,6 +135,20 @@ class Objective:
             for b in batches:  # the graph is still the original here
                 h = hidden_states(_call_graph(gm, *b)).detach()
                 self.teacher[id(b)] = h if kind == "hidden_mse" else mean_pool(h, b)
+        elif kind == "logit_kl":
+            limit = float(os.environ.get("PYSPARSE_TEACHER_CACHE_GB", "12")) * 2**30
+            size = 0
+            for b in batches:
+                lp = torch.log_softmax(_logits(_call_graph(gm, *b), kind).float(), -1)
+                self.teacher[id(b)] = lp.to(torch.float16)
+                size += lp.numel() * 2
+                if size > limit:
+                    raise ValueError(
+                        f"objective logit_kl: the teacher's cached log-probabilities pass "
+                        f"{limit / 2**30:g} GiB ({len(self.teacher)} of {len(batches)} batches); "
+                        "pass fewer or shorter batches, or raise PYSPARSE_TEACHER_CACHE_GB"
+                    )
+            _log.info("logit_kl: teacher cache %.2f GiB", size / 2**30)
         elif not (callable(kind) or kind == "causal_lm"):
             raise ValueError(
                 f"objective must be one of {OBJECTIVES} or a callable (output, batch) -> loss, "
@@ -108,21 +163,14 @@ class Objective:
         out = _call(self.gm, *batch)
         if callable(self.kind):
             return self.kind(out, batch)
+        if self.kind == "logit_kl":
+            logits = _logits(out, self.kind)
+            t = self.teacher[id(batch)].float()
+            kl = (t.exp() * (t - torch.log_softmax(logits.float(), -1))).sum(-1)
+            mask = token_mask(batch, logits)
+            return (kl * mask).sum() / mask.sum().clamp_min(1)
         if self.kind == "causal_lm":
-            logits = out.logits if hasattr(out, "logits") else hidden_states(out)
-            if logits.dim() != 3:
-                raise ValueError(
-                    f"objective causal_lm: needs logits [batch, seq, vocab], got shape "
-                    f"{tuple(logits.shape)}; pass objective='hidden_mse' or a callable"
-                )
-            ids = batch[0][0] if batch[0] else batch[1]["input_ids"]
-            mask = token_mask(batch, logits)[:, 1:]
-            ce = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                ids[:, 1:].reshape(-1),
-                reduction="none",
-            ).reshape(mask.shape)
-            return (ce * mask).sum() / mask.sum().clamp_min(1)
+            return lm_loss(out, batch)
         h = hidden_states(out)
         t = self.teacher[id(batch)]
         if self.kind == "hidden_mse":

@@ -25,6 +25,7 @@ __all__ = [
     "decompress24",
     "last_cuda_route",
     "meta_cols",
+    "obs24_sweep_",
     "prox24",
     "prox24_",
     "prune24",
@@ -132,6 +133,28 @@ def prox24_(w: torch.Tensor, lam: float, max_iters: int = 100, tol: float = 1e-6
     pysparse.require_extension()
     torch.ops.pysparse.prox24_.default(w, lam, max_iters, tol)
     return w
+
+
+def obs24_sweep_(
+    wt: torch.Tensor, prune: torch.Tensor, hinv: torch.Tensor, block: int = 32, choose: int = 0
+) -> torch.Tensor:
+    """SparseGPT's 2:4 column sweep of one layer (the OBS update), in place, CPU float64.
+
+    Args:
+        wt: ``[K, N]`` contiguous float64, the weight transposed (row r = input feature r);
+            updated in place (pruned entries are left with rounding residue: zero them).
+        prune: ``[K, N]`` contiguous bool; written with the chosen mask (True = pruned), or read
+            as a fixed mask with ``choose=2``.
+        hinv: ``[K, K]`` float64 (any strides), the upper Cholesky factor of (H + damping)^-1.
+        block: columns per lazy batch (a multiple of 4).
+        choose: 0 chooses 2 of every 4 input features by w^2 / [H^-1]_rr^2; 1 chooses 2 of every
+            4 output features by |w| (``down_along="d_model"``); 2 keeps ``prune``.
+
+    See ``pysparse.reference.reference_obs24_sweep`` for the exact steps. Returns ``wt``.
+    """
+    pysparse.require_extension()
+    torch.ops.pysparse.obs24_sweep_.default(wt, prune, hinv, block, choose)
+    return wt
 
 
 def sparse_ffn(
@@ -283,6 +306,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("pysparse::prox24_")
     def _prox24_inplace_fake(w, lam, max_iters=100, tol=1e-6):
         torch._check(w.shape[-1] % 4 == 0, lambda: "prox24_: the last dim must be a multiple of 4")
+
+    @torch.library.register_fake("pysparse::obs24_sweep_")
+    def _obs24_sweep_fake(wt, prune, hinv, block=32, choose=0):
+        torch._check(wt.dim() == 2, lambda: "obs24_sweep_: wt must be 2-D")
 
     @torch.library.register_fake("pysparse::compress24")
     def _compress24_fake(dense):

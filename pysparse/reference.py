@@ -13,6 +13,7 @@ __all__ = [
     "prox24_objective",
     "reference_compress24",
     "reference_decompress24",
+    "reference_obs24_sweep",
     "reference_prox24",
     "reference_prune24",
     "reference_sparse24_linear",
@@ -206,3 +207,38 @@ def reference_sparse_mlp(x, w1, b1, w2_t, b2, threshold: float = 0.0) -> torch.T
     if b2 is not None:
         y = y + b2.cpu().double()
     return y
+
+
+def reference_obs24_sweep(
+    wt: torch.Tensor, prune: torch.Tensor, hinv: torch.Tensor, block: int = 32, choose: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 SparseGPT 2:4 sweep (what ``ops.obs24_sweep_`` computes in place), returned as new
+    ``(wt, prune)``. For every input feature r (a row of ``wt``), in blocks of ``block`` rows:
+    choose 0 at the first row of each group of 4 marks the 2 smallest w^2 / [H^-1]_rr^2 per output
+    feature as pruned (ties: the lower index), choose 1 the 2 smallest |w| of every 4 output
+    features of row r, choose 2 keeps ``prune``; then err = (w_r masked to the pruned) / [H^-1]_rr
+    and w_j -= [H^-1]_rj * err for the rows j >= r of the block; after a block, the later rows
+    take W[i2:] -= Hinv[i1:i2, i2:]^T Err."""
+    W = wt.to(torch.float64).clone()
+    P = prune.clone()
+    K, N = W.shape
+    earlier = torch.tensor([[k < j for k in range(4)] for j in range(4)]).unsqueeze(-1)
+
+    def two_smallest(s: torch.Tensor) -> torch.Tensor:  # [4, M]
+        a, b = s.unsqueeze(1), s.unsqueeze(0)
+        return ((b < a) | ((b == a) & earlier)).sum(1) < 2
+
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        err = torch.zeros(i2 - i1, N, dtype=torch.float64)
+        for r in range(i1, i2):
+            if choose == 0 and (r - i1) % 4 == 0:
+                d2 = torch.diagonal(hinv)[r : r + 4].unsqueeze(1) ** 2
+                P[r : r + 4] = two_smallest(W[r : r + 4] ** 2 / d2)
+            elif choose == 1:
+                P[r] = two_smallest(W[r].abs().view(N // 4, 4).T).T.reshape(N)
+            e = torch.where(P[r], W[r] / hinv[r, r], torch.zeros_like(W[r]))
+            err[r - i1] = e
+            W[r:i2] -= hinv[r, r:i2].unsqueeze(1) * e.unsqueeze(0)
+        W[i2:] -= hinv[i1:i2, i2:].T @ err
+    return W, P

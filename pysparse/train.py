@@ -68,6 +68,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 50
     desc: str = "train"
+    autocast: str | None = None  # "bf16": forward passes under torch.autocast(bfloat16)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -82,6 +83,8 @@ class TrainConfig:
             raise ValueError(
                 f"train: warmup is a fraction of the steps in [0, 1), got {self.warmup}"
             )
+        if self.autocast not in (None, "bf16"):
+            raise ValueError(f"train: autocast must be None or 'bf16', got {self.autocast!r}")
         if self.accum < 1 or self.checkpoint_every < 1:
             raise ValueError("train: accum and checkpoint_every must be >= 1")
 
@@ -145,6 +148,7 @@ class Trainer:
         # accumulated micro-batches, clipping + optimiser step, the after-step hook): the passes
         # report them per step.
         self.phase_seconds = {"forward_backward": 0.0, "optimizer": 0.0, "after_step": 0.0}
+        self.tokens = 0  # tokens (real, not padding) of the micro-batches this Trainer ran
         self.state = state
         self.optimizer = torch.optim.AdamW(
             list(params.values()), lr=config.lr, weight_decay=config.weight_decay
@@ -318,6 +322,8 @@ class Trainer:
         self._maybe_resume()
         t0 = time.perf_counter()
         phase = self.phase_seconds
+        device = next(iter(self.params.values())).device.type
+        autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
         try:
             with bar(total=cfg.steps, desc=cfg.desc, unit="step", initial=self.step) as pbar:
                 while self.step < cfg.steps:
@@ -329,7 +335,9 @@ class Trainer:
                     tic = time.perf_counter()
                     for i in range(cfg.accum):
                         batch = self.batches[(self.step * cfg.accum + i) % len(self.batches)]
-                        loss, m = self.loss_fn(batch)
+                        self.tokens += count_tokens(batch)
+                        with autocast:
+                            loss, m = self.loss_fn(batch)
                         if not torch.isfinite(loss):
                             raise RuntimeError(
                                 f"{cfg.desc}: the loss became {loss.item()} at step {self.step}; "
@@ -372,3 +380,23 @@ class Trainer:
             f" (resumed at step {self.resumed_from})" if self.resumed_from else "",
         )
         return self.history
+
+    def tokens_per_second(self) -> float:
+        """Training throughput of this Trainer's steps: tokens over the seconds of the steps."""
+        seconds = sum(self.phase_seconds.values())
+        return self.tokens / seconds if seconds > 0 else 0.0
+
+
+def count_tokens(batch: Any) -> int:
+    """Tokens in a ``(args, kwargs)`` batch: the attention mask's ones when there is one, else
+    the first tensor input's elements (ids ``[batch, seq]``) or rows (features ``[batch, d]``)."""
+    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict):
+        mask = batch[1].get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            return int(mask.sum())
+        for x in (*batch[0], *batch[1].values()):
+            if isinstance(x, torch.Tensor):
+                if x.is_floating_point() and x.dim() > 1:
+                    return x.numel() // x.shape[-1]
+                return x.numel()
+    return 0

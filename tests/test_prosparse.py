@@ -166,7 +166,7 @@ def test_sparsity_rises_over_a_short_run(tmp_path):
     assert before == pytest.approx([0.5, 0.5], abs=0.02), before
     assert all(s > 0.9 for s in after), (before, after)
     rep = sm.report[-1]
-    assert rep["pass"] == "prosparse" and rep["objective"] == "causal_lm"
+    assert rep["pass"] == "prosparse" and rep["objective"] == "logit_kl"  # decoders' default
     assert rep["schedule"].startswith("StagedSine(")
     assert (tmp_path / "p.png").stat().st_size > 1000
     assert not any("_tap" in str(n.target) for n in sm.gm.graph.nodes)  # taps removed

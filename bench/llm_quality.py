@@ -1,0 +1,208 @@
+"""Decoder quality: 2:4 weight sparsity and ProSparse activation sparsity on the real
+SmolLM2-135M-Instruct (30 LLaMA layers, 210 prunable linears), scored by perplexity.
+
+Every row compiles the same model with the same calibration / training text (the first --train
+sentences of pysparse.corpus's training part, batches of --batch-size x <= --max-length tokens)
+and is scored on the held-out part (other topics, never seen by any method) with the sliding
+window of ``pysparse eval`` (256 tokens, stride 128). Rows (``--only`` picks by prefix):
+
+  dense                       the model as shipped (dequantised to fp32)
+  magnitude                   2:4, top-2 |w|
+  wanda                       2:4, |w| * ||x||, calibrated block by block (the reference's way)
+  wanda (dense statistics)    the same with every ||x|| taken on the dense model
+  sparsegpt (mask only)       SparseGPT's mask, original weights under it
+  sparsegpt (+ update)        SparseGPT with its OBS weight update
+  proxsparse (mask only)      the learned mask, original weights under it
+  proxsparse + reconstruct    the learned mask + SparseGPT's OBS update under it
+  proxsparse + N recovery     the learned mask + N masked fine-tune steps (--recover N)
+  relu (no training)          SiLU -> ReLU in every FFN
+  prosparse (staged + sweep)  ReLU, the sine-staged L1 schedule, FATReLU threshold sweep
+  prosparse (fixed lambda)    ReLU, a constant lambda for the same steps
+  both                        ProSparse (staged + sweep), then the best 2:4 method, lowered
+
+Printed: perplexity, its ratio to dense, FFN activation sparsity (zeros of the FFN intermediate
+on the held-out text) and the wall time of the passes; per-layer sparsity for ProSparse rows; a
+JSON with every pass report (--json). The learning rows' settings: the passes' defaults unless
+--steps / --lam etc. are given.
+
+    python bench/llm_quality.py --only dense,magnitude,wanda,sparsegpt
+    python bench/llm_quality.py --only proxsparse --steps 100 --recover 50
+    python bench/llm_quality.py --only relu,prosparse --prosparse-steps 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from pysparse.passes import (
+    Lower,
+    MagnitudePrune,
+    ProSparse,
+    ProxSparse,
+    ReluSubstitution,
+    SparseGPTPrune,
+    WandaPrune,
+)
+from pysparse.passes.compress24 import Compress24
+from pysparse.passes.prosparse import Constant
+
+import pysparse
+from pysparse.corpus import sentences
+from pysparse.evaluate import encode_sentences, measure_activation_sparsity, perplexity
+from pysparse.models import load
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--train", type=int, default=256, help="calibration/training sentences")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--train-batch-size", type=int, default=8, help="learning passes' batches")
+    p.add_argument("--steps", type=int, default=None, help="ProxSparse steps (default: pass's)")
+    p.add_argument("--lam1", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--objective", default=None, help="logit_kl | causal_lm (learning passes)")
+    p.add_argument("--recover", type=int, default=0, help="ProxSparse + N recovery steps row")
+    p.add_argument("--prosparse-steps", type=int, default=None)
+    p.add_argument("--lam", type=float, default=None, help="ProSparse final lambda")
+    p.add_argument("--prosparse-lr", type=float, default=None)
+    p.add_argument("--both-mask", default="sparsegpt", help="2:4 method of the 'both' row")
+    p.add_argument("--autocast", default=None, help="bf16: learning passes under autocast")
+    p.add_argument("--only", default=None, help="comma-separated prefixes of the rows to run")
+    p.add_argument("--window", type=int, default=256)
+    p.add_argument("--json", default=None)
+    p.add_argument("--out", default="bench-out/llm_quality", help="plots and reports")
+    args = p.parse_args()
+    os.environ.setdefault("PYSPARSE_PROGRESS", "0")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    model, tok, source = load("smollm2")
+    model = model.eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    calib = encode_sentences(tok, sentences("train", args.train), args.batch_size, args.max_length)
+    train = encode_sentences(
+        tok, sentences("train", args.train), args.train_batch_size, args.max_length
+    )
+    held_text = sentences("heldout")
+    held_ids = tok("\n\n".join(held_text), return_tensors="pt")["input_ids"][0]
+    held_batches = encode_sentences(tok, held_text, 32, 128)
+    example = calib[0]
+
+    common = {"objective": args.objective, "autocast": args.autocast}
+    prox = {
+        k: v
+        for k, v in (("steps", args.steps), ("lam1", args.lam1), ("lr", args.lr), *common.items())
+        if v is not None
+    }
+    pro = {
+        k: v
+        for k, v in (
+            ("steps", args.prosparse_steps),
+            ("lam", args.lam),
+            ("lr", args.prosparse_lr),
+            *common.items(),
+        )
+        if v is not None
+    }
+    both_masks = {
+        "sparsegpt": lambda: SparseGPTPrune(),
+        "wanda": lambda: WandaPrune(),
+        "proxsparse": lambda: ProxSparse(data=train, reconstruct=True, **prox),
+    }
+    rows_def = {
+        "dense": list,
+        "magnitude": lambda: [MagnitudePrune()],
+        "wanda": lambda: [WandaPrune()],
+        "wanda (dense statistics)": lambda: [WandaPrune(sequential=False)],
+        "sparsegpt (mask only)": lambda: [SparseGPTPrune(update_weights=False)],
+        "sparsegpt (+ update)": lambda: [SparseGPTPrune()],
+        "proxsparse (mask only)": lambda: [ProxSparse(data=train, **prox)],
+        "proxsparse + reconstruct": lambda: [ProxSparse(data=train, reconstruct=True, **prox)],
+        "relu (no training)": lambda: [ReluSubstitution()],
+        "prosparse (staged + sweep)": lambda: [
+            ReluSubstitution(),
+            ProSparse(data=train, threshold="sweep", **pro),
+        ],
+        "prosparse (fixed lambda)": lambda: [
+            ReluSubstitution(),
+            ProSparse(data=train, schedule=Constant(args.lam or ProSparse().lam), **pro),
+        ],
+        "both": lambda: [
+            ReluSubstitution(),
+            ProSparse(data=train, threshold="sweep", **pro),
+            both_masks[args.both_mask](),
+            Compress24(),
+            Lower(),
+        ],
+    }
+    if args.recover:
+        rows_def[f"proxsparse + {args.recover} recovery"] = lambda: [
+            ProxSparse(data=train, recover_steps=args.recover, **prox)
+        ]
+    if args.only:
+        wanted = [w.strip() for w in args.only.split(",")]
+        rows_def = {k: v for k, v in rows_def.items() if any(k.startswith(w) for w in wanted)}
+
+    print(
+        f"# {source.describe()} (fp32) | 2:4 on every prunable linear | calibration: "
+        f"{args.train} sentences of pysparse.corpus train ({len(calib)} batches of "
+        f"{args.batch_size} x <= {args.max_length} tokens; learning passes: batches of "
+        f"{args.train_batch_size}) | held-out: {held_ids.numel()} tokens, window {args.window}, "
+        f"stride {args.window // 2} | torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
+    print("| method | perplexity | x dense | FFN act. sparsity | wall s |")
+    print("|---|---:|---:|---:|---:|")
+    results, dense_ppl = [], None
+    for name, make in rows_def.items():
+        passes = make()
+        t0 = time.perf_counter()
+        if passes:
+            sm = pysparse.compile(model, passes, *example, calibration=calib, generation=False)
+            target, report = sm, sm.report
+        else:
+            target, report = model, []
+        secs = time.perf_counter() - t0
+        ppl = perplexity(target, held_ids, args.window)
+        if name == "dense":
+            dense_ppl = ppl
+        sparsity = None
+        per_layer = None
+        gm = getattr(target, "gm", None)
+        if gm is not None:
+            per_layer = measure_activation_sparsity(gm, held_batches)
+            if per_layer:
+                sparsity = sum(per_layer) / len(per_layer)
+        ratio = f"{ppl / dense_ppl:.2f}" if dense_ppl else "-"
+        sp = f"{sparsity:.1%}" if sparsity is not None else "-"
+        print(f"| {name} | {ppl:.2f} | {ratio} | {sp} | {secs:.1f} |", flush=True)
+        results.append(
+            {
+                "method": name,
+                "perplexity": round(ppl, 4),
+                "activation_sparsity": sparsity,
+                "activation_sparsity_per_layer": per_layer,
+                "seconds": round(secs, 1),
+                "report": report,
+            }
+        )
+        del target
+    for r in results:
+        if r["activation_sparsity_per_layer"] and r["method"].startswith(("prosparse", "both")):
+            per = " ".join(f"{s:.0%}" for s in r["activation_sparsity_per_layer"])
+            print(f"per-layer sparsity, {r['method']}: {per}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
