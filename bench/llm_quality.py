@@ -57,6 +57,60 @@ from pysparse.evaluate import encode_sentences, measure_activation_sparsity, per
 from pysparse.models import load
 
 
+class GraphLM:
+    """A captured graph called like the compiled model (what ``perplexity`` calls), for
+    measuring the model inside a pass while it trains."""
+
+    def __init__(self, gm):
+        self.gm = gm
+        self.example_kwargs = {"attention_mask": None}
+
+    def __call__(self, ids, **kwargs):
+        from pysparse.pipeline import _call
+
+        return _call(self.gm, (ids,), kwargs)
+
+
+def plot_frontier(results: list, out_dir: Path) -> None:
+    """ProSparse: held-out perplexity and FFN sparsity against training seconds (the monitor's
+    points, plain ReLU during training), one PNG per run, and the points printed."""
+    for r in results:
+        points = None
+        for rep in r["report"]:
+            if rep.get("pass") == "prosparse" and rep.get("monitor"):
+                points = rep["monitor"]
+        if not points:
+            continue
+        print(f"frontier, {r['method']} (training seconds, held-out perplexity, FFN sparsity):")
+        for pt in points:
+            print(
+                f"  step {pt['step']}: {pt['train_seconds']:.0f} s  ppl {pt['perplexity']:.2f}"
+                f"  sparsity {pt['sparsity']:.1%}"
+            )
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        t = [pt["train_seconds"] / 60 for pt in points]
+        ax.plot(t, [pt["perplexity"] for pt in points], "o-", color="tab:red")
+        ax.set_xlabel("training minutes (this machine)")
+        ax.set_ylabel("held-out perplexity", color="tab:red")
+        ax.set_yscale("log")
+        ax2 = ax.twinx()
+        ax2.plot(t, [100 * pt["sparsity"] for pt in points], "s--", color="tab:blue")
+        ax2.set_ylabel("FFN activation sparsity, %", color="tab:blue")
+        ax.set_title(f"SmolLM2 {r['method']}")
+        fig.tight_layout()
+        path = out_dir / (r["method"].split(" ")[0] + "_frontier.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        print(f"  plot: {path}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -77,6 +131,9 @@ def main() -> None:
     p.add_argument("--autocast", default=None, help="bf16: learning passes under autocast")
     p.add_argument("--only", default=None, help="comma-separated prefixes of the rows to run")
     p.add_argument("--window", type=int, default=256)
+    p.add_argument(
+        "--monitor-every", type=int, default=25, help="ProSparse frontier: steps between points"
+    )
     p.add_argument("--json", default=None)
     p.add_argument("--out", default="bench-out/llm_quality", help="plots and reports")
     args = p.parse_args()
@@ -96,6 +153,12 @@ def main() -> None:
     held_ids = tok("\n\n".join(held_text), return_tensors="pt")["input_ids"][0]
     held_batches = encode_sentences(tok, held_text, 32, 128)
     example = calib[0]
+
+    def frontier_point(step: int, gm) -> dict:
+        """Held-out perplexity and FFN sparsity of the model being trained (plain ReLU)."""
+        sp = measure_activation_sparsity(gm, held_batches)
+        ppl = perplexity(GraphLM(gm), held_ids, args.window)
+        return {"perplexity": round(ppl, 3), "sparsity": round(sum(sp) / len(sp), 4)}
 
     common = {"objective": args.objective, "autocast": args.autocast}
     prox = {
@@ -126,11 +189,22 @@ def main() -> None:
         "sparsegpt (mask only)": lambda: [SparseGPTPrune(update_weights=False)],
         "sparsegpt (+ update)": lambda: [SparseGPTPrune()],
         "proxsparse (mask only)": lambda: [ProxSparse(data=train, **prox)],
-        "proxsparse + reconstruct": lambda: [ProxSparse(data=train, reconstruct=True, **prox)],
+        # the learned masks of the row above when it ran (one training for both rows)
+        "proxsparse + reconstruct": lambda: [
+            SparseGPTPrune(mask_from=learned["model"])
+            if "model" in learned
+            else ProxSparse(data=train, reconstruct=True, **prox)
+        ],
         "relu (no training)": lambda: [ReluSubstitution()],
         "prosparse (staged + sweep)": lambda: [
             ReluSubstitution(),
-            ProSparse(data=train, threshold="sweep", **pro),
+            ProSparse(
+                data=train,
+                threshold="sweep",
+                monitor=frontier_point,
+                monitor_every=args.monitor_every,
+                **pro,
+            ),
         ],
         "prosparse (fixed lambda)": lambda: [
             ReluSubstitution(),
@@ -162,6 +236,7 @@ def main() -> None:
     print("| method | perplexity | x dense | FFN act. sparsity | wall s |")
     print("|---|---:|---:|---:|---:|")
     results, dense_ppl = [], None
+    learned: dict = {}
     for name, make in rows_def.items():
         passes = make()
         t0 = time.perf_counter()
@@ -194,7 +269,10 @@ def main() -> None:
                 "report": report,
             }
         )
+        if name == "proxsparse (mask only)":
+            learned["model"] = target
         del target
+    plot_frontier(results, out_dir)
     for r in results:
         if r["activation_sparsity_per_layer"] and r["method"].startswith(("prosparse", "both")):
             per = " ".join(f"{s:.0%}" for s in r["activation_sparsity_per_layer"])

@@ -1,5 +1,6 @@
 """2:4 masks on the real all-MiniLM-L6-v2: magnitude, Wanda, SparseGPT (mask only, and with its
-weight update) and ProxSparse (mask only, and optionally + a masked recovery fine-tune), all on
+weight update), ProxSparse (mask only; its learned mask + SparseGPT's OBS weight update; and
+optionally + a masked recovery fine-tune), all on
 the same calibration/training text, all evaluated on the same held-out sentences (different
 topics of pysparse.corpus, never seen by any method), every prunable linear (36) at 2:4.
 
@@ -78,6 +79,12 @@ def main() -> None:
         "sparsegpt (mask only)": lambda: SparseGPTPrune(update_weights=False),
         "sparsegpt (+ weight update)": lambda: SparseGPTPrune(update_weights=True),
         "proxsparse (mask only)": lambda: ProxSparse(data=train, **prox_kw),
+        # the masks the row above learned, SparseGPT's OBS update under them (one training)
+        "proxsparse + reconstruct": lambda: (
+            SparseGPTPrune(mask_from=learned["model"])
+            if "model" in learned
+            else ProxSparse(data=train, reconstruct=True, **prox_kw)
+        ),
     }
     if args.recover:
         methods[f"proxsparse + {args.recover} recovery steps"] = lambda: ProxSparse(
@@ -96,12 +103,15 @@ def main() -> None:
     print("| method | mean cosine | min cosine | Spearman (pairwise sim.) | wall s |")
     print("|---|---:|---:|---:|---:|")
     rows = []
+    learned: dict = {}
     for name, make in methods.items():
         t0 = time.perf_counter()
         sm = pysparse.compile(model, [make()], *example, calibration=train, check_numerics=False)
         secs = time.perf_counter() - t0
         q = encoder_quality(sm, model, held)
         rows.append({"method": name, **q, "seconds": round(secs, 1), "report": sm.report[-1]})
+        if name == "proxsparse (mask only)":
+            learned["model"] = sm
         print(
             f"| {name} | {q['mean_cosine_to_dense']:.4f} | {q['min_cosine_to_dense']:.4f} | "
             f"{q['spearman_pairwise_similarity']:.4f} | {secs:.1f} |",

@@ -9,6 +9,7 @@ Rows, all with the same data, steps and learning rate, distilling to the origina
   * fixed lambda = lambda_max for the same steps (the paper's ablation)
   * the staged model with FATReLU, threshold chosen by a sweep on a validation part of the
     training split (bound: cosine drop <= 0.01) - same training as the staged row
+  * defaults: ``ProSparse(data=train)``, every setting the pass's default (--rows defaults)
 Each row: FFN activation sparsity (zeros of x1 per real token, averaged over tokens then layers),
 mean cosine of sentence embeddings to the GELU original, Spearman of pairwise similarities, and
 wall time. Plots of lambda / sparsity / loss over training go to --out.
@@ -72,7 +73,9 @@ def main() -> None:
         "relu": lambda: [ReluSubstitution()],
         "recovery": lambda: [
             ReluSubstitution(),
-            ProSparse(schedule=Constant(0.0), **common, plot=str(out / "recovery.png")),
+            ProSparse(
+                schedule=Constant(0.0), threshold=None, **common, plot=str(out / "recovery.png")
+            ),
         ],
         # One training serves two rows: with the swept FATReLU threshold, and at t = 0 (ReLU).
         "staged": lambda: [
@@ -87,8 +90,13 @@ def main() -> None:
         ],
         "fixed": lambda: [
             ReluSubstitution(),
-            ProSparse(schedule=Constant(args.lam), **common, plot=str(out / "fixed.png")),
+            ProSparse(
+                schedule=Constant(args.lam), threshold=None, **common, plot=str(out / "fixed.png")
+            ),
         ],
+        # The pass by name, given only the data: every setting its default (the sweep on a
+        # validation slice of that data).
+        "defaults": lambda: [ReluSubstitution(), ProSparse(data=train)],
     }
     print(
         f"# all-MiniLM-L6-v2 | train {args.train} sentences x {args.steps} steps (batch "

@@ -543,7 +543,14 @@ class SparseGPTPrune(Pass):
     block by block (``CalibrationStream``), so each layer's Hessians are taken with the earlier
     layers already pruned, as the method prescribes, and the model runs about twice over the
     calibration set in all (SmolLM2, 256 sentences: 469 s when every layer re-ran the model from
-    its inputs)."""
+    its inputs; 82 s now, capture included).
+
+    ``mask_from``: reconstruct under masks chosen elsewhere instead of choosing them — a model
+    compiled by another mask pass (e.g. ProxSparse's learned masks: its zero pattern is taken)
+    or a mapping weight name -> bool mask (True = kept). The weights reconstructed are this
+    graph's (the dense original's), so ``pysparse.compile(model, [SparseGPTPrune(mask_from=
+    learned)])`` gives the learned mask with SparseGPT's least-squares update under it.
+    ``ProxSparse(reconstruct=True)`` does both in one pass."""
 
     name = "sparsegpt"
 
@@ -553,6 +560,7 @@ class SparseGPTPrune(Pass):
         block: int = 32,
         damp: float = 0.01,
         down_along: str = "d_ff",
+        mask_from: Any = None,
     ):
         if down_along not in ("d_ff", "d_model"):
             raise ValueError(
@@ -564,6 +572,46 @@ class SparseGPTPrune(Pass):
         self.block = block
         self.damp = damp
         self.down_along = down_along
+        self.mask_from = mask_from
+
+    def settings(self) -> dict[str, Any]:
+        s = super().settings()
+        if self.mask_from is not None:
+            s["mask_from"] = type(self.mask_from).__name__
+        return s
+
+    def _masks(self, gm: fx.GraphModule, targets: list) -> dict[str, torch.Tensor] | None:
+        if self.mask_from is None:
+            return None
+        src = self.mask_from
+        if hasattr(src, "gm"):  # a compiled model: the zero pattern of its weights
+            src = {n: p.detach() != 0 for n, p in src.gm.named_parameters()}
+        if not isinstance(src, dict):
+            raise PassError(
+                "sparsegpt: mask_from must be a compiled model or a mapping weight name -> bool "
+                f"mask, got {type(src).__name__}"
+            )
+        keep = {}
+        for _, info in targets:
+            name = info["weight"]
+            w = gm.get_parameter(name)
+            m = src.get(name)
+            if m is None or tuple(m.shape) != tuple(w.shape):
+                raise PassError(
+                    f"sparsegpt: mask_from has no mask of shape {tuple(w.shape)} for {name}"
+                    + ("" if m is None else f" (got {tuple(m.shape)})")
+                )
+            m = m.to(torch.bool)
+            along_in = int(m.reshape(-1, 4).sum(-1).max()) <= 2
+            if not (
+                along_in or (w.shape[0] % 4 == 0 and int(m.T.reshape(-1, 4).sum(-1).max()) <= 2)
+            ):
+                raise PassError(
+                    f"sparsegpt: the mask_from mask of {name} keeps more than 2 of some group of "
+                    "4; give 2:4 masks"
+                )
+            keep[name] = m
+        return keep
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         targets, skipped = maskable_linears(gm)
@@ -575,6 +623,7 @@ class SparseGPTPrune(Pass):
             damp=self.damp,
             update_weights=self.update_weights,
             down_along=self.down_along,
+            keep=self._masks(gm, targets),
         )
         for _, info in targets:
             info["masked"] = self.name

@@ -255,3 +255,26 @@ def test_obs24_sweep_bad_input_names_the_problem():
         ops.obs24_sweep_(wt, p, hinv, 4, 3)
     with pytest.raises(RuntimeError, match="choosing along N needs N % 4 == 0"):
         ops.obs24_sweep_(wt[:, :3].contiguous(), p[:, :3].contiguous(), hinv, 4, 1)
+
+
+def test_sparsegpt_mask_from_a_compiled_model_equals_proxsparse_reconstruct():
+    """SparseGPTPrune(mask_from=<ProxSparse's model>) is the same reconstruction as
+    ProxSparse(reconstruct=True) with the same data; bad masks are refused by name."""
+    model, batches = _llama(layers=2)
+    kw = {"data": batches, "steps": 3, "lr": 1e-2, "lam1": 0.5}
+    learned = pysparse.compile(model, [ProxSparse(**kw)], *batches[0], calibration=batches)
+    both = pysparse.compile(
+        model, [ProxSparse(reconstruct=True, **kw)], *batches[0], calibration=batches
+    )
+    via = pysparse.compile(
+        model, [SparseGPTPrune(mask_from=learned)], *batches[0], calibration=batches
+    )
+    a, b = _pruned_weights(both), _pruned_weights(via)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    name = next(iter(a))
+    with pytest.raises(PassError, match=f"mask_from has no mask .* for {name}"):
+        pysparse.compile(model, [SparseGPTPrune(mask_from={})], *batches[0], calibration=batches)
+    dense = {k: torch.ones_like(v, dtype=torch.bool) for k, v in a.items()}
+    with pytest.raises(PassError, match="keeps more than 2 of some group of 4"):
+        pysparse.compile(model, [SparseGPTPrune(mask_from=dense)], *batches[0], calibration=batches)

@@ -39,7 +39,9 @@ def _bert():
 
 def test_decoder_loss_falls_and_masks_are_24_with_original_weights():
     model, batches = _llama()
-    pass_ = ProxSparse(data=batches, steps=25, lr=3e-3, lam1=5.0, warmup=0.0, objective="causal_lm")
+    pass_ = ProxSparse(
+        data=batches, steps=25, lr=3e-3, lam1=5.0, lam2=0.0, warmup=0.0, objective="causal_lm"
+    )
     sm = pysparse.compile(model, [pass_], *batches[0], calibration=batches)
     rep = sm.report[-1]
     assert rep["objective"] == "causal_lm"
