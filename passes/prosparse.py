@@ -191,13 +191,19 @@ class Regularizer:
         if not sites:
             raise PassError("prosparse: the model has no annotated FFN block to regularise")
         self.layers = [layer for layer, _ in sites]
-        for i, (_, down) in enumerate(sites):
+        self.install()
+
+    def install(self) -> None:
+        """Puts the taps in the graph (``__init__`` does; after ``remove``, puts them back)."""
+        if self.taps:
+            return
+        for i, (_, down) in enumerate(_ffn_inputs(self.gm)):
             x1 = down.args[0]
-            with gm.graph.inserting_before(down):
-                tap = gm.graph.call_function(self._tap, (x1, i))
+            with self.gm.graph.inserting_before(down):
+                tap = self.gm.graph.call_function(self._tap, (x1, i))
             down.replace_input_with(x1, tap)
             self.taps.append(tap)
-        gm.recompile()
+        self.gm.recompile()
 
     # the graph calls this for every FFN on every forward
     def _tap(self, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -431,11 +437,11 @@ class ProSparse(Pass):
             reg.t = step + 1
             if self.monitor and self.monitor_every and reg.t % self.monitor_every == 0:
                 tic = time.perf_counter()
-                reg.enabled = False
+                reg.remove()  # the graph as it will leave the pass (plain ReLU)
                 try:
                     row = dict(self.monitor(reg.t, gm) or {})
                 finally:
-                    reg.enabled = True
+                    reg.install()
                 train_s = tic - t0 - spent["monitor"]
                 spent["monitor"] += time.perf_counter() - tic
                 watched.append({"step": reg.t, "train_seconds": round(train_s, 1), **row})

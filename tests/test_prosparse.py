@@ -316,3 +316,37 @@ def test_errors():
         ProSparse(threshold=-1)
     with pytest.raises(TypeError, match="pysparse.compile"):
         regularizer(model, 0.1)
+
+
+def test_monitor_sees_the_plain_relu_graph_during_training():
+    """``monitor(step, gm)`` runs every ``monitor_every`` steps on the graph without the
+    regulariser's taps (what the pass will return), so the activation-sparsity measure finds
+    the ReLU FFNs; its rows land in the report with the training seconds so far."""
+    model, batches = _llama()
+
+    def monitor(step, gm):
+        assert not any("_tap" in str(n.target) for n in gm.graph.nodes)
+        sp = measure_activation_sparsity(gm, batches, gm.meta["pysparse"]["call_kwargs"])
+        return {"sparsity": sum(sp) / len(sp)}
+
+    sm = pysparse.compile(
+        model,
+        [
+            "relu",
+            ProSparse(
+                data=batches,
+                steps=6,
+                lr=1e-2,
+                lam=50.0,
+                threshold=None,
+                monitor=monitor,
+                monitor_every=2,
+            ),
+        ],
+        *batches[0],
+        calibration=batches,
+    )
+    rows = sm.report[-1]["monitor"]
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert rows[0]["train_seconds"] <= rows[1]["train_seconds"] <= rows[2]["train_seconds"]
+    assert rows[-1]["sparsity"] > rows[0]["sparsity"]  # the penalty at work (lam 50)
