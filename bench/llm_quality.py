@@ -52,8 +52,13 @@ from pysparse.passes.compress24 import Compress24
 from pysparse.passes.prosparse import Constant
 
 import pysparse
-from pysparse.corpus import sentences
-from pysparse.evaluate import encode_sentences, measure_activation_sparsity, perplexity
+from pysparse.corpus import documents, sentences
+from pysparse.evaluate import (
+    encode_sentences,
+    measure_activation_sparsity,
+    pack_text,
+    perplexity,
+)
 from pysparse.models import load
 
 
@@ -119,6 +124,18 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--train-batch-size", type=int, default=8, help="learning passes' batches")
+    p.add_argument(
+        "--pack",
+        type=int,
+        default=0,
+        help="learning passes: blocks of N tokens packed from --learn-text (0: sentence batches)",
+    )
+    p.add_argument(
+        "--learn-text",
+        default="sentences",
+        choices=("sentences", "documents"),
+        help="with --pack: the --train sentences, or the corpus's training topics whole",
+    )
     p.add_argument("--steps", type=int, default=None, help="ProxSparse steps (default: pass's)")
     p.add_argument("--lam1", type=float, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -146,9 +163,17 @@ def main() -> None:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     calib = encode_sentences(tok, sentences("train", args.train), args.batch_size, args.max_length)
-    train = encode_sentences(
-        tok, sentences("train", args.train), args.train_batch_size, args.max_length
-    )
+    if args.pack:
+        texts = (
+            documents("train") if args.learn_text == "documents" else sentences("train", args.train)
+        )
+        train = pack_text(tok, texts, args.pack, args.train_batch_size)
+        learn_desc = f"{len(train)} batches of {args.train_batch_size} x {args.pack} packed tokens of {args.learn_text}"
+    else:
+        train = encode_sentences(
+            tok, sentences("train", args.train), args.train_batch_size, args.max_length
+        )
+        learn_desc = f"batches of {args.train_batch_size} sentences"
     held_text = sentences("heldout")
     held_ids = tok("\n\n".join(held_text), return_tensors="pt")["input_ids"][0]
     held_batches = encode_sentences(tok, held_text, 32, 128)
@@ -229,8 +254,7 @@ def main() -> None:
     print(
         f"# {source.describe()} (fp32) | 2:4 on every prunable linear | calibration: "
         f"{args.train} sentences of pysparse.corpus train ({len(calib)} batches of "
-        f"{args.batch_size} x <= {args.max_length} tokens; learning passes: batches of "
-        f"{args.train_batch_size}) | held-out: {held_ids.numel()} tokens, window {args.window}, "
+        f"{args.batch_size} x <= {args.max_length} tokens; learning passes: {learn_desc}) | held-out: {held_ids.numel()} tokens, window {args.window}, "
         f"stride {args.window // 2} | torch {torch.__version__}, {torch.get_num_threads()} threads"
     )
     print("| method | perplexity | x dense | FFN act. sparsity | wall s |")

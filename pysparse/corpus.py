@@ -8,6 +8,9 @@ so the two never share a sentence or even a topic.
 
     sentences("train")    ~1,000 sentences for calibration and training
     sentences("heldout")  ~200 sentences from other topics, for evaluation only
+    documents("train")    the training topics whole (prose, code samples and grammar as the
+                          documentation has them, ~95k SmolLM2 tokens), for learning passes that
+                          train on packed blocks of text (``pysparse.evaluate.pack_text``)
 """
 
 from __future__ import annotations
@@ -51,3 +54,28 @@ def sentences(split: str = "train", limit: int | None = None) -> list[str]:
         raise ValueError(f"corpus split must be 'train' or 'heldout', got {split!r}")
     out = list(_split()[split])
     return out if limit is None else out[:limit]
+
+
+@cache
+def _documents() -> dict[str, tuple[str, ...]]:
+    from pydoc_data.topics import topics
+
+    held = set(_split()["heldout"])
+    docs: dict[str, list[str]] = {"train": [], "heldout": []}
+    for i, key in enumerate(sorted(topics)):
+        part = "heldout" if i % 4 == 3 else "train"
+        paragraphs = topics[key].split("\n\n")
+        if part == "train":  # a paragraph that holds a held-out sentence stays out of training
+            paragraphs = [p for p in paragraphs if not any(s in " ".join(p.split()) for s in held)]
+        text = "\n\n".join(p.strip("\n") for p in paragraphs if p.strip())
+        if text:
+            docs[part].append(text)
+    return {k: tuple(v) for k, v in docs.items()}
+
+
+def documents(split: str = "train") -> list[str]:
+    """The topics of ``split`` whole, one string per topic, in a fixed order (the same topic split
+    as ``sentences``; a training paragraph holding a held-out sentence is dropped)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"corpus split must be 'train' or 'heldout', got {split!r}")
+    return list(_documents()[split])

@@ -274,6 +274,38 @@ def encode_sentences(
     return out
 
 
+def pack_text(
+    tokenizer: Any,
+    texts: Sequence[str],
+    block: int = 256,
+    batch_size: int = 4,
+    sep: str = "\n\n",
+) -> list[tuple[tuple, dict]]:
+    """``texts`` joined by ``sep``, tokenised once and cut into full blocks of ``block`` tokens,
+    ``batch_size`` blocks per batch (the last batch may hold fewer; a tail shorter than a block is
+    dropped). No padding: every token is real, and the context lengths are those that a sliding
+    window perplexity scores - the way to feed decoders' learning passes."""
+    if block < 2 or batch_size < 1:
+        raise ValueError(
+            f"pack_text: block must be >= 2 and batch_size >= 1, got {block}, {batch_size}"
+        )
+    ids = tokenizer(sep.join(texts), return_tensors="pt")["input_ids"][0]
+    n = ids.numel() // block
+    if n == 0:
+        raise ValueError(
+            f"pack_text: the text is {ids.numel()} tokens, shorter than one block of {block}; "
+            "give more text or a smaller block"
+        )
+    blocks = ids[: n * block].view(n, block)
+    return [
+        (
+            (blocks[i : i + batch_size].clone(),),
+            {"attention_mask": torch.ones_like(blocks[i : i + batch_size])},
+        )
+        for i in range(0, n, batch_size)
+    ]
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
