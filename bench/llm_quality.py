@@ -14,7 +14,9 @@ window of ``pysparse eval`` (256 tokens, stride 128). Rows (``--only`` picks by 
   sparsegpt (+ update)        SparseGPT with its OBS weight update
   proxsparse (mask only)      the learned mask, original weights under it
   proxsparse + reconstruct    the learned mask + SparseGPT's OBS update under it
-  proxsparse + N recovery     the learned mask + N masked fine-tune steps (--recover N)
+  sparsegpt + N recovery      SparseGPT with its update, then N masked distillation steps
+                              (passes.Recover, teacher: the dense model; --recover N)
+  proxsparse + reconstruct + N recovery    the same after the learned mask's reconstruction
   relu (no training)          SiLU -> ReLU in every FFN
   prosparse (staged + sweep)  ReLU, the sine-staged L1 schedule, FATReLU threshold sweep
   prosparse (fixed lambda)    ReLU, a constant lambda for the same steps
@@ -44,6 +46,7 @@ from pysparse.passes import (
     MagnitudePrune,
     ProSparse,
     ProxSparse,
+    Recover,
     ReluSubstitution,
     SparseGPTPrune,
     WandaPrune,
@@ -140,7 +143,16 @@ def main() -> None:
     p.add_argument("--lam1", type=float, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--objective", default=None, help="logit_kl | causal_lm (learning passes)")
-    p.add_argument("--recover", type=int, default=0, help="ProxSparse + N recovery steps row")
+    p.add_argument(
+        "--recover", type=int, default=0, help="rows: sparsegpt / proxsparse + N recovery steps"
+    )
+    p.add_argument("--recover-lr", type=float, default=5e-5)
+    p.add_argument(
+        "--init-mask",
+        default=None,
+        choices=("wanda", "sparsegpt"),
+        help="ProxSparse rows learn from W0 under this method's mask (default: from W0)",
+    )
     p.add_argument("--prosparse-steps", type=int, default=None)
     p.add_argument("--lam", type=float, default=None, help="ProSparse final lambda")
     p.add_argument("--prosparse-lr", type=float, default=None)
@@ -186,6 +198,7 @@ def main() -> None:
         return {"perplexity": round(ppl, 3), "sparsity": round(sum(sp) / len(sp), 4)}
 
     common = {"objective": args.objective, "autocast": args.autocast}
+    common_set = {k: v for k, v in common.items() if v is not None}
     prox = {
         k: v
         for k, v in (("steps", args.steps), ("lam1", args.lam1), ("lr", args.lr), *common.items())
@@ -204,8 +217,30 @@ def main() -> None:
     both_masks = {
         "sparsegpt": lambda: SparseGPTPrune(),
         "wanda": lambda: WandaPrune(),
-        "proxsparse": lambda: ProxSparse(data=train, reconstruct=True, **prox),
+        "proxsparse": lambda: proxsparse(reconstruct=True),
     }
+
+    def mask_of(method: str):
+        """The compiled model of a mask row run earlier, else compiled now."""
+        if method not in kept:
+            make = {"wanda": WandaPrune, "sparsegpt": lambda: SparseGPTPrune(update_weights=False)}
+            kept[method] = pysparse.compile(
+                model, [make[method]()], *example, calibration=calib, generation=False
+            )
+        return kept[method]
+
+    start = f", {args.init_mask} start" if args.init_mask else ""
+
+    def proxsparse(**kw):
+        if args.init_mask:
+            kw["init_mask"] = mask_of(args.init_mask)
+        return ProxSparse(data=train, **{**prox, **kw})
+
+    def recover():
+        return Recover(
+            data=train, steps=args.recover, lr=args.recover_lr, teacher=model, **common_set
+        )
+
     rows_def = {
         "dense": list,
         "magnitude": lambda: [MagnitudePrune()],
@@ -213,12 +248,12 @@ def main() -> None:
         "wanda (dense statistics)": lambda: [WandaPrune(sequential=False)],
         "sparsegpt (mask only)": lambda: [SparseGPTPrune(update_weights=False)],
         "sparsegpt (+ update)": lambda: [SparseGPTPrune()],
-        "proxsparse (mask only)": lambda: [ProxSparse(data=train, **prox)],
+        f"proxsparse (mask only{start})": lambda: [proxsparse()],
         # the learned masks of the row above when it ran (one training for both rows)
-        "proxsparse + reconstruct": lambda: [
-            SparseGPTPrune(mask_from=learned["model"])
-            if "model" in learned
-            else ProxSparse(data=train, reconstruct=True, **prox)
+        f"proxsparse + reconstruct{start}": lambda: [
+            SparseGPTPrune(mask_from=kept["proxsparse"])
+            if "proxsparse" in kept
+            else proxsparse(reconstruct=True)
         ],
         "relu (no training)": lambda: [ReluSubstitution()],
         "prosparse (staged + sweep)": lambda: [
@@ -244,8 +279,15 @@ def main() -> None:
         ],
     }
     if args.recover:
-        rows_def[f"proxsparse + {args.recover} recovery"] = lambda: [
-            ProxSparse(data=train, recover_steps=args.recover, **prox)
+        rows_def[f"sparsegpt (+ update) + {args.recover} recovery"] = lambda: [
+            SparseGPTPrune(),
+            recover(),
+        ]
+        rows_def[f"proxsparse + reconstruct + {args.recover} recovery{start}"] = lambda: [
+            SparseGPTPrune(mask_from=kept["proxsparse"])
+            if "proxsparse" in kept
+            else proxsparse(reconstruct=True),
+            recover(),
         ]
     if args.only:
         wanted = [w.strip() for w in args.only.split(",")]
@@ -260,7 +302,7 @@ def main() -> None:
     print("| method | perplexity | x dense | FFN act. sparsity | wall s |")
     print("|---|---:|---:|---:|---:|")
     results, dense_ppl = [], None
-    learned: dict = {}
+    kept: dict = {}  # compiled models later rows reuse: wanda, sparsegpt, proxsparse masks
     for name, make in rows_def.items():
         passes = make()
         t0 = time.perf_counter()
@@ -293,8 +335,13 @@ def main() -> None:
                 "report": report,
             }
         )
-        if name == "proxsparse (mask only)":
-            learned["model"] = target
+        for method, row in (
+            ("wanda", "wanda"),
+            ("sparsegpt", "sparsegpt (mask only)"),
+            ("proxsparse", f"proxsparse (mask only{start})"),
+        ):
+            if name == row:
+                kept[method] = target
         del target
     plot_frontier(results, out_dir)
     for r in results:

@@ -15,6 +15,7 @@ from .compress24 import Compress24
 from .lower import Lower
 from .prosparse import ProSparse
 from .proxsparse import ProxSparse
+from .recover import Recover
 from .relu import ReluSubstitution
 
 PASS_REGISTRY: dict[str, Callable[[], Pass]] = {
@@ -26,6 +27,7 @@ PASS_REGISTRY: dict[str, Callable[[], Pass]] = {
     "lower": Lower,
     "proxsparse": ProxSparse,
     "prosparse": ProSparse,
+    "recover": Recover,
 }
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "MagnitudePrune",
     "ProSparse",
     "ProxSparse",
+    "Recover",
     "ReluSubstitution",
     "SparseGPTPrune",
     "WandaPrune",

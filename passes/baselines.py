@@ -537,6 +537,39 @@ def sparsegpt_graph(
     )
 
 
+def masks_from(src: Any, gm: fx.GraphModule, targets: list, who: str) -> dict[str, torch.Tensor]:
+    """2:4 keep-masks (True = kept) for every target weight, read from ``src``: a model compiled by
+    a mask pass (the zero pattern of its weights) or a mapping weight name -> bool mask. Each mask
+    must have the weight's shape and keep at most 2 of every 4 along in_features, or along
+    out_features (down projections grouped along d_model)."""
+    if hasattr(src, "gm"):
+        src = {n: p.detach() != 0 for n, p in src.gm.named_parameters()}
+    if not isinstance(src, dict):
+        raise PassError(
+            f"{who}: masks must come from a compiled model or a mapping weight name -> bool "
+            f"mask, got {type(src).__name__}"
+        )
+    keep = {}
+    for _, info in targets:
+        name = info["weight"]
+        w = gm.get_parameter(name)
+        m = src.get(name)
+        if m is None or tuple(m.shape) != tuple(w.shape):
+            raise PassError(
+                f"{who}: the masks given have none of shape {tuple(w.shape)} for {name}"
+                + ("" if m is None else f" (got {tuple(m.shape)})")
+            )
+        m = m.to(torch.bool)
+        along_in = int(m.reshape(-1, 4).sum(-1).max()) <= 2
+        if not (along_in or (w.shape[0] % 4 == 0 and int(m.T.reshape(-1, 4).sum(-1).max()) <= 2)):
+            raise PassError(
+                f"{who}: the mask given for {name} keeps more than 2 of some group of 4; "
+                "give 2:4 masks"
+            )
+        keep[name] = m
+    return keep
+
+
 class SparseGPTPrune(Pass):
     """SparseGPT (with weight update by default; ``update_weights=False`` keeps the original
     weights under its mask), layer by layer: the calibration batches are carried through the graph
@@ -580,39 +613,6 @@ class SparseGPTPrune(Pass):
             s["mask_from"] = type(self.mask_from).__name__
         return s
 
-    def _masks(self, gm: fx.GraphModule, targets: list) -> dict[str, torch.Tensor] | None:
-        if self.mask_from is None:
-            return None
-        src = self.mask_from
-        if hasattr(src, "gm"):  # a compiled model: the zero pattern of its weights
-            src = {n: p.detach() != 0 for n, p in src.gm.named_parameters()}
-        if not isinstance(src, dict):
-            raise PassError(
-                "sparsegpt: mask_from must be a compiled model or a mapping weight name -> bool "
-                f"mask, got {type(src).__name__}"
-            )
-        keep = {}
-        for _, info in targets:
-            name = info["weight"]
-            w = gm.get_parameter(name)
-            m = src.get(name)
-            if m is None or tuple(m.shape) != tuple(w.shape):
-                raise PassError(
-                    f"sparsegpt: mask_from has no mask of shape {tuple(w.shape)} for {name}"
-                    + ("" if m is None else f" (got {tuple(m.shape)})")
-                )
-            m = m.to(torch.bool)
-            along_in = int(m.reshape(-1, 4).sum(-1).max()) <= 2
-            if not (
-                along_in or (w.shape[0] % 4 == 0 and int(m.T.reshape(-1, 4).sum(-1).max()) <= 2)
-            ):
-                raise PassError(
-                    f"sparsegpt: the mask_from mask of {name} keeps more than 2 of some group of "
-                    "4; give 2:4 masks"
-                )
-            keep[name] = m
-        return keep
-
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         targets, skipped = maskable_linears(gm)
         split = sparsegpt_graph(
@@ -623,7 +623,9 @@ class SparseGPTPrune(Pass):
             damp=self.damp,
             update_weights=self.update_weights,
             down_along=self.down_along,
-            keep=self._masks(gm, targets),
+            keep=None
+            if self.mask_from is None
+            else masks_from(self.mask_from, gm, targets, self.name),
         )
         for _, info in targets:
             info["masked"] = self.name

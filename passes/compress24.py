@@ -23,6 +23,7 @@ def packed_names(weight_target: str) -> tuple[str, str]:
 
 class Compress24(Pass):
     name = "compress24"
+    after = ("recover",)
     needs_one_of = MASK_PASSES
     preserves_numerics = True
 

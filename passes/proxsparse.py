@@ -17,9 +17,15 @@ weights are restored under it (``W0 * M``): only masks leave the pass (mask-only
 ``reconstruct=True`` then solves SparseGPT's OBS least-squares update of the original weights
 under the learned, fixed masks, layer by layer over the calibration batches (the reconstruction
 of SparseGPT with ProxSparse's mask; see passes.baselines.sparsegpt_graph): the kept weights
-change to compensate for the pruned ones, in closed form. ``recover_steps > 0`` adds a separate, clearly reported step that then trains the kept weights
-under the fixed mask with the same objective (masked distillation / fine-tuning) — not part of
-ProxSparse proper.
+change to compensate for the pruned ones, in closed form. ``recover_steps > 0`` adds a separate,
+clearly reported step that then trains the kept weights under the fixed mask with the same
+objective (masked distillation / fine-tuning) — not part of ProxSparse proper.
+
+``init_mask`` (a model compiled by another mask pass, e.g. Wanda's, or a mapping weight name ->
+bool mask) starts the learning from ``W0`` under that mask instead of from ``W0``: the prox and
+the objective then refine a mask that is already 2:4 (pruned weights can grow back where the
+objective wants them), and the report counts the groups the learning changed. ``R_frozen`` is
+still measured from the dense ``W0`` (zero at the start), and the final restore is ``W0 * M``.
 
 Objective: ``"logit_kl"`` (distillation to the dense model's next-token distributions) for
 decoders, distillation to the frozen original for encoders
@@ -46,7 +52,8 @@ from pysparse.objectives import DECODER_OBJECTIVES, Objective, default_objective
 from pysparse.pipeline import Pass, PassContext, PassError, PassResult
 from pysparse.train import TrainConfig, Trainer
 
-from .baselines import maskable_linears, sparsegpt_graph
+from .baselines import maskable_linears, masks_from, sparsegpt_graph
+from .recover import train_under_masks
 
 _log = logging.getLogger(__name__)
 
@@ -116,6 +123,7 @@ class ProxSparse(Pass):
         down_along: str = "d_ff",
         reconstruct: bool = False,
         autocast: str | None = None,
+        init_mask: Any = None,
     ):
         if down_along not in ("d_ff", "d_model"):
             raise ValueError(
@@ -140,10 +148,13 @@ class ProxSparse(Pass):
         self.down_along = down_along
         self.reconstruct = reconstruct
         self.autocast = autocast
+        self.init_mask = init_mask
 
     def settings(self) -> dict[str, Any]:
         s = super().settings()
         s.pop("data", None)
+        if self.init_mask is not None:
+            s["init_mask"] = type(self.init_mask).__name__
         if callable(self.objective):
             s["objective"] = getattr(self.objective, "__name__", "custom")
         return s
@@ -190,6 +201,12 @@ class ProxSparse(Pass):
         hp = self.tuned(objective.name)
         steps, lam1, lam2 = hp["steps"], hp["lam1"], hp["lam2"]
         w0 = {k: w.detach().clone() for k, w in weights.items()}
+        init = None
+        if self.init_mask is not None:
+            init = masks_from(self.init_mask, gm, targets, self.name)
+            with torch.no_grad():
+                for k, w in weights.items():
+                    w.mul_(init[k])
         for p in gm.parameters():  # only the prunable weights train
             p.requires_grad_(False)
 
@@ -198,7 +215,7 @@ class ProxSparse(Pass):
             metrics = {"task": float(task.detach())}
             if lam2 > 0:
                 reg = sum(frozen_regularizer(w, w0[k], self.eps) for k, w in weights.items())
-                metrics["r_frozen"] = float(reg)
+                metrics["r_frozen"] = float(reg.detach())
                 return task + lam2 * reg, metrics
             return task, metrics
 
@@ -248,12 +265,14 @@ class ProxSparse(Pass):
             "groups_24_stats": stats["stats_s"] / ran,
         }
         learned_24 = fraction_24([grouped(k, w) for k, w in weights.items()])
-        changed = 0
+        changed = moved = 0
         keep: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for k, w in weights.items():
                 m = top2_mask(grouped(k, w))
                 changed += int((m != top2_mask(grouped(k, w0[k]))).reshape(-1, 4).any(-1).sum())
+                if init is not None:
+                    moved += int((m != grouped(k, init[k])).reshape(-1, 4).any(-1).sum())
                 keep[k] = grouped(k, m)
                 w.copy_(w0[k] * keep[k])
         rebuilt = rebuilt_split = None
@@ -290,6 +309,9 @@ class ProxSparse(Pass):
             "last_loss": round(history[-1]["task"], 5) if history else None,
             "groups_24_before_hard_mask": round(learned_24, 4),
             "groups_differing_from_magnitude": round(changed / max(groups, 1), 4),
+            "groups_differing_from_init_mask": (
+                round(moved / max(groups, 1), 4) if init is not None else None
+            ),
             "weight_density": 0.5,
             "down_along": self.down_along,
             "grouped_along_out_features": len(along_out),
@@ -300,31 +322,16 @@ class ProxSparse(Pass):
             info_out["recover"] = self._recover(weights, batches, objective)
         return PassResult(gm, True, info_out)
 
-    def _recover(self, weights, batches, objective: Objective) -> dict[str, float]:
-        """Optional masked fine-tune of the kept weights (not ProxSparse proper): the same
-        objective (its distillation targets are the original model's, computed before learning),
-        the mask re-applied after every step."""
-        masks = {k: w.detach() != 0 for k, w in weights.items()}
-
-        def after(step: int, lr: float) -> dict[str, float]:
-            for k, w in weights.items():
-                w.data.mul_(masks[k])
-            return {}
-
-        hist = Trainer(
-            weights,
-            lambda b: (objective(b), {}),
-            batches,
-            TrainConfig(
-                steps=self.recover_steps,
-                lr=self.recover_lr,
-                checkpoint_dir=self._sub_dir("recover"),
-                checkpoint_every=self.checkpoint_every,
-                desc="proxsparse: recover",
-                accum=self.accum,
-                autocast=self.autocast,
-            ),
-            after_step=after,
-            fingerprint={"recover_of": self.settings()},
-        ).run()
-        return {"steps": self.recover_steps, "last_loss": round(hist[-1]["loss"], 5)}
+    def _recover(self, weights, batches, objective: Objective) -> dict[str, Any]:
+        """``recover_steps``: masked fine-tune of the kept weights (passes.recover; the teacher is
+        the dense graph the objective saw before learning)."""
+        cfg = TrainConfig(
+            steps=self.recover_steps,
+            lr=self.recover_lr,
+            checkpoint_dir=self._sub_dir("recover"),
+            checkpoint_every=self.checkpoint_every,
+            desc="proxsparse: recover",
+            accum=self.accum,
+            autocast=self.autocast,
+        )
+        return train_under_masks(weights, batches, objective, cfg, {"recover_of": self.settings()})

@@ -229,9 +229,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
         f"{len(batches)} batches; passes: {args.passes}"
     )
     t0 = time.perf_counter()
-    sm = pysparse.compile(
-        model, _passes(args.passes, args.set), batches[0][0], batches[0][1], calibration=batches
-    )
+    passes = _passes(args.passes, args.set)
+    for p in passes:  # recovery distils the dense model it was given (compile works on a copy)
+        if getattr(p, "name", None) == "recover" and p.teacher is None:
+            p.teacher = model
+    sm = pysparse.compile(model, passes, batches[0][0], batches[0][1], calibration=batches)
     for e in sm.report:
         extra = {k: v for k, v in e.items() if k not in ("pass", "settings", "modified", "seconds")}
         print(f"  {e['pass']:<11} {e['seconds']:>7.2f}s  {extra}")

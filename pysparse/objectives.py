@@ -127,19 +127,29 @@ class Objective:
         gm: fx.GraphModule,
         kind: str | Callable[[Any, Any], torch.Tensor],
         batches: Sequence[tuple[tuple, dict]],
+        teacher: Any = None,
     ):
+        """``teacher``: the model whose outputs the distillation objectives match (a module, or a
+        compiled model); by default ``gm`` itself, as it is now (before the pass changes it)."""
         self.gm = gm
         self.kind = kind
         self.teacher: dict[int, torch.Tensor] = {}
+
+        def run_teacher(b: tuple[tuple, dict]) -> Any:
+            if teacher is None:
+                return _call_graph(gm, *b)
+            with torch.no_grad():
+                return teacher(*b[0], **b[1])
+
         if kind in ("hidden_mse", "pooled_cosine"):
             for b in batches:  # the graph is still the original here
-                h = hidden_states(_call_graph(gm, *b)).detach()
+                h = hidden_states(run_teacher(b)).detach()
                 self.teacher[id(b)] = h if kind == "hidden_mse" else mean_pool(h, b)
         elif kind == "logit_kl":
             limit = float(os.environ.get("PYSPARSE_TEACHER_CACHE_GB", "12")) * 2**30
             size = 0
             for b in batches:
-                lp = torch.log_softmax(_logits(_call_graph(gm, *b), kind).float(), -1)
+                lp = torch.log_softmax(_logits(run_teacher(b), kind).float(), -1)
                 self.teacher[id(b)] = lp.to(torch.float16)
                 size += lp.numel() * 2
                 if size > limit:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from pysparse.passes import ProxSparse, SparseGPTPrune, WandaPrune
+from pysparse.passes import ProxSparse, Recover, SparseGPTPrune, WandaPrune
 from pysparse.passes.baselines import (
     CalibrationStream,
     maskable_linears,
@@ -273,8 +273,109 @@ def test_sparsegpt_mask_from_a_compiled_model_equals_proxsparse_reconstruct():
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     name = next(iter(a))
-    with pytest.raises(PassError, match=f"mask_from has no mask .* for {name}"):
+    with pytest.raises(PassError, match=f"masks given have none of shape .* for {name}"):
         pysparse.compile(model, [SparseGPTPrune(mask_from={})], *batches[0], calibration=batches)
     dense = {k: torch.ones_like(v, dtype=torch.bool) for k, v in a.items()}
     with pytest.raises(PassError, match="keeps more than 2 of some group of 4"):
         pysparse.compile(model, [SparseGPTPrune(mask_from=dense)], *batches[0], calibration=batches)
+
+
+def test_proxsparse_init_mask_starts_from_another_pass_masks():
+    """ProxSparse(init_mask=<Wanda's model>): with nothing learned (lr 1e-12, lam1 0) the masks and
+    weights are Wanda's exactly (a magnitude start would differ); with learning, the masks move
+    from Wanda's, the report counts it, and the weights are the original ones under them."""
+    model, batches = _llama(layers=2)
+    wanda = pysparse.compile(model, [WandaPrune()], *batches[0], calibration=batches)
+    still = pysparse.compile(
+        model,
+        [ProxSparse(data=batches, steps=2, lr=1e-12, lam1=0.0, lam2=0.0, init_mask=wanda)],
+        *batches[0],
+        calibration=batches,
+    )
+    a, b = _pruned_weights(wanda), _pruned_weights(still)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+    info = next(r for r in still.report if r["pass"] == "proxsparse")
+    assert info["groups_differing_from_init_mask"] == 0
+    assert info["groups_differing_from_magnitude"] > 0  # Wanda's masks are not magnitude's
+    moved = pysparse.compile(
+        model,
+        [ProxSparse(data=batches, steps=3, lr=5e-2, lam1=0.5, init_mask=wanda)],
+        *batches[0],
+        calibration=batches,
+    )
+    info = next(r for r in moved.report if r["pass"] == "proxsparse")
+    assert info["groups_differing_from_init_mask"] > 0
+    dense = dict(model.named_parameters())
+    for k, w in _pruned_weights(moved).items():
+        w0 = dense[k].detach()
+        kept = w != 0
+        torch.testing.assert_close(w[kept], w0[kept])
+        assert int(kept.reshape(-1, 4).sum(-1).max()) <= 2
+    with pytest.raises(PassError, match="masks given have none of shape"):
+        pysparse.compile(
+            model,
+            [ProxSparse(data=batches, steps=1, init_mask={})],
+            *batches[0],
+            calibration=batches,
+        )
+
+
+def _kl_to(model, sm, batches):
+    """Mean next-token KL of ``sm`` to ``model`` over the batches' real tokens."""
+    total = 0.0
+    with torch.no_grad():
+        for args, kw in batches:
+            t = torch.log_softmax(model(*args, **kw).logits.float(), -1)
+            s = torch.log_softmax(sm(*args, **kw).logits.float(), -1)
+            m = kw["attention_mask"].bool()
+            total += float((t.exp() * (t - s)).sum(-1)[m].mean())
+    return total / len(batches)
+
+
+def test_recover_trains_the_kept_weights_under_fixed_masks():
+    """Recover after Wanda: the zero pattern stays, the kept weights move, and the model gets
+    closer to its dense teacher on the training batches; without a teacher a distillation
+    objective is refused, and without a mask pass the pass cannot run."""
+    model, batches = _llama(layers=2)
+    wanda = pysparse.compile(model, [WandaPrune()], *batches[0], calibration=batches)
+    rec = pysparse.compile(
+        model,
+        [WandaPrune(), Recover(data=batches, steps=20, lr=1e-3, teacher=model)],
+        *batches[0],
+        calibration=batches,
+    )
+    a, b = _pruned_weights(wanda), _pruned_weights(rec)
+    for k in a:
+        assert torch.equal(a[k] != 0, b[k] != 0), k
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert _kl_to(model, rec, batches) < 0.5 * _kl_to(model, wanda, batches)
+    info = next(r for r in rec.report if r["pass"] == "recover")
+    assert info["objective"] == "logit_kl" and info["layers_trained"] == len(a)
+    flags = [p.requires_grad for p in rec.gm.parameters()]
+    assert flags == [p.requires_grad for p in wanda.gm.parameters()]  # put back as they were
+    with pytest.raises(PassError, match="pass teacher="):
+        pysparse.compile(
+            model, [WandaPrune(), Recover(data=batches, steps=1)], *batches[0], calibration=batches
+        )
+    with pytest.raises(PassError, match="needs one of"):
+        pysparse.compile(model, [Recover(data=batches, teacher=model)], *batches[0])
+
+
+def test_proxsparse_recover_steps_keep_the_learned_masks():
+    model, batches = _llama(layers=2)
+    kw = {"data": batches, "steps": 3, "lr": 1e-2, "lam1": 0.5}
+    plain = pysparse.compile(model, [ProxSparse(**kw)], *batches[0], calibration=batches)
+    rec = pysparse.compile(
+        model,
+        [ProxSparse(recover_steps=10, recover_lr=1e-3, **kw)],
+        *batches[0],
+        calibration=batches,
+    )
+    a, b = _pruned_weights(plain), _pruned_weights(rec)
+    for k in a:
+        assert torch.equal(a[k] != 0, b[k] != 0), k
+    assert _kl_to(model, rec, batches) < _kl_to(model, plain, batches)
+    info = next(r for r in rec.report if r["pass"] == "proxsparse")
+    assert info["recover"]["steps"] == 10 and info["recover"]["objective"] == "logit_kl"
