@@ -53,6 +53,7 @@ from pysparse.passes import (
 )
 from pysparse.passes.compress24 import Compress24
 from pysparse.passes.prosparse import Constant
+from runinfo import given
 
 import pysparse
 from pysparse.corpus import documents, sentences
@@ -197,23 +198,9 @@ def main() -> None:
         ppl = perplexity(GraphLM(gm), held_ids, args.window)
         return {"perplexity": round(ppl, 3), "sparsity": round(sum(sp) / len(sp), 4)}
 
-    common = {"objective": args.objective, "autocast": args.autocast}
-    common_set = {k: v for k, v in common.items() if v is not None}
-    prox = {
-        k: v
-        for k, v in (("steps", args.steps), ("lam1", args.lam1), ("lr", args.lr), *common.items())
-        if v is not None
-    }
-    pro = {
-        k: v
-        for k, v in (
-            ("steps", args.prosparse_steps),
-            ("lam", args.lam),
-            ("lr", args.prosparse_lr),
-            *common.items(),
-        )
-        if v is not None
-    }
+    common = given(objective=args.objective, autocast=args.autocast)
+    prox = given(steps=args.steps, lam1=args.lam1, lr=args.lr, **common)
+    pro = given(steps=args.prosparse_steps, lam=args.lam, lr=args.prosparse_lr, **common)
     both_masks = {
         "sparsegpt": lambda: SparseGPTPrune(),
         "wanda": lambda: WandaPrune(),
@@ -237,9 +224,7 @@ def main() -> None:
         return ProxSparse(data=train, **{**prox, **kw})
 
     def recover():
-        return Recover(
-            data=train, steps=args.recover, lr=args.recover_lr, teacher=model, **common_set
-        )
+        return Recover(data=train, steps=args.recover, lr=args.recover_lr, teacher=model, **common)
 
     rows_def = {
         "dense": list,

@@ -22,6 +22,7 @@ import time
 
 import torch
 from pysparse.passes import MagnitudePrune, ProxSparse, SparseGPTPrune, WandaPrune
+from runinfo import given
 
 import pysparse
 from pysparse.corpus import sentences
@@ -63,16 +64,7 @@ def main() -> None:
     held = encode_sentences(tok, texts, 64, 128)
     example = train[0]
 
-    prox_kw = {
-        k: v
-        for k, v in (
-            ("steps", args.steps),
-            ("lam1", args.lam1),
-            ("lr", args.lr),
-            ("objective", args.objective),
-        )
-        if v is not None
-    }
+    prox_kw = given(steps=args.steps, lam1=args.lam1, lr=args.lr, objective=args.objective)
     methods = {
         "magnitude": lambda: MagnitudePrune(),
         "wanda": lambda: WandaPrune(),

@@ -99,3 +99,9 @@ def packed_alignment(gm: torch.nn.Module) -> str:
     line = sum(p % 64 == 0 for p in ptrs) / len(ptrs)
     page = sum(p % 4096 == 0 for p in ptrs) / len(ptrs)
     return f"{len(ptrs)} bufs, {line:.0%} 64B / {page:.0%} 4K"
+
+
+def given(**settings):
+    """The settings a bench's command line gave (those not None), for a pass's keyword
+    arguments: what is not given stays the pass's default."""
+    return {k: v for k, v in settings.items() if v is not None}

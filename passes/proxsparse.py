@@ -207,7 +207,8 @@ class ProxSparse(Pass):
             with torch.no_grad():
                 for k, w in weights.items():
                     w.mul_(init[k])
-        for p in gm.parameters():  # only the prunable weights train
+        flags = {p: p.requires_grad for p in gm.parameters()}
+        for p in flags:  # only the prunable weights train (flags put back at the end)
             p.requires_grad_(False)
 
         def loss_fn(batch):
@@ -320,6 +321,8 @@ class ProxSparse(Pass):
         }
         if self.recover_steps > 0:
             info_out["recover"] = self._recover(weights, batches, objective)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
         return PassResult(gm, True, info_out)
 
     def _recover(self, weights, batches, objective: Objective) -> dict[str, Any]:
