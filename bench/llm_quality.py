@@ -142,6 +142,7 @@ def main() -> None:
     )
     p.add_argument("--steps", type=int, default=None, help="ProxSparse steps (default: pass's)")
     p.add_argument("--lam1", type=float, default=None)
+    p.add_argument("--lam2", type=float, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--objective", default=None, help="logit_kl | causal_lm (learning passes)")
     p.add_argument(
@@ -199,7 +200,7 @@ def main() -> None:
         return {"perplexity": round(ppl, 3), "sparsity": round(sum(sp) / len(sp), 4)}
 
     common = given(objective=args.objective, autocast=args.autocast)
-    prox = given(steps=args.steps, lam1=args.lam1, lr=args.lr, **common)
+    prox = given(steps=args.steps, lam1=args.lam1, lam2=args.lam2, lr=args.lr, **common)
     pro = given(steps=args.prosparse_steps, lam=args.lam, lr=args.prosparse_lr, **common)
     both_masks = {
         "sparsegpt": lambda: SparseGPTPrune(),

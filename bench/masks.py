@@ -64,7 +64,9 @@ def main() -> None:
     held = encode_sentences(tok, texts, 64, 128)
     example = train[0]
 
-    prox_kw = given(steps=args.steps, lam1=args.lam1, lr=args.lr, objective=args.objective)
+    prox_kw = given(
+        steps=args.steps, lam1=args.lam1, lam2=args.lam2, lr=args.lr, objective=args.objective
+    )
     methods = {
         "magnitude": lambda: MagnitudePrune(),
         "wanda": lambda: WandaPrune(),
