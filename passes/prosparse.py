@@ -50,7 +50,7 @@ from pysparse.objectives import (
     mean_pool,
 )
 from pysparse.pipeline import Pass, PassContext, PassError, PassResult, _call_graph
-from pysparse.train import TrainConfig, Trainer
+from pysparse.train import TrainConfig, Trainer, checkpoint_layers
 
 from .relu import set_activation
 
@@ -363,6 +363,7 @@ class ProSparse(Pass):
         autocast: str | None = None,
         monitor: Callable[[int, fx.GraphModule], dict[str, Any]] | None = None,
         monitor_every: int = 0,
+        activation_checkpointing: bool = False,
     ):
         if (
             threshold is not None
@@ -373,6 +374,7 @@ class ProSparse(Pass):
                 f"prosparse: threshold must be None, a number >= 0 or 'sweep', got {threshold!r}"
             )
         self.data = data
+        self.activation_checkpointing = activation_checkpointing
         self.steps, self.lam, self.lr = steps, lam, lr
         self.schedule = schedule or StagedSine.scaled(steps, lam)
         self.objective = objective
@@ -415,6 +417,8 @@ class ProSparse(Pass):
                     "prosparse: the model has NaN/Inf weights; fix the checkpoint first"
                 )
         reg = Regularizer(gm, self.schedule, mode="loss")
+        if self.activation_checkpointing:  # after every change to the graph training sees
+            objective.student = checkpoint_layers(gm)
 
         def loss_fn(batch):
             reg.set_mask(batch[1].get("attention_mask"))
@@ -478,6 +482,7 @@ class ProSparse(Pass):
             history = trainer.run()
         finally:
             reg.remove()
+            objective.student = gm  # the sweep changes the graph: the snapshot would not see it
         info: dict[str, Any] = {
             "objective": objective.name,
             "schedule": self.settings()["schedule"],

@@ -50,7 +50,7 @@ from torch import fx
 from pysparse import ops
 from pysparse.objectives import DECODER_OBJECTIVES, Objective, default_objective
 from pysparse.pipeline import Pass, PassContext, PassError, PassResult
-from pysparse.train import TrainConfig, Trainer
+from pysparse.train import TrainConfig, Trainer, checkpoint_layers
 
 from .baselines import maskable_linears, masks_from, sparsegpt_graph
 from .recover import train_under_masks
@@ -124,6 +124,7 @@ class ProxSparse(Pass):
         reconstruct: bool = False,
         autocast: str | None = None,
         init_mask: Any = None,
+        activation_checkpointing: bool = False,
     ):
         if down_along not in ("d_ff", "d_model"):
             raise ValueError(
@@ -138,6 +139,7 @@ class ProxSparse(Pass):
                 f"proxsparse: lam1 and lam2 must be finite and >= 0 (got {lam1}, {lam2})"
             )
         self.data = data
+        self.activation_checkpointing = activation_checkpointing
         self.steps, self.lr, self.lam1, self.lam2, self.eps = steps, lr, lam1, lam2, eps
         self.objective = objective
         self.prox_scale = prox_scale
@@ -198,6 +200,8 @@ class ProxSparse(Pass):
         batches = list(self.data) if self.data is not None else ctx.calibration_batches()
         kind = self.objective or default_objective(gm, batches[0])
         objective = Objective(gm, kind, batches)
+        if self.activation_checkpointing:  # after every change to the graph training sees
+            objective.student = checkpoint_layers(gm)
         hp = self.tuned(objective.name)
         steps, lam1, lam2 = hp["steps"], hp["lam1"], hp["lam2"]
         w0 = {k: w.detach().clone() for k, w in weights.items()}

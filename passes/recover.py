@@ -19,7 +19,7 @@ from torch import fx
 
 from pysparse.objectives import Objective, default_objective
 from pysparse.pipeline import MASK_PASSES, Pass, PassContext, PassError, PassResult
-from pysparse.train import TrainConfig, Trainer
+from pysparse.train import TrainConfig, Trainer, checkpoint_layers
 
 from .baselines import maskable_linears
 
@@ -81,10 +81,12 @@ class Recover(Pass):
         autocast: str | None = None,
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 50,
+        activation_checkpointing: bool = False,
     ):
         if steps < 1:
             raise ValueError(f"recover: steps must be >= 1, got {steps}")
         self.data, self.steps, self.lr, self.teacher = data, steps, lr, teacher
+        self.activation_checkpointing = activation_checkpointing
         self.objective = objective
         self.warmup, self.schedule, self.grad_clip = warmup, schedule, grad_clip
         self.accum, self.autocast = accum, autocast
@@ -116,6 +118,8 @@ class Recover(Pass):
             )
         teacher = getattr(self.teacher, "gm", self.teacher)
         objective = Objective(gm, kind, batches, teacher=teacher)
+        if self.activation_checkpointing:  # after every change to the graph training sees
+            objective.student = checkpoint_layers(gm)
         flags = {p: p.requires_grad for p in gm.parameters()}
         for p in flags:  # only the kept weights train
             p.requires_grad_(False)

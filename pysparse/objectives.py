@@ -132,6 +132,7 @@ class Objective:
         """``teacher``: the model whose outputs the distillation objectives match (a module, or a
         compiled model); by default ``gm`` itself, as it is now (before the pass changes it)."""
         self.gm = gm
+        self.student: Any = gm  # what the loss runs: gm, or checkpoint_layers(gm)
         self.kind = kind
         self.teacher: dict[int, torch.Tensor] = {}
 
@@ -170,7 +171,7 @@ class Objective:
         return self.kind if isinstance(self.kind, str) else getattr(self.kind, "__name__", "custom")
 
     def __call__(self, batch: tuple[tuple, dict]) -> torch.Tensor:
-        out = _call(self.gm, *batch)
+        out = _call(self.student, *batch)
         if callable(self.kind):
             return self.kind(out, batch)
         if self.kind == "logit_kl":

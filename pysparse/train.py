@@ -26,7 +26,9 @@ it parses JSON and copies tensor bytes; nothing in it is executed. A ``checkpoin
 older pysparse (a pickle) is refused without being opened.
 
 Memory: the optimiser state (two fp32 tensors per trained parameter) plus whatever the pass keeps;
-nothing else is copied.
+nothing else is copied. The activations kept for the backward pass are the model's;
+``checkpoint_layers(gm)`` trades them for recomputation, one transformer layer at a time (the
+learning passes' ``activation_checkpointing=True``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,49 @@ CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # the pickle format of earlier pysparse; refused unread
 _CHECKPOINT_FORMAT = "pysparse-checkpoint"
 _CHECKPOINT_VERSION = "1"
+
+
+class _Recomputed(torch.nn.Module):
+    """Runs ``inner`` keeping only its inputs for the backward pass; its intermediate values are
+    recomputed when the gradient reaches it (``torch.utils.checkpoint``, non-reentrant)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():
+            return self.inner(*args, **kwargs)
+        return torch.utils.checkpoint.checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
+
+
+def checkpoint_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The captured graph cut after every FFN down projection (one piece per transformer layer,
+    the embedding before the first and the head after the last FFN in their own pieces), each
+    piece run under activation checkpointing: a forward keeps only the values that cross a cut,
+    and the backward recomputes one layer at a time. Same parameters (shared, not copied), same
+    outputs and gradients as ``gm``; the graph is a snapshot of ``gm``'s, so make it after the
+    last change to the graph that training should see."""
+    from torch.fx.passes.split_module import split_module
+
+    ffns = gm.meta.get("pysparse", {}).get("ffns", [])
+    downs = {b["down"] for b in ffns}
+    if not downs:
+        raise ValueError(
+            "activation checkpointing cuts the graph after each FFN; this graph has none "
+            "annotated (train it without activation_checkpointing)"
+        )
+    cut, pieces = 0, {}
+    for n in gm.graph.nodes:
+        pieces[n] = cut
+        if n.name in downs:
+            cut += 1
+    split = split_module(gm, gm, lambda n: pieces[n], keep_original_order=True)
+    for name, child in list(split.named_children()):
+        if name.startswith("submod_"):
+            setattr(split, name, _Recomputed(child))
+    split.meta["pysparse"] = gm.meta["pysparse"]  # call_kwargs and annotations, shared
+    return split
 
 
 @dataclass

@@ -379,3 +379,74 @@ def test_proxsparse_recover_steps_keep_the_learned_masks():
     assert _kl_to(model, rec, batches) < _kl_to(model, plain, batches)
     info = next(r for r in rec.report if r["pass"] == "proxsparse")
     assert info["recover"]["steps"] == 10 and info["recover"]["objective"] == "logit_kl"
+
+
+def test_checkpoint_layers_same_loss_and_gradients_fewer_saved_activations():
+    """checkpoint_layers: the graph cut per layer under activation checkpointing gives the same
+    loss and gradients, shares the parameters, and keeps a fraction of the activations the
+    plain graph saves for backward (counted through saved-tensor hooks)."""
+    from pysparse.train import checkpoint_layers
+
+    model, batches = _llama(layers=4)
+    sm = pysparse.compile(model, [], *batches[0])
+    gm = sm.gm
+    ck = checkpoint_layers(gm)
+    params = list(gm.parameters())
+    assert {id(p) for p in ck.parameters()} == {id(p) for p in params}
+    from pysparse.pipeline import _call
+
+    def run(mod):
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        args, kw = batches[1]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = _call(mod, args, kw)
+        loss = out.logits.float().pow(2).mean() if hasattr(out, "logits") else out[0].pow(2).mean()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return loss.detach(), grads, sum(saved)
+
+    for p in params:
+        p.requires_grad_(True)
+    l0, g0, b0 = run(gm)
+    l1, g1, b1 = run(ck)
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    for a, b in zip(g0, g1):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert b1 < 0.5 * b0, (b1, b0)
+    with pytest.raises(ValueError, match="cuts the graph after each FFN"):
+        gm2 = pysparse.compile(torch.nn.Linear(8, 8), [], torch.randn(2, 8)).gm
+        checkpoint_layers(gm2)
+
+
+def test_learning_passes_with_activation_checkpointing_learn_the_same():
+    """ProSparse and Recover with activation_checkpointing=True end with the weights of the
+    plain runs (same arithmetic, recomputed)."""
+    from pysparse.passes import ProSparse, ReluSubstitution
+
+    model, batches = _llama(layers=2)
+    for passes in (
+        lambda ck: [
+            ReluSubstitution(),
+            ProSparse(
+                data=batches, steps=3, lr=1e-3, lam=0.5, threshold=None, activation_checkpointing=ck
+            ),
+        ],
+        lambda ck: [
+            WandaPrune(),
+            Recover(data=batches, steps=3, lr=1e-3, teacher=model, activation_checkpointing=ck),
+        ],
+    ):
+        a = pysparse.compile(model, passes(False), *batches[0], calibration=batches)
+        b = pysparse.compile(model, passes(True), *batches[0], calibration=batches)
+        pa, pb = dict(a.gm.named_parameters()), dict(b.gm.named_parameters())
+        for k, w in pa.items():
+            torch.testing.assert_close(pb[k], w, rtol=1e-5, atol=1e-6)
+        dense = dict(model.named_parameters())
+        assert any(not torch.equal(w, dense[k]) for k, w in pb.items())  # it did train
+        assert a.report[-1]["pass"] == b.report[-1]["pass"]
