@@ -1,6 +1,7 @@
 """2:4 masks on the real all-MiniLM-L6-v2: magnitude, Wanda, SparseGPT (mask only, and with its
 weight update), ProxSparse (mask only; its learned mask + SparseGPT's OBS weight update; and
-optionally + a masked recovery fine-tune), all on
+optionally SparseGPT / the learned mask + reconstruction, then a masked recovery fine-tune
+distilling the dense model, ``passes.Recover``), all on
 the same calibration/training text, all evaluated on the same held-out sentences (different
 topics of pysparse.corpus, never seen by any method), every prunable linear (36) at 2:4.
 
@@ -21,7 +22,7 @@ import os
 import time
 
 import torch
-from pysparse.passes import MagnitudePrune, ProxSparse, SparseGPTPrune, WandaPrune
+from pysparse.passes import MagnitudePrune, ProxSparse, Recover, SparseGPTPrune, WandaPrune
 from runinfo import given
 
 import pysparse
@@ -47,7 +48,13 @@ def main() -> None:
         default="heldout",
         help="validation = training-split sentences 768-1023 (never trained on): for tuning",
     )
-    p.add_argument("--recover", type=int, default=0, help="also run ProxSparse + N recovery steps")
+    p.add_argument(
+        "--recover",
+        type=int,
+        default=0,
+        help="also rows: sparsegpt / proxsparse + reconstruct, then N masked distillation steps",
+    )
+    p.add_argument("--recover-lr", type=float, default=5e-5)
     p.add_argument("--only", default=None, help="comma-separated subset of methods")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -67,23 +74,34 @@ def main() -> None:
     prox_kw = given(
         steps=args.steps, lam1=args.lam1, lam2=args.lam2, lr=args.lr, objective=args.objective
     )
+
+    def reconstructed():
+        """The masks the mask-only row learned (when it ran) + SparseGPT's OBS update under them:
+        one training serves every ProxSparse row."""
+        if "model" in learned:
+            return SparseGPTPrune(mask_from=learned["model"])
+        return ProxSparse(data=train, reconstruct=True, **prox_kw)
+
+    def recover():
+        return Recover(data=train, steps=args.recover, lr=args.recover_lr, teacher=model)
+
     methods = {
-        "magnitude": lambda: MagnitudePrune(),
-        "wanda": lambda: WandaPrune(),
-        "sparsegpt (mask only)": lambda: SparseGPTPrune(update_weights=False),
-        "sparsegpt (+ weight update)": lambda: SparseGPTPrune(update_weights=True),
-        "proxsparse (mask only)": lambda: ProxSparse(data=train, **prox_kw),
-        # the masks the row above learned, SparseGPT's OBS update under them (one training)
-        "proxsparse + reconstruct": lambda: (
-            SparseGPTPrune(mask_from=learned["model"])
-            if "model" in learned
-            else ProxSparse(data=train, reconstruct=True, **prox_kw)
-        ),
+        "magnitude": lambda: [MagnitudePrune()],
+        "wanda": lambda: [WandaPrune()],
+        "sparsegpt (mask only)": lambda: [SparseGPTPrune(update_weights=False)],
+        "sparsegpt (+ weight update)": lambda: [SparseGPTPrune(update_weights=True)],
+        "proxsparse (mask only)": lambda: [ProxSparse(data=train, **prox_kw)],
+        "proxsparse + reconstruct": lambda: [reconstructed()],
     }
     if args.recover:
-        methods[f"proxsparse + {args.recover} recovery steps"] = lambda: ProxSparse(
-            data=train, recover_steps=args.recover, **prox_kw
-        )
+        methods[f"sparsegpt (+ weight update) + {args.recover} recovery steps"] = lambda: [
+            SparseGPTPrune(),
+            recover(),
+        ]
+        methods[f"proxsparse + reconstruct + {args.recover} recovery steps"] = lambda: [
+            reconstructed(),
+            recover(),
+        ]
     if args.only:
         keep = [m.strip() for m in args.only.split(",")]
         methods = {k: v for k, v in methods.items() if any(k.startswith(x) for x in keep)}
@@ -100,10 +118,10 @@ def main() -> None:
     learned: dict = {}
     for name, make in methods.items():
         t0 = time.perf_counter()
-        sm = pysparse.compile(model, [make()], *example, calibration=train, check_numerics=False)
+        sm = pysparse.compile(model, make(), *example, calibration=train, check_numerics=False)
         secs = time.perf_counter() - t0
         q = encoder_quality(sm, model, held)
-        rows.append({"method": name, **q, "seconds": round(secs, 1), "report": sm.report[-1]})
+        rows.append({"method": name, **q, "seconds": round(secs, 1), "report": sm.report})
         if name == "proxsparse (mask only)":
             learned["model"] = sm
         print(
