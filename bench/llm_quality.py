@@ -52,7 +52,7 @@ from pysparse.passes import (
     WandaPrune,
 )
 from pysparse.passes.compress24 import Compress24
-from pysparse.passes.prosparse import Constant
+from pysparse.passes.prosparse import DECODER_DEFAULTS, Constant
 from runinfo import given
 
 import pysparse
@@ -254,7 +254,7 @@ def main() -> None:
         ],
         "prosparse (fixed lambda)": lambda: [
             ReluSubstitution(),
-            ProSparse(data=train, schedule=Constant(args.lam or ProSparse().lam), **pro),
+            ProSparse(data=train, schedule=Constant(args.lam or DECODER_DEFAULTS["lam"]), **pro),
         ],
         "both": lambda: [
             ReluSubstitution(),

@@ -330,13 +330,31 @@ def set_threshold(gm: fx.GraphModule, t: float) -> None:
 
 
 # ---- the pass -----------------------------------------------------------------------------------
+# Defaults by model kind (``ProSparse.tuned``). Encoders: bench/prosparse.py on MiniLM (150 steps,
+# final lambda 0.5 and the sweep: 86% at 0.969 held-out cosine). Decoders: bench/llm_quality.py on
+# SmolLM2-135M, 4 x 256 packed tokens a step (see its "prosparse" row and issue 14's note);
+# bf16 autocast where the CPU multiplies bf16 natively (AVX512-BF16 / AMX: 1.5x the fp32 step).
+ENCODER_DEFAULTS = {"steps": 150, "lam": 0.5, "lr": 1e-4, "autocast": None}
+DECODER_DEFAULTS = {"steps": 500, "lam": 1.5, "lr": 2e-4, "autocast": "bf16"}
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (else bf16 autocast is emulated, slower)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
 class ProSparse(Pass):
     """Fine-tunes a ReLU-substituted model with the sine-staged L1 penalty on x1, then shifts the
     activation threshold (FATReLU): ``threshold="sweep"`` (the default) picks the largest
     threshold whose quality drop on a validation slice of the data (``val_fraction``) stays within
-    ``max_quality_drop``; a number sets it; None keeps plain ReLU. Defaults fit MiniLM-sized
-    encoders on 2 CPU cores (bench/prosparse.py: 150 steps, final lambda 0.5 and the sweep reach
-    86% activation sparsity at 0.969 held-out cosine; without the sweep 79%)."""
+    ``max_quality_drop``; a number sets it; None keeps plain ReLU. steps / lam / lr /
+    autocast left as None take the defaults of the model kind (``tuned``): encoders
+    ``ENCODER_DEFAULTS`` (MiniLM, 2 CPU cores: 150 steps, final lambda 0.5 and the sweep reach 86%
+    activation sparsity at 0.969 held-out cosine; without the sweep 79%), decoders
+    ``DECODER_DEFAULTS`` (SmolLM2-135M; meant for packed text, ``pysparse.evaluate.pack_text``)."""
 
     name = "prosparse"
     after = ("relu",)
@@ -345,10 +363,10 @@ class ProSparse(Pass):
     def __init__(
         self,
         data: Sequence[tuple[tuple, dict]] | None = None,
-        steps: int = 150,
-        lam: float = 0.5,
+        steps: int | None = None,
+        lam: float | None = None,
         schedule: Callable[[int], float] | None = None,
-        lr: float = 1e-4,
+        lr: float | None = None,
         objective: str | Callable[[Any, Any], torch.Tensor] | None = None,
         threshold: float | str | None = "sweep",
         max_quality_drop: float = 0.01,
@@ -376,7 +394,7 @@ class ProSparse(Pass):
         self.data = data
         self.activation_checkpointing = activation_checkpointing
         self.steps, self.lam, self.lr = steps, lam, lr
-        self.schedule = schedule or StagedSine.scaled(steps, lam)
+        self.schedule = schedule
         self.objective = objective
         self.threshold = threshold
         self.max_quality_drop = max_quality_drop
@@ -389,10 +407,26 @@ class ProSparse(Pass):
 
     def settings(self) -> dict[str, Any]:
         s = super().settings()
-        s["schedule"] = getattr(self.schedule, "describe", lambda: repr(self.schedule))()
+        if self.schedule is not None:
+            s["schedule"] = getattr(self.schedule, "describe", lambda: repr(self.schedule))()
         if callable(self.objective):
             s["objective"] = getattr(self.objective, "__name__", "custom")
         return s
+
+    def tuned(self, objective: str) -> dict[str, Any]:
+        """steps / lam / lr / autocast and the schedule: the ones given, else the defaults of the
+        model kind (``DECODER_DEFAULTS`` when the objective is a decoder's, else
+        ``ENCODER_DEFAULTS``; decoders' bf16 autocast only on a CPU with native bf16)."""
+        base = dict(DECODER_DEFAULTS if objective in DECODER_OBJECTIVES else ENCODER_DEFAULTS)
+        if base["autocast"] and not native_bf16():
+            base["autocast"] = None
+        steps = self.steps
+        if steps is None and getattr(self.schedule, "total_steps", None):
+            steps = self.schedule.total_steps  # a staged schedule of the user's sets the length
+        given = {"steps": steps, "lam": self.lam, "lr": self.lr, "autocast": self.autocast}
+        hp = {k: base[k] if v is None else v for k, v in given.items()}
+        hp["schedule"] = self.schedule or StagedSine.scaled(hp["steps"], hp["lam"])
+        return hp
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ffns = gm.meta["pysparse"]["ffns"]
@@ -416,7 +450,9 @@ class ProSparse(Pass):
                 raise PassError(
                     "prosparse: the model has NaN/Inf weights; fix the checkpoint first"
                 )
-        reg = Regularizer(gm, self.schedule, mode="loss")
+        hp = self.tuned(objective.name)
+        schedule = hp["schedule"]
+        reg = Regularizer(gm, schedule, mode="loss")
         if self.activation_checkpointing:  # after every change to the graph training sees
             objective.student = checkpoint_layers(gm)
 
@@ -464,8 +500,8 @@ class ProSparse(Pass):
                 loss_fn,
                 batches,
                 TrainConfig(
-                    steps=self.steps,
-                    lr=self.lr,
+                    steps=hp["steps"],
+                    lr=hp["lr"],
                     warmup=self.warmup,
                     schedule=self.lr_schedule,
                     grad_clip=self.grad_clip,
@@ -473,11 +509,16 @@ class ProSparse(Pass):
                     checkpoint_every=self.checkpoint_every,
                     desc="prosparse",
                     accum=self.accum,
-                    autocast=self.autocast,
+                    autocast=hp["autocast"],
                 ),
                 after_step=after_step,
                 state=(state, set_state),
-                fingerprint={**self.settings(), "objective": objective.name},
+                fingerprint={
+                    **self.settings(),
+                    **{k: v for k, v in hp.items() if k != "schedule"},
+                    "schedule": schedule.describe() if hasattr(schedule, "describe") else "custom",
+                    "objective": objective.name,
+                },
             )
             history = trainer.run()
         finally:
@@ -485,9 +526,11 @@ class ProSparse(Pass):
             objective.student = gm  # the sweep changes the graph: the snapshot would not see it
         info: dict[str, Any] = {
             "objective": objective.name,
-            "schedule": self.settings()["schedule"],
-            "steps": self.steps,
-            "final_lambda": round(self.schedule(self.steps), 6),
+            "schedule": getattr(schedule, "describe", lambda: repr(schedule))(),
+            "steps": hp["steps"],
+            "lr": hp["lr"],
+            "autocast": hp["autocast"],
+            "final_lambda": round(schedule(hp["steps"]), 6),
             "seconds_training": round(time.perf_counter() - t0 - spent["monitor"], 1),
             "tokens_per_second": round(trainer.tokens_per_second(), 1),
             "train_sparsity_last": round(history[-1]["sparsity"], 4) if history else None,
@@ -505,7 +548,7 @@ class ProSparse(Pass):
             f"{self.checkpoint_dir}/prosparse.png" if self.checkpoint_dir else None
         )
         if plot:
-            info["plot"] = plot_history(history, self.schedule, plot)
+            info["plot"] = plot_history(history, schedule, plot)
         return PassResult(gm, True, info)
 
     def _sweep(self, gm: fx.GraphModule, objective: Objective, val: list) -> dict[str, Any]:

@@ -350,3 +350,21 @@ def test_monitor_sees_the_plain_relu_graph_during_training():
     assert [r["step"] for r in rows] == [2, 4, 6]
     assert rows[0]["train_seconds"] <= rows[1]["train_seconds"] <= rows[2]["train_seconds"]
     assert rows[-1]["sparsity"] > rows[0]["sparsity"]  # the penalty at work (lam 50)
+
+
+def test_defaults_by_model_kind_and_given_values_win():
+    from pysparse.passes.prosparse import DECODER_DEFAULTS, ENCODER_DEFAULTS, native_bf16
+
+    dec = ProSparse().tuned("logit_kl")
+    assert {k: dec[k] for k in ("steps", "lam", "lr")} == {
+        k: DECODER_DEFAULTS[k] for k in ("steps", "lam", "lr")
+    }
+    assert dec["autocast"] == ("bf16" if native_bf16() else None)
+    assert dec["schedule"].total_steps == DECODER_DEFAULTS["steps"]
+    assert dec["schedule"](DECODER_DEFAULTS["steps"]) == pytest.approx(DECODER_DEFAULTS["lam"])
+    enc = ProSparse().tuned("hidden_mse")
+    assert {k: enc[k] for k in ENCODER_DEFAULTS} == ENCODER_DEFAULTS
+    mine = ProSparse(steps=7, lam=0.2, lr=3e-3, autocast="bf16").tuned("causal_lm")
+    assert (mine["steps"], mine["lam"], mine["lr"], mine["autocast"]) == (7, 0.2, 3e-3, "bf16")
+    staged = StagedSine([(0.0, 10), (0.1, 40)])
+    assert ProSparse(schedule=staged).tuned("hidden_mse")["steps"] == 40
