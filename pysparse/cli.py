@@ -208,25 +208,23 @@ def cmd_compile(args: argparse.Namespace) -> int:
     model, tok, src = _load_hf(args.model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    from pysparse.corpus import documents, sentences
+    from pysparse.evaluate import encode_sentences, pack_text
+
     if args.calib:
         texts = _calibration_text(args.calib)
+    elif args.pack:  # the corpus's training topics whole (see pysparse.corpus)
+        texts = documents("train")
     else:  # the training part of the corpus that ships with Python (see pysparse.corpus)
-        from pysparse.corpus import sentences
-
         texts = sentences("train", args.calib_lines)
-    batches = []
-    for i in range(0, len(texts), args.batch_size):
-        enc = tok(
-            texts[i : i + args.batch_size],
-            padding=True,
-            truncation=True,
-            max_length=args.max_length,
-            return_tensors="pt",
-        )
-        batches.append(((enc["input_ids"],), {"attention_mask": enc["attention_mask"]}))
+    if args.pack:
+        batches = pack_text(tok, texts, args.pack, args.batch_size)
+    else:
+        batches = encode_sentences(tok, texts, args.batch_size, args.max_length)
     print(
-        f"model {src.describe()} ({type(model).__name__}); calibration: {len(texts)} lines in "
-        f"{len(batches)} batches; passes: {args.passes}"
+        f"model {src.describe()} ({type(model).__name__}); calibration: {len(texts)} "
+        f"{'texts packed into blocks of ' + str(args.pack) + ' tokens' if args.pack else 'lines'} "
+        f"in {len(batches)} batches; passes: {args.passes}"
     )
     t0 = time.perf_counter()
     passes = _passes(args.passes, args.set)
@@ -392,6 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=64)
+    p.add_argument(
+        "--pack",
+        type=int,
+        default=0,
+        metavar="N",
+        help="cut the text into full blocks of N tokens, --batch-size blocks a batch, no padding "
+        "(how decoders' learning passes train best; without --calib the text is the corpus's "
+        "training topics whole, pysparse.corpus.documents)",
+    )
     p.add_argument(
         "--out", default="pysparse-out", help="artifact directory (default: %(default)s)"
     )

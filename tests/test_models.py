@@ -84,3 +84,50 @@ def test_compiled_smollm2_generates_what_hugging_face_generates(smollm2, passes)
     assert torch.equal(ours, theirs), (tok.decode(ours[0]), tok.decode(theirs[0]))
     if passes == ["lower"]:
         assert tok.decode(ours[0, enc["input_ids"].shape[1] :]).strip().startswith("Paris")
+
+
+@needs_smollm2
+def test_cli_packs_text_and_recover_distils_the_loaded_model(tmp_path):
+    """`pysparse compile smollm2 --pack N --passes magnitude,recover`: the text is cut into full
+    blocks of N tokens, and the recovery pass gets the loaded (dense) model as its teacher."""
+    import subprocess
+    import sys
+
+    from pysparse.corpus import sentences
+
+    text = tmp_path / "text.txt"
+    text.write_text("\n".join(sentences("train", 40)))
+    art = tmp_path / "art"
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pysparse.cli",
+            "compile",
+            "smollm2",
+            "--calib",
+            str(text),
+            "--pack",
+            "128",
+            "--batch-size",
+            "2",
+            "--passes",
+            "magnitude,recover",
+            "--set",
+            "recover.steps=2",
+            "--out",
+            str(art),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "texts packed into blocks of 128 tokens" in res.stdout
+    report = (
+        json.loads((art / "report.json").read_text()) if (art / "report.json").exists() else None
+    )
+    m = pysparse.load(art)
+    rec = next(r for r in m.report if r["pass"] == "recover")
+    assert rec["objective"] == "logit_kl" and rec["steps"] == 2 and rec["layers_trained"] == 210
