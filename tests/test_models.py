@@ -125,9 +125,6 @@ def test_cli_packs_text_and_recover_distils_the_loaded_model(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "texts packed into blocks of 128 tokens" in res.stdout
-    report = (
-        json.loads((art / "report.json").read_text()) if (art / "report.json").exists() else None
-    )
     m = pysparse.load(art)
     rec = next(r for r in m.report if r["pass"] == "recover")
     assert rec["objective"] == "logit_kl" and rec["steps"] == 2 and rec["layers_trained"] == 210
