@@ -265,14 +265,14 @@ def main() -> None:
         ],
     }
     if args.recover:
-        rows_def[f"sparsegpt (+ update) + {args.recover} recovery"] = lambda: [
-            SparseGPTPrune(),
-            recover(),
-        ]
         rows_def[f"proxsparse + reconstruct + {args.recover} recovery{start}"] = lambda: [
             SparseGPTPrune(mask_from=kept["proxsparse"])
             if "proxsparse" in kept
             else proxsparse(reconstruct=True),
+            recover(),
+        ]
+        rows_def[f"sparsegpt (+ update) + {args.recover} recovery"] = lambda: [
+            SparseGPTPrune(),
             recover(),
         ]
     if args.only:
