@@ -552,7 +552,8 @@ class ProSparse(Pass):
         return PassResult(gm, True, info)
 
     def _sweep(self, gm: fx.GraphModule, objective: Objective, val: list) -> dict[str, Any]:
-        """Largest FATReLU threshold whose quality drop on ``val`` stays within the bound:
+        """Largest FATReLU threshold, rising along a grid until the first candidate whose quality
+        drop on ``val`` leaves the bound (a larger threshold only zeroes more):
         encoders (distillation): mean cosine to the original's embeddings may fall by at most
         ``max_quality_drop``; decoders: the LM loss may rise by at most that fraction; a callable
         objective of the user's: its own value, likewise."""
@@ -591,8 +592,9 @@ class ProSparse(Pass):
                     "ok": ok,
                 }
             )
-            if ok:
-                chosen = t
+            if not ok:  # larger thresholds only zero more: the first miss ends the sweep
+                break
+            chosen = t
         set_threshold(gm, chosen)
         return {
             "metric": metric,
