@@ -55,6 +55,12 @@ def main() -> None:
         help="also rows: sparsegpt / proxsparse + reconstruct, then N masked distillation steps",
     )
     p.add_argument("--recover-lr", type=float, default=5e-5)
+    p.add_argument(
+        "--init-mask",
+        choices=["wanda", "sparsegpt"],
+        default=None,
+        help="ProxSparse rows learn from W0 under this method's mask (default: from W0)",
+    )
     p.add_argument("--only", default=None, help="comma-separated subset of methods")
     p.add_argument("--json", default=None)
     args = p.parse_args()
@@ -70,28 +76,44 @@ def main() -> None:
     texts = sentences("heldout") if args.eval_on == "heldout" else sentences("train")[768:1024]
     held = encode_sentences(tok, texts, 64, 128)
     example = train[0]
+    kept: dict = {}  # compiled models of the mask rows, by method: init masks and reconstruction
 
     prox_kw = given(
         steps=args.steps, lam1=args.lam1, lam2=args.lam2, lr=args.lr, objective=args.objective
     )
 
+    def mask_of(method: str):
+        """The compiled model of a mask row run earlier, else compiled now."""
+        if method not in kept:
+            make = {"wanda": WandaPrune, "sparsegpt": lambda: SparseGPTPrune(update_weights=False)}
+            kept[method] = pysparse.compile(
+                model, [make[method]()], *example, calibration=train, check_numerics=False
+            )
+        return kept[method]
+
+    def proxsparse(**kw):
+        if args.init_mask:
+            kw["init_mask"] = mask_of(args.init_mask)
+        return ProxSparse(data=train, **{**prox_kw, **kw})
+
     def reconstructed():
         """The masks the mask-only row learned (when it ran) + SparseGPT's OBS update under them:
         one training serves every ProxSparse row."""
-        if "model" in learned:
-            return SparseGPTPrune(mask_from=learned["model"])
-        return ProxSparse(data=train, reconstruct=True, **prox_kw)
+        if "proxsparse" in kept:
+            return SparseGPTPrune(mask_from=kept["proxsparse"])
+        return proxsparse(reconstruct=True)
 
     def recover():
         return Recover(data=train, steps=args.recover, lr=args.recover_lr, teacher=model)
 
+    start = f", {args.init_mask} start" if args.init_mask else ""
     methods = {
         "magnitude": lambda: [MagnitudePrune()],
         "wanda": lambda: [WandaPrune()],
         "sparsegpt (mask only)": lambda: [SparseGPTPrune(update_weights=False)],
         "sparsegpt (+ weight update)": lambda: [SparseGPTPrune(update_weights=True)],
-        "proxsparse (mask only)": lambda: [ProxSparse(data=train, **prox_kw)],
-        "proxsparse + reconstruct": lambda: [reconstructed()],
+        f"proxsparse (mask only{start})": lambda: [proxsparse()],
+        f"proxsparse + reconstruct{start}": lambda: [reconstructed()],
     }
     if args.recover:
         methods[f"sparsegpt (+ weight update) + {args.recover} recovery steps"] = lambda: [
@@ -115,15 +137,15 @@ def main() -> None:
     print("| method | mean cosine | min cosine | Spearman (pairwise sim.) | wall s |")
     print("|---|---:|---:|---:|---:|")
     rows = []
-    learned: dict = {}
     for name, make in methods.items():
         t0 = time.perf_counter()
         sm = pysparse.compile(model, make(), *example, calibration=train, check_numerics=False)
         secs = time.perf_counter() - t0
         q = encoder_quality(sm, model, held)
         rows.append({"method": name, **q, "seconds": round(secs, 1), "report": sm.report})
-        if name == "proxsparse (mask only)":
-            learned["model"] = sm
+        for kind in ("wanda", "sparsegpt (mask only)", "proxsparse (mask only"):
+            if name.startswith(kind):
+                kept[kind.split(" ")[0]] = sm
         print(
             f"| {name} | {q['mean_cosine_to_dense']:.4f} | {q['min_cosine_to_dense']:.4f} | "
             f"{q['spearman_pairwise_similarity']:.4f} | {secs:.1f} |",

@@ -84,7 +84,7 @@ def observe_linear_inputs(
         observers.append(obs)
     gm.recompile()
     try:
-        for args, kwargs in track(ctx.calibration_batches(), desc, unit="batch"):
+        for args, kwargs in track(ctx.data_for(desc), desc, unit="batch"):
             try:
                 _call_graph(gm, args, kwargs)
             except _Observed:
@@ -278,8 +278,11 @@ class CalibrationStream:
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         signature = inspect.signature(gm.forward)
         fixed = gm.meta.get("pysparse", {}).get("call_kwargs", {})
+        spec = gm.meta.get("pysparse", {}).get("inputs")  # batches laid out as the original's call
         self.envs: list[dict[fx.Node, Any]] = []
         for args, kwargs in batches:
+            if spec is not None:
+                args, kwargs = spec.bind(args, kwargs)
             bound = signature.bind(*args, **{**fixed, **kwargs})
             bound.apply_defaults()
             flat = gm.graph.process_inputs(*bound.args, **bound.kwargs)
@@ -392,7 +395,7 @@ def prune_by_groups(
         groups.setdefault(info.get("layer"), []).append((node, info))
     index = {n: i for i, n in enumerate(gm.graph.nodes)}
     order = sorted(groups.values(), key=lambda g: min(index[n] for n, _ in g))
-    stream = CalibrationStream(gm, batches or ctx.calibration_batches(), desc)
+    stream = CalibrationStream(gm, ctx.data_for(desc, batches or None), desc)
     solve = 0.0
     for k, group in enumerate(track(order, f"{desc}: layers", unit="layer")):
         stats = stream.observe([n for n, _ in group], fold)

@@ -434,7 +434,7 @@ class ProSparse(Pass):
             raise PassError("prosparse: the model has no FFN block")
         if any(b.get("act_op") not in ("relu", "fatrelu") for b in ffns):
             raise PassError("prosparse: run ReluSubstitution ('relu') first; FFNs are not ReLU")
-        batches = list(self.data) if self.data is not None else ctx.calibration_batches()
+        batches = ctx.data_for(self.name, self.data)
         val: list = []
         if self.threshold == "sweep":
             n_val = max(1, int(len(batches) * self.val_fraction)) if len(batches) > 1 else 0

@@ -197,7 +197,7 @@ class ProxSparse(Pass):
                 raise PassError(
                     f"proxsparse: weight {name} contains NaN or Inf; fix the checkpoint first"
                 )
-        batches = list(self.data) if self.data is not None else ctx.calibration_batches()
+        batches = ctx.data_for(self.name, self.data)
         kind = self.objective or default_objective(gm, batches[0])
         objective = Objective(gm, kind, batches)
         if self.activation_checkpointing:  # after every change to the graph training sees

@@ -109,7 +109,7 @@ class Recover(Pass):
                 "recover: no linear is 2:4-masked; run a mask pass (magnitude, wanda, sparsegpt, "
                 "proxsparse) before it"
             )
-        batches = list(self.data) if self.data is not None else ctx.calibration_batches()
+        batches = ctx.data_for(self.name, self.data)
         kind = self.objective or default_objective(gm, batches[0])
         if isinstance(kind, str) and kind != "causal_lm" and self.teacher is None:
             raise PassError(

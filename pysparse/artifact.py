@@ -86,6 +86,7 @@ from safetensors.torch import save_file as _st_save
 
 import pysparse
 from pysparse.generate import CacheSpec, Generates, drop_input_checks, export_step
+from pysparse.inputs import InputSpec
 from pysparse.pipeline import SparseModel
 from pysparse.pt2check import UnsafeProgramError, check_program
 from pysparse.trace import _drop_guard_module, export_module
@@ -375,6 +376,7 @@ def save(sm: SparseModel, directory: str | os.PathLike, tokenizer: Any = None) -
             "model": meta.get("model", {}),
             "passes": sm.report,
             "call_kwargs": meta.get("call_kwargs", {}),
+            "inputs": meta["inputs"].to_dict() if meta.get("inputs") else None,
             "output_names": wrapper.output_names,
             "example_args": [_spec(a) for a in sm.example_args],
             "example_kwargs": {k: _spec(v) for k, v in sm.example_kwargs.items()},
@@ -432,6 +434,9 @@ class LoadedModel(Generates, torch.nn.Module):
         self.example_args: tuple = ()
         self.example_kwargs: dict = {}
         self.root: Path | None = None
+        self.inputs: InputSpec | None = (
+            None  # the manifest's input record (None: an artifact saved before it)
+        )
 
     @property
     def tokenizer(self) -> Any:
@@ -448,6 +453,8 @@ class LoadedModel(Generates, torch.nn.Module):
         return self._tokenizer
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.inputs is not None:  # called like the original model (pysparse.inputs)
+            args, kwargs = self.inputs.bind(args, kwargs)
         out = self.module(*args, **kwargs)
         names = self.manifest.get("output_names")
         if names and isinstance(out, (tuple, list)) and len(names) == len(out):
@@ -573,7 +580,16 @@ def load(directory: str | os.PathLike) -> LoadedModel:
             cache_spec = CacheSpec.from_dict(generation.get("cache") or {})
         except Exception as exc:
             raise ArtifactError(f"{mpath}: {exc}; re-save the model") from exc
+    inputs = None
+    if manifest.get("inputs") is not None:
+        try:
+            inputs = InputSpec.from_dict(manifest["inputs"])
+        except ValueError as exc:
+            raise ArtifactError(
+                f"{mpath} is corrupt (its input record); re-save the model"
+            ) from exc
     loaded = LoadedModel(modules[PROGRAM], manifest, modules.get(STEP_PROGRAM), cache_spec)
+    loaded.inputs = inputs
     loaded.root = root
     if EXAMPLES in files:
         loaded.example_args, loaded.example_kwargs = _unpack_inputs(root / EXAMPLES)

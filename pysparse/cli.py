@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -239,7 +240,24 @@ def cmd_compile(args: argparse.Namespace) -> int:
     sm.gm.meta["pysparse"].setdefault("model", {})["source"] = src.spec
     out = pysparse.save(sm, args.out, tokenizer=tok)
     print(f"compiled in {time.perf_counter() - t0:.1f}s; artifact: {out}")
+    if not args.no_eval:
+        _quality_summary(sm, model, tok)
     return 0
+
+
+def _quality_summary(sm: Any, model: Any, tok: Any) -> None:
+    """Ends a compile with what the user needs to trust the artifact: held-out quality against
+    the dense original, sparsity, and the speed-up measured here (``pysparse.evaluate``)."""
+    from pysparse.corpus import sentences
+    from pysparse.evaluate import encode_sentences, evaluate, speedup, summary
+
+    t0 = time.perf_counter()
+    print("evaluating on held-out text against the dense original (--no-eval skips) ...")
+    result = evaluate(sm, tok, model)
+    batch = encode_sentences(tok, sentences("heldout"), 8, 64)[0]
+    speed = speedup(sm, model, batch)
+    print(summary(result, sm.report, speed))
+    print(f"(evaluated in {time.perf_counter() - t0:.1f}s; details: pysparse eval DIR)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -401,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--out", default="pysparse-out", help="artifact directory (default: %(default)s)"
+    )
+    p.add_argument(
+        "--no-eval",
+        action="store_true",
+        help="skip the closing held-out quality / sparsity / speed-up summary",
     )
     p.set_defaults(func=cmd_compile)
     p = sub.add_parser("export", help="export a saved artifact")

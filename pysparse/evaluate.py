@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import statistics
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -350,6 +352,65 @@ def evaluate(
             result["activation_sparsity_per_layer"] = [round(s, 4) for s in per_layer]
             result["activation_sparsity"] = round(sum(per_layer) / len(per_layer), 4)
     return result
+
+
+def speedup(
+    model: Any, reference: Any, batch: tuple[tuple, dict], repeats: int = 7
+) -> dict[str, Any]:
+    """Forward latency of ``model`` and of ``reference`` (the dense original) on ``batch``, runs
+    interleaved after one warm-up each (a noisy machine slows both alike), medians in ms."""
+    args, kwargs = batch
+    times: dict[str, list[float]] = {"model": [], "reference": []}
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            for name, m in (("reference", reference), ("model", model)):
+                t0 = time.perf_counter()
+                m(*args, **kwargs)
+                if i:  # the first run of each is the warm-up
+                    times[name].append(time.perf_counter() - t0)
+    dense, ours = (statistics.median(times[k]) * 1e3 for k in ("reference", "model"))
+    ids = args[0] if args else kwargs.get("input_ids")
+    return {
+        "dense_ms": round(dense, 2),
+        "compiled_ms": round(ours, 2),
+        "speedup": round(dense / ours, 3),
+        "batch_shape": list(ids.shape) if isinstance(ids, torch.Tensor) else None,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def summary(result: dict[str, Any], report: Sequence[dict[str, Any]], speed: dict | None) -> str:
+    """The lines a compile ends with: quality against the dense original on held-out text, weight
+    and activation sparsity, and the measured speed-up."""
+    if result["kind"] == "decoder":
+        ppl = f"perplexity {result['perplexity']:.2f}"
+        if "perplexity_dense" in result:
+            ratio = result["perplexity"] / result["perplexity_dense"]
+            ppl += f" (dense {result['perplexity_dense']:.2f}, {ratio:.2f}x)"
+        quality = f"{ppl} on {result['tokens']} held-out tokens"
+    else:
+        quality = (
+            f"mean cosine to the dense original {result['mean_cosine_to_dense']:.3f} "
+            f"(lowest {result['min_cosine_to_dense']:.3f}), Spearman of pairwise similarities "
+            f"{result['spearman_pairwise_similarity']:.3f}, on held-out sentences"
+        )
+    masked = [e for e in report if "layers_pruned" in e]
+    weights = (
+        f"2:4 on {masked[-1]['layers_pruned']} linears (half their weights zero)"
+        if masked
+        else "dense (no 2:4 pass)"
+    )
+    act = result.get("activation_sparsity")
+    acts = f"{act:.1%} of FFN activations zero" if act is not None else "no activation sparsity"
+    lines = [f"quality: {quality}", f"sparsity: weights {weights}; {acts}"]
+    if speed:
+        shape = "x".join(str(d) for d in speed["batch_shape"] or [])
+        lines.append(
+            f"speed: {speed['speedup']:.2f}x the dense model ({speed['compiled_ms']:.1f} ms vs "
+            f"{speed['dense_ms']:.1f} ms a forward, batch {shape}, {speed['threads']} threads, "
+            "median of interleaved runs on this machine)"
+        )
+    return "\n".join(lines)
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ import torch
 from torch import fx
 
 from pysparse.generate import CacheSpec, Generates, GenerationError, capture_step
+from pysparse.inputs import split_example
 
 _log = logging.getLogger(__name__)
 
@@ -52,6 +53,53 @@ class PassContext:
 
     def calibration_batches(self) -> list[tuple[tuple, dict]]:
         return self.calibration or [(self.example_args, self.example_kwargs)]
+
+    def data_for(self, who: str, data: Any = None) -> list[tuple[tuple, dict]]:
+        """The batches a data pass learns or calibrates on: its own ``data`` when given, else the
+        calibration batches; warns (once per pass) when they hold fewer than
+        ``MIN_CALIBRATION_TOKENS`` tokens, with the count and how to pass more."""
+        batches = list(data) if data is not None else self.calibration_batches()
+        n = count_tokens(batches)
+        if n is not None and n < MIN_CALIBRATION_TOKENS:
+            source = (
+                "its data="
+                if data is not None
+                else "the calibration batches"
+                if self.calibration
+                else "the example inputs alone (no calibration= given)"
+            )
+            _log.warning(
+                "%s: %s hold only %d tokens (fewer than %d): statistics and training on so little "
+                "text fit it and not the model's use; pass more text: calibration=[(args, kwargs), "
+                "...] to pysparse.compile (or tokenizer=tok for pysparse.corpus's training text), "
+                "or the pass's data=",
+                who,
+                source,
+                n,
+                MIN_CALIBRATION_TOKENS,
+            )
+        return batches
+
+
+# Fewer tokens than this in a data pass's batches draws a warning (the CLI's default calibration,
+# 256 corpus sentences, holds ~5-6k tokens; the reference Wanda / SparseGPT setting is 128 x 2048).
+MIN_CALIBRATION_TOKENS = 4096
+
+
+def count_tokens(batches: Sequence[tuple[tuple, dict]]) -> int | None:
+    """Real (unpadded) tokens in token-id batches: the attention mask's sum where there is one,
+    else the ids' size; None when the batches are not token ids (e.g. float features)."""
+    n = 0
+    for args, kwargs in batches:
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor):
+            ids = args[0]
+        if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
+            return None
+        mask = kwargs.get("attention_mask")
+        ok = isinstance(mask, torch.Tensor) and mask.shape == ids.shape
+        n += int(mask.sum()) if ok else ids.numel()
+    return n
 
 
 class Pass:
@@ -199,8 +247,14 @@ def order_passes(passes: Sequence[Pass]) -> list[Pass]:
 
 
 def _call(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
-    """Calls a captured graph with the keyword arguments its capture fixed (e.g. use_cache)."""
-    return gm(*args, **{**gm.meta.get("pysparse", {}).get("call_kwargs", {}), **kwargs})
+    """Calls a captured graph the way the original model is called (``pysparse.inputs``: inputs
+    moved to their captured places, ones that change nothing dropped), with the keyword arguments
+    its capture fixed (e.g. use_cache)."""
+    meta = gm.meta.get("pysparse", {})
+    spec = meta.get("inputs")
+    if spec is not None:
+        args, kwargs = spec.bind(args, kwargs)
+    return gm(*args, **{**meta.get("call_kwargs", {}), **kwargs})
 
 
 def _call_graph(gm: fx.GraphModule, args: tuple, kwargs: dict) -> Any:
@@ -292,7 +346,8 @@ class PassManager:
                         "(pysparse eval) before relying on it",
                         msg,
                     )
-            _log.info(
+            # DEBUG: the report holds the same facts, and the CLI prints the report
+            _log.debug(
                 "pass %s: modified=%s in %.2fs %s",
                 p.name,
                 result.modified,
@@ -360,7 +415,7 @@ def resolve_passes(passes: Sequence[Pass | str]) -> list[Pass]:
 def compile(
     model: torch.nn.Module,
     passes: Sequence[Pass | str] = ("relu", "magnitude", "compress24", "lower"),
-    example_inputs: tuple | torch.Tensor | None = None,
+    example_inputs: tuple | torch.Tensor | Mapping | None = None,
     example_kwargs: dict | None = None,
     *,
     calibration: list[tuple[tuple, dict]] | None = None,
@@ -368,13 +423,16 @@ def compile(
     check_numerics: bool = True,
     generation: bool | None = None,
     max_cache_len: int | None = None,
+    tokenizer: Any = None,
 ) -> SparseModel:
     """Captures ``model``, runs ``passes`` (objects or names) and returns a runnable SparseModel.
 
     Args:
         model: any nn.Module (Hugging Face models included).
         passes: pass objects or names ("relu", "magnitude", "wanda", "compress24", "lower").
-        example_inputs / example_kwargs: inputs for capture and numeric spot checks.
+        example_inputs / example_kwargs: inputs for capture and numeric spot checks: a tensor,
+            a tuple, or a mapping of keyword inputs (``tokenizer(texts, return_tensors="pt")``).
+            The compiled model is then called like the original (``pysparse.inputs``).
         calibration: batches ``[(args, kwargs), ...]`` for data-driven passes (Wanda); default the
             example inputs.
         copy_model: capture a deep copy so the caller's weights are never modified.
@@ -386,14 +444,26 @@ def compile(
             False: never.
         max_cache_len: the default KV-cache limit of ``generate`` (prompt + new tokens); default
             the model's ``max_position_embeddings``.
+        tokenizer: the model's (Hugging Face) tokenizer: without ``calibration``, data passes
+            calibrate and train on ``pysparse.corpus``'s training text (256 lines, the CLI's
+            default), and the example inputs default to its first batch; ``pysparse.save`` stores
+            it with the artifact.
     """
     from pysparse.trace import trace
 
     pass_objs = resolve_passes(passes)
     manager = PassManager(pass_objs)  # validates the order before any expensive work
+    if tokenizer is not None and calibration is None:
+        from pysparse.corpus import sentences
+        from pysparse.evaluate import encode_sentences
+
+        calibration = encode_sentences(tokenizer, sentences("train", 256), 8, 64)
+    if example_inputs is None and example_kwargs is None and calibration:
+        example_inputs, example_kwargs = calibration[0]
     if copy_model:
         model = copy.deepcopy(model)
-    gm = trace(model, example_inputs, example_kwargs)
+    args, kwargs = split_example(example_inputs, example_kwargs)
+    gm = trace(model, args, kwargs)
     step = None
     if generation or (generation is None and _is_decoder(model)):
         t0 = time.perf_counter()
@@ -404,19 +474,17 @@ def compile(
             if generation:
                 raise
             _log.warning("%s; the compiled model will not generate", exc)
-    args = (
-        (example_inputs,)
-        if isinstance(example_inputs, torch.Tensor)
-        else tuple(example_inputs or ())
-    )
     ctx = PassContext(
         example_args=args,
-        example_kwargs=dict(example_kwargs or {}),
+        example_kwargs=kwargs,
         calibration=list(calibration or []),
         check_numerics=check_numerics,
     )
     gm = manager.run(gm, ctx, mirrors=[step] if step is not None else [])
-    return SparseModel(gm, manager.report, args, dict(example_kwargs or {}), step=step)
+    sm = SparseModel(gm, manager.report, args, kwargs, step=step)
+    if tokenizer is not None:
+        sm.tokenizer = tokenizer
+    return sm
 
 
 def _has_fatrelu(gm: fx.GraphModule) -> bool:

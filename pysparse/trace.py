@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import fx
 
+from pysparse.inputs import InputSpec, split_example
+
 _log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
@@ -378,7 +380,8 @@ def trace(
 
     Args:
         model: an ``nn.Module`` (a Hugging Face model or any other).
-        example_inputs: positional example inputs (a tensor or a tuple).
+        example_inputs: positional example inputs (a tensor or a tuple), or a mapping of keyword
+            inputs (a tokenizer's output: the ``model(**inputs)`` habit).
         example_kwargs: keyword example inputs (e.g. ``attention_mask``).
         copy_model: capture a deep copy, so passes never touch the caller's parameters.
 
@@ -389,12 +392,8 @@ def trace(
     if copy_model:
         model = copy.deepcopy(model)
     model.eval()
-    args = (
-        (example_inputs,)
-        if isinstance(example_inputs, torch.Tensor)
-        else tuple(example_inputs or ())
-    )
-    kwargs = _prepare_kwargs(model, example_kwargs)
+    args, kwargs = split_example(example_inputs, example_kwargs)
+    kwargs = _prepare_kwargs(model, kwargs)
     try:
         ep = export_module(model, args, kwargs)
     except Exception as exc:  # export raises many types; all mean "not capturable as given"
@@ -408,9 +407,9 @@ def trace(
     gm = ep.module()
     _drop_guard_module(gm)
     annotate(gm)
-    gm.meta["pysparse"]["call_kwargs"] = {
-        k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)
-    }
+    fixed = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+    gm.meta["pysparse"]["call_kwargs"] = fixed
+    gm.meta["pysparse"]["inputs"] = InputSpec.capture(model, args, kwargs, fixed)
     gm.meta["pysparse"]["model"] = _model_record(model)
     n_ffn = len(gm.meta["pysparse"]["ffns"])
     n_lin = sum(1 for i in gm.meta["pysparse"]["linears"].values() if i["prunable"])

@@ -32,8 +32,20 @@ def test_compile_default_model_then_load_and_export(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "compiled in" in res.stdout and "lower" in res.stdout
+    # the closing summary: quality against the original, sparsity, measured speed-up
+    quality = next(line for line in res.stdout.splitlines() if line.startswith("quality: "))
+    cosine = float(quality.split("mean cosine to the dense original ")[1].split()[0])
+    assert 0.2 < cosine < 0.99, quality  # ReLU + Wanda 2:4 with no training: far from 1
+    assert "sparsity: weights 2:4 on 36 linears" in res.stdout
+    assert "FFN activations zero" in res.stdout and "x the dense model" in res.stdout
+    assert "modified=" not in res.stderr  # each pass is reported once, in the table
     m = pysparse.load(tmp_path / "art")
     assert [e["pass"] for e in m.report] == ["relu", "wanda", "compress24", "lower"]
+    enc = m.tokenizer(
+        ["a first sentence", "and a second, longer one"], padding=True, return_tensors="pt"
+    )
+    assert set(enc) == {"input_ids", "token_type_ids", "attention_mask"}
+    assert m(**enc).last_hidden_state.shape[:2] == enc["input_ids"].shape  # the HF habit
     ids = torch.randint(0, 1000, (3, 11))
     out = m(ids, attention_mask=torch.ones(3, 11, dtype=torch.long))  # other shapes than compiled
     assert out.last_hidden_state.shape == (3, 11, 384)
@@ -80,6 +92,7 @@ def test_compile_proxsparse_then_eval(tmp_path):
         "proxsparse.lam1=1.0",
         "--calib-lines",
         "16",
+        "--no-eval",
         "--out",
         str(art),
         cwd=tmp_path,
@@ -120,6 +133,7 @@ def test_compile_relu_prosparse_reports_sparsity(tmp_path):
         'prosparse.threshold="sweep"',
         "--calib-lines",
         "48",
+        "--no-eval",
         "--out",
         str(art),
         cwd=tmp_path,

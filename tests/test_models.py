@@ -115,6 +115,7 @@ def test_cli_packs_text_and_recover_distils_the_loaded_model(tmp_path):
             "magnitude,recover",
             "--set",
             "recover.steps=2",
+            "--no-eval",
             "--out",
             str(art),
         ],
