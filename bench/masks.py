@@ -120,7 +120,7 @@ def main() -> None:
             SparseGPTPrune(),
             recover(),
         ]
-        methods[f"proxsparse + reconstruct + {args.recover} recovery steps"] = lambda: [
+        methods[f"proxsparse + reconstruct{start} + {args.recover} recovery steps"] = lambda: [
             reconstructed(),
             recover(),
         ]

@@ -499,17 +499,8 @@ class ProSparse(Pass):
                 params,
                 loss_fn,
                 batches,
-                TrainConfig(
-                    steps=hp["steps"],
-                    lr=hp["lr"],
-                    warmup=self.warmup,
-                    schedule=self.lr_schedule,
-                    grad_clip=self.grad_clip,
-                    checkpoint_dir=self.checkpoint_dir,
-                    checkpoint_every=self.checkpoint_every,
-                    desc="prosparse",
-                    accum=self.accum,
-                    autocast=hp["autocast"],
+                TrainConfig.for_pass(
+                    self, hp["steps"], hp["lr"], schedule=self.lr_schedule, autocast=hp["autocast"]
                 ),
                 after_step=after_step,
                 state=(state, set_state),

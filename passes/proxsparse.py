@@ -241,18 +241,7 @@ class ProxSparse(Pass):
             return {"groups_24": stats["groups_24"]}
 
         t0 = time.perf_counter()
-        cfg = TrainConfig(
-            steps=steps,
-            lr=hp["lr"],
-            warmup=self.warmup,
-            schedule=self.schedule,
-            grad_clip=self.grad_clip,
-            accum=self.accum,
-            checkpoint_dir=self._sub_dir("learn"),
-            checkpoint_every=self.checkpoint_every,
-            desc="proxsparse",
-            autocast=self.autocast,
-        )
+        cfg = TrainConfig.for_pass(self, steps, hp["lr"], checkpoint_dir=self._sub_dir("learn"))
         trainer = Trainer(
             weights,
             loss_fn,
@@ -332,13 +321,14 @@ class ProxSparse(Pass):
     def _recover(self, weights, batches, objective: Objective) -> dict[str, Any]:
         """``recover_steps``: masked fine-tune of the kept weights (passes.recover; the teacher is
         the dense graph the objective saw before learning)."""
-        cfg = TrainConfig(
-            steps=self.recover_steps,
-            lr=self.recover_lr,
+        cfg = TrainConfig.for_pass(
+            self,
+            self.recover_steps,
+            self.recover_lr,
             checkpoint_dir=self._sub_dir("recover"),
-            checkpoint_every=self.checkpoint_every,
             desc="proxsparse: recover",
-            accum=self.accum,
-            autocast=self.autocast,
+            warmup=0.1,
+            schedule="linear",
+            grad_clip=1.0,
         )
         return train_under_masks(weights, batches, objective, cfg, {"recover_of": self.settings()})

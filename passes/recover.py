@@ -124,18 +124,7 @@ class Recover(Pass):
         for p in flags:  # only the kept weights train
             p.requires_grad_(False)
         weights = {info["weight"]: gm.get_parameter(info["weight"]) for info in masked}
-        cfg = TrainConfig(
-            steps=self.steps,
-            lr=self.lr,
-            warmup=self.warmup,
-            schedule=self.schedule,
-            grad_clip=self.grad_clip,
-            accum=self.accum,
-            checkpoint_dir=self.checkpoint_dir,
-            checkpoint_every=self.checkpoint_every,
-            desc="recover",
-            autocast=self.autocast,
-        )
+        cfg = TrainConfig.for_pass(self, self.steps, self.lr)
         try:
             info = train_under_masks(weights, batches, objective, cfg, self.settings())
         finally:

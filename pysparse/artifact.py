@@ -323,8 +323,16 @@ class Outputs(dict):
         return tuple(self.values())
 
 
-def save(sm: SparseModel, directory: str | os.PathLike, tokenizer: Any = None) -> Path:
+def save(
+    sm: SparseModel,
+    directory: str | os.PathLike,
+    tokenizer: Any = None,
+    files: dict[str, str | bytes] | None = None,
+) -> Path:
     """Writes ``sm`` (from ``pysparse.compile``) to ``directory`` atomically; returns the path.
+
+    ``files``: more files to keep in the artifact, by name (listed and checksummed like the
+    rest; the CLI keeps the recipe it ran as ``recipe.yaml``).
 
     ``tokenizer`` (default ``sm.tokenizer`` when set): a Hugging Face tokenizer whose files are
     stored under ``tokenizer/``. An existing artifact directory is replaced only after the new one
@@ -362,6 +370,10 @@ def save(sm: SparseModel, directory: str | os.PathLike, tokenizer: Any = None) -
         _st_save(ex_tensors, str(tmp / EXAMPLES), metadata={"layout": json.dumps(ex_layout)})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / TOKENIZER))
+        for name, data in (files or {}).items():
+            if "/" in name or name.startswith(".") or (tmp / name).exists() or name == MANIFEST:
+                raise ArtifactError(f"save: extra file name {name!r} is taken or not a plain name")
+            (tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
         meta = sm.gm.meta.get("pysparse", {})
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         # mkdtemp and some writers create owner-only entries: give the artifact the permissions

@@ -138,10 +138,11 @@ def _demo_model() -> bool:
         a = dense(*args, **kwargs).last_hidden_state
         b = sparse(*args, **kwargs).last_hidden_state
         o = model(*args, **kwargs).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    pool = lambda h: (h * mask).sum(1) / mask.sum(1)
+    from pysparse.objectives import mean_pool
+
     err = (a - b).abs().max().item()
-    cos = torch.nn.functional.cosine_similarity(pool(o), pool(b)).mean().item()
+    pooled = [mean_pool(h, (args, kwargs)) for h in (o, b)]
+    cos = torch.nn.functional.cosine_similarity(*pooled).mean().item()
     print(
         f"  masked-dense vs compiled sparse: max abs err {err:.2e} (output scale {a.abs().max():.2f})"
     )
@@ -172,11 +173,9 @@ def _calibration_text(path: str) -> list[str]:
     return lines
 
 
-def _passes(names: str, settings: list[str]) -> list:
-    """Pass objects from ``--passes a,b`` and ``--set a.key=value`` (value parsed as JSON when it
-    is JSON, else kept as a string)."""
-    from pysparse.passes import PASS_REGISTRY
-
+def _pass_list(names: str, settings: list[str]) -> list[tuple[str, dict]]:
+    """``(name, settings)`` from ``--passes a,b`` and ``--set a.key=value`` (value parsed as JSON
+    when it is JSON, else kept as a string)."""
     names_list = [n.strip() for n in names.split(",") if n.strip()]
     kwargs: dict[str, dict] = {n: {} for n in names_list}
     for item in settings or []:
@@ -191,17 +190,34 @@ def _passes(names: str, settings: list[str]) -> list:
         except json.JSONDecodeError:
             value = raw
         kwargs[pname][field] = value
-    out = []
-    for n in names_list:
-        factory = PASS_REGISTRY.get(n)
-        if factory is None:
-            out.append(n)  # pysparse.compile names the unknown pass and lists the known ones
-            continue
-        try:
-            out.append(factory(**kwargs[n]))
-        except TypeError as exc:
-            raise RuntimeError(f"--set for pass {n!r}: {exc}") from exc
-    return out
+    return [(n, kwargs[n]) for n in names_list]
+
+
+def _recipe(args: argparse.Namespace) -> Any:
+    """The recipe this compile runs: ``--recipe``, else ``--passes``/``--set``, else the default
+    recipe; calibration flags given on the command line override the recipe's."""
+    from pysparse.recipes import DEFAULT, Recipe, RecipeError, load_recipe
+
+    if args.recipe and (args.passes or args.set):
+        raise RuntimeError("give --recipe or --passes/--set, not both")
+    try:
+        if args.passes:
+            recipe = Recipe(_pass_list(args.passes, args.set), origin="--passes")
+        elif args.set:
+            raise RuntimeError("--set needs --passes (or write the settings into a recipe)")
+        else:
+            recipe = load_recipe(args.recipe or DEFAULT)
+    except RecipeError as exc:
+        raise RuntimeError(str(exc)) from exc
+    flags = {
+        "text": args.calib,
+        "lines": args.calib_lines,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "pack": args.pack,
+    }
+    recipe.calibration.update({k: v for k, v in flags.items() if v is not None})
+    return recipe
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -212,23 +228,29 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from pysparse.corpus import documents, sentences
     from pysparse.evaluate import encode_sentences, pack_text
 
-    if args.calib:
-        texts = _calibration_text(args.calib)
-    elif args.pack:  # the corpus's training topics whole (see pysparse.corpus)
+    recipe = _recipe(args)
+    cal = recipe.calibration
+    if cal["text"] != "corpus":
+        texts = _calibration_text(cal["text"])
+    elif cal["pack"]:  # the corpus's training topics whole (see pysparse.corpus)
         texts = documents("train")
     else:  # the training part of the corpus that ships with Python (see pysparse.corpus)
-        texts = sentences("train", args.calib_lines)
-    if args.pack:
-        batches = pack_text(tok, texts, args.pack, args.batch_size)
+        texts = sentences("train", cal["lines"])
+    if cal["pack"]:
+        batches = pack_text(tok, texts, cal["pack"], cal["batch_size"])
     else:
-        batches = encode_sentences(tok, texts, args.batch_size, args.max_length)
+        batches = encode_sentences(tok, texts, cal["batch_size"], cal["max_length"])
     print(
         f"model {src.describe()} ({type(model).__name__}); calibration: {len(texts)} "
-        f"{'texts packed into blocks of ' + str(args.pack) + ' tokens' if args.pack else 'lines'} "
-        f"in {len(batches)} batches; passes: {args.passes}"
+        f"{'texts packed into blocks of ' + str(cal['pack']) + ' tokens' if cal['pack'] else 'lines'} "
+        f"in {len(batches)} batches; recipe {recipe.origin}: "
+        f"{','.join(n for n, _ in recipe.passes)}"
     )
     t0 = time.perf_counter()
-    passes = _passes(args.passes, args.set)
+    try:
+        passes = recipe.build()
+    except ValueError as exc:
+        raise RuntimeError(str(exc)) from exc
     for p in passes:  # recovery distils the dense model it was given (compile works on a copy)
         if getattr(p, "name", None) == "recover" and p.teacher is None:
             p.teacher = model
@@ -238,7 +260,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         print(f"  {e['pass']:<11} {e['seconds']:>7.2f}s  {extra}")
     # Recorded so that `pysparse eval` finds the dense original to compare with.
     sm.gm.meta["pysparse"].setdefault("model", {})["source"] = src.spec
-    out = pysparse.save(sm, args.out, tokenizer=tok)
+    # the recipe as run (command-line calibration flags folded in): --recipe OUT makes it again
+    out = pysparse.save(sm, args.out, tokenizer=tok, files={"recipe.yaml": recipe.to_yaml()})
     print(f"compiled in {time.perf_counter() - t0:.1f}s; artifact: {out}")
     if not args.no_eval:
         _quality_summary(sm, model, tok)
@@ -391,14 +414,23 @@ def main(argv: list[str] | None = None) -> int:
         help="minilm (the default: all-MiniLM-L6-v2) or smollm2 (SmolLM2-135M-Instruct), both "
         "embedded; or a Hugging Face checkpoint folder, a .gguf file, a folder with one .gguf",
     )
-    p.add_argument("--passes", default="relu,wanda,compress24,lower")
+    p.add_argument(
+        "--recipe",
+        default=None,
+        help="a shipped recipe (fast, activation, learned24, both; default: activation), a "
+        "recipe YAML file, or an artifact folder (the recipe it was made with); see "
+        "pysparse.recipes",
+    )
+    p.add_argument("--passes", default=None, help="comma-separated passes, instead of a recipe's")
     p.add_argument(
         "--calib",
         default=None,
         help="calibration/training text file, one sample per line (default: the training part "
         "of the corpus that ships with Python, see pysparse.corpus)",
     )
-    p.add_argument("--calib-lines", type=int, default=256, help="lines of the default corpus")
+    p.add_argument(
+        "--calib-lines", type=int, default=None, help="lines of the default corpus (256)"
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -406,12 +438,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PASS.KEY=VALUE",
         help="a pass setting, e.g. --set proxsparse.steps=100 --set proxsparse.lam1=0.5",
     )
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None, help="calibration batch size (8)")
+    p.add_argument("--max-length", type=int, default=None, help="calibration tokens per line (64)")
     p.add_argument(
         "--pack",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
         help="cut the text into full blocks of N tokens, --batch-size blocks a batch, no padding "
         "(how decoders' learning passes train best; without --calib the text is the corpus's "

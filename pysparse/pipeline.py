@@ -87,19 +87,15 @@ MIN_CALIBRATION_TOKENS = 4096
 
 
 def count_tokens(batches: Sequence[tuple[tuple, dict]]) -> int | None:
-    """Real (unpadded) tokens in token-id batches: the attention mask's sum where there is one,
-    else the ids' size; None when the batches are not token ids (e.g. float features)."""
-    n = 0
+    """Real (unpadded) tokens in token-id batches (``pysparse.train.count_tokens`` summed); None
+    when the batches' inputs are not token ids (e.g. float features)."""
+    from pysparse.train import count_tokens as tokens_in
+
     for args, kwargs in batches:
-        ids = kwargs.get("input_ids")
-        if ids is None and args and isinstance(args[0], torch.Tensor):
-            ids = args[0]
-        if not isinstance(ids, torch.Tensor) or ids.is_floating_point():
+        x = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(x, torch.Tensor) or x.is_floating_point():
             return None
-        mask = kwargs.get("attention_mask")
-        ok = isinstance(mask, torch.Tensor) and mask.shape == ids.shape
-        n += int(mask.sum()) if ok else ids.numel()
-    return n
+    return sum(tokens_in(b) for b in batches)
 
 
 class Pass:

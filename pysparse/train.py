@@ -115,6 +115,15 @@ class TrainConfig:
     desc: str = "train"
     autocast: str | None = None  # "bf16": forward passes under torch.autocast(bfloat16)
 
+    @classmethod
+    def for_pass(cls, p: Any, steps: int, lr: float, **over: Any) -> TrainConfig:
+        """The settings a learning pass exposes (``warmup``, ``schedule``, ``grad_clip``,
+        ``accum``, ``checkpoint_dir``, ``checkpoint_every``, ``autocast``) read off the pass
+        ``p``, named after it; ``over`` replaces any of them."""
+        names = ("warmup", "schedule", "grad_clip", "accum", "checkpoint_dir")
+        kw = {k: getattr(p, k) for k in (*names, "checkpoint_every", "autocast") if hasattr(p, k)}
+        return cls(steps=steps, lr=lr, desc=p.name, **{**kw, **over})
+
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"train: steps must be >= 1, got {self.steps}")
