@@ -379,7 +379,9 @@ def speedup(
     }
 
 
-def summary(result: dict[str, Any], report: Sequence[dict[str, Any]], speed: dict | None) -> str:
+def summary(
+    result: dict[str, Any], report: Sequence[dict[str, Any]], speeds: Sequence[dict] = ()
+) -> str:
     """The lines a compile ends with: quality against the dense original on held-out text, weight
     and activation sparsity, and the measured speed-up."""
     if result["kind"] == "decoder":
@@ -403,12 +405,12 @@ def summary(result: dict[str, Any], report: Sequence[dict[str, Any]], speed: dic
     act = result.get("activation_sparsity")
     acts = f"{act:.1%} of FFN activations zero" if act is not None else "no activation sparsity"
     lines = [f"quality: {quality}", f"sparsity: weights {weights}; {acts}"]
-    if speed:
+    for speed in speeds:
         shape = "x".join(str(d) for d in speed["batch_shape"] or [])
         lines.append(
             f"speed: {speed['speedup']:.2f}x the dense model ({speed['compiled_ms']:.1f} ms vs "
-            f"{speed['dense_ms']:.1f} ms a forward, batch {shape}, {speed['threads']} threads, "
-            "median of interleaved runs on this machine)"
+            f"{speed['dense_ms']:.1f} ms a forward, batch x tokens {shape}, {speed['threads']} "
+            "threads, median of interleaved runs on this machine)"
         )
     return "\n".join(lines)
 

@@ -122,7 +122,7 @@ class TrainConfig:
         ``p``, named after it; ``over`` replaces any of them."""
         names = ("warmup", "schedule", "grad_clip", "accum", "checkpoint_dir")
         kw = {k: getattr(p, k) for k in (*names, "checkpoint_every", "autocast") if hasattr(p, k)}
-        return cls(steps=steps, lr=lr, desc=p.name, **{**kw, **over})
+        return cls(steps=steps, lr=lr, **{"desc": p.name, **kw, **over})
 
     def __post_init__(self) -> None:
         if self.steps < 1:
