@@ -3,26 +3,14 @@ this process -> export to both formats; and the errors it prints for bad input."
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import torch
+from testutil import run_cli
 
 import pysparse
 
 
-def _cli(*args: str, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "pysparse.cli", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=cwd,
-    )
-
-
 def test_compile_default_model_then_load_and_export(tmp_path):
-    res = _cli(
+    res = run_cli(
         "compile",
         "--passes",
         "relu,wanda,compress24,lower",
@@ -51,7 +39,7 @@ def test_compile_default_model_then_load_and_export(tmp_path):
     assert out.last_hidden_state.shape == (3, 11, 384)
     assert m.tokenizer is not None and m.tokenizer("a b c")["input_ids"][0] == 101  # stored with it
     for fmt in ("pt2", "torchscript", "onnx"):
-        res = _cli(
+        res = run_cli(
             "export",
             str(tmp_path / "art"),
             "--format",
@@ -67,22 +55,22 @@ def test_compile_default_model_then_load_and_export(tmp_path):
 def test_cli_errors_are_clear(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
-    res = _cli("compile", "--calib", str(empty), "--out", str(tmp_path / "a"), cwd=tmp_path)
+    res = run_cli("compile", "--calib", str(empty), "--out", str(tmp_path / "a"), cwd=tmp_path)
     assert res.returncode == 2 and "has no text lines" in res.stderr
     binary = tmp_path / "weights.bin"
     binary.write_bytes(bytes(range(256)) * 4)
-    res = _cli("compile", "--calib", str(binary), "--out", str(tmp_path / "a"), cwd=tmp_path)
+    res = run_cli("compile", "--calib", str(binary), "--out", str(tmp_path / "a"), cwd=tmp_path)
     assert res.returncode == 2 and "is not UTF-8 text" in res.stderr
-    res = _cli("compile", "--passes", "wanda,bogus", "--out", str(tmp_path / "a"), cwd=tmp_path)
+    res = run_cli("compile", "--passes", "wanda,bogus", "--out", str(tmp_path / "a"), cwd=tmp_path)
     assert res.returncode == 2 and "unknown pass 'bogus'" in res.stderr
-    res = _cli("export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"), cwd=tmp_path)
+    res = run_cli("export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"), cwd=tmp_path)
     assert res.returncode == 2 and "manifest.json is missing" in res.stderr
     assert not (tmp_path / "a").exists()
 
 
 def test_compile_proxsparse_then_eval(tmp_path):
     art = tmp_path / "prox"
-    res = _cli(
+    res = run_cli(
         "compile",
         "--passes",
         "proxsparse,compress24,lower",
@@ -102,7 +90,7 @@ def test_compile_proxsparse_then_eval(tmp_path):
     rep = m.report[0]
     assert rep["pass"] == "proxsparse" and rep["settings"]["steps"] == 3
     assert rep["objective"] == "hidden_mse"
-    res = _cli("eval", str(art), "--json", str(tmp_path / "e.json"), cwd=tmp_path)
+    res = run_cli("eval", str(art), "--json", str(tmp_path / "e.json"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     import json
 
@@ -117,7 +105,7 @@ def test_compile_proxsparse_then_eval(tmp_path):
     assert 0.55 < result["mean_cosine_to_dense"] < 0.70, result
     assert result["min_cosine_to_dense"] <= result["mean_cosine_to_dense"]
     assert "mean_cosine_to_dense" in res.stdout
-    res = _cli("compile", "--passes", "wanda", "--set", "wanda.bogus=1", cwd=tmp_path)
+    res = run_cli("compile", "--passes", "wanda", "--set", "wanda.bogus=1", cwd=tmp_path)
     assert (
         res.returncode == 2 and "settings of pass 'wanda'" in res.stderr and "bogus" in res.stderr
     )
@@ -125,7 +113,7 @@ def test_compile_proxsparse_then_eval(tmp_path):
 
 def test_compile_relu_prosparse_reports_sparsity(tmp_path):
     art = tmp_path / "pro"
-    res = _cli(
+    res = run_cli(
         "compile",
         "--passes",
         "relu,prosparse",
@@ -143,6 +131,6 @@ def test_compile_relu_prosparse_reports_sparsity(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     rep = pysparse.load(art).report[-1]
     assert rep["pass"] == "prosparse" and "threshold_sweep" in rep
-    res = _cli("eval", str(art), cwd=tmp_path)
+    res = run_cli("eval", str(art), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "activation_sparsity" in res.stdout and "zeros in x1" in res.stdout

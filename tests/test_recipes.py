@@ -3,11 +3,9 @@ an artifact's recorded recipe makes the same artifact again through the CLI."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from testutil import run_cli
 
 import pysparse
 from pysparse.pipeline import PassManager
@@ -67,20 +65,10 @@ def test_missing_recipe_lists_the_shipped_ones(tmp_path):
         load_recipe(str(tmp_path))
 
 
-def _cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "pysparse.cli", *args],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=cwd,
-    )
-
-
 def test_an_artifacts_recipe_makes_it_again(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("passes: [relu, {wanda: {}}, compress24]\ncalibration: {lines: 24}\n")
-    res = _cli(
+    res = run_cli(
         "compile", "--recipe", str(recipe), "--batch-size", "6", "--no-eval", "--out", "a",
         cwd=tmp_path,
     )  # fmt: skip
@@ -88,11 +76,11 @@ def test_an_artifacts_recipe_makes_it_again(tmp_path):
     assert "recipe " in res.stdout and "relu,wanda,compress24" in res.stdout
     kept = load_recipe(str(tmp_path / "a"))  # the flag given beside the recipe is folded in
     assert kept.calibration["lines"] == 24 and kept.calibration["batch_size"] == 6
-    res = _cli("compile", "--recipe", "a", "--no-eval", "--out", "b", cwd=tmp_path)
+    res = run_cli("compile", "--recipe", "a", "--no-eval", "--out", "b", cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     a, b = pysparse.load(tmp_path / "a"), pysparse.load(tmp_path / "b")
     ids = torch.randint(0, 1000, (2, 9))
     with torch.no_grad():
         assert torch.equal(a(ids).last_hidden_state, b(ids).last_hidden_state)
-    res = _cli("compile", "--recipe", "fast", "--passes", "relu", cwd=tmp_path)
+    res = run_cli("compile", "--recipe", "fast", "--passes", "relu", cwd=tmp_path)
     assert res.returncode == 2 and "not both" in res.stderr

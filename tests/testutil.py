@@ -3,6 +3,8 @@ features as the kernel (not pysparse) reports them, to cross-check pysparse's ow
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from functools import cache
@@ -93,3 +95,14 @@ def skip_unless_kernel(kernel: str, available: bool) -> None:
             "kernel unavailable: was it built without it, or did the OS refuse the AMX tile state?"
         )
     pytest.skip(f"this CPU lacks one of {', '.join(need)}: no {kernel} kernel to test")
+
+
+def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
+    """``python -m pysparse.cli ARGS`` in ``cwd``, output captured, never raising on failure."""
+    return subprocess.run(
+        [sys.executable, "-m", "pysparse.cli", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=cwd,
+    )
