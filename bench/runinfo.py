@@ -21,14 +21,7 @@ from pysparse import ops
 
 
 def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+    return pysparse.build_info()["cpu"]["model"]
 
 
 def header() -> str:

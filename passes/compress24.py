@@ -10,6 +10,7 @@ import torch
 from torch import fx
 
 from pysparse import ops
+from pysparse.formats import record_layout
 from pysparse.pipeline import MASK_PASSES, Pass, PassContext, PassError, PassResult
 from pysparse.reference import is_24_sparse
 
@@ -47,6 +48,9 @@ class Compress24(Pass):
             gm.register_buffer(vname, values)
             gm.register_buffer(mname, meta)
             info["packed"] = [vname, mname]
+            record_layout(
+                gm, info["weight"], "by_row" if by_row else "rows", values=vname, meta=mname
+            )
             packed += 1
             dense_bytes += w.numel() * w.element_size()
             packed_bytes += values.numel() * values.element_size() + meta.numel()

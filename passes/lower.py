@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import fx
 
-from pysparse.formats import pack_down24
+from pysparse.formats import pack_down24, record_layout
 from pysparse.pipeline import Pass, PassContext, PassResult, sync_graph, tensor_owner
 
 from .baselines import prunable_linears
@@ -173,6 +173,13 @@ class Lower(Pass):
                         attr("down24_values", lambda: down24(0)),
                         attr("down24_meta", lambda: down24(1)),
                     )
+                    record_layout(
+                        gm,
+                        parts["down"][1].target,
+                        "down24",
+                        values=f"{prefix}_down24_values",
+                        meta=f"{prefix}_down24_meta",
+                    )
                 first = parts["gate" if gated else "up"]
                 fv, fm = (graph.get_attr(n) for n in packed["gate" if gated else "up"])
                 if gated:
@@ -184,6 +191,7 @@ class Lower(Pass):
                     args = (x, fv, fm, first[2], *down_args, parts["down"][2], t)
             else:
                 down_t = attr("down_t", lambda: w["down"].T)
+                record_layout(gm, parts["down"][1].target, "transposed", tensor=f"{prefix}_down_t")
                 if gated:
                     op = torch.ops.pysparse.sparse_ffn.default
                     args = (x, parts["gate"][1], parts["up"][1], down_t, t)

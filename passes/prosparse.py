@@ -50,7 +50,7 @@ from pysparse.objectives import (
     mean_pool,
 )
 from pysparse.pipeline import Pass, PassContext, PassError, PassResult, _call_graph
-from pysparse.train import TrainConfig, Trainer, checkpoint_layers
+from pysparse.train import TrainConfig, Trainer, checkpoint_layers, curve
 
 from .relu import set_activation
 
@@ -526,6 +526,7 @@ class ProSparse(Pass):
             "tokens_per_second": round(trainer.tokens_per_second(), 1),
             "train_sparsity_last": round(history[-1]["sparsity"], 4) if history else None,
             "task_loss_last": round(history[-1]["task"], 5) if history else None,
+            "curve": curve(history, lam=schedule),
         }
         if watched:
             info["monitor"] = watched

@@ -50,7 +50,7 @@ from torch import fx
 from pysparse import ops
 from pysparse.objectives import DECODER_OBJECTIVES, Objective, default_objective
 from pysparse.pipeline import Pass, PassContext, PassError, PassResult
-from pysparse.train import TrainConfig, Trainer, checkpoint_layers
+from pysparse.train import TrainConfig, Trainer, checkpoint_layers, curve
 
 from .baselines import maskable_linears, masks_from, sparsegpt_graph
 from .recover import train_under_masks
@@ -308,6 +308,7 @@ class ProxSparse(Pass):
             ),
             "weight_density": 0.5,
             "down_along": self.down_along,
+            "curve": curve(history),
             "grouped_along_out_features": len(along_out),
             "reconstruct_seconds": rebuilt,
             "reconstruct_seconds_split": rebuilt_split,

@@ -19,7 +19,7 @@ from torch import fx
 
 from pysparse.objectives import Objective, default_objective
 from pysparse.pipeline import MASK_PASSES, Pass, PassContext, PassError, PassResult
-from pysparse.train import TrainConfig, Trainer, checkpoint_layers
+from pysparse.train import TrainConfig, Trainer, checkpoint_layers, curve
 
 from .baselines import maskable_linears
 
@@ -55,6 +55,7 @@ def train_under_masks(
         "first_loss": round(hist[0]["loss"], 5) if hist else None,
         "last_loss": round(hist[-1]["loss"], 5) if hist else None,
         "tokens_per_second": round(trainer.tokens_per_second(), 1),
+        "curve": curve(hist),
     }
 
 

@@ -51,11 +51,25 @@ def require_extension() -> None:
         raise RuntimeError(_C_ERROR)
 
 
+def _cpu_model() -> str:
+    """The CPU's name (``model name`` in /proc/cpuinfo), or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
 def build_info() -> dict:
     """How the extension was built and what this machine offers (CPU features, CUDA, cuSPARSELt)."""
     require_extension()
     info = dict(_C.build_info())
-    info["cpu"] = dict(_C.cpu_info())
+    info["cpu"] = {"model": _cpu_model(), **dict(_C.cpu_info())}
     if info["cuda"] and torch.cuda.is_available():
         info["cusparselt"] = dict(_C.cusparselt_info(torch.cuda.current_device()))
     else:

@@ -16,6 +16,8 @@ An artifact directory holds
                           lists/tuples/dicts, plain values) as JSON in the header,
   * ``tokenizer/``        the tokenizer's files, when one was given (``save(..., tokenizer=)`` or
                           ``sm.tokenizer``),
+  * ``report.json``, ``report.md``, ``report.html``  what the model is and how it was made
+                          (pysparse.report); the CLI adds held-out quality and speed,
   * ``manifest.json``     format version, pysparse/torch versions, the source model's class and
                           config, the pass report (passes, settings, times), the call keyword
                           arguments, example input specs, output names, and the sha256 and size
@@ -85,6 +87,7 @@ from safetensors.torch import load_file as _st_load
 from safetensors.torch import save_file as _st_save
 
 import pysparse
+from pysparse import report
 from pysparse.generate import CacheSpec, Generates, drop_input_checks, export_step
 from pysparse.inputs import InputSpec
 from pysparse.pipeline import SparseModel
@@ -370,7 +373,10 @@ def save(
         _st_save(ex_tensors, str(tmp / EXAMPLES), metadata={"layout": json.dumps(ex_layout)})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / TOKENIZER))
-        for name, data in (files or {}).items():
+        extra = dict(files or {})
+        if not any(name in extra for name in report.REPORT_FILES):
+            extra.update(report.files(report.collect(sm)))
+        for name, data in extra.items():
             if "/" in name or name.startswith(".") or (tmp / name).exists() or name == MANIFEST:
                 raise ArtifactError(f"save: extra file name {name!r} is taken or not a plain name")
             (tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
@@ -395,6 +401,8 @@ def save(
             "weights": {"file": WEIGHTS, "tensors": len(tensors), "aliases": aliases},
             "tokenizer": TOKENIZER if tokenizer is not None else None,
             "generation": generation,
+            # weights packed or re-laid-out by the passes (pysparse.formats.dense_weight)
+            "weight_layouts": meta.get("weight_layouts", {}),
             "files": {
                 p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
                 for p in files

@@ -11,6 +11,8 @@
     pysparse generate DIR "PROMPT" [--max-new-tokens N] [--chat]
                              stream a compiled decoder's continuation (KV cache on the sparse
                              kernels), then prefill and decode tokens/s
+    pysparse report DIR      measure quality and speed-up here again and rewrite DIR/report.html
+                             (every artifact has report.html, report.md, report.json)
     pysparse eval DIR        held-out quality vs the dense original (encoders: embedding cosine
                              and Spearman of pairwise similarities; decoders: perplexity) and
                              FFN activation sparsity
@@ -37,6 +39,7 @@ import torch
 import pysparse
 from pysparse import ops
 from pysparse.reference import reference_sparse24_linear
+from pysparse.report import pass_facts
 
 _log = logging.getLogger("pysparse.cli")
 
@@ -132,8 +135,7 @@ def _demo_model() -> bool:
     dense = pysparse.compile(model, ["wanda"], args, kwargs)
     sparse = pysparse.compile(model, ["wanda", "compress24", "lower"], args, kwargs)
     for e in sparse.report:
-        extra = {k: v for k, v in e.items() if k not in ("pass", "settings", "modified", "seconds")}
-        print(f"  {e['pass']:<11} {e['seconds']:>6.2f}s  {extra}")
+        print(f"  {e['pass']:<11} {e['seconds']:>6.2f}s  {pass_facts(e)}")
     with torch.inference_mode():
         a = dense(*args, **kwargs).last_hidden_state
         b = sparse(*args, **kwargs).last_hidden_state
@@ -256,21 +258,25 @@ def cmd_compile(args: argparse.Namespace) -> int:
             p.teacher = model
     sm = pysparse.compile(model, passes, batches[0][0], batches[0][1], calibration=batches)
     for e in sm.report:
-        extra = {k: v for k, v in e.items() if k not in ("pass", "settings", "modified", "seconds")}
-        print(f"  {e['pass']:<11} {e['seconds']:>7.2f}s  {extra}")
+        print(f"  {e['pass']:<11} {e['seconds']:>7.2f}s  {pass_facts(e)}")
     # Recorded so that `pysparse eval` finds the dense original to compare with.
     sm.gm.meta["pysparse"].setdefault("model", {})["source"] = src.spec
     # the recipe as run (command-line calibration flags folded in): --recipe OUT makes it again
     out = pysparse.save(sm, args.out, tokenizer=tok, files={"recipe.yaml": recipe.to_yaml()})
     print(f"compiled in {time.perf_counter() - t0:.1f}s; artifact: {out}")
     if not args.no_eval:
-        _quality_summary(sm, model, tok)
+        from pysparse import report
+
+        result, speeds = _quality_summary(sm, model, tok)
+        data = report.add_evaluation(report.read(out), result, speeds)
+        print(f"report: {report.rewrite(out, data)}")
     return 0
 
 
-def _quality_summary(sm: Any, model: Any, tok: Any) -> None:
+def _quality_summary(sm: Any, model: Any, tok: Any) -> tuple[dict, list[dict]]:
     """Ends a compile with what the user needs to trust the artifact: held-out quality against
-    the dense original, sparsity, and the speed-up measured here (``pysparse.evaluate``)."""
+    the dense original, sparsity, and the speed-up measured here (``pysparse.evaluate``);
+    returns the evaluation and the speed rows."""
     from pysparse.corpus import sentences
     from pysparse.evaluate import encode_sentences, evaluate, speedup, summary
 
@@ -283,6 +289,7 @@ def _quality_summary(sm: Any, model: Any, tok: Any) -> None:
     speeds = [speedup(sm, model, encode_sentences(tok, held[:n], n, 64)[0]) for n in (1, 8)]
     print(summary(result, sm.report, speeds))
     print(f"(evaluated in {time.perf_counter() - t0:.1f}s; details: pysparse eval DIR)")
+    return result, speeds
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -320,17 +327,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pysparse.evaluate import evaluate, format_table
 
     loaded = load(args.dir)
-    source = args.reference or loaded.manifest.get("model", {}).get("source")
-    tok = _artifact_tokenizer(loaded, args.dir, source, "pass --reference MODEL_DIR")
-    reference = None
-    if source and not args.no_reference:
-        try:
-            reference, _, _ = _load_hf(source)
-        except RuntimeError as exc:
-            raise RuntimeError(
-                f"the dense original cannot be loaded any more ({exc}); pass --reference MODEL "
-                "or --no-reference"
-            ) from exc
+    tok, reference = _reference_of(
+        loaded, args.dir, args.reference, "pass --reference MODEL_DIR", not args.no_reference
+    )
     texts = _calibration_text(args.text) if args.text else None
     t0 = time.perf_counter()
     result = evaluate(loaded, tok, reference, texts, max_length=args.max_length)
@@ -338,6 +337,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(format_table(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _reference_of(
+    loaded: Any, directory: str, reference: str | None, fix: str, with_model: bool = True
+) -> tuple[Any, Any]:
+    """(tokenizer, dense original or None) for evaluating an artifact: ``reference`` (a MODEL as
+    for compile) or the source recorded at compile time; ``fix`` ends the no-tokenizer error."""
+    source = reference or loaded.manifest.get("model", {}).get("source")
+    tok = _artifact_tokenizer(loaded, directory, source, fix)
+    if not source or not with_model:
+        return tok, None
+    try:
+        model, _, _ = _load_hf(source)
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"the dense original cannot be loaded any more ({exc}); pass --reference MODEL "
+            "(pysparse eval: or --no-reference)"
+        ) from exc
+    return tok, model
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Measures the artifact's held-out quality and speed-up on this machine again and rewrites
+    its report (report.html / report.md / report.json)."""
+    from pysparse import report
+    from pysparse.artifact import load
+
+    data = report.read(args.dir)
+    if not args.no_eval:
+        loaded = load(args.dir)
+        tok, reference = _reference_of(loaded, args.dir, args.reference, "pass --reference MODEL")
+        if reference is None:
+            raise RuntimeError(
+                f"{args.dir} does not record its dense original; pass --reference MODEL (or "
+                "--no-eval to re-render the report as it is)"
+            )
+        result, speeds = _quality_summary(loaded, reference, tok)
+        report.add_evaluation(data, result, speeds)
+    print(f"report: {report.rewrite(args.dir, data)}")
     return 0
 
 
@@ -487,6 +526,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--json", default=None, help="also write the result as JSON here")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser(
+        "report", help="measure an artifact's quality and speed here and rewrite its report"
+    )
+    p.add_argument("dir", help="artifact directory from `pysparse compile`")
+    p.add_argument(
+        "--reference",
+        default=None,
+        help="dense original, a MODEL as for compile (default: the compiled one)",
+    )
+    p.add_argument(
+        "--no-eval", action="store_true", help="re-render report.html/.md from report.json only"
+    )
+    p.set_defaults(func=cmd_report)
     p = sub.add_parser("generate", help="generate text with a compiled decoder (KV cache)")
     p.add_argument("dir", help="artifact directory from `pysparse compile` of a decoder")
     p.add_argument("prompt", help="the prompt text")

@@ -175,3 +175,71 @@ def pack_down24(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor,
         nib = torch.nn.functional.pad(nib, (0, 1))
     gmeta = (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8).contiguous()
     return gvalues, gmeta
+
+
+def unpack_down24(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inverse of ``pack_down24``: compress24's ``(values [d_model, d_ff/2], meta [d_model,
+    ceil(d_ff/8)])`` from the FFN kernels' grouped layout."""
+    if values.dim() != 3 or values.shape[1] != 2 or meta.dim() != 2 or meta.dtype != torch.uint8:
+        raise ValueError(
+            f"unpack_down24: expected pack_down24's (values [d_ff/4, 2, d_model], uint8 meta), "
+            f"got {tuple(values.shape)} {values.dtype} and {tuple(meta.shape)} {meta.dtype}"
+        )
+    G, _, D = values.shape
+    if meta.shape != (G, (D + 1) // 2):
+        raise ValueError(
+            f"unpack_down24: meta {tuple(meta.shape)} does not match values {tuple(values.shape)}"
+        )
+    flat = values.permute(2, 0, 1).reshape(D, 2 * G).contiguous()
+    m = meta.to(torch.int64)
+    nib = torch.stack((m & 0xF, m >> 4), dim=2).reshape(G, -1)[:, :D].T  # [D, G]
+    if G % 2:
+        nib = torch.nn.functional.pad(nib, (0, 1))
+    packed = (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8).contiguous()
+    return flat, packed
+
+
+# How a compiled graph holds a weight that is no longer a dense parameter (the record
+# ``gm.meta["pysparse"]["weight_layouts"][weight]``, kept in an artifact's manifest):
+#   "rows"        compress24's (values, meta) of W [out, in]      (tensors: values, meta)
+#   "by_row"      compress24's (values, meta) of W^T (a down projection masked along d_model)
+#   "down24"      pack_down24's grouped (values, meta) of W         (the 2:4 FFN kernels)
+#   "transposed"  W^T as one dense tensor                           (tensors: tensor)
+WEIGHT_LAYOUTS = ("rows", "by_row", "down24", "transposed")
+
+
+def record_layout(gm: torch.nn.Module, weight: str, layout: str, **tensors: str) -> None:
+    """Records that ``weight`` (its name in the traced model) now lives in ``tensors`` (buffer
+    names of ``gm``) in ``layout`` (one of ``WEIGHT_LAYOUTS``), so that reports and exports can
+    give it back dense (``dense_weight``)."""
+    if layout not in WEIGHT_LAYOUTS:
+        raise ValueError(f"record_layout: unknown layout {layout!r}; one of {WEIGHT_LAYOUTS}")
+    layouts = gm.meta.setdefault("pysparse", {}).setdefault("weight_layouts", {})
+    layouts[weight] = {"layout": layout, **tensors}
+
+
+def dense_weight(
+    tensors: dict[str, torch.Tensor], weight: str, layouts: dict[str, dict]
+) -> torch.Tensor | None:
+    """The dense ``[out, in]`` weight ``weight`` (masked weights with their zeros) from a compiled
+    model's ``tensors`` (name -> tensor), whether it is still a plain parameter or was packed or
+    re-laid-out (``layouts``: ``gm.meta["pysparse"]["weight_layouts"]`` or an artifact
+    manifest's); None when the model holds it in neither form."""
+    if weight in tensors:
+        return tensors[weight]
+    rec = layouts.get(weight)
+    if rec is None:
+        return None
+    layout = rec.get("layout")
+    if layout == "transposed":
+        t = tensors.get(rec.get("tensor", ""))
+        return None if t is None else t.T
+    values, meta = tensors.get(rec.get("values", "")), tensors.get(rec.get("meta", ""))
+    if values is None or meta is None:
+        return None
+    if layout == "down24":
+        values, meta = unpack_down24(values, meta)
+    elif layout not in ("rows", "by_row"):
+        raise ValueError(f"dense_weight: {weight} has an unknown layout {layout!r}")
+    w = ops.decompress24(values.contiguous(), meta.contiguous(), 2 * values.shape[1])
+    return w.T if layout == "by_row" else w

@@ -441,6 +441,28 @@ class Trainer:
         return self.tokens / seconds if seconds > 0 else 0.0
 
 
+def curve(
+    history: list[dict[str, float]], max_points: int = 200, **derived: Callable[[int], float]
+) -> list[dict[str, float]]:
+    """A training history thinned for reports and plots: at most ``max_points`` records at evenly
+    spaced steps (the first and last kept), values rounded to 5 significant digits; ``derived``
+    adds a column computed from the step (e.g. ``lam=schedule``)."""
+    if not history:
+        return []
+    n = len(history)
+    k = min(n, max(max_points, 2))
+    picks = sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(k)})
+    out = []
+    for i in picks:
+        h = history[i]
+        row = {k: float(f"{v:.5g}") for k, v in h.items() if isinstance(v, (int, float))}
+        row["step"] = int(h.get("step", i))
+        for name, fn in derived.items():
+            row[name] = float(f"{fn(row['step']):.5g}")
+        out.append(row)
+    return out
+
+
 def count_tokens(batch: Any) -> int:
     """Tokens in a ``(args, kwargs)`` batch: the attention mask's ones when there is one, else
     the first tensor input's elements (ids ``[batch, seq]``) or rows (features ``[batch, d]``)."""
