@@ -7,7 +7,7 @@
                              Face checkpoint folder or .gguf file — with calibration text (--calib FILE, default: the
                              training part of pysparse.corpus) and save the artifact;
                              --set PASS.KEY=VALUE sets a pass's argument
-    pysparse export DIR --format pt2|torchscript|onnx [--out FILE] [--part forward|step]
+    pysparse export DIR --format pt2|torchscript|onnx|hf [--out FILE] [--part forward|step]
     pysparse generate DIR "PROMPT" [--max-new-tokens N] [--chat]
                              stream a compiled decoder's continuation (KV cache on the sparse
                              kernels), then prefill and decode tokens/s
@@ -296,15 +296,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     from pysparse.artifact import load
 
     loaded = load(args.dir)
-    suffix = {"pt2": ".pt2", "torchscript": ".ts", "onnx": ".onnx"}[args.format]
-    stem = "model" if args.part == "forward" else "model-step"
-    out = Path(args.out) if args.out else Path(args.dir) / f"{stem}{suffix}"
+    if args.format == "hf":
+        out = Path(args.out) if args.out else Path(args.dir) / "hf"
+    else:
+        suffix = {"pt2": ".pt2", "torchscript": ".ts", "onnx": ".onnx"}[args.format]
+        stem = "model" if args.part == "forward" else "model-step"
+        out = Path(args.out) if args.out else Path(args.dir) / f"{stem}{suffix}"
     t0 = time.perf_counter()
     try:
         pysparse.export(loaded, out, format=args.format, part=args.part)
     except ValueError as exc:
         raise RuntimeError(str(exc)) from exc
-    size = out.stat().st_size / 1e6
+    size = (
+        sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6
+        if out.is_dir()
+        else out.stat().st_size / 1e6
+    )
     print(
         f"exported {args.dir} -> {out} ({args.format}, {size:.1f} MB, {time.perf_counter() - t0:.1f}s)"
     )
@@ -501,8 +508,16 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=cmd_compile)
     p = sub.add_parser("export", help="export a saved artifact")
     p.add_argument("dir", help="artifact directory from `pysparse compile`")
-    p.add_argument("--format", choices=["pt2", "torchscript", "onnx"], default="pt2")
-    p.add_argument("--out", default=None, help="output file (default: DIR/model.pt2|.ts|.onnx)")
+    p.add_argument(
+        "--format",
+        choices=["pt2", "torchscript", "onnx", "hf"],
+        default="pt2",
+        help="hf: a Hugging Face folder transformers loads without pysparse (dense weights, 2:4 "
+        "layers masked; see pysparse.hf)",
+    )
+    p.add_argument(
+        "--out", default=None, help="output file (default: DIR/model.pt2|.ts|.onnx, DIR/hf)"
+    )
     p.add_argument(
         "--part",
         choices=["forward", "step"],

@@ -14,7 +14,10 @@
                         (``pip install 'pysparse[onnx]'``). Tested with onnxruntime: equal to the
                         compiled model within 1e-4 absolute on float32 (ordinary reordering of
                         float sums; the runtime multiplies densely).
-Every format takes its inputs positionally: the positional example inputs, then the keyword
+  * ``"hf"``:           a Hugging Face folder (``path`` is a directory) that ``transformers``
+                        loads without pysparse: the weights dense, 2:4 layers masked, the
+                        activation in the config (``pysparse.hf``).
+The three file formats take their inputs positionally: the positional example inputs, then the keyword
 ones in their example order (e.g. ``m(input_ids, attention_mask)``; ONNX names them ``input0``,
 ``kw_attention_mask``). pt2 and TorchScript keep the pysparse ops, so both run on the sparse
 kernels. Outputs are plain tuples (Hugging Face ``ModelOutput`` classes do not survive any of the
@@ -150,8 +153,14 @@ def export(model: Any, path: str | os.PathLike, format: str = "pt2", part: str =
     graph instead: ``torch.export.load(path).module()(input_ids, position_ids, cache_position,
     attention_mask, keys, values)`` with the KV cache as two lists of [B, kv_heads, S, head_dim]
     tensors updated in place (pysparse.generate describes the inputs)."""
+    if format == "hf":
+        if part != "forward":
+            raise ValueError("export: a Hugging Face folder holds the model, not its step graph")
+        from pysparse.hf import export_hf
+
+        return export_hf(model, path)
     if format not in FORMATS:
-        raise ValueError(f"export: unknown format {format!r}; choose one of {list(FORMATS)}")
+        raise ValueError(f"export: unknown format {format!r}; choose one of {[*FORMATS, 'hf']}")
     if part not in ("forward", "step"):
         raise ValueError(f"export: unknown part {part!r}; choose 'forward' or 'step'")
     if part == "step":
