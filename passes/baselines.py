@@ -15,7 +15,7 @@ import torch
 from torch import fx
 
 from pysparse import ops
-from pysparse.pipeline import Pass, PassContext, PassError, PassResult, _call_graph
+from pysparse.pipeline import Pass, PassContext, PassError, PassResult, _call_graph, tapped
 from pysparse.progress import track
 
 _log = logging.getLogger(__name__)
@@ -76,24 +76,12 @@ def observe_linear_inputs(
             raise _Observed
         return x
 
-    observers = []
-    for node in nodes:
-        with gm.graph.inserting_before(node):
-            obs = gm.graph.call_function(observe, (node.args[0], node.name))
-        node.replace_input_with(node.args[0], obs)
-        observers.append(obs)
-    gm.recompile()
-    try:
+    with tapped(gm, [(node, observe, (node.name,), "input") for node in nodes]):
         for args, kwargs in track(ctx.data_for(desc), desc, unit="batch"):
             try:
                 _call_graph(gm, args, kwargs)
             except _Observed:
                 pass
-    finally:
-        for obs in observers:
-            obs.replace_all_uses_with(obs.args[0])
-            gm.graph.erase_node(obs)
-        gm.recompile()
     return stats
 
 

@@ -49,7 +49,16 @@ from pysparse.objectives import (
     lm_loss,
     mean_pool,
 )
-from pysparse.pipeline import Pass, PassContext, PassError, PassResult, _call_graph
+from pysparse.pipeline import (
+    Pass,
+    PassContext,
+    PassError,
+    PassResult,
+    _call_graph,
+    add_taps,
+    remove_taps,
+    tapped,
+)
 from pysparse.train import TrainConfig, Trainer, checkpoint_layers, curve
 
 from .relu import set_activation
@@ -197,13 +206,10 @@ class Regularizer:
         """Puts the taps in the graph (``__init__`` does; after ``remove``, puts them back)."""
         if self.taps:
             return
-        for i, (_, down) in enumerate(_ffn_inputs(self.gm)):
-            x1 = down.args[0]
-            with self.gm.graph.inserting_before(down):
-                tap = self.gm.graph.call_function(self._tap, (x1, i))
-            down.replace_input_with(x1, tap)
-            self.taps.append(tap)
-        self.gm.recompile()
+        self.taps = add_taps(
+            self.gm,
+            [(down, self._tap, (i,), "input") for i, (_, down) in enumerate(_ffn_inputs(self.gm))],
+        )
 
     # the graph calls this for every FFN on every forward
     def _tap(self, x: torch.Tensor, i: int) -> torch.Tensor:
@@ -267,11 +273,8 @@ class Regularizer:
 
     def remove(self) -> None:
         """Takes the taps out of the graph (the graph is as before ``regularizer``)."""
-        for tap in self.taps:
-            tap.replace_all_uses_with(tap.args[0])
-            self.gm.graph.erase_node(tap)
+        remove_taps(self.gm, self.taps)
         self.taps = []
-        self.gm.recompile()
 
     def callback(self) -> Any:
         """A ``transformers.TrainerCallback`` that applies the penalty (inject mode) and advances
@@ -605,23 +608,10 @@ class ProSparse(Pass):
                 vals.append(float(p.mean()))
             return x
 
-        sites = _ffn_inputs(gm)
-        taps = []
-        for i, (_, down) in enumerate(sites):
-            x1 = down.args[0]
-            with gm.graph.inserting_before(down):
-                tap = gm.graph.call_function(grab, (x1, i))
-            down.replace_input_with(x1, tap)
-            taps.append(tap)
-        gm.recompile()
-        try:
+        taps = [(down, grab, (i,), "input") for i, (_, down) in enumerate(_ffn_inputs(gm))]
+        with tapped(gm, taps):
             for b in val:
                 _call_graph(gm, *b)
-        finally:
-            for tap in taps:
-                tap.replace_all_uses_with(tap.args[0])
-                gm.graph.erase_node(tap)
-            gm.recompile()
         return sum(vals) / len(vals) if vals else 0.0
 
     @staticmethod
@@ -636,9 +626,7 @@ class ProSparse(Pass):
             cos = []
             for b in val:
                 e = _pooled(lambda *a, **k: _call_graph(gm, a, k), b)
-                t = objective.teacher.get(id(b))
-                if t is None:
-                    raise PassError("prosparse: no teacher output for a validation batch")
+                t = objective.teacher_for(b)
                 if objective.name == "hidden_mse":
                     t = mean_pool(t, b)
                 cos.append(torch.nn.functional.cosine_similarity(e, t, dim=-1).mean())

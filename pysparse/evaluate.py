@@ -29,6 +29,7 @@ import torch
 from torch import fx
 
 from pysparse.objectives import hidden_states, mean_pool
+from pysparse.pipeline import tapped
 
 aten = torch.ops.aten
 
@@ -152,31 +153,16 @@ def measure_activation_sparsity(
     def observe_lowered(op: str, args: tuple, i: int) -> None:
         observe(lowered_ffn_x1(op, args), i)
 
-    obs_nodes, side_nodes = [], []
-    for i, node in enumerate(sites):
-        if node in lowered:
-            with gm.graph.inserting_before(node):
-                side_nodes.append(
-                    gm.graph.call_function(observe_lowered, (_ffn_op(node), tuple(node.args), i))
-                )
-            continue
-        with gm.graph.inserting_after(node):
-            obs = gm.graph.call_function(observe, (node, i))
-        node.replace_all_uses_with(obs, delete_user_cb=lambda u, obs=obs: u is not obs)
-        obs_nodes.append(obs)
-    gm.recompile()
-    try:
-        with torch.no_grad():
-            for args, kwargs in batches:
-                current["mask"] = kwargs.get("attention_mask")
-                gm(*args, **{**call_kwargs, **kwargs})
-    finally:
-        for obs in obs_nodes:
-            obs.replace_all_uses_with(obs.args[0])
-            gm.graph.erase_node(obs)
-        for side in side_nodes:
-            gm.graph.erase_node(side)
-        gm.recompile()
+    taps = [
+        (node, observe_lowered, (_ffn_op(node), tuple(node.args), i), "side")
+        if node in lowered
+        else (node, observe, (i,), "output")
+        for i, node in enumerate(sites)
+    ]
+    with tapped(gm, taps), torch.no_grad():
+        for args, kwargs in batches:
+            current["mask"] = kwargs.get("attention_mask")
+            gm(*args, **{**call_kwargs, **kwargs})
     return [z / max(t, 1) for z, t in zip(zeros, tokens)]
 
 

@@ -119,6 +119,22 @@ def lm_loss(out: Any, batch: tuple[tuple, dict]) -> torch.Tensor:
 DECODER_OBJECTIVES = ("logit_kl", "causal_lm")
 
 
+def _same_batch(a: Any, b: Any) -> bool:
+    """Equal ``(args, kwargs)`` batches: same structure, tensors equal in shape and values."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and bool(torch.equal(a, b))
+        )
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same_batch(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_batch(a[k], b[k]) for k in a)
+    return a == b
+
+
 class Objective:
     """``loss(batch) -> (loss, metrics)`` for ``gm``, built by ``make``."""
 
@@ -134,6 +150,10 @@ class Objective:
         self.gm = gm
         self.student: Any = gm  # what the loss runs: gm, or checkpoint_layers(gm)
         self.kind = kind
+        # The teacher's outputs by batch index. The batches are kept (so no other object can take
+        # one's id while this lives); a batch handed back as a copy is found by its contents.
+        self.batches = list(batches)
+        self._index = {id(b): i for i, b in enumerate(self.batches)}
         self.teacher: dict[int, torch.Tensor] = {}
 
         def run_teacher(b: tuple[tuple, dict]) -> Any:
@@ -143,15 +163,15 @@ class Objective:
                 return teacher(*b[0], **b[1])
 
         if kind in ("hidden_mse", "pooled_cosine"):
-            for b in batches:  # the graph is still the original here
+            for i, b in enumerate(self.batches):  # the graph is still the original here
                 h = hidden_states(run_teacher(b)).detach()
-                self.teacher[id(b)] = h if kind == "hidden_mse" else mean_pool(h, b)
+                self.teacher[i] = h if kind == "hidden_mse" else mean_pool(h, b)
         elif kind == "logit_kl":
             limit = float(os.environ.get("PYSPARSE_TEACHER_CACHE_GB", "12")) * 2**30
             size = 0
-            for b in batches:
+            for i, b in enumerate(self.batches):
                 lp = torch.log_softmax(_logits(run_teacher(b), kind).float(), -1)
-                self.teacher[id(b)] = lp.to(torch.float16)
+                self.teacher[i] = lp.to(torch.float16)
                 size += lp.numel() * 2
                 if size > limit:
                     raise ValueError(
@@ -166,6 +186,19 @@ class Objective:
                 f"got {kind!r}"
             )
 
+    def teacher_for(self, batch: tuple[tuple, dict]) -> torch.Tensor:
+        """The cached teacher output of ``batch`` (one of the batches given, or a copy of one)."""
+        i = self._index.get(id(batch))
+        if i is None or self.batches[i] is not batch:
+            i = next((j for j, b in enumerate(self.batches) if _same_batch(b, batch)), None)
+            if i is None:
+                raise KeyError(
+                    "objective: this batch is not one the teacher's outputs were computed for; "
+                    "build the Objective with every batch it will see"
+                )
+            self._index[id(batch)] = i
+        return self.teacher[i]
+
     @property
     def name(self) -> str:
         return self.kind if isinstance(self.kind, str) else getattr(self.kind, "__name__", "custom")
@@ -176,14 +209,14 @@ class Objective:
             return self.kind(out, batch)
         if self.kind == "logit_kl":
             logits = _logits(out, self.kind)
-            t = self.teacher[id(batch)].float()
+            t = self.teacher_for(batch).float()
             kl = (t.exp() * (t - torch.log_softmax(logits.float(), -1))).sum(-1)
             mask = token_mask(batch, logits)
             return (kl * mask).sum() / mask.sum().clamp_min(1)
         if self.kind == "causal_lm":
             return lm_loss(out, batch)
         h = hidden_states(out)
-        t = self.teacher[id(batch)]
+        t = self.teacher_for(batch)
         if self.kind == "hidden_mse":
             m = token_mask(batch, h)
             err = ((h - t) ** 2).sum(-1)

@@ -13,10 +13,11 @@ proxsparse) before compress24; compress24 before lower; lower last.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,6 +161,56 @@ def _set_tensor_attr(gm: fx.GraphModule, name: str, t: torch.Tensor) -> None:
         if attr in owner._parameters:
             del owner._parameters[attr]
         owner.register_buffer(attr, t)
+
+
+# A tap: (node, fn, extra args, where). where "input": ``fn(node's first input, *args)`` runs
+# before the node and the node reads its result; "output": ``fn(node, *args)`` runs after it and
+# every other user reads its result; "side": ``fn(*args)`` runs before the node, nothing rewired.
+Tap = tuple[fx.Node, Callable[..., Any], tuple, str]
+
+
+def add_taps(gm: fx.GraphModule, taps: Sequence[Tap]) -> list[fx.Node]:
+    """Puts observer calls into ``gm``'s graph (see ``Tap``) and recompiles; returns the new nodes
+    for ``remove_taps``. What calibration, evaluation and ProSparse watch the graph with."""
+    added = []
+    for node, fn, args, where in taps:
+        if where == "input":
+            x = node.args[0]
+            with gm.graph.inserting_before(node):
+                tap = gm.graph.call_function(fn, (x, *args))
+            node.replace_input_with(x, tap)
+        elif where == "output":
+            with gm.graph.inserting_after(node):
+                tap = gm.graph.call_function(fn, (node, *args))
+            node.replace_all_uses_with(tap, delete_user_cb=lambda u, tap=tap: u is not tap)
+        elif where == "side":
+            with gm.graph.inserting_before(node):
+                tap = gm.graph.call_function(fn, tuple(args))
+        else:
+            raise ValueError(f"add_taps: where must be input, output or side, got {where!r}")
+        tap.meta["pysparse_tap"] = where
+        added.append(tap)
+    gm.recompile()
+    return added
+
+
+def remove_taps(gm: fx.GraphModule, taps: Sequence[fx.Node]) -> None:
+    """Takes ``add_taps``' nodes out again; the graph is as before."""
+    for tap in taps:
+        if tap.meta.get("pysparse_tap") != "side":
+            tap.replace_all_uses_with(tap.args[0])
+        gm.graph.erase_node(tap)
+    gm.recompile()
+
+
+@contextlib.contextmanager
+def tapped(gm: fx.GraphModule, taps: Sequence[Tap]) -> Iterator[list[fx.Node]]:
+    """``add_taps`` for the duration of a ``with`` block, removed however it ends."""
+    added = add_taps(gm, taps)
+    try:
+        yield added
+    finally:
+        remove_taps(gm, added)
 
 
 def sync_graph(primary: fx.GraphModule, secondary: fx.GraphModule) -> None:

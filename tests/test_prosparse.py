@@ -368,3 +368,21 @@ def test_defaults_by_model_kind_and_given_values_win():
     assert (mine["steps"], mine["lam"], mine["lr"], mine["autocast"]) == (7, 0.2, 3e-3, "bf16")
     staged = StagedSine([(0.0, 10), (0.1, 40)])
     assert ProSparse(schedule=staged).tuned("hidden_mse")["steps"] == 40
+
+
+def test_objective_finds_the_teacher_of_a_copied_batch_and_names_an_unknown_one():
+    """The teacher's outputs are cached by batch index: a batch handed back as a copy (what a
+    data loader or an input re-binding makes) finds its own; a batch never seen is an error."""
+    from pysparse.objectives import Objective
+
+    model, batches = bert_with_batches(2)
+    sm = pysparse.compile(model, ["relu"], *batches[0])
+    obj = Objective(sm.gm, "hidden_mse", batches)
+    for b in batches:
+        same = float(obj(b))
+        assert float(obj(copy.deepcopy(b))) == same
+        assert obj.teacher_for(copy.deepcopy(b)) is obj.teacher_for(b)
+    assert torch.equal(obj.teacher_for(copy.deepcopy(batches[1])), obj.teacher[1])
+    other = ((batches[0][0][0].flip(1),), batches[0][1])
+    with pytest.raises(KeyError, match="not one the teacher"):
+        obj(other)
