@@ -38,8 +38,8 @@ CALIBRATION_DEFAULTS: dict[str, Any] = {
 SHIPPED: dict[str, str] = {
     "fast": """\
 # 2:4 in about a minute, no training: ReLU FFNs + Wanda masks, packed and lowered. Quality drops
-# (all-MiniLM-L6-v2: ~0.4 mean cosine to the original on held-out text): a smoke test of the
-# toolchain, not a model to serve.
+# (all-MiniLM-L6-v2: ~0.4 mean cosine to the original on held-out text; SmolLM2: perplexity
+# over 1000x dense, ReLU with no training): a smoke test of the toolchain, not a model to serve.
 passes: [relu, wanda, compress24, lower]
 """,
     "activation": """\
