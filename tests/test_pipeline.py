@@ -400,6 +400,9 @@ def test_save_load_round_trip_in_a_fresh_process(tmp_path):
         "example_inputs.safetensors",
         "manifest.json",
         "program.pt2",
+        "report.html",
+        "report.json",
+        "report.md",
         "weights.safetensors",
     ]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp dirs left
