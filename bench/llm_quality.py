@@ -12,8 +12,10 @@ window of ``pysparse eval`` (256 tokens, stride 128). Rows (``--only`` picks by 
   wanda (dense statistics)    the same with every ||x|| taken on the dense model
   sparsegpt (mask only)       SparseGPT's mask, original weights under it
   sparsegpt (+ update)        SparseGPT with its OBS weight update
-  proxsparse (mask only)      the learned mask, original weights under it
+  proxsparse (mask only)      the learned mask, original weights under it (as published)
   proxsparse + reconstruct    the learned mask + SparseGPT's OBS update under it
+  proxsparse (defaults)       ProxSparse(): SparseGPT's mask as the start, learning,
+                              reconstruction, 100 recovery steps
   sparsegpt + N recovery      SparseGPT with its update, then N masked distillation steps
                               (passes.Recover, teacher: the dense model; --recover N)
   proxsparse + reconstruct + N recovery    the same after the learned mask's reconstruction
@@ -205,7 +207,7 @@ def main() -> None:
     both_masks = {
         "sparsegpt": lambda: SparseGPTPrune(),
         "wanda": lambda: WandaPrune(),
-        "proxsparse": lambda: proxsparse(reconstruct=True),
+        "proxsparse": lambda: ProxSparse(data=train, **prox),
     }
 
     def mask_of(method: str):
@@ -222,7 +224,7 @@ def main() -> None:
     def proxsparse(**kw):
         if args.init_mask:
             kw["init_mask"] = mask_of(args.init_mask)
-        return ProxSparse(data=train, **{**prox, **kw})
+        return ProxSparse.mask_only(data=train, **{**prox, **kw})
 
     def recover():
         return Recover(data=train, steps=args.recover, lr=args.recover_lr, teacher=model, **common)
@@ -241,6 +243,8 @@ def main() -> None:
             if "proxsparse" in kept
             else proxsparse(reconstruct=True)
         ],
+        # the pass's defaults: SparseGPT start, learning, reconstruction, 100 recovery steps
+        "proxsparse (defaults)": lambda: [ProxSparse(data=train, **prox)],
         "relu (no training)": lambda: [ReluSubstitution()],
         "prosparse (staged + sweep)": lambda: [
             ReluSubstitution(),

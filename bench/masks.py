@@ -1,5 +1,6 @@
 """2:4 masks on the real all-MiniLM-L6-v2: magnitude, Wanda, SparseGPT (mask only, and with its
-weight update), ProxSparse (mask only; its learned mask + SparseGPT's OBS weight update; and
+weight update), ProxSparse (mask only, as published; its learned mask + SparseGPT's OBS weight
+update; the pass's defaults — SparseGPT start, learning, reconstruction, recovery; and
 optionally SparseGPT / the learned mask + reconstruction, then a masked recovery fine-tune
 distilling the dense model, ``passes.Recover``), all on
 the same calibration/training text, all evaluated on the same held-out sentences (different
@@ -94,7 +95,7 @@ def main() -> None:
     def proxsparse(**kw):
         if args.init_mask:
             kw["init_mask"] = mask_of(args.init_mask)
-        return ProxSparse(data=train, **{**prox_kw, **kw})
+        return ProxSparse.mask_only(data=train, **{**prox_kw, **kw})
 
     def reconstructed():
         """The masks the mask-only row learned (when it ran) + SparseGPT's OBS update under them:
@@ -114,6 +115,8 @@ def main() -> None:
         "sparsegpt (+ weight update)": lambda: [SparseGPTPrune(update_weights=True)],
         f"proxsparse (mask only{start})": lambda: [proxsparse()],
         f"proxsparse + reconstruct{start}": lambda: [reconstructed()],
+        # the pass's defaults: SparseGPT start, learning, reconstruction, 100 recovery steps
+        "proxsparse (defaults)": lambda: [ProxSparse(data=train, **prox_kw)],
     }
     if args.recover:
         methods[f"sparsegpt (+ weight update) + {args.recover} recovery steps"] = lambda: [

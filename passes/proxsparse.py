@@ -21,11 +21,19 @@ change to compensate for the pruned ones, in closed form. ``recover_steps > 0`` 
 clearly reported step that then trains the kept weights under the fixed mask with the same
 objective (masked distillation / fine-tuning) — not part of ProxSparse proper.
 
-``init_mask`` (a model compiled by another mask pass, e.g. Wanda's, or a mapping weight name ->
-bool mask) starts the learning from ``W0`` under that mask instead of from ``W0``: the prox and
-the objective then refine a mask that is already 2:4 (pruned weights can grow back where the
+``init_mask`` (``"sparsegpt"`` / ``"magnitude"``: that method's mask chosen here on the pass's
+batches; a model compiled by another mask pass, e.g. Wanda's; or a mapping weight name -> bool
+mask) starts the learning from ``W0`` under that mask instead of from ``W0``: the prox and the
+objective then refine a mask that is already 2:4 (pruned weights can grow back where the
 objective wants them), and the report counts the groups the learning changed. ``R_frozen`` is
 still measured from the dense ``W0`` (zero at the start), and the final restore is ``W0 * M``.
+
+Defaults: the tuned pipeline, not the published mask-only method. ``ProxSparse()`` starts from
+SparseGPT's mask, learns with lam2 = 1, reconstructs under the learned mask and runs 100 recovery
+steps — the best rows of bench/masks.py and bench/llm_quality.py (all-MiniLM-L6-v2 0.893 held-out
+cosine before recovery vs SparseGPT-with-update's 0.892; SmolLM2 perplexity 21.27 vs SparseGPT
+with its update 30.69). ``ProxSparse.mask_only()`` is the method as published: learning from W0,
+only the masks leave the pass (W0 under them), no reconstruction, no recovery.
 
 Objective: ``"logit_kl"`` (distillation to the dense model's next-token distributions) for
 decoders, distillation to the frozen original for encoders
@@ -52,20 +60,24 @@ from pysparse.objectives import DECODER_OBJECTIVES, Objective, default_objective
 from pysparse.pipeline import Pass, PassContext, PassError, PassResult
 from pysparse.train import TrainConfig, Trainer, checkpoint_layers, curve
 
-from .baselines import maskable_linears, masks_from, sparsegpt_graph
+from .baselines import MagnitudePrune, maskable_linears, masks_from, sparsegpt_graph
 from .recover import train_under_masks
 
 _log = logging.getLogger(__name__)
 
 # Tuned defaults by model kind (see ProxSparse's docstring for the sweeps behind them).
-ENCODER_DEFAULTS = {"steps": 200, "lr": 1e-3, "lam1": 0.5, "lam2": 0.0}
-# Decoders: with lam2 = 0 the learned weights drift from W0 and W0 under the learned mask was far
-# worse than magnitude pruning on SmolLM2 (held-out perplexity 440930 vs 992, bench/llm_quality.py);
-# lam2 = 1 measured 129782 - better, still no good from W0. Started from SparseGPT's mask
-# (init_mask="sparsegpt", lam2 = 1): 55.97 mask only (SparseGPT's own mask 56.77), 32.45 with
-# SparseGPT's update under it, 21.27 after 100 recovery steps (SparseGPT + update 30.69;
-# bench/RESULTS.md). init_mask is not yet a decoder default (issue 14's note).
-DECODER_DEFAULTS = {"steps": 200, "lr": 1e-4, "lam1": 0.5, "lam2": 1.0}
+# lam2 = 1 for both: the learned weights stay near W0, so the mask is chosen for the W0 the
+# reconstruction starts from (all-MiniLM-L6-v2 from SparseGPT's mask + reconstruction: 0.8933
+# held-out cosine with lam2 1, 0.8887 with lam2 0; SparseGPT with its update 0.8920).
+ENCODER_DEFAULTS = {"steps": 200, "lr": 1e-3, "lam1": 0.5, "lam2": 1.0, "recover_lr": 5e-5}
+# Decoders: learned from W0 (mask only) the mask was far worse than magnitude pruning on SmolLM2
+# (held-out perplexity 440930 with lam2 0, 129782 with lam2 1, magnitude 992; bench/llm_quality.py).
+# Started from SparseGPT's mask (lam2 = 1): 55.97 mask only (SparseGPT's own mask 56.77), 32.45
+# with SparseGPT's update under it, 21.27 after 100 recovery steps at lr 1e-4 (SparseGPT + update
+# 30.69; the same 100 steps after it 20.75; bench/RESULTS.md).
+DECODER_DEFAULTS = {"steps": 200, "lr": 1e-4, "lam1": 0.5, "lam2": 1.0, "recover_lr": 1e-4}
+RECOVER_STEPS = 100
+INIT_METHODS = ("sparsegpt", "magnitude")
 
 STATS_EVERY = 10  # steps between two counts of the 2:4 groups shown on the progress bar
 
@@ -94,11 +106,13 @@ def top2_mask(w: torch.Tensor) -> torch.Tensor:
 
 
 class ProxSparse(Pass):
-    """Learned 2:4 masks (see the module docstring). The defaults (200 steps, lr 1e-3, lam1 0.5,
-    prox_scale "lam", hidden-state distillation) were chosen for encoders of MiniLM's size by a
-    sweep scored on a validation part of pysparse.corpus's training split (lam1 0.1 / 0.2 / 0.5 /
-    2 / 5, lr 1e-3 / 3e-3, 100 / 200 steps; held-out text never used); the published decoder
-    setting is lr 1e-4, lam1 0.2-1, ~400 steps."""
+    """Learned 2:4 masks (see the module docstring). Defaults by model kind: ``ENCODER_DEFAULTS``
+    (200 steps, lr 1e-3, lam1 0.5, prox_scale "lam", hidden-state distillation; chosen for
+    encoders of MiniLM's size by a sweep scored on a validation part of pysparse.corpus's training
+    split: lam1 0.1 / 0.2 / 0.5 / 2 / 5, lr 1e-3 / 3e-3, 100 / 200 steps; held-out text never
+    used) or ``DECODER_DEFAULTS`` (lr 1e-4 as published for LLaMA, logit distillation); for both
+    the tuned pipeline around the learning: ``init_mask="sparsegpt"``, ``reconstruct=True``,
+    ``RECOVER_STEPS`` recovery steps. ``ProxSparse.mask_only(...)``: the published method."""
 
     name = "proxsparse"
     after = ("relu",)
@@ -118,14 +132,14 @@ class ProxSparse(Pass):
         grad_clip: float | None = 1.0,
         accum: int = 1,
         max_iters: int = 100,
-        recover_steps: int = 0,
-        recover_lr: float = 5e-5,
+        recover_steps: int | None = None,
+        recover_lr: float | None = None,
         checkpoint_dir: str | None = None,
         checkpoint_every: int = 50,
         down_along: str = "d_ff",
-        reconstruct: bool = False,
+        reconstruct: bool = True,
         autocast: str | None = None,
-        init_mask: Any = None,
+        init_mask: Any = "sparsegpt",
         activation_checkpointing: bool = False,
     ):
         if down_along not in ("d_ff", "d_model"):
@@ -136,6 +150,13 @@ class ProxSparse(Pass):
             raise ValueError(
                 f"proxsparse: prox_scale must be 'lam' or 'lr*lam', got {prox_scale!r}"
             )
+        if isinstance(init_mask, str) and init_mask not in INIT_METHODS:
+            raise ValueError(
+                f"proxsparse: init_mask must be one of {INIT_METHODS}, a compiled model, a "
+                f"mapping weight name -> mask, or None (learn from W0); got {init_mask!r}"
+            )
+        if recover_steps is not None and recover_steps < 0:
+            raise ValueError(f"proxsparse: recover_steps must be >= 0, got {recover_steps}")
         if (lam1 or 0) < 0 or (lam2 or 0) < 0 or not math.isfinite((lam1 or 0) + (lam2 or 0)):
             raise ValueError(
                 f"proxsparse: lam1 and lam2 must be finite and >= 0 (got {lam1}, {lam2})"
@@ -154,20 +175,35 @@ class ProxSparse(Pass):
         self.autocast = autocast
         self.init_mask = init_mask
 
+    @classmethod
+    def mask_only(cls, **kw: Any) -> ProxSparse:
+        """ProxSparse as published: learning starts from the dense W0, only the learned masks leave
+        the pass (W0 under them); no reconstruction, no recovery (each can still be given)."""
+        return cls(**{"init_mask": None, "reconstruct": False, "recover_steps": 0, **kw})
+
     def settings(self) -> dict[str, Any]:
         s = super().settings()
         s.pop("data", None)
-        if self.init_mask is not None:
+        if self.init_mask is not None and not isinstance(self.init_mask, str):
             s["init_mask"] = type(self.init_mask).__name__
         if callable(self.objective):
             s["objective"] = getattr(self.objective, "__name__", "custom")
         return s
 
     def tuned(self, objective: str) -> dict[str, Any]:
-        """steps / lr / lam1 / lam2: the ones given, else the tuned defaults of the model kind
-        (``DECODER_DEFAULTS`` when the objective is a decoder's, else ``ENCODER_DEFAULTS``)."""
+        """steps / lr / lam1 / lam2 / recover_steps / recover_lr: the ones given, else the tuned
+        defaults of the model kind (``DECODER_DEFAULTS`` when the objective is a decoder's, else
+        ``ENCODER_DEFAULTS``; ``RECOVER_STEPS``)."""
         base = DECODER_DEFAULTS if objective in DECODER_OBJECTIVES else ENCODER_DEFAULTS
-        given = {"steps": self.steps, "lr": self.lr, "lam1": self.lam1, "lam2": self.lam2}
+        base = {**base, "recover_steps": RECOVER_STEPS}
+        given = {
+            "steps": self.steps,
+            "lr": self.lr,
+            "lam1": self.lam1,
+            "lam2": self.lam2,
+            "recover_steps": self.recover_steps,
+            "recover_lr": self.recover_lr,
+        }
         return {k: base[k] if v is None else v for k, v in given.items()}
 
     def _sub_dir(self, name: str) -> str | None:
@@ -208,8 +244,11 @@ class ProxSparse(Pass):
         steps, lam1, lam2 = hp["steps"], hp["lam1"], hp["lam2"]
         w0 = {k: w.detach().clone() for k, w in weights.items()}
         init = None
-        if self.init_mask is not None:
+        if isinstance(self.init_mask, str):  # after the objective: its teacher is the dense graph
+            init = self._choose_init(gm, ctx, targets, batches)
+        elif self.init_mask is not None:
             init = masks_from(self.init_mask, gm, targets, self.name)
+        if init is not None:
             with torch.no_grad():
                 for k, w in weights.items():
                     w.mul_(init[k])
@@ -315,19 +354,38 @@ class ProxSparse(Pass):
             "reconstruct_seconds": rebuilt,
             "reconstruct_seconds_split": rebuilt_split,
         }
-        if self.recover_steps > 0:
-            info_out["recover"] = self._recover(weights, batches, objective)
+        if hp["recover_steps"] > 0:
+            info_out["recover"] = self._recover(weights, batches, objective, hp)
         for p, flag in flags.items():
             p.requires_grad_(flag)
         return PassResult(gm, True, info_out)
 
-    def _recover(self, weights, batches, objective: Objective) -> dict[str, Any]:
+    def _choose_init(self, gm, ctx, targets, batches) -> dict[str, torch.Tensor]:
+        """The ``init_mask`` method's 2:4 masks on this pass's batches (mask only: the weights
+        are left as W0 under them)."""
+        if self.init_mask == "sparsegpt":
+            sparsegpt_graph(
+                gm,
+                ctx,
+                targets,
+                update_weights=False,
+                down_along=self.down_along,
+                batches=batches,
+                desc="proxsparse: start mask (sparsegpt)",
+            )
+        else:
+            MagnitudePrune(self.down_along).prune_all(gm, ctx, targets)
+        # Masks from the zero pattern: a weight that was already 0 reads as pruned, which changes
+        # nothing under the mask (W0 * M) and keeps every group at <= 2 kept.
+        return {info["weight"]: gm.get_parameter(info["weight"]) != 0 for _, info in targets}
+
+    def _recover(self, weights, batches, objective: Objective, hp: dict) -> dict[str, Any]:
         """``recover_steps``: masked fine-tune of the kept weights (passes.recover; the teacher is
         the dense graph the objective saw before learning)."""
         cfg = TrainConfig.for_pass(
             self,
-            self.recover_steps,
-            self.recover_lr,
+            hp["recover_steps"],
+            hp["recover_lr"],
             checkpoint_dir=self._sub_dir("recover"),
             desc="proxsparse: recover",
             warmup=0.1,

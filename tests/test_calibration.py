@@ -142,9 +142,9 @@ def test_sparsegpt_with_a_fixed_mask_solves_the_update_under_it():
 def test_proxsparse_reconstruct_keeps_the_learned_mask_and_gets_closer_to_dense():
     model, batches = _llama(layers=2)
     kw = {"data": batches, "steps": 4, "lr": 1e-2, "lam1": 0.5}
-    plain = pysparse.compile(model, [ProxSparse(**kw)], *batches[0], calibration=batches)
+    plain = pysparse.compile(model, [ProxSparse.mask_only(**kw)], *batches[0], calibration=batches)
     rebuilt = pysparse.compile(
-        model, [ProxSparse(reconstruct=True, **kw)], *batches[0], calibration=batches
+        model, [ProxSparse.mask_only(reconstruct=True, **kw)], *batches[0], calibration=batches
     )
     a, b = _pruned_weights(plain), _pruned_weights(rebuilt)
     for k in a:
@@ -259,12 +259,14 @@ def test_obs24_sweep_bad_input_names_the_problem():
 
 def test_sparsegpt_mask_from_a_compiled_model_equals_proxsparse_reconstruct():
     """SparseGPTPrune(mask_from=<ProxSparse's model>) is the same reconstruction as
-    ProxSparse(reconstruct=True) with the same data; bad masks are refused by name."""
+    ProxSparse.mask_only(reconstruct=True) with the same data; bad masks are refused by name."""
     model, batches = _llama(layers=2)
     kw = {"data": batches, "steps": 3, "lr": 1e-2, "lam1": 0.5}
-    learned = pysparse.compile(model, [ProxSparse(**kw)], *batches[0], calibration=batches)
+    learned = pysparse.compile(
+        model, [ProxSparse.mask_only(**kw)], *batches[0], calibration=batches
+    )
     both = pysparse.compile(
-        model, [ProxSparse(reconstruct=True, **kw)], *batches[0], calibration=batches
+        model, [ProxSparse.mask_only(reconstruct=True, **kw)], *batches[0], calibration=batches
     )
     via = pysparse.compile(
         model, [SparseGPTPrune(mask_from=learned)], *batches[0], calibration=batches
@@ -281,14 +283,18 @@ def test_sparsegpt_mask_from_a_compiled_model_equals_proxsparse_reconstruct():
 
 
 def test_proxsparse_init_mask_starts_from_another_pass_masks():
-    """ProxSparse(init_mask=<Wanda's model>): with nothing learned (lr 1e-12, lam1 0) the masks and
+    """ProxSparse.mask_only(init_mask=<Wanda's model>): with nothing learned (lr 1e-12, lam1 0) the masks and
     weights are Wanda's exactly (a magnitude start would differ); with learning, the masks move
     from Wanda's, the report counts it, and the weights are the original ones under them."""
     model, batches = _llama(layers=2)
     wanda = pysparse.compile(model, [WandaPrune()], *batches[0], calibration=batches)
     still = pysparse.compile(
         model,
-        [ProxSparse(data=batches, steps=2, lr=1e-12, lam1=0.0, lam2=0.0, init_mask=wanda)],
+        [
+            ProxSparse.mask_only(
+                data=batches, steps=2, lr=1e-12, lam1=0.0, lam2=0.0, init_mask=wanda
+            )
+        ],
         *batches[0],
         calibration=batches,
     )
@@ -301,7 +307,7 @@ def test_proxsparse_init_mask_starts_from_another_pass_masks():
     assert info["groups_differing_from_magnitude"] > 0  # Wanda's masks are not magnitude's
     moved = pysparse.compile(
         model,
-        [ProxSparse(data=batches, steps=3, lr=5e-2, lam1=0.5, init_mask=wanda)],
+        [ProxSparse.mask_only(data=batches, steps=3, lr=5e-2, lam1=0.5, init_mask=wanda)],
         *batches[0],
         calibration=batches,
     )
@@ -316,10 +322,51 @@ def test_proxsparse_init_mask_starts_from_another_pass_masks():
     with pytest.raises(PassError, match="masks given have none of shape"):
         pysparse.compile(
             model,
-            [ProxSparse(data=batches, steps=1, init_mask={})],
+            [ProxSparse.mask_only(data=batches, steps=1, init_mask={})],
             *batches[0],
             calibration=batches,
         )
+
+
+def test_proxsparse_defaults_are_the_tuned_pipeline():
+    """ProxSparse() = SparseGPT's mask as the start, learning, SparseGPT's reconstruction under
+    the learned mask, recovery. With nothing learned (lr 1e-12, lam1 0, lam2 0, no recovery) the
+    result is SparseGPT's reconstruction under SparseGPT's own mask-only choice, exactly the
+    two-pass composition; the defaults resolve by model kind; a bad start is refused by name."""
+    model, batches = _llama(layers=2)
+    frozen = {"data": batches, "steps": 2, "lr": 1e-12, "lam1": 0.0, "lam2": 0.0}
+    still = pysparse.compile(
+        model, [ProxSparse(recover_steps=0, **frozen)], *batches[0], calibration=batches
+    )
+    chosen = pysparse.compile(
+        model, [SparseGPTPrune(update_weights=False)], *batches[0], calibration=batches
+    )
+    via = pysparse.compile(
+        model, [SparseGPTPrune(mask_from=chosen)], *batches[0], calibration=batches
+    )
+    a, b, m = _pruned_weights(still), _pruned_weights(via), _pruned_weights(chosen)
+    assert a.keys() == b.keys() == m.keys()
+    for k in a:
+        assert torch.equal(a[k] != 0, m[k] != 0), k  # the start mask is SparseGPT's
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+        assert not torch.equal(a[k], m[k]), k  # reconstructed, not W0 under the mask
+    info = next(r for r in still.report if r["pass"] == "proxsparse")
+    assert info["groups_differing_from_init_mask"] == 0 and info["reconstruct_seconds"] is not None
+    assert "recover" not in info
+    full = pysparse.compile(
+        model,
+        [ProxSparse(data=batches, steps=2, recover_steps=3)],
+        *batches[0],
+        calibration=batches,
+    )
+    info = next(r for r in full.report if r["pass"] == "proxsparse")
+    assert info["objective"] == "logit_kl" and info["lr"] == 1e-4 and info["lam2"] == 1.0
+    assert info["recover"]["steps"] == 3, info["recover"]
+    p = ProxSparse()
+    assert p.tuned("logit_kl")["recover_steps"] == 100 and p.tuned("logit_kl")["recover_lr"] == 1e-4
+    assert p.tuned("hidden_mse")["lr"] == 1e-3 and p.tuned("hidden_mse")["recover_lr"] == 5e-5
+    with pytest.raises(ValueError, match="init_mask must be one of"):
+        ProxSparse(init_mask="wand")
 
 
 def _kl_to(model, sm, batches):
@@ -366,10 +413,10 @@ def test_recover_trains_the_kept_weights_under_fixed_masks():
 def test_proxsparse_recover_steps_keep_the_learned_masks():
     model, batches = _llama(layers=2)
     kw = {"data": batches, "steps": 3, "lr": 1e-2, "lam1": 0.5}
-    plain = pysparse.compile(model, [ProxSparse(**kw)], *batches[0], calibration=batches)
+    plain = pysparse.compile(model, [ProxSparse.mask_only(**kw)], *batches[0], calibration=batches)
     rec = pysparse.compile(
         model,
-        [ProxSparse(recover_steps=10, recover_lr=1e-3, **kw)],
+        [ProxSparse.mask_only(recover_steps=10, recover_lr=1e-3, **kw)],
         *batches[0],
         calibration=batches,
     )

@@ -78,6 +78,8 @@ def test_compile_proxsparse_then_eval(tmp_path):
         "proxsparse.steps=3",
         "--set",
         "proxsparse.lam1=1.0",
+        "--set",
+        "proxsparse.recover_steps=5",
         "--calib-lines",
         "16",
         "--no-eval",
@@ -98,11 +100,13 @@ def test_compile_proxsparse_then_eval(tmp_path):
     from pysparse.corpus import sentences
 
     assert result["kind"] == "encoder" and result["sentences"] == len(sentences("heldout"))
-    # 3 ProxSparse steps then every linear 2:4 cost MiniLM a lot of its embedding: measured mean
-    # cosine 0.6262 (min 0.4039). Seeded and deterministic on one machine; between CPU kinds only
-    # float rounding differs, which moves a few near-tied mask choices, far less than the +-0.07
-    # allowed. Dense-vs-dense (1.0) or a far worse model falls outside.
-    assert 0.55 < result["mean_cosine_to_dense"] < 0.70, result
+    # The defaults' pipeline on 16 calibration lines (SparseGPT's mask as the start, 3 learning
+    # steps, SparseGPT's reconstruction under the learned mask, 5 recovery steps), every linear
+    # 2:4: measured mean cosine 0.8082 (min 0.4389); the published mask-only learning with the
+    # same 3 steps measured 0.6262. Seeded and deterministic on one machine; between CPU kinds
+    # only float rounding differs, which moves a few near-tied mask choices, far less than the
+    # +-0.05 allowed. Dense-vs-dense (1.0) or the mask-only result falls outside.
+    assert 0.76 < result["mean_cosine_to_dense"] < 0.86, result
     assert result["min_cosine_to_dense"] <= result["mean_cosine_to_dense"]
     assert "mean_cosine_to_dense" in res.stdout
     res = run_cli("compile", "--passes", "wanda", "--set", "wanda.bogus=1", cwd=tmp_path)

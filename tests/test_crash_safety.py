@@ -44,7 +44,7 @@ def objective(o, batch):
 
 common = dict(data=batches, steps=10, objective=objective, checkpoint_dir=ckpt, checkpoint_every=2)
 if kind == "proxsparse":
-    passes = [ProxSparse(lr=1e-3, lam1=1.0, **common)]
+    passes = [ProxSparse.mask_only(lr=1e-3, lam1=1.0, **common)]
 else:
     passes = ["relu", ProSparse(lr=1e-3, lam=0.5, **common)]
 sm = pysparse.compile(model, passes, *batches[0], calibration=batches)

@@ -241,7 +241,9 @@ def test_down_masked_along_d_model_runs_on_the_by_row_ffn_kernel(build, mask):
         "magnitude": MagnitudePrune,
         "wanda": WandaPrune,
         "sparsegpt": SparseGPTPrune,
-        "proxsparse": lambda **kw: ProxSparse(steps=3, **kw),  # learned masks, a few steps
+        "proxsparse": lambda **kw: ProxSparse.mask_only(
+            steps=3, **kw
+        ),  # learned masks, a few steps
     }[mask]
     dense = pysparse.compile(model, ["relu", make(down_along="d_model")], args, kwargs)
     for name, info in dense.gm.meta["pysparse"]["linears"].items():

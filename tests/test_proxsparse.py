@@ -39,7 +39,7 @@ def _bert():
 
 def test_decoder_loss_falls_and_masks_are_24_with_original_weights():
     model, batches = _llama()
-    pass_ = ProxSparse(
+    pass_ = ProxSparse.mask_only(
         data=batches, steps=25, lr=3e-3, lam1=5.0, lam2=0.0, warmup=0.0, objective="causal_lm"
     )
     sm = pysparse.compile(model, [pass_], *batches[0], calibration=batches)
@@ -73,7 +73,7 @@ def test_encoder_distillation_then_compress_and_lower():
     model, batches = _bert()
 
     def prox():
-        return ProxSparse(data=batches, steps=8, lr=1e-3, lam1=2.0)
+        return ProxSparse.mask_only(data=batches, steps=8, lr=1e-3, lam1=2.0)
 
     sm = pysparse.compile(model, [prox(), Compress24(), Lower()], *batches[0], calibration=batches)
     rep = sm.report[0]
@@ -122,20 +122,23 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path):
     model, batches = _bert()
     kw = {"data": batches, "steps": 12, "lr": 1e-3, "lam1": 1.0, "checkpoint_every": 4}
     clean = pysparse.compile(
-        model, [ProxSparse(objective=_Objective(), **kw)], *batches[0], calibration=batches
+        model,
+        [ProxSparse.mask_only(objective=_Objective(), **kw)],
+        *batches[0],
+        calibration=batches,
     )
     ckpt = str(tmp_path / "ckpt")
     with pytest.raises(KeyboardInterrupt):
         pysparse.compile(
             model,
-            [ProxSparse(objective=_Objective(crash_at=10), checkpoint_dir=ckpt, **kw)],
+            [ProxSparse.mask_only(objective=_Objective(crash_at=10), checkpoint_dir=ckpt, **kw)],
             *batches[0],
             calibration=batches,
         )
     assert (tmp_path / "ckpt" / "learn" / "checkpoint.safetensors").is_file()  # from step 8
     resumed = pysparse.compile(
         model,
-        [ProxSparse(objective=_Objective(), checkpoint_dir=ckpt, **kw)],
+        [ProxSparse.mask_only(objective=_Objective(), checkpoint_dir=ckpt, **kw)],
         *batches[0],
         calibration=batches,
     )
@@ -147,7 +150,11 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path):
     with pytest.raises(RuntimeError, match="other settings"):
         pysparse.compile(
             model,
-            [ProxSparse(objective=_Objective(), checkpoint_dir=ckpt, **{**kw, "lam1": 2.0})],
+            [
+                ProxSparse.mask_only(
+                    objective=_Objective(), checkpoint_dir=ckpt, **{**kw, "lam1": 2.0}
+                )
+            ],
             *batches[0],
             calibration=batches,
         )
@@ -159,7 +166,11 @@ def test_two_dimensional_inputs_train(objective):
     model, batches = sequential_with_batches()
     sm = pysparse.compile(
         model,
-        [ProxSparse(data=batches, steps=6, lam1=2.0, objective=objective), Compress24(), Lower()],
+        [
+            ProxSparse.mask_only(data=batches, steps=6, lam1=2.0, objective=objective),
+            Compress24(),
+            Lower(),
+        ],
         *batches[0],
         calibration=batches,
     )
@@ -237,7 +248,7 @@ def test_bad_settings_and_weights_are_refused():
     with torch.no_grad():
         model.encoder.layer[1].output.dense.weight[0, 0] = float("nan")
     with pytest.raises(Exception, match=r"encoder.layer.1.output.dense.weight contains NaN"):
-        pysparse.compile(model, [ProxSparse(data=batches, steps=2)], *batches[0])
+        pysparse.compile(model, [ProxSparse.mask_only(data=batches, steps=2)], *batches[0])
 
 
 def test_evaluate_encoder_and_activation_sparsity():
