@@ -8,7 +8,11 @@ machine drifts) and, for the pysparse kernels, the bandwidth they achieve: the b
 (gate in full; up rows and down rows of the neurons active for some row of the batch; 2:4: packed
 bytes, down by groups of 4 neurons) / time, as a fraction of the roof: the faster of a streaming read
 (``torch.sum``) and torch's dense FFN itself (bytes of its three weights / time), both timed in the
-same run. ``--down-rows`` adds the 2:4 FFN with the other down layout (W_down pruned 2:4 along
+same run. ``--predictor R`` adds both FFNs with activation predictors (``predicted=``): each call computes a
+rank-R predictor ``(x A^T) B^T + c > 0`` (its cost is in the time) and hands the op its mask;
+so that the set it marks is what a fitted predictor marks (the random A, B here predict nothing),
+the mask is OR-ed with the firing (row, neuron) pairs plus false alarms at ``--precision``.
+``--down-rows`` adds the 2:4 FFN with the other down layout (W_down pruned 2:4 along
 d_model, each active neuron's packed row read; see csrc/core/sparse_ffn.h) and the megabytes each
 2:4 layout must read. The 2:4 columns run 2:4-pruned weights (magnitude) at the same target
 sparsity, set on the gate they run (the pruned gate: its pre-activations differ from the dense
@@ -68,6 +72,15 @@ class Weights:
         # the other 2:4 down layout: W_down^T pruned along d_model, packed by neuron row
         self.d24_rows = ops.compress24(ops.prune24(self.wdt))
 
+    def predictor(self, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A rank-``rank`` predictor's weights (A [r, D], B [F, r], c [F]) in the weights' dtype;
+        c so low that it marks nothing itself (see the module docstring)."""
+        g = torch.Generator().manual_seed(5)
+        a = torch.randn(rank, self.D, generator=g) / math.sqrt(self.D)
+        b = torch.randn(self.Fd, rank, generator=g) / math.sqrt(rank)
+        c = torch.full((self.Fd,), -1e4)
+        return tuple(v.to(self.dtype) for v in (a, b, c))
+
     def case(self, M: int, sparsity: float, pruned: bool):
         """(x, gate weight, packed 2:4 gate or None, threshold) for M rows at about ``sparsity``
         over the batch. The activation pattern is set on the gate the variant runs: the dense gate
@@ -88,6 +101,15 @@ class Weights:
         wg = self.wg * sign
         # prune24 keeps the two largest |w| per group: flipping a row's sign commutes with it
         return x, wg, (ops.compress24(ops.prune24(wg)) if pruned else None), 0.0
+
+
+def marked(x: torch.Tensor, gate_w: torch.Tensor, t: float, precision: float) -> torch.Tensor:
+    """[M, F] bool: the firing (row, neuron) pairs plus false alarms, so that the firing pairs
+    are ``precision`` of those marked (what a predictor at that precision and full recall marks)."""
+    fires = (x.float() @ gate_w.float().T) >= t
+    extra = fires.sum().item() * (1 / precision - 1) / max((~fires).sum().item(), 1)
+    gen = torch.Generator().manual_seed(11)
+    return fires | ((torch.rand(fires.shape, generator=gen) < extra) & ~fires)
 
 
 def active(x: torch.Tensor, gate_w: torch.Tensor, t: float) -> torch.Tensor:
@@ -117,6 +139,16 @@ def run_case(W: Weights, shape, M, sp, pattern, dname, args, stream) -> str:
     if args.down_rows:
         d24r = on(W.d24_rows)
         calls["rows24"] = lambda: ops.sparse_ffn24(xd, g24d, u24d, d24r, t24)
+    if args.predictor:
+        A, B, c = on(W.predictor(args.predictor))
+        fires = on((marked(x, wg, t, args.precision),))[0]
+        fires24 = on((marked(x, ops.decompress24(*g24, D), t24, args.precision),))[0]
+
+        def predict(fired):
+            return (F.linear(F.linear(xd, A), B, c) > 0) | fired
+
+        calls["pred"] = lambda: ops.sparse_ffn(xd, wgd, wud, wdtd, t, predict(fires))
+        calls["pred24"] = lambda: ops.sparse_ffn24(xd, g24d, u24d, d24d, t24, predict(fires24))
     with torch.inference_mode():
         res = interleaved_times(
             {k: cuda_synced(f, dev) for k, f in calls.items()}, args.repeats, args.seconds
@@ -136,6 +168,11 @@ def run_case(W: Weights, shape, M, sp, pattern, dname, args, stream) -> str:
         rows = (
             f" {res['rows24'].median_s * 1e3:.2f} | {res['rows24'].ratio:.2f}x | "
             f"{need_r / 1e6:.0f} vs {need24 / 1e6:.0f} |"
+        )
+    if args.predictor:
+        rows += (
+            f" {res['pred'].median_s * 1e3:.2f} | {res['pred'].ratio:.2f}x | "
+            f"{res['pred24'].median_s * 1e3:.2f} | {res['pred24'].ratio:.2f}x |"
         )
     # The roof: the faster of a plain read and torch's own dense FFN (which reads all three
     # weights), both timed in this run.
@@ -160,6 +197,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=0.5)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (weights built on the CPU, moved)")
+    ap.add_argument("--predictor", type=int, default=0, help="rank: add predicted-FFN columns")
+    ap.add_argument("--precision", type=float, default=0.8, help="of the predicted sets")
     ap.add_argument(
         "--down-rows",
         action="store_true",
@@ -177,13 +216,15 @@ def main() -> None:
         f"impl {pysparse._C.cpu_info().get('ffn_impl', '?')}"
     )
     extra = " 2:4 rows ms | 2:4 rows x | MB read rows vs groups |" if args.down_rows else ""
+    if args.predictor:
+        extra += f" pred r{args.predictor} ms | pred x | pred 2:4 ms | pred 2:4 x |"
     print(
         "| shape | dtype | pattern | sparsity | batch | ffn active | 2:4 active | dense ms | ffn ms | "
         "ffn x | ffn GB/s (% roof) | 2:4 ms | 2:4 x | 2:4 GB/s (% roof) |" + extra
     )
     print(
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-        + "---:|" * (3 * bool(extra))
+        + "---:|" * (3 * args.down_rows + 4 * bool(args.predictor))
     )
     for shape in args.shapes:
         D, Fd = (int(v) for v in shape.split("x"))

@@ -26,13 +26,17 @@ TORCH_LIBRARY(pysparse, m) {
   // Activation-sparse FFNs (ProSparse inference), exact: fatrelu_t(v) = v if v >= t else 0.
   // Gated: y = (fatrelu_t(x @ w_gate^T) * (x @ w_up^T)) @ w_down_t, weights [d_ff, d_model]
   // (w_down_t = W_down^T). Plain: y = fatrelu_t(x @ w1^T + b1) @ w2_t + b2. fp32 or bf16.
-  m.def("sparse_ffn(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down_t, float threshold=0.0) -> Tensor");
-  m.def("sparse_mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2_t, Tensor? b2, float threshold=0.0) -> Tensor");
+  // predicted (activation predictors): bool [..., d_ff], true where the neuron is computed for that
+  // row; the result is the exact FFN restricted to those (row, neuron) pairs. None: exact.
+  m.def("sparse_ffn(Tensor x, Tensor w_gate, Tensor w_up, Tensor w_down_t, float threshold=0.0, "
+        "Tensor? predicted=None) -> Tensor");
+  m.def("sparse_mlp(Tensor x, Tensor w1, Tensor? b1, Tensor w2_t, Tensor? b2, float threshold=0.0, "
+        "Tensor? predicted=None) -> Tensor");
   // The same over 2:4 weights: gate/up/w1 packed along d_model (compress24's layout), the down
   // projection pruned along d_ff and regrouped by groups of 4 neurons: values [d_ff/4, 2, d_model],
   // meta uint8 [d_ff/4, ceil(d_model/2)] (csrc/core/sparse_ffn.h; pysparse.formats.pack_down24).
   m.def("sparse_ffn24(Tensor x, Tensor gate_values, Tensor gate_meta, Tensor up_values, Tensor up_meta, "
-        "Tensor down_values, Tensor down_meta, float threshold=0.0) -> Tensor");
+        "Tensor down_values, Tensor down_meta, float threshold=0.0, Tensor? predicted=None) -> Tensor");
   m.def("sparse_mlp24(Tensor x, Tensor w1_values, Tensor w1_meta, Tensor? b1, Tensor w2_values, "
-        "Tensor w2_meta, Tensor? b2, float threshold=0.0) -> Tensor");
+        "Tensor w2_meta, Tensor? b2, float threshold=0.0, Tensor? predicted=None) -> Tensor");
 }

@@ -13,6 +13,7 @@ from pysparse.pipeline import Pass
 from .baselines import MagnitudePrune, SparseGPTPrune, WandaPrune
 from .compress24 import Compress24
 from .lower import Lower
+from .predictor import Predictor
 from .prosparse import ProSparse
 from .proxsparse import ProxSparse
 from .recover import Recover
@@ -28,6 +29,7 @@ PASS_REGISTRY: dict[str, Callable[[], Pass]] = {
     "proxsparse": ProxSparse,
     "prosparse": ProSparse,
     "recover": Recover,
+    "predictor": Predictor,
 }
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "Compress24",
     "Lower",
     "MagnitudePrune",
+    "Predictor",
     "ProSparse",
     "ProxSparse",
     "Recover",

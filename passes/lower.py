@@ -7,7 +7,8 @@
    ``sparse_mlp24`` (the down projection regrouped with ``formats.pack_down24``, or, when its mask
    runs along d_model (``down_along="d_model"``), in the by-row layout compress24 made). A block is left
    to step 2 when its shape does not fit (fused gate_up, biases on a gated FFN, views between the
-   nodes, a dtype other than fp32/bf16, only some linears compressed); the report says why.
+   nodes, a dtype other than fp32/bf16, only some linears compressed); the report says why. A
+   block with activation predictors (``predictor``) passes their mask as the op's ``predicted``.
 2. Every other packed linear (see Compress24) becomes ``pysparse::sparse24_linear``.
 
 Dense weights nothing reads any more are dropped. The result stays exportable (every op has a fake
@@ -106,6 +107,13 @@ class Lower(Pass):
         if t is None:
             raise _Skip(f"activation {act.target} is not ReLU/FATReLU")
         act_in = act.args[0] if act.target is aten.relu.default else act.args[1]
+        # With activation predictors (passes.predictor) the block reads x1 * keep: the op takes keep
+        # as its ``predicted`` mask and the product goes.
+        pred = block.get("predictor")
+        kept = nodes.get(pred["kept"]) if pred else act
+        keep = nodes.get(pred["keep"]) if pred else None
+        if kept is None or (pred and keep is None):
+            raise _Skip("predictor nodes not found")
         gated = block["kind"] == "gated"
         parts = {"down": _linear_parts(down), "up": _linear_parts(up)}
         if gated:
@@ -118,18 +126,18 @@ class Lower(Pass):
                 act_in is gate
                 and isinstance(mul, fx.Node)
                 and mul.target is aten.mul.Tensor
-                and set(mul.args) == {act, up}
+                and set(mul.args) == {kept, up}
                 and parts["gate"][0] is parts["up"][0]
             )
             if not ok:
                 raise _Skip("nodes between the FFN's ops (views or casts)")
             if any(parts[r][2] is not None for r in ("gate", "up", "down")):
                 raise _Skip("biases on a gated FFN")
-            inner = [gate, up, *_fatrelu_ge(act), act, mul]
+            inner = [gate, up, *_fatrelu_ge(act), act, *([kept] if pred else []), mul]
         else:
-            if not (act_in is up and down.args[0] is act):
+            if not (act_in is up and down.args[0] is kept):
                 raise _Skip("nodes between the FFN's ops (views or casts)")
-            inner = [up, *_fatrelu_ge(act), act]
+            inner = [up, *_fatrelu_ge(act), act, *([kept] if pred else [])]
         for n in inner:
             users = set(n.users)
             allowed = {down} | set(inner)
@@ -198,9 +206,13 @@ class Lower(Pass):
                 else:
                     op = torch.ops.pysparse.sparse_mlp.default
                     args = (x, parts["up"][1], parts["up"][2], down_t, parts["down"][2], t)
+            if keep is not None:
+                args = (*args, keep)
             new = graph.call_function(op, args)
         new.meta = dict(down.meta)
         new.meta["pysparse"] = {"lowered": op.name(), "layer": block["layer"], "threshold": t}
+        if keep is not None:
+            new.meta["pysparse"]["predicted"] = True
         down.replace_all_uses_with(new)
         dead = [down, *reversed(inner)]
         weights = [p[1] for p in parts.values()]

@@ -78,7 +78,7 @@ def activation_sites(gm: fx.GraphModule) -> list[fx.Node]:
                 for u in n.users:
                     if _linear_like(u) and u.args[0] is n:
                         found = n
-                    elif u.target is aten.mul.Tensor and n is r or u.target in _PASS_THROUGH:
+                    elif u.target is aten.mul.Tensor or u.target in _PASS_THROUGH:
                         nxt.append(u)
             if found is not None:
                 break
@@ -120,7 +120,19 @@ def lowered_ffn_x1(op: str, args: Sequence[Any]) -> torch.Tensor:
         g, u = linear24(x, args[1], args[2], args[3]), None
         t = args[7] if len(args) > 7 else 0.0
     a = torch.where(g >= t, g, 0)
+    at = _PREDICTED_ARG[op]
+    if len(args) > at and args[at] is not None:  # activation predictors' mask
+        a = a * args[at]
     return a if u is None else a * u
+
+
+# Where the FFN ops take ``predicted`` (see csrc/register_ops.cpp).
+_PREDICTED_ARG = {
+    "pysparse::sparse_ffn": 5,
+    "pysparse::sparse_mlp": 6,
+    "pysparse::sparse_ffn24": 8,
+    "pysparse::sparse_mlp24": 8,
+}
 
 
 def measure_activation_sparsity(

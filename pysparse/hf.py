@@ -30,6 +30,7 @@ place.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import shutil
 import tempfile
@@ -39,6 +40,8 @@ from typing import Any
 import torch
 
 from pysparse.formats import dense_weight
+
+_log = logging.getLogger(__name__)
 
 THRESHOLD_FIELD = "pysparse_fatrelu_threshold"
 
@@ -123,6 +126,12 @@ def export_hf(model: Any, directory: str | os.PathLike) -> Path:
         {k: v for k, v in record["config"].items() if k != "_name_or_path"}
     )
     config.architectures = [cls.__name__]
+    if any(name.startswith("pysparse__pred") for name in tensors):
+        _log.warning(
+            "export_hf: the model's activation predictors (passes.predictor) have no place in a "
+            "Hugging Face folder: it runs the exact FFN (every neuron computed), which gives "
+            "slightly different outputs than the compiled model"
+        )
     t = fatrelu_threshold(report)
     if t is not None:
         config.hidden_act = "relu"

@@ -97,14 +97,25 @@ def _fatrelu(g: Any, threshold: float) -> Any:
     return op.Where(keep, g, op.CastLike(op.Constant(value_float=0.0), g))
 
 
-def sparse_ffn(x: Any, w_gate: Any, w_up: Any, w_down_t: Any, threshold: float = 0.0) -> Any:
-    g = _fatrelu(op.MatMul(x, op.Transpose(w_gate, perm=[1, 0])), threshold)
+def _predicted(h: Any, predicted: Any) -> Any:
+    """The activations restricted to the predicted (row, neuron) pairs (the ops' ``predicted``)."""
+    if predicted is None:
+        return h
+    return op.Where(predicted, h, op.CastLike(op.Constant(value_float=0.0), h))
+
+
+def sparse_ffn(
+    x: Any, w_gate: Any, w_up: Any, w_down_t: Any, threshold: float = 0.0, predicted: Any = None
+) -> Any:
+    g = _predicted(_fatrelu(op.MatMul(x, op.Transpose(w_gate, perm=[1, 0])), threshold), predicted)
     return op.MatMul(op.Mul(g, op.MatMul(x, op.Transpose(w_up, perm=[1, 0]))), w_down_t)
 
 
-def sparse_mlp(x: Any, w1: Any, b1: Any, w2_t: Any, b2: Any, threshold: float = 0.0) -> Any:
+def sparse_mlp(
+    x: Any, w1: Any, b1: Any, w2_t: Any, b2: Any, threshold: float = 0.0, predicted: Any = None
+) -> Any:
     h = op.MatMul(x, op.Transpose(w1, perm=[1, 0]))
-    h = _fatrelu(h if b1 is None else op.Add(h, b1), threshold)
+    h = _predicted(_fatrelu(h if b1 is None else op.Add(h, b1), threshold), predicted)
     y = op.MatMul(h, w2_t)
     return y if b2 is None else op.Add(y, b2)
 
@@ -118,17 +129,33 @@ def _dense_down(dv: Any, dm: Any) -> Any:
 
 
 def sparse_ffn24(
-    x: Any, gv: Any, gm: Any, uv: Any, um: Any, dv: Any, dm: Any, threshold: float = 0.0
+    x: Any,
+    gv: Any,
+    gm: Any,
+    uv: Any,
+    um: Any,
+    dv: Any,
+    dm: Any,
+    threshold: float = 0.0,
+    predicted: Any = None,
 ) -> Any:
-    return sparse_ffn(
-        x, _dense_from_packed(gv, gm), _dense_from_packed(uv, um), _dense_down(dv, dm), threshold
-    )
+    gate, up = _dense_from_packed(gv, gm), _dense_from_packed(uv, um)
+    return sparse_ffn(x, gate, up, _dense_down(dv, dm), threshold, predicted)
 
 
 def sparse_mlp24(
-    x: Any, w1v: Any, w1m: Any, b1: Any, w2v: Any, w2m: Any, b2: Any, threshold: float = 0.0
+    x: Any,
+    w1v: Any,
+    w1m: Any,
+    b1: Any,
+    w2v: Any,
+    w2m: Any,
+    b2: Any,
+    threshold: float = 0.0,
+    predicted: Any = None,
 ) -> Any:
-    return sparse_mlp(x, _dense_from_packed(w1v, w1m), b1, _dense_down(w2v, w2m), b2, threshold)
+    w1, w2_t = _dense_from_packed(w1v, w1m), _dense_down(w2v, w2m)
+    return sparse_mlp(x, w1, b1, w2_t, b2, threshold, predicted)
 
 
 def translation_table() -> dict[Any, Any]:

@@ -163,6 +163,7 @@ def sparse_ffn(
     w_up: torch.Tensor,
     w_down_t: torch.Tensor,
     threshold: float = 0.0,
+    predicted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Activation-sparse gated FFN ``(fatrelu_t(x @ w_gate.T) * (x @ w_up.T)) @ w_down_t``.
 
@@ -179,13 +180,18 @@ def sparse_ffn(
         w_gate, w_up: ``[d_ff, d_model]`` (``nn.Linear`` weights).
         w_down_t: the down projection's weight transposed, ``[d_ff, d_model]`` contiguous.
         threshold: ``t >= 0``.
+        predicted: activation predictors' output, bool ``[..., d_ff]`` (x's leading shape): the
+            result is the exact FFN restricted to the (row, neuron) pairs marked True — a firing
+            neuron left out is lost, a predicted one that does not fire gives 0 as in the exact
+            FFN — and a neuron's gate, up and down rows are read only when it is predicted for
+            some row. None: exact.
 
     Returns:
         ``[..., d_model]`` in x's dtype; bfloat16 weights are read as bfloat16, the math is float32
         and the result is rounded once.
     """
     pysparse.require_extension()
-    return torch.ops.pysparse.sparse_ffn.default(x, w_gate, w_up, w_down_t, threshold)
+    return torch.ops.pysparse.sparse_ffn.default(x, w_gate, w_up, w_down_t, threshold, predicted)
 
 
 def sparse_mlp(
@@ -195,11 +201,12 @@ def sparse_mlp(
     w2_t: torch.Tensor,
     b2: torch.Tensor | None,
     threshold: float = 0.0,
+    predicted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The plain (BERT) form: ``fatrelu_t(x @ w1.T + b1) @ w2_t + b2``; ``w1`` and ``w2_t`` are
     ``[d_ff, d_model]`` (``w2_t`` is the second linear's weight transposed). As ``sparse_ffn``."""
     pysparse.require_extension()
-    return torch.ops.pysparse.sparse_mlp.default(x, w1, b1, w2_t, b2, threshold)
+    return torch.ops.pysparse.sparse_mlp.default(x, w1, b1, w2_t, b2, threshold, predicted)
 
 
 def sparse_ffn24(
@@ -208,6 +215,7 @@ def sparse_ffn24(
     up: tuple[torch.Tensor, torch.Tensor],
     down: tuple[torch.Tensor, torch.Tensor],
     threshold: float = 0.0,
+    predicted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sparse_ffn`` over 2:4 weights: both sparsities at once.
 
@@ -222,9 +230,10 @@ def sparse_ffn24(
             neuron's half-size row is read and nothing else (fewer bytes at high sparsity; but no
             mask pass makes that pattern yet, and cuSPARSELt cannot run it).
         threshold: ``t >= 0``.
+        predicted: as ``sparse_ffn``'s.
     """
     pysparse.require_extension()
-    return torch.ops.pysparse.sparse_ffn24.default(x, *gate, *up, *down, threshold)
+    return torch.ops.pysparse.sparse_ffn24.default(x, *gate, *up, *down, threshold, predicted)
 
 
 def sparse_mlp24(
@@ -234,11 +243,12 @@ def sparse_mlp24(
     w2: tuple[torch.Tensor, torch.Tensor],
     b2: torch.Tensor | None,
     threshold: float = 0.0,
+    predicted: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``sparse_mlp`` over 2:4 weights (``w1`` as ``compress24`` packs it, ``w2`` as
     ``pack_down24`` does; see ``sparse_ffn24``)."""
     pysparse.require_extension()
-    return torch.ops.pysparse.sparse_mlp24.default(x, *w1, b1, *w2, b2, threshold)
+    return torch.ops.pysparse.sparse_mlp24.default(x, *w1, b1, *w2, b2, threshold, predicted)
 
 
 def kernel_stats(reset: bool = False) -> dict[str, dict[str, int]]:
@@ -350,25 +360,32 @@ def _register_fakes() -> None:
         )
         return x.new_empty((*x.shape[:-1], values.shape[0]))
 
-    def _ffn_out(op, x, dtype, device, d_model):
+    def _ffn_out(op, x, dtype, device, d_model, d_ff=None, predicted=None):
         torch._check(x.dim() >= 1, lambda: f"{op}: x must have a d_model dim")
+        if predicted is not None:
+            torch._check(predicted.dtype == torch.bool, lambda: f"{op}: predicted must be bool")
+            torch._check(
+                tuple(predicted.shape) == (*x.shape[:-1], d_ff),
+                lambda: f"{op}: predicted must be x's leading shape + [d_ff]",
+            )
         torch._check(x.shape[-1] == d_model, lambda: f"{op}: x.shape[-1] must equal d_model")
         torch._check(x.dtype == dtype, lambda: f"{op}: x and weight dtypes differ")
         torch._check(x.device == device, lambda: f"{op}: x and the weights are on other devices")
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("pysparse::sparse_ffn")
-    def _sparse_ffn_fake(x, w_gate, w_up, w_down_t, threshold=0.0):
+    def _sparse_ffn_fake(x, w_gate, w_up, w_down_t, threshold=0.0, predicted=None):
         torch._check(w_gate.dim() == 2, lambda: "sparse_ffn: w_gate must be 2-D")
         torch._check(w_up.shape == w_gate.shape, lambda: "sparse_ffn: w_up must match w_gate")
         torch._check(w_down_t.shape == w_gate.shape, lambda: "sparse_ffn: w_down_t must be [F, D]")
-        return _ffn_out("sparse_ffn", x, w_gate.dtype, w_gate.device, w_gate.shape[1])
+        F, D = w_gate.shape
+        return _ffn_out("sparse_ffn", x, w_gate.dtype, w_gate.device, D, F, predicted)
 
     @torch.library.register_fake("pysparse::sparse_mlp")
-    def _sparse_mlp_fake(x, w1, b1, w2_t, b2, threshold=0.0):
+    def _sparse_mlp_fake(x, w1, b1, w2_t, b2, threshold=0.0, predicted=None):
         torch._check(w1.dim() == 2, lambda: "sparse_mlp: w1 must be 2-D")
         torch._check(w2_t.shape == w1.shape, lambda: "sparse_mlp: w2_t must be [F, D]")
-        return _ffn_out("sparse_mlp", x, w1.dtype, w1.device, w1.shape[1])
+        return _ffn_out("sparse_mlp", x, w1.dtype, w1.device, w1.shape[1], w1.shape[0], predicted)
 
     def _down24_check(op, dv, dm, F, D):
         torch._check(
@@ -379,19 +396,19 @@ def _register_fakes() -> None:
         torch._check(dm.dtype == torch.uint8, lambda: f"{op}: down_meta must be uint8")
 
     @torch.library.register_fake("pysparse::sparse_ffn24")
-    def _sparse_ffn24_fake(x, gv, gm, uv, um, dv, dm, threshold=0.0):
+    def _sparse_ffn24_fake(x, gv, gm, uv, um, dv, dm, threshold=0.0, predicted=None):
         torch._check(gv.dim() == 2, lambda: "sparse_ffn24: gate_values must be 2-D")
         F, D = gv.shape[0], gv.shape[1] * 2
         torch._check(uv.shape == gv.shape, lambda: "sparse_ffn24: up_values must match gate")
         _down24_check("sparse_ffn24", dv, dm, F, D)
-        return _ffn_out("sparse_ffn24", x, gv.dtype, gv.device, D)
+        return _ffn_out("sparse_ffn24", x, gv.dtype, gv.device, D, F, predicted)
 
     @torch.library.register_fake("pysparse::sparse_mlp24")
-    def _sparse_mlp24_fake(x, w1v, w1m, b1, w2v, w2m, b2, threshold=0.0):
+    def _sparse_mlp24_fake(x, w1v, w1m, b1, w2v, w2m, b2, threshold=0.0, predicted=None):
         torch._check(w1v.dim() == 2, lambda: "sparse_mlp24: w1_values must be 2-D")
         F, D = w1v.shape[0], w1v.shape[1] * 2
         _down24_check("sparse_mlp24", w2v, w2m, F, D)
-        return _ffn_out("sparse_mlp24", x, w1v.dtype, w1v.device, D)
+        return _ffn_out("sparse_mlp24", x, w1v.dtype, w1v.device, D, F, predicted)
 
     # The autograd formula of sparse24_linear is registered in C++ (csrc/aten/sparse24_autograd.cpp):
     # a Python registration would put a Python call on every eager invocation.

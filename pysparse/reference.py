@@ -189,21 +189,32 @@ def _dense(w) -> torch.Tensor:
     return w.cpu().double()
 
 
-def reference_sparse_ffn(x, w_gate, w_up, w_down_t, threshold: float = 0.0) -> torch.Tensor:
+def _restrict(h: torch.Tensor, predicted: torch.Tensor | None) -> torch.Tensor:
+    """The activations restricted to the predicted (row, neuron) pairs (None: all)."""
+    return h if predicted is None else h * predicted.cpu().to(h.dtype)
+
+
+def reference_sparse_ffn(
+    x, w_gate, w_up, w_down_t, threshold: float = 0.0, predicted=None
+) -> torch.Tensor:
     """float64 gated FFN ``(fatrelu_t(x W_gate^T) * (x W_up^T)) W_down_t``; each weight dense or a
-    packed pair (compress24's for gate/up, pack_down24's for down)."""
+    packed pair (compress24's for gate/up, pack_down24's for down); ``predicted`` (bool
+    ``[..., d_ff]``) keeps only those (row, neuron) pairs of the activation."""
     x = x.cpu().double()
-    g = reference_fatrelu(x @ _dense(w_gate).T, threshold)
+    g = _restrict(reference_fatrelu(x @ _dense(w_gate).T, threshold), predicted)
     return (g * (x @ _dense(w_up).T)) @ _dense(w_down_t)
 
 
-def reference_sparse_mlp(x, w1, b1, w2_t, b2, threshold: float = 0.0) -> torch.Tensor:
-    """float64 plain FFN ``fatrelu_t(x W1^T + b1) W2_t + b2``."""
+def reference_sparse_mlp(
+    x, w1, b1, w2_t, b2, threshold: float = 0.0, predicted=None
+) -> torch.Tensor:
+    """float64 plain FFN ``fatrelu_t(x W1^T + b1) W2_t + b2`` (``predicted`` as
+    ``reference_sparse_ffn``'s)."""
     x = x.cpu().double()
     h = x @ _dense(w1).T
     if b1 is not None:
         h = h + b1.cpu().double()
-    y = reference_fatrelu(h, threshold) @ _dense(w2_t)
+    y = _restrict(reference_fatrelu(h, threshold), predicted) @ _dense(w2_t)
     if b2 is not None:
         y = y + b2.cpu().double()
     return y

@@ -173,14 +173,17 @@ FFN_ROUTES = {
     bias=st.booleans(),
     route=st.sampled_from(sorted(FFN_ROUTES)),
     seed=st.integers(0, 2**31 - 1),
+    predict=st.sampled_from([None, 0.0, 0.3, 1.0]),
 )
 def test_ffn_ops_match_reference(
-    monkeypatch, form, M, lead, D4, F4, dtype, threshold, strided, bias, route, seed
+    monkeypatch, form, M, lead, D4, F4, dtype, threshold, strided, bias, route, seed, predict
 ):
     """The activation-sparse FFN ops on random shapes (d_model, d_ff multiples of 4 so every form
     applies), batches on both sides of the 16-row limit, leading dims, strided x, every CPU
     route. Inputs are small multiples of 1/8 so the gate is exact and fp32 agrees with fp64 on
-    which neurons fire (thresholds sit off that grid); tolerance as in tests/test_ffn.py."""
+    which neurons fire (thresholds sit off that grid); tolerance as in tests/test_ffn.py.
+    ``predict``: None (exact), or activation predictors' output marking that share of the
+    (row, neuron) pairs at random (the reference keeps only those pairs)."""
     for k in ("PYSPARSE_DISABLE_AVX512", "PYSPARSE_DISABLE_AVX2"):
         monkeypatch.delenv(k, raising=False)
     for k, v in FFN_ROUTES[route].items():
@@ -196,26 +199,31 @@ def test_ffn_ops_match_reference(
     x = grid(*lead, M, 2 * D)[..., ::2] if strided else grid(*lead, M, D)
     g24 = ops.compress24(ops.prune24(wg))
     u24 = ops.compress24(ops.prune24(wu))
+    pred = None
+    if predict is not None:
+        pred = torch.rand(*x.shape[:-1], F, generator=gen) < predict
+    t, pr = threshold, pred
     if form == "ffn":
-        y, ref = ops.sparse_ffn(x, wg, wu, wdt, threshold), (wg, wu, wdt)
+        y, ref = ops.sparse_ffn(x, wg, wu, wdt, t, pr), (wg, wu, wdt)
     elif form == "mlp":
-        y = ops.sparse_mlp(x, wg, b1, wdt, b2, threshold)
+        y = ops.sparse_mlp(x, wg, b1, wdt, b2, t, pr)
     elif form == "ffn24_rows":
         d24 = ops.compress24(ops.prune24(wdt))
-        y, ref = ops.sparse_ffn24(x, g24, u24, d24, threshold), (g24, u24, d24)
+        y, ref = ops.sparse_ffn24(x, g24, u24, d24, t, pr), (g24, u24, d24)
     else:
         d24 = formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
         if form == "ffn24":
-            y, ref = ops.sparse_ffn24(x, g24, u24, d24, threshold), (g24, u24, d24)
+            y, ref = ops.sparse_ffn24(x, g24, u24, d24, t, pr), (g24, u24, d24)
         else:
-            y = ops.sparse_mlp24(x, g24, b1, d24, b2, threshold)
+            y = ops.sparse_mlp24(x, g24, b1, d24, b2, t, pr)
     assert y.shape == x.shape and y.dtype == dtype
     x2 = x.reshape(-1, D)
+    p2 = None if pred is None else pred.reshape(-1, F)
     if form.startswith("mlp"):
         w1, w2 = (wg, wdt) if form == "mlp" else (g24, d24)
-        expect = R.reference_sparse_mlp(x2, w1, b1, w2, b2, threshold)
+        expect = R.reference_sparse_mlp(x2, w1, b1, w2, b2, threshold, p2)
     else:
-        expect = R.reference_sparse_ffn(x2, *ref, threshold)
+        expect = R.reference_sparse_ffn(x2, *ref, threshold, p2)
     got = y.reshape(-1, D).double()
     scale = (expect.abs().max().item() if expect.numel() else 0.0) + 1.0
     if dtype == torch.float32:

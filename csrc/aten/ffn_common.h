@@ -106,6 +106,22 @@ inline void check_ffn_bias(const c10::optional<at::Tensor>& b, const char* name,
   TORCH_CHECK(b->device() == dev, op, ": ", name, " is on ", b->device(), " but the weights are on ", dev);
 }
 
+// Activation predictors' output: bool [..., d_ff] with x's leading shape (true: the neuron is
+// computed for that row), or none (exact). Returned contiguous.
+inline at::Tensor check_predicted(const c10::optional<at::Tensor>& pred, const at::Tensor& x,
+                                  int64_t F, const at::Device& dev, const char* op) {
+  if (!(pred.has_value() && pred->defined())) return at::Tensor();
+  const at::Tensor& p = *pred;
+  TORCH_CHECK(p.scalar_type() == at::kBool, op, ": predicted must be a bool tensor (true = compute ",
+              "the neuron for that row), got ", p.scalar_type(), "; pass e.g. logits > 0");
+  TORCH_CHECK(p.dim() == x.dim() && p.size(-1) == F &&
+                  p.sizes().slice(0, p.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+              op, ": predicted must be x's leading shape + [d_ff] = ", x.sizes().slice(0, x.dim() - 1),
+              " + [", F, "], got shape ", p.sizes());
+  TORCH_CHECK(p.device() == dev, op, ": predicted is on ", p.device(), " but the weights are on ", dev);
+  return p.contiguous();
+}
+
 inline const void* ptr(const at::Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 inline const uint8_t* mptr(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<uint8_t>() : nullptr;
@@ -152,7 +168,13 @@ struct FfnWeights {
   at::Tensor uv, um;
   at::Tensor dv, dm, b2;
   bool down_by_row = false;
+  at::Tensor pred;  // bool [..., F] (check_predicted) or undefined: exact
 };
+
+// The activations h [M, F] restricted to the predicted (row, neuron) pairs, in place.
+inline void apply_predicted_(at::Tensor& h, const FfnWeights& w) {
+  if (w.pred.defined()) h.mul_(w.pred.view({h.size(0), h.size(1)}));
+}
 
 inline at::Tensor linear_any(const at::Tensor& x2, const at::Tensor& v, const at::Tensor& m,
                              const at::Tensor& b) {
@@ -164,6 +186,7 @@ inline at::Tensor linear_any(const at::Tensor& x2, const at::Tensor& v, const at
 // the down projection rebuilt dense).
 inline at::Tensor ffn_dense_route(const at::Tensor& x2, const FfnWeights& w, double t, int64_t D) {
   at::Tensor h = fatrelu_dense(linear_any(x2, w.gv, w.gm, w.b1), t);
+  apply_predicted_(h, w);
   if (w.uv.defined()) h = h * linear_any(x2, w.uv, w.um, at::Tensor());
   at::Tensor wd = !w.dm.defined() ? w.dv
                   : w.down_by_row ? call_decompress24(w.dv, w.dm, D)
@@ -178,7 +201,8 @@ struct FfnCall {
 
 // Checks and normalisation of each op's arguments (shared by the CPU and CUDA glue).
 inline FfnCall prepare_sparse_ffn(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
-                          const at::Tensor& w_down_t, double threshold) {
+                          const at::Tensor& w_down_t, double threshold,
+                          const c10::optional<at::Tensor>& predicted) {
   constexpr const char* op = "sparse_ffn";
   const auto st = ffn_dtype(w_gate, op, "w_gate");
   TORCH_CHECK(w_gate.dim() == 2, op, ": w_gate must be 2-D [d_ff, d_model], got shape ", w_gate.sizes());
@@ -189,12 +213,14 @@ inline FfnCall prepare_sparse_ffn(const at::Tensor& x, const at::Tensor& w_gate,
   check_ffn_x(x, st, w_gate.device(), D, op);
   check_threshold(threshold, op);
   FfnWeights w{w_gate.contiguous(), {}, {}, w_up.contiguous(), {}, w_down_t.contiguous(), {}, {}};
+  w.pred = check_predicted(predicted, x, F, w_gate.device(), op);
   return {w, D, F};
 }
 
 inline FfnCall prepare_sparse_mlp(const at::Tensor& x, const at::Tensor& w1,
                           const c10::optional<at::Tensor>& b1, const at::Tensor& w2_t,
-                          const c10::optional<at::Tensor>& b2, double threshold) {
+                          const c10::optional<at::Tensor>& b2, double threshold,
+                          const c10::optional<at::Tensor>& predicted) {
   constexpr const char* op = "sparse_mlp";
   const auto st = ffn_dtype(w1, op, "w1");
   TORCH_CHECK(w1.dim() == 2, op, ": w1 must be 2-D [d_ff, d_model], got shape ", w1.sizes());
@@ -206,13 +232,15 @@ inline FfnCall prepare_sparse_mlp(const at::Tensor& x, const at::Tensor& w1,
   check_ffn_x(x, st, w1.device(), D, op);
   check_threshold(threshold, op);
   FfnWeights w{w1.contiguous(), {}, opt(b1), {}, {}, w2_t.contiguous(), {}, opt(b2)};
+  w.pred = check_predicted(predicted, x, F, w1.device(), op);
   return {w, D, F};
 }
 
 inline FfnCall prepare_sparse_ffn24(const at::Tensor& x, const at::Tensor& gate_values,
                             const at::Tensor& gate_meta, const at::Tensor& up_values,
                             const at::Tensor& up_meta, const at::Tensor& down_values,
-                            const at::Tensor& down_meta, double threshold) {
+                            const at::Tensor& down_meta, double threshold,
+                            const c10::optional<at::Tensor>& predicted) {
   constexpr const char* op = "sparse_ffn24";
   const auto st = ffn_dtype(gate_values, op, "gate_values");
   TORCH_CHECK(gate_values.dim() == 2, op, ": gate_values must be 2-D [d_ff, d_model/2], got shape ",
@@ -226,13 +254,15 @@ inline FfnCall prepare_sparse_ffn24(const at::Tensor& x, const at::Tensor& gate_
   check_threshold(threshold, op);
   FfnWeights w{gate_values.contiguous(), gate_meta.contiguous(), {}, up_values.contiguous(),
             up_meta.contiguous(), down_values.contiguous(), down_meta.contiguous(), {}, by_row};
+  w.pred = check_predicted(predicted, x, F, dev, op);
   return {w, D, F};
 }
 
 inline FfnCall prepare_sparse_mlp24(const at::Tensor& x, const at::Tensor& w1_values,
                             const at::Tensor& w1_meta, const c10::optional<at::Tensor>& b1,
                             const at::Tensor& w2_values, const at::Tensor& w2_meta,
-                            const c10::optional<at::Tensor>& b2, double threshold) {
+                            const c10::optional<at::Tensor>& b2, double threshold,
+                            const c10::optional<at::Tensor>& predicted) {
   constexpr const char* op = "sparse_mlp24";
   const auto st = ffn_dtype(w1_values, op, "w1_values");
   TORCH_CHECK(w1_values.dim() == 2, op, ": w1_values must be 2-D [d_ff, d_model/2], got shape ",
@@ -247,6 +277,7 @@ inline FfnCall prepare_sparse_mlp24(const at::Tensor& x, const at::Tensor& w1_va
   check_threshold(threshold, op);
   FfnWeights w{w1_values.contiguous(), w1_meta.contiguous(), opt(b1), {}, {},
             w2_values.contiguous(), w2_meta.contiguous(), opt(b2), by_row};
+  w.pred = check_predicted(predicted, x, F, dev, op);
   return {w, D, F};
 }
 
@@ -257,27 +288,29 @@ using FfnImpl = at::Tensor (*)(const at::Tensor& x, const FfnWeights& w, double 
 
 template <FfnImpl Impl>
 struct FfnEntryPoints {
+  using Pred = c10::optional<at::Tensor>;
   static at::Tensor ffn(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
-                        const at::Tensor& w_down_t, double t) {
-    const FfnCall c = prepare_sparse_ffn(x, w_gate, w_up, w_down_t, t);
+                        const at::Tensor& w_down_t, double t, const Pred& pred) {
+    const FfnCall c = prepare_sparse_ffn(x, w_gate, w_up, w_down_t, t, pred);
     return Impl(x, c.w, t, c.D, c.F);
   }
   static at::Tensor mlp(const at::Tensor& x, const at::Tensor& w1,
                         const c10::optional<at::Tensor>& b1, const at::Tensor& w2_t,
-                        const c10::optional<at::Tensor>& b2, double t) {
-    const FfnCall c = prepare_sparse_mlp(x, w1, b1, w2_t, b2, t);
+                        const c10::optional<at::Tensor>& b2, double t, const Pred& pred) {
+    const FfnCall c = prepare_sparse_mlp(x, w1, b1, w2_t, b2, t, pred);
     return Impl(x, c.w, t, c.D, c.F);
   }
   static at::Tensor ffn24(const at::Tensor& x, const at::Tensor& gv, const at::Tensor& gm,
                           const at::Tensor& uv, const at::Tensor& um, const at::Tensor& dv,
-                          const at::Tensor& dm, double t) {
-    const FfnCall c = prepare_sparse_ffn24(x, gv, gm, uv, um, dv, dm, t);
+                          const at::Tensor& dm, double t, const Pred& pred) {
+    const FfnCall c = prepare_sparse_ffn24(x, gv, gm, uv, um, dv, dm, t, pred);
     return Impl(x, c.w, t, c.D, c.F);
   }
   static at::Tensor mlp24(const at::Tensor& x, const at::Tensor& w1v, const at::Tensor& w1m,
                           const c10::optional<at::Tensor>& b1, const at::Tensor& w2v,
-                          const at::Tensor& w2m, const c10::optional<at::Tensor>& b2, double t) {
-    const FfnCall c = prepare_sparse_mlp24(x, w1v, w1m, b1, w2v, w2m, b2, t);
+                          const at::Tensor& w2m, const c10::optional<at::Tensor>& b2, double t,
+                          const Pred& pred) {
+    const FfnCall c = prepare_sparse_mlp24(x, w1v, w1m, b1, w2v, w2m, b2, t, pred);
     return Impl(x, c.w, t, c.D, c.F);
   }
 };

@@ -239,6 +239,7 @@ at::Tensor ffn_dense_route_cpu(const at::Tensor& x2, const Weights& w, double t,
   // SmolLM2's shape, 128 rows) and the up product in place.
   at::Tensor h = linear_any(x2, w.gv, w.gm, w.b1).contiguous();
   fatrelu_count_(h, t);
+  apply_predicted_(h, w);
   if (w.uv.defined()) h.mul_(linear_any(x2, w.uv, w.um, at::Tensor()));
   const void* values = w.dv.data_ptr();
   const uint8_t* meta = mptr(w.dm);
@@ -251,11 +252,50 @@ at::Tensor ffn_dense_route_cpu(const at::Tensor& x2, const Weights& w, double t,
                                 /*transposed=*/true);
 }
 
+// With activation predictors (w.pred): the FFN kernels over the predicted neurons while they win
+// (the rows and crossovers of the exact route: up to kSparseMaxRows rows, a small dense FFN only at
+// one row, no more neurons predicted for some row than the dense-tail crossover allows), else torch's
+// dense route with the prediction applied to the activations. Either way the result is the exact
+// FFN restricted to the predicted (row, neuron) pairs.
+at::Tensor ffn_predicted_cpu(const at::Tensor& x, const at::Tensor& x2, const Weights& w, double t,
+                             int64_t D, int64_t F) {
+  const int64_t M = x2.size(0);
+  const auto st = w.gv.scalar_type();
+  const uint8_t* pred = reinterpret_cast<const uint8_t*>(w.pred.data_ptr<bool>());
+  bool ours = M <= kSparseMaxRows && !(F * D <= (int64_t(1) << 20) && M > 1 && !w.gm.defined());
+  if (ours) {
+    std::vector<uint8_t> any(static_cast<size_t>(F), 0);
+    for (int64_t i = 0; i < M * F; i += F)
+      for (int64_t f = 0; f < F; ++f) any[f] |= pred[i + f];
+    int64_t n = 0;
+    for (uint8_t v : any) n += v != 0;
+    ours = static_cast<double>(n) <= crossover(M, st, F * D).dense_tail_above * static_cast<double>(F);
+  }
+  if (!ours) {
+    if (w.gm.defined()) return ffn_dense_route_cpu(x2, w, t, D, F).view(x.sizes());
+    at::Tensor h = linear_any(x2, w.gv, w.gm, w.b1).contiguous();
+    fatrelu_count_(h, t);
+    apply_predicted_(h, w);
+    if (w.uv.defined()) h = h * at::mm(x2, w.uv.t());
+    return dense_down(h, w).view(x.sizes());
+  }
+  at::Tensor xf = x2.to(at::kFloat).contiguous();
+  core::FfnProblem p = ffn_problem(w, xf, t, D, F);
+  p.predicted = pred;
+  at::Tensor a = at::empty({M, F}, xf.options());
+  at::Tensor active = at::empty({F}, xf.options().dtype(at::kInt));
+  const int64_t n = core::ffn_gate(p, a.data_ptr<float>(), active.data_ptr<int32_t>());
+  at::Tensor y = at::empty({M, D}, x.options());
+  core::ffn_tail(p, a.data_ptr<float>(), active.data_ptr<int32_t>(), n, y.data_ptr(), D);
+  return y.view(x.sizes());
+}
+
 at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, int64_t F) {
   const auto st = w.gv.scalar_type();
   at::Tensor x2 = as_rows(x, D);
   const int64_t M = x2.size(0);
   if (M == 0) return at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (w.pred.defined()) return ffn_predicted_cpu(x, x2, w, t, D, F);
   if (amx_route(w, st, M)) return ffn24_amx(x, x2, w, t, D, F);
   // A small FFN (<= 2^20 weights, cache-resident) from 2 rows: torch's kernels outright. Measured
   // (bench/ffn.py, 384x1536): our route's extra steps (union count, conversions) cost 10-30% of a

@@ -32,7 +32,9 @@ at::Tensor ffn_cuda(const at::Tensor& x, const FfnWeights& w, double t, int64_t 
   at::Tensor x2 = as_rows(x, D);
   const int64_t M = x2.size(0);
   if (M == 0) return at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (M > pc::kFfnMaxRows || D % 4 != 0) {
+  // Activation predictors: torch's dense route with the prediction applied (no CUDA kernel over
+  // the predicted neurons yet).
+  if (M > pc::kFfnMaxRows || D % 4 != 0 || w.pred.defined()) {
     routes::record(routes::Family::Ffn, routes::Route::FfnDense);
     return ffn_dense_route(x2, w, t, D).view(x.sizes());
   }

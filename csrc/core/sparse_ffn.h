@@ -60,10 +60,17 @@ struct FfnProblem {
   bool down_by_row = false;         // down.meta set: the by-row 2:4 layout (else neuron groups)
   const void* down_bias = nullptr;  // plain: b2 or null
   float threshold = 0.f;
+  // Activation predictors: [M, F] bytes, nonzero where the predictor says neuron f fires for row m,
+  // or null (exact). Given, ffn_gate reads the gate row of a neuron only when it is predicted for
+  // some row, and a[m][f] is the exact activation where predicted for row m, else 0: the result is
+  // the exact FFN restricted to the predicted (row, neuron) pairs (a firing neuron the predictor
+  // misses is lost; a predicted one that does not fire is 0, as in the exact FFN).
+  const uint8_t* predicted = nullptr;
   int nthreads = 0;  // <= 0: OpenMP default
 };
 
-// Phase 1. a: [M, F] fp32 (written for every neuron). active: room for F entries. Returns how many
+// Phase 1. a: [M, F] fp32 (written for every neuron; with p.predicted only for the neurons
+// predicted for some row: the tail reads no other). active: room for F entries. Returns how many
 // neurons are active for at least one row.
 int64_t ffn_gate(const FfnProblem& p, float* a, int32_t* active);
 
