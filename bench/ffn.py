@@ -8,8 +8,9 @@ machine drifts) and, for the pysparse kernels, the bandwidth they achieve: the b
 (gate in full; up rows and down rows of the neurons active for some row of the batch; 2:4: packed
 bytes, down by groups of 4 neurons) / time, as a fraction of the roof: the faster of a streaming read
 (``torch.sum``) and torch's dense FFN itself (bytes of its three weights / time), both timed in the
-same run. ``--predictor R`` adds both FFNs with activation predictors (``predicted=``): each call computes a
-rank-R predictor ``(x A^T) B^T + c > 0`` (its cost is in the time) and hands the op its mask;
+same run. ``--predictor S`` adds both FFNs with activation predictors (``predicted=``): each call computes a
+predictor of rank S x d_model, ``(x A^T) B^T + c > 0`` (its cost is in the time), and hands the op
+its mask;
 so that the set it marks is what a fitted predictor marks (the random A, B here predict nothing),
 the mask is OR-ed with the firing (row, neuron) pairs plus false alarms at ``--precision``.
 ``--down-rows`` adds the 2:4 FFN with the other down layout (W_down pruned 2:4 along
@@ -140,7 +141,7 @@ def run_case(W: Weights, shape, M, sp, pattern, dname, args, stream) -> str:
         d24r = on(W.d24_rows)
         calls["rows24"] = lambda: ops.sparse_ffn24(xd, g24d, u24d, d24r, t24)
     if args.predictor:
-        A, B, c = on(W.predictor(args.predictor))
+        A, B, c = on(W.predictor(max(1, int(args.predictor * D))))
         fires = on((marked(x, wg, t, args.precision),))[0]
         fires24 = on((marked(x, ops.decompress24(*g24, D), t24, args.precision),))[0]
 
@@ -197,7 +198,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=0.5)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (weights built on the CPU, moved)")
-    ap.add_argument("--predictor", type=int, default=0, help="rank: add predicted-FFN columns")
+    ap.add_argument(
+        "--predictor",
+        type=float,
+        default=0.0,
+        help="predictor rank as a share of d_model (e.g. 0.125): adds predicted-FFN columns",
+    )
     ap.add_argument("--precision", type=float, default=0.8, help="of the predicted sets")
     ap.add_argument(
         "--down-rows",
