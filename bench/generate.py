@@ -10,6 +10,10 @@ Rows (one process, interleaved call by call so the machine's drift hits all alik
                      those sits exactly on t)
     2:4              compile(magnitude, compress24, lower): every linear but the lm_head 2:4
     2:4 + act        compile(relu[t], magnitude, compress24, lower)
+    act + pred       compile(relu[t], predictor, lower): activation predictors fitted on
+                     --calib-batches prompts of other random tokens; the FFNs compute only the
+                     neurons they predict (gate included)
+    2:4 + act + pred compile(relu[t], magnitude, predictor, compress24, lower)
     2:4 + act, compiled  the same model, generate(compile_step=True): the step graph through
                      torch.compile (Inductor); its compile time is paid in the warm-up call and
                      printed
@@ -45,7 +49,7 @@ import time
 from pathlib import Path
 
 import torch
-from pysparse.passes import Compress24, Lower, MagnitudePrune, ReluSubstitution
+from pysparse.passes import Compress24, Lower, MagnitudePrune, Predictor, ReluSubstitution
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/'s helpers, however started
 import llamacpp
@@ -56,7 +60,16 @@ from timing import interleaved_times
 
 import pysparse
 
-ROWS = ["HF dense", "pysparse dense", "act-sparse", "2:4", "2:4 + act", "2:4 + act, compiled"]
+ROWS = [
+    "HF dense",
+    "pysparse dense",
+    "act-sparse",
+    "act + pred",
+    "2:4",
+    "2:4 + act",
+    "2:4 + act + pred",
+    "2:4 + act, compiled",
+]
 COMPILED_SUFFIX = ", compiled"  # the same model, generate(compile_step=True)
 LLAMA_ROWS = {"float32": "llama.cpp f32", "bfloat16": "llama.cpp f16"}
 
@@ -76,6 +89,14 @@ def passes_for(row: str, t: float) -> list:
         "act-sparse": lambda: [ReluSubstitution(t), Lower()],
         "2:4": lambda: [MagnitudePrune(), Compress24(), Lower()],
         "2:4 + act": lambda: [ReluSubstitution(t), MagnitudePrune(), Compress24(), Lower()],
+        "act + pred": lambda: [ReluSubstitution(t), Predictor(), Lower()],
+        "2:4 + act + pred": lambda: [
+            ReluSubstitution(t),
+            MagnitudePrune(),
+            Predictor(),
+            Compress24(),
+            Lower(),
+        ],
     }[row]()
 
 
@@ -169,6 +190,12 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
         100, 1000, (1, args.prompt_len), generator=torch.Generator().manual_seed(1)
     )
     t = gate_threshold(model, args.sparsity, calib, layers=None)
+    # the predictors' (and any calibration pass's) batches: prompts of other random tokens
+    cgen = torch.Generator().manual_seed(2)
+    calibration = [
+        ((torch.randint(100, 1000, (1, args.prompt_len), generator=cgen),), {})
+        for _ in range(args.calib_batches)
+    ]
     rows = list(args.rows)
     dname = str(dtype).removeprefix("torch.")
     ggufs: dict[str, Path] = {}
@@ -195,7 +222,9 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
             compiled[row] = compiled[base]
             continue
         t0 = time.perf_counter()
-        compiled[base] = pysparse.compile(model, passes_for(base, t), (ids[:, :8],))
+        compiled[base] = pysparse.compile(
+            model, passes_for(base, t), (ids[:, :8],), calibration=calibration
+        )
         compiled[row] = compiled[base]
         print(f"  compiled {base} in {time.perf_counter() - t0:.1f}s", flush=True)
     runs = {r: runner(r, model, compiled.get(r)) for r in args.rows}
@@ -292,6 +321,7 @@ def main() -> None:
     ap.add_argument("--prefill-lens", type=int, nargs="*", default=[128, 512])
     ap.add_argument("--sparsity", type=float, default=0.9)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--calib-batches", type=int, default=16, help="predictor calibration prompts")
     ap.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
     ap.add_argument("--rss", action="store_true", help="RSS per row, loaded in a fresh process")
     ap.add_argument("--rss-row", default=None, help=argparse.SUPPRESS)

@@ -37,6 +37,10 @@ TORCH_LIBRARY(pysparse, m) {
   // meta uint8 [d_ff/4, ceil(d_model/2)] (csrc/core/sparse_ffn.h; pysparse.formats.pack_down24).
   m.def("sparse_ffn24(Tensor x, Tensor gate_values, Tensor gate_meta, Tensor up_values, Tensor up_meta, "
         "Tensor down_values, Tensor down_meta, float threshold=0.0, Tensor? predicted=None) -> Tensor");
+  // Activation predictors: predicted = (x @ a^T) @ b^T + c > 0, bool [..., d_ff]; a [rank, d_model],
+  // b [d_ff, rank], c [d_ff] (the predictor pass's weights), fp32 or bf16 like x. The CPU computes
+  // both products on the FFN kernels' streaming gate (x @ a^T kept in fp32).
+  m.def("ffn_predict(Tensor x, Tensor a, Tensor b, Tensor? c=None) -> Tensor");
   m.def("sparse_mlp24(Tensor x, Tensor w1_values, Tensor w1_meta, Tensor? b1, Tensor w2_values, "
         "Tensor w2_meta, Tensor? b2, float threshold=0.0, Tensor? predicted=None) -> Tensor");
 }

@@ -8,7 +8,8 @@
    runs along d_model (``down_along="d_model"``), in the by-row layout compress24 made). A block is left
    to step 2 when its shape does not fit (fused gate_up, biases on a gated FFN, views between the
    nodes, a dtype other than fp32/bf16, only some linears compressed); the report says why. A
-   block with activation predictors (``predictor``) passes their mask as the op's ``predicted``.
+   block with activation predictors (``predictor``) passes their mask as the op's ``predicted``,
+   computed by ``pysparse::ffn_predict`` (the predictor's two matmuls on pysparse's kernels).
 2. Every other packed linear (see Compress24) becomes ``pysparse::sparse24_linear``.
 
 Dense weights nothing reads any more are dropped. The result stays exportable (every op has a fake
@@ -23,7 +24,15 @@ import torch
 from torch import fx
 
 from pysparse.formats import pack_down24, record_layout
-from pysparse.pipeline import Pass, PassContext, PassResult, sync_graph, tensor_owner
+from pysparse.pipeline import (
+    Pass,
+    PassContext,
+    PassResult,
+    linear_parts,
+    module_tensor,
+    sync_graph,
+    tensor_owner,
+)
 
 from .baselines import prunable_linears
 from .relu import activation_threshold
@@ -45,25 +54,23 @@ def _drop_unused_attr(gm: fx.GraphModule, node: object) -> int:
     return 0
 
 
-def _tensor(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    return getattr(*tensor_owner(gm, target))
-
-
 def _fatrelu_ge(act: fx.Node) -> list[fx.Node]:
     """The ``ge`` node of a FATReLU ``where(ge(x, t), x, 0)`` (empty for ReLU)."""
     return [act.args[0]] if act.target is aten.where.ScalarOther else []
 
 
-def _linear_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
-    if node.op != "call_function" or node.target is not aten.linear.default:
+def _predictor_nodes(keep: fx.Node) -> tuple[tuple, list[fx.Node]] | None:
+    """For the predictor pass's mask ``gt(linear(linear(x, a), b, c), 0)``: the arguments of
+    ``ffn_predict`` (x, a, b, c) and the nodes it replaces (keep first); None for another form."""
+    if keep.target is not aten.gt.Scalar or keep.args[1] != 0:
         return None
-    x, w = node.args[0], node.args[1]
-    b = node.args[2] if len(node.args) > 2 else None
-    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+    logit = keep.args[0]
+    outer = linear_parts(logit) if isinstance(logit, fx.Node) else None
+    low = outer[0] if outer else None
+    inner = linear_parts(low) if isinstance(low, fx.Node) else None
+    if inner is None or inner[2] is not None:
         return None
-    if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
-        return None
-    return x, w, b
+    return (inner[0], inner[1], outer[1], outer[2]), [keep, logit, low]
 
 
 class _Skip(Exception):
@@ -115,9 +122,9 @@ class Lower(Pass):
         if kept is None or (pred and keep is None):
             raise _Skip("predictor nodes not found")
         gated = block["kind"] == "gated"
-        parts = {"down": _linear_parts(down), "up": _linear_parts(up)}
+        parts = {"down": linear_parts(down), "up": linear_parts(up)}
         if gated:
-            parts["gate"] = _linear_parts(gate) if gate is not None else None
+            parts["gate"] = linear_parts(gate) if gate is not None else None
         if any(v is None for v in parts.values()):
             raise _Skip("a projection is not a plain linear over a module weight")
         if gated:
@@ -144,7 +151,7 @@ class Lower(Pass):
             if not users <= allowed:
                 raise _Skip(f"{n.name} has users outside the FFN")
         x = parts["up"][0]
-        w = {r: _tensor(gm, p[1].target) for r, p in parts.items()}
+        w = {r: module_tensor(gm, p[1].target) for r, p in parts.items()}
         dtypes = {v.dtype for v in w.values()}
         if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16):
             raise _Skip(f"weights are {sorted(map(str, dtypes))}, the FFN ops take fp32 or bf16")
@@ -206,7 +213,11 @@ class Lower(Pass):
                 else:
                     op = torch.ops.pysparse.sparse_mlp.default
                     args = (x, parts["up"][1], parts["up"][2], down_t, parts["down"][2], t)
-            if keep is not None:
+            predictor = _predictor_nodes(keep) if keep is not None else None
+            if predictor is not None:
+                mask = graph.call_function(torch.ops.pysparse.ffn_predict.default, predictor[0])
+                args = (*args, mask)
+            elif keep is not None:
                 args = (*args, keep)
             new = graph.call_function(op, args)
         new.meta = dict(down.meta)
@@ -218,6 +229,10 @@ class Lower(Pass):
         weights = [p[1] for p in parts.values()]
         for n in dead:
             graph.erase_node(n)
+        if keep is not None and predictor is not None:
+            for n in predictor[1]:  # the predictor's own matmuls, now ffn_predict's
+                if not n.users:
+                    graph.erase_node(n)
         dropped = sum(_drop_unused_attr(gm, wn) for wn in weights)
         if n_packed:
             for v in packed.values():

@@ -38,7 +38,15 @@ from typing import Any
 import torch
 from torch import fx
 
-from pysparse.pipeline import Pass, PassContext, PassError, PassResult, tapped, tensor_owner
+from pysparse.pipeline import (
+    Pass,
+    PassContext,
+    PassError,
+    PassResult,
+    linear_parts,
+    module_tensor,
+    tapped,
+)
 from pysparse.progress import track
 
 from .relu import activation_threshold
@@ -53,9 +61,8 @@ def _nodes(gm: fx.GraphModule) -> dict[str, fx.Node]:
     return {n.name: n for n in gm.graph.nodes}
 
 
-def _blocks(gm: fx.GraphModule) -> list[dict[str, Any]]:
+def _blocks(gm: fx.GraphModule, nodes: dict[str, fx.Node]) -> list[dict[str, Any]]:
     """The FFN blocks a predictor fits: ReLU/FATReLU activation, a plain linear up projection."""
-    nodes = _nodes(gm)
     out = []
     for block in gm.meta["pysparse"]["ffns"]:
         act, up, down = (nodes.get(block.get(k) or "") for k in ("act", "up", "down"))
@@ -67,27 +74,27 @@ def _blocks(gm: fx.GraphModule) -> list[dict[str, Any]]:
     return out
 
 
-def _gate_weight(gm: fx.GraphModule, block: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _gate_weight(
+    gm: fx.GraphModule, nodes: dict[str, fx.Node], block: dict
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gate's weight and bias (a plain FFN's first linear), as the graph holds them now."""
-    nodes = _nodes(gm)
-    first = nodes[block["gate"] if block["kind"] == "gated" else block["up"]]
-    args = list(first.args) + [None] * 3
-    w, b = args[1], args[2]
-    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+    parts = linear_parts(nodes[block["gate"] if block["kind"] == "gated" else block["up"]])
+    if parts is None:
         raise PassError(f"predictor: the gate of FFN layer {block['layer']} is not a module weight")
-    weight = getattr(*tensor_owner(gm, w.target)).detach()
-    bias = None
-    if isinstance(b, fx.Node) and b.op == "get_attr":
-        bias = getattr(*tensor_owner(gm, b.target)).detach()
-    return weight, bias
+    _, w, b = parts
+    bias = module_tensor(gm, b.target).detach() if b is not None else None
+    return module_tensor(gm, w.target).detach(), bias
 
 
 def _record(
-    gm: fx.GraphModule, blocks: list[dict], batches: Sequence[tuple[tuple, dict]], max_tokens: int
+    gm: fx.GraphModule,
+    nodes: dict[str, fx.Node],
+    blocks: list[dict],
+    batches: Sequence[tuple[tuple, dict]],
+    max_tokens: int,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per block: the FFN inputs x [N, D] (fp32) and intermediates x1 [N, F] (bf16) of the
     batches' real tokens, at most ``max_tokens`` of them."""
-    nodes = _nodes(gm)
     xs: list[list[torch.Tensor]] = [[] for _ in blocks]
     x1s: list[list[torch.Tensor]] = [[] for _ in blocks]
     seen = [0] * len(blocks)
@@ -235,9 +242,9 @@ class Predictor(Pass):
             opt.step()
         return a.detach(), bb.detach(), c.detach()
 
-    def _layer(self, gm, block, x: torch.Tensor, x1: torch.Tensor) -> dict[str, Any]:
-        t = activation_threshold(_nodes(gm)[block["act"]]) or 0.0
-        gate = _gate_weight(gm, block)
+    def _layer(self, gm, nodes, block, x: torch.Tensor, x1: torch.Tensor) -> dict[str, Any]:
+        t = activation_threshold(nodes[block["act"]]) or 0.0
+        gate = _gate_weight(gm, nodes, block)
         D, F = gate[0].shape[1], gate[0].shape[0]
         n = x.shape[0]
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
@@ -274,10 +281,12 @@ class Predictor(Pass):
 
     # ---- graph -------------------------------------------------------------------------------
     @staticmethod
-    def insert(gm: fx.GraphModule, block: dict, layer: int | None = None) -> None:
+    def insert(
+        gm: fx.GraphModule, nodes: dict[str, fx.Node], block: dict, layer: int | None = None
+    ) -> None:
         """``x1 -> x1 * (logits(x) > 0)`` in ``gm`` for ``block``, reading the predictor buffers
-        ``pysparse__pred{layer}_{a,b,c}`` (already registered on ``gm``; layer: the block's)."""
-        nodes = _nodes(gm)
+        ``pysparse__pred{layer}_{a,b,c}`` (already registered on ``gm``; layer: the block's).
+        ``nodes``: ``gm``'s nodes by name (the nodes this inserts are not added)."""
         act, up = nodes[block["act"]], nodes[block["up"]]
         x = up.args[0]
         prefix = f"pysparse__pred{block['layer'] if layer is None else layer}"
@@ -296,15 +305,16 @@ class Predictor(Pass):
         block["predictor_nodes"] = [a.name, b.name, c.name, low.name, logit.name, keep.name]
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        blocks = [b for b in _blocks(gm) if "predictor" not in b]
+        nodes = _nodes(gm)
+        blocks = [b for b in _blocks(gm, nodes) if "predictor" not in b]
         if not blocks:
             raise PassError(
                 "predictor: no FFN has a ReLU/FATReLU activation; run relu (and prosparse) first"
             )
         batches = ctx.data_for(self.name, self.data)
-        recorded = _record(gm, blocks, batches, self.max_tokens)
+        recorded = _record(gm, nodes, blocks, batches, self.max_tokens)
         rows = []
-        dtype = _gate_weight(gm, blocks[0])[0].dtype
+        dtype = _gate_weight(gm, nodes, blocks[0])[0].dtype
         for block, (x, x1) in track(
             list(zip(blocks, recorded)), desc="predictor: fit", unit="layer"
         ):
@@ -313,13 +323,13 @@ class Predictor(Pass):
                     f"predictor: only {x.shape[0]} tokens reached FFN layer {block['layer']}; "
                     "pass more calibration text"
                 )
-            got = self._layer(gm, block, x, x1)
+            got = self._layer(gm, nodes, block, x, x1)
             a, b, c = (w.to(dtype).contiguous() for w in got["weights"])
             prefix = f"pysparse__pred{block['layer']}"
             gm.register_buffer(f"{prefix}_a", a)
             gm.register_buffer(f"{prefix}_b", b)
             gm.register_buffer(f"{prefix}_c", c)
-            self.insert(gm, block)
+            self.insert(gm, nodes, block)
             rows.append({"layer": block["layer"], **got["row"]})
         gm.graph.lint()
         gm.recompile()
@@ -351,8 +361,9 @@ class Predictor(Pass):
             return meta["linears"].get(block["down"], {}).get("weight")
 
         fitted = {down_weight(pmeta, b): b["layer"] for b in pmeta["ffns"] if "predictor" in b}
+        nodes = _nodes(secondary)
         for block in smeta["ffns"]:
             layer = fitted.get(down_weight(smeta, block))
             if "predictor" not in block and layer is not None:
-                self.insert(secondary, block, layer)
+                self.insert(secondary, nodes, block, layer)
         secondary.recompile()

@@ -120,6 +120,14 @@ def sparse_mlp(
     return y if b2 is None else op.Add(y, b2)
 
 
+def ffn_predict(x: Any, a: Any, b: Any, c: Any = None) -> Any:
+    """The activation predictors' mask, ``(x a^T) b^T + c > 0``."""
+    logits = op.MatMul(op.MatMul(x, op.Transpose(a, perm=[1, 0])), op.Transpose(b, perm=[1, 0]))
+    if c is not None:
+        logits = op.Add(logits, c)
+    return op.Greater(logits, op.CastLike(op.Constant(value_float=0.0), logits))
+
+
 def _dense_down(dv: Any, dm: Any) -> Any:
     """W_down^T from either 2:4 down layout of the FFN ops (by neuron group, or by row)."""
     shape = getattr(dv, "shape", None)
@@ -164,6 +172,7 @@ def translation_table() -> dict[Any, Any]:
     return {
         p.sparse24_linear.default: sparse24_linear,
         p.sparse_ffn.default: sparse_ffn,
+        p.ffn_predict.default: ffn_predict,
         p.sparse_mlp.default: sparse_mlp,
         p.sparse_ffn24.default: sparse_ffn24,
         p.sparse_mlp24.default: sparse_mlp24,

@@ -23,6 +23,7 @@ __all__ = [
     "cuda_route_counts",
     "cusparselt_cache_info",
     "decompress24",
+    "ffn_predict",
     "last_cuda_route",
     "meta_cols",
     "obs24_sweep_",
@@ -192,6 +193,24 @@ def sparse_ffn(
     """
     pysparse.require_extension()
     return torch.ops.pysparse.sparse_ffn.default(x, w_gate, w_up, w_down_t, threshold, predicted)
+
+
+def ffn_predict(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Activation predictors' mask: ``(x @ a.T) @ b.T + c > 0``, bool ``[..., d_ff]`` — what the
+    predictor pass computes for the FFN ops' ``predicted``.
+
+    Args:
+        x: ``[..., d_model]``, the weights' dtype (float32 or bfloat16).
+        a: ``[rank, d_model]``; b: ``[d_ff, rank]``; c: ``[d_ff]`` or None.
+
+    On the CPU up to 16 rows of ``x`` run on the FFN kernels' streaming dense gate (``x @ a.T`` is
+    kept in float32, not rounded to the weights' dtype), past that on torch's matmuls; CUDA on
+    torch's. A logit within rounding of 0 may fall either way between those routes.
+    """
+    pysparse.require_extension()
+    return torch.ops.pysparse.ffn_predict.default(x, a, b, c)
 
 
 def sparse_mlp(
@@ -380,6 +399,14 @@ def _register_fakes() -> None:
         torch._check(w_down_t.shape == w_gate.shape, lambda: "sparse_ffn: w_down_t must be [F, D]")
         F, D = w_gate.shape
         return _ffn_out("sparse_ffn", x, w_gate.dtype, w_gate.device, D, F, predicted)
+
+    @torch.library.register_fake("pysparse::ffn_predict")
+    def _ffn_predict_fake(x, a, b, c=None):
+        torch._check(a.dim() == 2 and b.dim() == 2, lambda: "ffn_predict: a and b must be 2-D")
+        torch._check(b.shape[1] == a.shape[0], lambda: "ffn_predict: b must be [d_ff, rank]")
+        torch._check(x.shape[-1] == a.shape[1], lambda: "ffn_predict: x.shape[-1] must be d_model")
+        torch._check(x.dtype == a.dtype, lambda: "ffn_predict: x and weight dtypes differ")
+        return x.new_empty((*x.shape[:-1], b.shape[0]), dtype=torch.bool)
 
     @torch.library.register_fake("pysparse::sparse_mlp")
     def _sparse_mlp_fake(x, w1, b1, w2_t, b2, threshold=0.0, predicted=None):

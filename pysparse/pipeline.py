@@ -151,6 +151,25 @@ def tensor_owner(gm: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str
     return (gm.get_submodule(owner_path) if owner_path else gm), attr
 
 
+def module_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    """The parameter or buffer a ``get_attr`` target names."""
+    return getattr(*tensor_owner(gm, target))
+
+
+def linear_parts(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | None:
+    """(input, weight, bias or None) of an ``aten.linear`` whose weight (and bias) are module
+    tensors (``get_attr``), else None."""
+    if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+        return None
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else None
+    if not (isinstance(w, fx.Node) and w.op == "get_attr"):
+        return None
+    if b is not None and not (isinstance(b, fx.Node) and b.op == "get_attr"):
+        return None
+    return x, w, b
+
+
 def _set_tensor_attr(gm: fx.GraphModule, name: str, t: torch.Tensor) -> None:
     owner, attr = tensor_owner(gm, name)
     if isinstance(t, torch.nn.Parameter):

@@ -194,6 +194,12 @@ def _restrict(h: torch.Tensor, predicted: torch.Tensor | None) -> torch.Tensor:
     return h if predicted is None else h * predicted.cpu().to(h.dtype)
 
 
+def reference_ffn_predict(x, a, b, c=None) -> torch.Tensor:
+    """float64 logits of the activation predictors, ``(x a^T) b^T + c`` (the mask is ``> 0``)."""
+    logits = (x.cpu().double() @ a.cpu().double().T) @ b.cpu().double().T
+    return logits if c is None else logits + c.cpu().double()
+
+
 def reference_sparse_ffn(
     x, w_gate, w_up, w_down_t, threshold: float = 0.0, predicted=None
 ) -> torch.Tensor:

@@ -44,15 +44,17 @@ def test_predicted_matches_reference(impl, shape, share, dtype):  # noqa: F811
 @pytest.mark.parametrize("M", [1, 3, 16])
 def test_predicted_on_the_kernels_at_model_size(impl, M, dtype):  # noqa: F811
     """A FFN past the small-FFN rule (d_ff x d_model > 2^20) so that several rows stay on the FFN
-    kernels too; 10% of the pairs predicted (16 rows: the union is most neurons, the dense
-    fallback)."""
+    kernels too; 10% of the pairs predicted. Up to 3 rows the FFN kernels compute the predicted
+    neurons (bf16 on AMX from 2 rows: torch's gate on the tiles, then the prediction and our
+    tail, as the exact route does); at 16 rows the exact route's rules decide, on the pairs that
+    fire and are predicted."""
     D, F = 516, 2056
     x, wg, wu, wdt, _, _ = make(M, D, F, dtype, seed=M)
     pred = _predicted((M,), F, 0.1, seed=M)
     ops.kernel_stats(reset=True)
     y = ops.sparse_ffn(x, wg, wu, wdt, 0.0, pred)
-    ran = ops.kernel_stats(reset=True).get("ffn_gate", {}).get("calls", 0)
-    assert (ran > 0) == (M <= 3), ran  # the kernels up to 3 rows here, then the dense fallback
+    ran = ops.kernel_stats(reset=True).get("ffn_tail", {}).get("calls", 0)
+    assert ran > 0 or M > 3, ran
     check(y, R.reference_sparse_ffn(x, wg, wu, wdt, 0.0, pred), dtype, M)
     g24, u24, d24 = packed(wg, wu, wdt)
     y = ops.sparse_ffn24(x, g24, u24, d24, 0.0, pred)
@@ -138,3 +140,62 @@ def test_bad_predicted_names_problem():
         ops.sparse_ffn(x, wg, wu, wdt, 0.0, pred[:, :20])
     with pytest.raises(RuntimeError, match=r"predicted must be x's leading shape"):
         ops.sparse_ffn(x, wg, wu, wdt, 0.0, pred[:1])
+
+
+def _predictor(M, D, r, F, dtype, seed, bias=True):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, D, generator=gen).to(dtype)
+    a = (torch.randn(r, D, generator=gen) / D**0.5).to(dtype)
+    b = (torch.randn(F, r, generator=gen) / r**0.5).to(dtype)
+    c = (0.3 * torch.randn(F, generator=gen)).to(dtype) if bias else None
+    return x, a, b, c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "M,D,r,F", [(1, 37, 5, 19), (3, 64, 8, 100), (8, 516, 17, 2056), (17, 40, 4, 30)]
+)
+def test_ffn_predict_matches_reference(impl, M, D, r, F, dtype):  # noqa: F811
+    """ffn_predict's mask is the float64 reference's logits > 0 wherever the logit is clear of 0
+    by more than the rounding of the route (x a^T kept in fp32 on the kernels; torch's route
+    rounds it to bf16 for bf16 weights); odd shapes, with and without c, on every CPU build and
+    on both routes (17 rows: torch's)."""
+    for bias in (True, False):
+        x, a, b, c = _predictor(M, D, r, F, dtype, seed=M + D + r, bias=bias)
+        got = ops.ffn_predict(x, a, b, c)
+        assert got.dtype == torch.bool and got.shape == (M, F)
+        ref = R.reference_ffn_predict(x, a, b, c)
+        margin = (2e-2 if dtype == torch.bfloat16 else 1e-4) * ref.abs().max()
+        clear = ref.abs() > margin
+        assert clear.float().mean() > 0.8
+        assert torch.equal(got[clear], (ref > 0)[clear])
+        assert 0 < int(got.sum()) < got.numel()
+        x3 = x.reshape(1, M, D)  # leading dims follow x
+        assert torch.equal(ops.ffn_predict(x3, a, b, c), got.reshape(1, M, F))
+
+
+def test_ffn_predict_threads_opcheck_and_bad_input():
+    x, a, b, c = _predictor(4, 516, 16, 2056, torch.float32, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        out = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out.append(ops.ffn_predict(x, a, b, c))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0], out[1]) and torch.equal(out[0], out[2])
+    ops.kernel_stats(reset=True)
+    ops.ffn_predict(x[:1], a, b, c)
+    assert ops.kernel_stats(reset=True)["ffn_gate"]["calls"] == 2  # both products on the kernel
+    small = _predictor(3, 40, 4, 24, torch.float32, seed=4)
+    opcheck(torch.ops.pysparse.ffn_predict.default, small)
+    opcheck(torch.ops.pysparse.ffn_predict.default, (*small[:3], None))
+    with pytest.raises(RuntimeError, match=r"b must be \[d_ff, rank\]"):
+        ops.ffn_predict(x, a, b[:, :5], c)
+    with pytest.raises(RuntimeError, match="b is BFloat16 but a is Float"):
+        ops.ffn_predict(x, a, b.bfloat16(), c)
+    with pytest.raises(RuntimeError, match="x.shape\\[-1\\] is 515"):
+        ops.ffn_predict(x[:, :515], a, b, c)
+    with pytest.raises(RuntimeError, match=r"c must be \[2056\]"):
+        ops.ffn_predict(x, a, b, c[:7])

@@ -33,6 +33,13 @@ def _ffn_ops(gm):
     ]
 
 
+def _assert_masks_on_ffn_predict(gm, ops):
+    """Each lowered FFN op's mask is a pysparse::ffn_predict node, and the predictor's own
+    matmuls and comparison are gone from the graph."""
+    assert all(n.args[-1].target is torch.ops.pysparse.ffn_predict.default for n in ops)
+    assert not any(n.target is torch.ops.aten.gt.Scalar for n in gm.graph.nodes)
+
+
 def test_shift_reaches_the_recall_on_its_own_data():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(200, 50, generator=gen)
@@ -68,6 +75,7 @@ def test_decoder_predictors_report_mask_and_lower(tmp_path):
     # lowered: every FFN op got the predictor's mask (spot-checked equal to the graph before)
     ops = _ffn_ops(sm.gm)
     assert len(ops) == 2 and all(len(n.args) == 6 and n.args[5] is not None for n in ops)
+    _assert_masks_on_ffn_predict(sm.gm, ops)
     # the generation graph carries the same predictors: it generates what the forward graph
     # predicts token by token
     ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(7))
@@ -116,7 +124,7 @@ def test_predictors_restrict_the_exact_ffn():
     assert measure_activation_sparsity(gm, [((x,), {})]) == [1.0, 1.0]
 
 
-def test_encoder_with_bias_and_24_weights():
+def test_encoder_with_bias_and_24_weights(tmp_path):
     """BERT (plain FFN with biases), 2:4 weights: the predictors are fitted on the pruned weights
     and the lowered op is sparse_mlp24 with the mask."""
     torch.manual_seed(0)
@@ -141,6 +149,17 @@ def test_encoder_with_bias_and_24_weights():
     ops = _ffn_ops(sm.gm)
     assert len(ops) == 2
     assert all(n.target.__name__.startswith("sparse_mlp24") and n.args[-1] is not None for n in ops)
+    _assert_masks_on_ffn_predict(sm.gm, ops)
+    # ONNX (standard ops: ffn_predict as two MatMuls and a Greater) runs what the kernels run
+    ort = pytest.importorskip("onnxruntime")
+    path = pysparse.export(sm, tmp_path / "m.onnx", format="onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids, mask = batches[3][0][0][:2, :9], batches[3][1]["attention_mask"][:2, :9]
+    names = [i.name for i in sess.get_inputs()]
+    got = sess.run(None, {names[0]: ids.numpy(), names[1]: mask.numpy()})[0]
+    want = sm(ids, attention_mask=mask)
+    want = want.last_hidden_state if hasattr(want, "last_hidden_state") else want[0]
+    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
 
 
 def test_refusals():

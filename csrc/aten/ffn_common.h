@@ -283,6 +283,38 @@ inline FfnCall prepare_sparse_mlp24(const at::Tensor& x, const at::Tensor& w1_va
 
 // The four op entry points for one device: check and normalise the arguments, then run that
 // device's implementation on the normalised weights.
+// ffn_predict's arguments (activation predictors' logits (x a^T) b^T + c > 0): x [..., D],
+// a [r, D], b [F, r], c [F] or none, one dtype (fp32 or bf16) on one device; contiguous.
+struct PredictorWeights {
+  at::Tensor a, b, c;
+  int64_t D, r, F;
+};
+inline PredictorWeights prepare_ffn_predict(const at::Tensor& x, const at::Tensor& a,
+                                            const at::Tensor& b,
+                                            const c10::optional<at::Tensor>& c) {
+  constexpr const char* op = "ffn_predict";
+  const auto st = ffn_dtype(a, op, "a");
+  TORCH_CHECK(a.dim() == 2 && a.size(0) > 0 && a.size(1) > 0, op,
+              ": a must be [rank, d_model] and non-empty, got shape ", a.sizes());
+  const int64_t r = a.size(0), D = a.size(1);
+  TORCH_CHECK(b.dim() == 2 && b.size(1) == r && b.size(0) > 0, op, ": b must be [d_ff, rank] = [d_ff, ",
+              r, "] (the rank of a [", r, ", ", D, "]), got shape ", b.sizes());
+  TORCH_CHECK(b.scalar_type() == st, op, ": b is ", b.scalar_type(), " but a is ", st,
+              "; give the predictor's weights one dtype");
+  TORCH_CHECK(b.device() == a.device(), op, ": b is on ", b.device(), " but a is on ", a.device());
+  const int64_t F = b.size(0);
+  check_ffn_bias(c, "c", F, st, a.device(), op);
+  check_ffn_x(x, st, a.device(), D, op);
+  return {a.contiguous(), b.contiguous(),
+          c.has_value() && c->defined() ? c->contiguous() : at::Tensor(), D, r, F};
+}
+
+// Torch's kernels for ffn_predict: bool [..., F].
+inline at::Tensor ffn_predict_dense(const at::Tensor& x, const PredictorWeights& p) {
+  at::Tensor low = at::linear(x, p.a);
+  return at::linear(low, p.b, p.c.defined() ? c10::optional<at::Tensor>(p.c) : c10::nullopt).gt(0);
+}
+
 using FfnImpl = at::Tensor (*)(const at::Tensor& x, const FfnWeights& w, double threshold,
                                int64_t D, int64_t F);
 

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <mutex>
 #include <vector>
 
@@ -49,6 +50,11 @@ Crossover crossover(int64_t M, at::ScalarType st, int64_t weights) {
 }
 
 using Weights = FfnWeights;
+
+// The activation predictors' [M, F] bytes (check_predicted made them contiguous), or null.
+const uint8_t* pred_ptr(const Weights& w) {
+  return w.pred.defined() ? reinterpret_cast<const uint8_t*>(w.pred.data_ptr<bool>()) : nullptr;
+}
 
 
 // torch's bf16 GEMM (oneDNN on AMX) runs h @ W at half speed when W is W_down^T [F, D] row-major
@@ -127,7 +133,8 @@ double amx_tail_max() {
 }
 
 // FATReLU in place on g [M, F] (contiguous, fp32 or bf16: v >= t ? v : 0, NaN -> 0) in one pass,
-// counting what fires: the firing neurons (live[f] = fires for some row) and (row, neuron) pairs.
+// restricted to the predicted (row, neuron) pairs when pred ([M, F] bytes) is given, counting what
+// fires: the firing neurons (live[f] = fires for some row) and (row, neuron) pairs.
 // torch's where / != / any / sum / item for the same took 0.2-0.45 ms on [8, 5632] .. [8, 11008]
 // bf16 here (against ~10 us for a relu): 5-10% of a 1B-shape FFN at 8 rows.
 struct Firing {
@@ -144,7 +151,7 @@ struct Firing {
   }
 };
 
-Firing fatrelu_count_(at::Tensor& g, double t) {
+Firing fatrelu_count_(at::Tensor& g, double t, const uint8_t* pred = nullptr) {
   TORCH_INTERNAL_ASSERT(g.is_contiguous() && g.dim() == 2);
   const int64_t M = g.size(0), F = g.size(1);
   const float tf = static_cast<float>(t);
@@ -156,7 +163,7 @@ Firing fatrelu_count_(at::Tensor& g, double t) {
     float* v = g.data_ptr<float>();
     for (int64_t i = 0; i < M * F; i += F)
       for (int64_t f = 0; f < F; ++f) {
-        const bool on = v[i + f] >= tf;
+        const bool on = v[i + f] >= tf && (!pred || pred[i + f]);
         v[i + f] = on ? v[i + f] : 0.0f;
         live[f] |= on;
         pairs += on;
@@ -166,7 +173,7 @@ Firing fatrelu_count_(at::Tensor& g, double t) {
     uint16_t* v = reinterpret_cast<uint16_t*>(g.data_ptr<at::BFloat16>());
     for (int64_t i = 0; i < M * F; i += F)
       for (int64_t f = 0; f < F; ++f) {
-        const bool on = core::bf16_to_float(v[i + f]) >= tf;
+        const bool on = core::bf16_to_float(v[i + f]) >= tf && (!pred || pred[i + f]);
         v[i + f] = on ? v[i + f] : uint16_t(0);
         live[f] |= on;
         pairs += on;
@@ -207,7 +214,7 @@ at::Tensor ffn24_amx(const at::Tensor& x, const at::Tensor& x2, const Weights& w
   };
   at::Tensor a = at::empty({M, F}, xb.options().dtype(at::kFloat));
   core::ffn_linear24_amx(bp(xb), M, D, bp(w.gv), mptr(w.gm), F, D, bp(w.b1), a.data_ptr<float>(), nt);
-  const Firing fires = fatrelu_count_(a, t);
+  const Firing fires = fatrelu_count_(a, t, pred_ptr(w));
   at::Tensor y = at::empty({M, D}, x.options());
   if (M > kSparseMaxRows ||
       static_cast<double>(fires.pairs) > amx_tail_max() * static_cast<double>(F)) {
@@ -238,8 +245,7 @@ at::Tensor ffn_dense_route_cpu(const at::Tensor& x2, const Weights& w, double t,
   // FATReLU in place by fatrelu_count_ (torch's where + ge took 0.5 ms of a 2 ms bf16 FFN at
   // SmolLM2's shape, 128 rows) and the up product in place.
   at::Tensor h = linear_any(x2, w.gv, w.gm, w.b1).contiguous();
-  fatrelu_count_(h, t);
-  apply_predicted_(h, w);
+  fatrelu_count_(h, t, pred_ptr(w));
   if (w.uv.defined()) h.mul_(linear_any(x2, w.uv, w.um, at::Tensor()));
   const void* values = w.dv.data_ptr();
   const uint8_t* meta = mptr(w.dm);
@@ -252,41 +258,51 @@ at::Tensor ffn_dense_route_cpu(const at::Tensor& x2, const Weights& w, double t,
                                 /*transposed=*/true);
 }
 
-// With activation predictors (w.pred): the FFN kernels over the predicted neurons while they win
-// (the rows and crossovers of the exact route: up to kSparseMaxRows rows, a small dense FFN only at
-// one row, no more neurons predicted for some row than the dense-tail crossover allows), else torch's
-// dense route with the prediction applied to the activations. Either way the result is the exact
-// FFN restricted to the predicted (row, neuron) pairs.
-at::Tensor ffn_predicted_cpu(const at::Tensor& x, const at::Tensor& x2, const Weights& w, double t,
-                             int64_t D, int64_t F) {
+// With activation predictors (w.pred), the FFN kernels over the predicted neurons alone (each
+// predicted gate row read once, computed per row of x), where that beats the exact route: one row
+// (always), or a few rows where the exact route's gate is our per-row kernel too (fp32, non-AMX
+// bf16) and, with 2:4 weights, at most kPredictedPackedMaxRows rows (the exact 2:4 gate decodes
+// each row once for all rows of x; measured in bench/ffn.py --predictor), and no more neurons
+// predicted than the exact route's dense-tail crossover allows. Elsewhere (the AMX tiles, torch's
+// GEMMs, a small FFN) returns an undefined tensor: the exact route then runs with the prediction
+// applied after the gate, so a prediction never makes the op slower than the exact FFN. Either
+// way the result is the exact FFN restricted to the predicted (row, neuron) pairs.
+constexpr int64_t kPredictedPackedMaxRows = 16;
+
+at::Tensor ffn_predicted_kernels(const at::Tensor& x, const at::Tensor& x2, const Weights& w,
+                                 double t, int64_t D, int64_t F) {
   const int64_t M = x2.size(0);
   const auto st = w.gv.scalar_type();
-  const uint8_t* pred = reinterpret_cast<const uint8_t*>(w.pred.data_ptr<bool>());
-  bool ours = M <= kSparseMaxRows && !(F * D <= (int64_t(1) << 20) && M > 1 && !w.gm.defined());
-  if (ours) {
+  const bool packed = w.gm.defined();
+  const Crossover cross = crossover(M, st, F * D);
+  if (M > 1 && (M > kSparseMaxRows || amx_route(w, st, M) ||
+                (packed ? M > kPredictedPackedMaxRows : M > cross.own_gate_max_rows)))
+    return at::Tensor();
+  const uint8_t* pred = pred_ptr(w);
+  std::vector<int32_t> cand;
+  if (M == 1) {
+    for (int64_t f = 0; f < F; ++f)
+      if (pred[f]) cand.push_back(static_cast<int32_t>(f));
+  } else {
     std::vector<uint8_t> any(static_cast<size_t>(F), 0);
     for (int64_t i = 0; i < M * F; i += F)
       for (int64_t f = 0; f < F; ++f) any[f] |= pred[i + f];
-    int64_t n = 0;
-    for (uint8_t v : any) n += v != 0;
-    ours = static_cast<double>(n) <= crossover(M, st, F * D).dense_tail_above * static_cast<double>(F);
+    for (int64_t f = 0; f < F; ++f)
+      if (any[f]) cand.push_back(static_cast<int32_t>(f));
   }
-  if (!ours) {
-    if (w.gm.defined()) return ffn_dense_route_cpu(x2, w, t, D, F).view(x.sizes());
-    at::Tensor h = linear_any(x2, w.gv, w.gm, w.b1).contiguous();
-    fatrelu_count_(h, t);
-    apply_predicted_(h, w);
-    if (w.uv.defined()) h = h * at::mm(x2, w.uv.t());
-    return dense_down(h, w).view(x.sizes());
-  }
+  const int64_t n = static_cast<int64_t>(cand.size());
+  if (M > 1 && static_cast<double>(n) > cross.dense_tail_above * static_cast<double>(F))
+    return at::Tensor();
   at::Tensor xf = x2.to(at::kFloat).contiguous();
   core::FfnProblem p = ffn_problem(w, xf, t, D, F);
   p.predicted = pred;
+  p.predicted_union = cand.data();
+  p.npredicted_union = n;
   at::Tensor a = at::empty({M, F}, xf.options());
   at::Tensor active = at::empty({F}, xf.options().dtype(at::kInt));
-  const int64_t n = core::ffn_gate(p, a.data_ptr<float>(), active.data_ptr<int32_t>());
+  const int64_t nact = core::ffn_gate(p, a.data_ptr<float>(), active.data_ptr<int32_t>());
   at::Tensor y = at::empty({M, D}, x.options());
-  core::ffn_tail(p, a.data_ptr<float>(), active.data_ptr<int32_t>(), n, y.data_ptr(), D);
+  core::ffn_tail(p, a.data_ptr<float>(), active.data_ptr<int32_t>(), nact, y.data_ptr(), D);
   return y.view(x.sizes());
 }
 
@@ -295,7 +311,11 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   at::Tensor x2 = as_rows(x, D);
   const int64_t M = x2.size(0);
   if (M == 0) return at::empty_like(x, at::MemoryFormat::Contiguous);
-  if (w.pred.defined()) return ffn_predicted_cpu(x, x2, w, t, D, F);
+  if (w.pred.defined()) {
+    at::Tensor y = ffn_predicted_kernels(x, x2, w, t, D, F);
+    if (y.defined()) return y;
+  }
+  const uint8_t* pred = pred_ptr(w);
   if (amx_route(w, st, M)) return ffn24_amx(x, x2, w, t, D, F);
   // A small FFN (<= 2^20 weights, cache-resident) from 2 rows: torch's kernels outright. Measured
   // (bench/ffn.py, 384x1536): our route's extra steps (union count, conversions) cost 10-30% of a
@@ -306,13 +326,15 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   const bool amx_rows = st == at::kBFloat16 && M > 8 && bf16_matmul_has_amx();
   if ((M > kSparseMaxRows || (small && M > 1) || amx_rows) && !w.gm.defined()) {
     at::Tensor h = linear_any(x2, w.gv, w.gm, w.b1).contiguous();
-    fatrelu_count_(h, t);
+    fatrelu_count_(h, t, pred);
     if (w.uv.defined()) h = h * at::mm(x2, w.uv.t());
     return dense_down(h, w).view(x.sizes());
   }
   if (M > kSparseMaxRows) return ffn_dense_route_cpu(x2, w, t, D, F).view(x.sizes());
   at::Tensor xf = x2.to(at::kFloat).contiguous();
   core::FfnProblem p = ffn_problem(w, xf, t, D, F);
+  p.predicted = pred;  // applied after the exact gate (see ffn_predicted_kernels)
+  p.predicted_after_gate = true;
   const bool packed = w.gm.defined();
   at::Tensor a, active;
   int64_t n = 0;
@@ -330,7 +352,7 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
     // torch's gate; while most neurons fire everything stays in the weights' dtype on torch's
     // kernels (the same ops as the dense FFN), else the FFN kernels take the fp32 activations.
     at::Tensor g = linear_any(x2, w.gv, w.gm, w.b1).contiguous();
-    const Firing fires = fatrelu_count_(g, t);
+    const Firing fires = fatrelu_count_(g, t, pred);
     n = fires.neurons;
     if (static_cast<double>(n) > limit) {
       at::Tensor h = w.uv.defined() ? g * at::mm(x2, w.uv.t()) : g;
@@ -351,8 +373,50 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   return y.view(x.sizes());
 }
 
+// Activation predictors' logits, (x a^T) b^T + c > 0, on the FFN kernels' dense gate (each
+// weight row read once for every row of x, 8 rows in flight; x a^T stays fp32) for the rows where
+// the exact FFN runs its gate on that kernel too (crossover(): fp32 up to 8 rows, bf16 on AMX and
+// small predictors 1 row); torch's kernels beyond. Measured (7B-shape predictor of rank 512, AMD
+// EPYC, AVX2, 2 threads; ms torch -> ours): fp32 1 row 2.9 -> 2.0, 4 rows 34 -> 6.9, 8 rows 43 ->
+// 8.3; bf16 1 row 6.0 -> 1.7.
+at::Tensor ffn_predict_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                           const c10::optional<at::Tensor>& c) {
+  const PredictorWeights w = prepare_ffn_predict(x, a, b, c);
+  at::Tensor x2 = as_rows(x, w.D);
+  const int64_t M = x2.size(0);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w.F;
+  if (M == 0) return at::empty(shape, x.options().dtype(at::kBool));
+  if (M > crossover(M, w.a.scalar_type(), w.r * w.D + w.F * w.r).own_gate_max_rows)
+    return ffn_predict_dense(x, w);
+  at::Tensor xf = x2.to(at::kFloat).contiguous();
+  at::Tensor low = at::empty({M, w.r}, xf.options());
+  at::Tensor logits = at::empty({M, w.F}, xf.options());
+  at::Tensor scratch = at::empty({std::max(w.r, w.F)}, xf.options().dtype(at::kInt));
+  core::FfnProblem p;
+  p.dtype = w.a.scalar_type() == at::kFloat ? core::FfnDtype::f32 : core::FfnDtype::bf16;
+  p.M = M;
+  p.threshold = -std::numeric_limits<float>::infinity();  // every value passes (NaN -> 0)
+  p.nthreads = at::get_num_threads();
+  p.x = xf.data_ptr<float>();
+  p.D = w.D;
+  p.F = w.r;
+  p.gate = {w.a.data_ptr(), nullptr};
+  core::ffn_gate(p, low.data_ptr<float>(), scratch.data_ptr<int32_t>());
+  p.x = low.data_ptr<float>();
+  p.D = w.r;
+  p.F = w.F;
+  p.gate = {w.b.data_ptr(), nullptr};
+  p.gate_bias = ptr(w.c);
+  core::ffn_gate(p, logits.data_ptr<float>(), scratch.data_ptr<int32_t>());
+  return logits.gt(0).view(shape);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pysparse, CPU, m) { register_ffn_ops<&ffn_cpu>(m); }
+TORCH_LIBRARY_IMPL(pysparse, CPU, m) {
+  register_ffn_ops<&ffn_cpu>(m);
+  m.impl("ffn_predict", &ffn_predict_cpu);
+}
 
 }  // namespace pysparse::aten

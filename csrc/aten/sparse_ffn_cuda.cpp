@@ -32,9 +32,8 @@ at::Tensor ffn_cuda(const at::Tensor& x, const FfnWeights& w, double t, int64_t 
   at::Tensor x2 = as_rows(x, D);
   const int64_t M = x2.size(0);
   if (M == 0) return at::empty_like(x, at::MemoryFormat::Contiguous);
-  // Activation predictors: torch's dense route with the prediction applied (no CUDA kernel over
-  // the predicted neurons yet).
-  if (M > pc::kFfnMaxRows || D % 4 != 0 || w.pred.defined()) {
+  // Past the kernels' sizes, torch's dense route (with a prediction, applied after the gate).
+  if (M > pc::kFfnMaxRows || D % 4 != 0) {
     routes::record(routes::Family::Ffn, routes::Route::FfnDense);
     return ffn_dense_route(x2, w, t, D).view(x.sizes());
   }
@@ -66,6 +65,7 @@ at::Tensor ffn_cuda(const at::Tensor& x, const FfnWeights& w, double t, int64_t 
   a.down_by_row = w.down_by_row;
   a.down_bias = ptr(w.b2);
   a.threshold = static_cast<float>(t);
+  a.predicted = w.pred.defined() ? reinterpret_cast<const uint8_t*>(w.pred.data_ptr<bool>()) : nullptr;
   a.h = h.data_ptr<float>();
   a.partial = partial.data_ptr<float>();
   a.y = y.data_ptr();
@@ -75,8 +75,18 @@ at::Tensor ffn_cuda(const at::Tensor& x, const FfnWeights& w, double t, int64_t 
   return y.view(x.sizes());
 }
 
+// Activation predictors' logits on torch's kernels (cuBLAS: two small GEMMs).
+at::Tensor ffn_predict_cuda(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
+                            const c10::optional<at::Tensor>& c) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return ffn_predict_dense(x, prepare_ffn_predict(x, a, b, c));
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(pysparse, CUDA, m) { register_ffn_ops<&ffn_cuda>(m); }
+TORCH_LIBRARY_IMPL(pysparse, CUDA, m) {
+  register_ffn_ops<&ffn_cuda>(m);
+  m.impl("ffn_predict", &ffn_predict_cuda);
+}
 
 }  // namespace pysparse::aten

@@ -66,6 +66,15 @@ struct FfnProblem {
   // the exact FFN restricted to the predicted (row, neuron) pairs (a firing neuron the predictor
   // misses is lost; a predicted one that does not fire is 0, as in the exact FFN).
   const uint8_t* predicted = nullptr;
+  // With predicted: the neurons predicted for some row, ascending (predicted_union entries), when
+  // the caller has them already (else ffn_gate collects them).
+  const int32_t* predicted_union = nullptr;
+  int64_t npredicted_union = 0;
+  // With predicted: compute the gate for every neuron on the exact gate kernels (the 2:4 GEMV
+  // decodes each packed row once for all rows of x), then apply the prediction: for batches where
+  // that beats reading only the predicted rows once per row of x. Same result up to how each dot
+  // product is blocked.
+  bool predicted_after_gate = false;
   int nthreads = 0;  // <= 0: OpenMP default
 };
 

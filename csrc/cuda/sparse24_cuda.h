@@ -48,6 +48,9 @@ struct FfnLaunch {
   bool down_by_row = false;            // down_meta set: W_down^T packed 2:4 along D (compress24)
   const void* down_bias = nullptr;
   float threshold = 0.f;
+  // Activation predictors: [M, F] bytes (nonzero: compute neuron f for row m) or null (exact). A
+  // neuron predicted for no row is not read at all; h[m][f] is 0 where not predicted.
+  const uint8_t* predicted = nullptr;
   float* h = nullptr;        // scratch, M * F floats
   float* partial = nullptr;  // scratch, ffn_down_chunks(F) * M * D floats
   void* y = nullptr;         // [M, D]

@@ -1,7 +1,8 @@
 // CUDA activation-sparse FFN (the four ops of csrc/core/sparse_ffn.h), decode sizes (M <= 8).
 //
 // Three launches, no atomics, a fixed summation order (results do not depend on scheduling):
-//   1. neuron kernel   one warp per neuron: gate row . x (lanes read consecutive 16-byte pieces of
+//   1. neuron kernel   one warp per neuron (with activation predictors, a neuron predicted for no
+//                      row of x writes h = 0 and reads nothing): gate row . x (lanes read consecutive 16-byte pieces of
 //                      the row, so a warp's loads coalesce), warp-shuffle sum, FATReLU; only if the
 //                      neuron fires for some row of x, the same over the up row. Writes
 //                      h[m][f] = a * u (plain FFN: h = a), 0 for silent neurons.
@@ -87,10 +88,25 @@ __global__ void neuron_kernel(const float* __restrict__ x, int M, int64_t D, int
                               const T* __restrict__ gv, const uint8_t* __restrict__ gm,
                               const T* __restrict__ gb, const T* __restrict__ uv,
                               const uint8_t* __restrict__ um, float threshold,
-                              float* __restrict__ h) {
+                              const uint8_t* __restrict__ predicted, float* __restrict__ h) {
   const int lane = threadIdx.x & 31;
   const int64_t f = blockIdx.x * int64_t(blockDim.x / 32) + (threadIdx.x >> 5);
   if (f >= F) return;
+  bool pred[MT];
+  bool any_pred = false;
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    pred[m] = m < M && (!predicted || __ldg(predicted + m * F + f) != 0);
+    any_pred |= pred[m];
+  }
+  if (!any_pred) {
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < MT; ++m)
+        if (m < M) h[m * F + f] = 0.f;
+    }
+    return;
+  }
   float acc[MT];
 #pragma unroll
   for (int m = 0; m < MT; ++m) acc[m] = 0.f;
@@ -103,7 +119,7 @@ __global__ void neuron_kernel(const float* __restrict__ x, int M, int64_t D, int
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
     const float g = warp_sum(acc[m]) + bias;  // every lane holds the sum after the xor shuffle
-    acc[m] = (m < M && g >= threshold) ? g : 0.f;
+    acc[m] = (pred[m] && g >= threshold) ? g : 0.f;
     any |= acc[m] != 0.f;
   }
   if (uv && any) {
@@ -230,7 +246,7 @@ int launch(const FfnLaunch& a, cudaStream_t s) {
   neuron_kernel<T, MT><<<blocks_for(a.F, kWarps), kWarps * 32, 0, s>>>(
       a.x, static_cast<int>(a.M), a.D, a.F, static_cast<const T*>(a.gate_values), a.gate_meta,
       static_cast<const T*>(a.gate_bias), static_cast<const T*>(a.up_values), a.up_meta,
-      a.threshold, a.h);
+      a.threshold, a.predicted, a.h);
   const dim3 grid(blocks_for(a.D, 4 * kDownThreads), static_cast<unsigned>(ffn_down_chunks(a.F)));
   if (a.down_meta && a.down_by_row)
     down_kernel<T, MT, 2><<<grid, kDownThreads, 0, s>>>(
