@@ -9,8 +9,8 @@ machine drifts) and, for the pysparse kernels, the bandwidth they achieve: the b
 bytes, down by groups of 4 neurons) / time, as a fraction of the roof: the faster of a streaming read
 (``torch.sum``) and torch's dense FFN itself (bytes of its three weights / time), both timed in the
 same run. ``--predictor S`` adds both FFNs with activation predictors (``predicted=``): each call computes a
-predictor of rank S x d_model, ``(x A^T) B^T + c > 0`` (its cost is in the time), and hands the op
-its mask;
+predictor of rank S x d_model, ``(x A^T) B^T + c > 0`` with ``ops.ffn_predict`` as a lowered model
+does (its cost is in the time), and hands the op its mask;
 so that the set it marks is what a fitted predictor marks (the random A, B here predict nothing),
 the mask is OR-ed with the firing (row, neuron) pairs plus false alarms at ``--precision``.
 ``--down-rows`` adds the 2:4 FFN with the other down layout (W_down pruned 2:4 along
@@ -146,7 +146,7 @@ def run_case(W: Weights, shape, M, sp, pattern, dname, args, stream) -> str:
         fires24 = on((marked(x, ops.decompress24(*g24, D), t24, args.precision),))[0]
 
         def predict(fired):
-            return (F.linear(F.linear(xd, A), B, c) > 0) | fired
+            return ops.ffn_predict(xd, A, B, c) | fired
 
         calls["pred"] = lambda: ops.sparse_ffn(xd, wgd, wud, wdtd, t, predict(fires))
         calls["pred24"] = lambda: ops.sparse_ffn24(xd, g24d, u24d, d24d, t24, predict(fires24))

@@ -162,6 +162,6 @@ step "bench: 2:4 linear vs cuBLAS" 50 "$PY" "$REPO/bench/gpu_linear24.py" \
 step "bench: prox24" 30 "$PY" "$REPO/bench/prox24.py" --device cuda --lams 0.1,1,10 --repeats 3
 step "bench: activation-sparse FFN" 50 "$PY" "$REPO/bench/ffn.py" --device cuda \
   --shapes 4096x11008 --dtypes bfloat16 --patterns independent --batches 1 4 \
-  --sparsities 0 90 --down-rows --seconds 0.2
+  --sparsities 0 90 --down-rows --predictor 0.125 --seconds 0.2
 
 finish "$FAILED"

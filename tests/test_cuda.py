@@ -284,6 +284,58 @@ def test_ffn_ops_match_reference_on_cuda(dtype, M, D, F):
         torch.testing.assert_close(y.cpu().double(), ref, atol=tol * scale, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3, 8, 9])
+def test_ffn_ops_with_predicted_on_cuda(dtype, M):
+    """Activation predictors on CUDA: the kernels (up to 8 rows; a neuron predicted for no row is
+    not read) and the dense route (9 rows) give the exact FFN restricted to the predicted pairs,
+    against float64; ffn_predict's mask equals the reference's sign where the logit is clear of
+    0; NaN in every row of the unpredicted neurons never reaches the kernels' result."""
+    D, F = 132, 204
+    x, wg, wu, wdt, b1, b2 = _ffn_case(M, D, F, dtype, seed=M + 7)
+    gen = torch.Generator().manual_seed(M)
+    pred = torch.rand(M, F, generator=gen) < 0.3
+    g24 = ops.compress24(ops.prune24(wg))
+    u24 = ops.compress24(ops.prune24(wu))
+    d24 = pysparse.formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
+    cuda = lambda ts: tuple(v.cuda() for v in ts)
+    tol = 1e-4 if dtype == torch.float32 else 2.0**-5
+    for fn, args, ref in [
+        (ops.sparse_ffn, (x, wg, wu, wdt), R.reference_sparse_ffn(x, wg, wu, wdt, 0.0, pred)),
+        (
+            ops.sparse_mlp,
+            (x, wg, b1, wdt, b2),
+            R.reference_sparse_mlp(x, wg, b1, wdt, b2, 0.0, pred),
+        ),
+        (
+            ops.sparse_ffn24,
+            (x, cuda(g24), cuda(u24), cuda(d24)),
+            R.reference_sparse_ffn(x, g24, u24, d24, 0.0, pred),
+        ),
+    ]:
+        args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        y = fn(*args, 0.0, pred.cuda())
+        assert ops.last_cuda_route("sparse_ffn") == ("ffn_kernel" if M <= 8 else "ffn_dense")
+        scale = ref.abs().max().item() + 1e-3
+        torch.testing.assert_close(y.cpu().double(), ref, atol=tol * scale, rtol=tol)
+    if M <= 8:
+        off = ~pred.any(0)
+        spoiled = [w.clone() for w in (wg, wu, wdt)]
+        for w in spoiled:
+            w[off] = float("nan")
+        y = ops.sparse_ffn(x.cuda(), *cuda(spoiled), 0.0, pred.cuda())
+        ref = R.reference_sparse_ffn(x, wg, wu, wdt, 0.0, pred)
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(y.cpu().double(), ref, atol=tol * scale, rtol=tol)
+    a = (torch.randn(16, D, generator=gen) / D**0.5).to(dtype)
+    b = (torch.randn(F, 16, generator=gen) / 4).to(dtype)
+    c = (0.3 * torch.randn(F, generator=gen)).to(dtype)
+    mask = ops.ffn_predict(x.cuda(), a.cuda(), b.cuda(), c.cuda()).cpu()
+    logits = R.reference_ffn_predict(x, a, b, c)
+    clear = logits.abs() > 2e-2 * logits.abs().max()
+    assert torch.equal(mask[clear], (logits > 0)[clear])
+
+
 def test_ffn_opcheck_on_cuda():
     x, wg, wu, wdt, b1, b2 = (t.cuda() for t in _ffn_case(2, 64, 96, torch.float32, seed=1))
     g24 = ops.compress24(ops.prune24(wg))
@@ -294,6 +346,10 @@ def test_ffn_opcheck_on_cuda():
     opcheck(p.sparse_mlp.default, (x, wg, b1, wdt, b2, 0.1))
     opcheck(p.sparse_ffn24.default, (x, *g24, *u24, *d24, 0.1))
     opcheck(p.sparse_mlp24.default, (x, *g24, b1, *d24, b2, 0.1))
+    pred = torch.rand(2, 96, generator=torch.Generator().manual_seed(2)).cuda() < 0.5
+    opcheck(p.sparse_ffn.default, (x, wg, wu, wdt, 0.1, pred))
+    opcheck(p.sparse_ffn24.default, (x, *g24, *u24, *d24, 0.1, pred))
+    opcheck(p.ffn_predict.default, (x, wg[:8], wu[:, :8].contiguous(), b1))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
