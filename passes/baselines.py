@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 from pysparse import ops
+from pysparse.distributed import shard_batches, sum_across_ranks_
 from pysparse.pipeline import Pass, PassContext, PassError, PassResult, _call_graph, tapped
 from pysparse.progress import track
 
@@ -64,24 +65,27 @@ def observe_linear_inputs(
     last = max(nodes, key=lambda n: order[n]).name if nodes else None
 
     def observe(x: torch.Tensor, key: str) -> torch.Tensor:
-        x2 = x.detach().reshape(-1, x.shape[-1]).double()
-        if not torch.isfinite(x2).all():
+        stats[key] = fold(stats.get(key), x.detach().reshape(-1, x.shape[-1]).double())
+        if key == last:
+            raise _Observed
+        return x
+
+    # under torch.distributed each rank folds its share of the batches, then the sums are added
+    batches = shard_batches(ctx.data_for(desc), desc)
+    with tapped(gm, [(node, observe, (node.name,), "input") for node in nodes]):
+        for args, kwargs in track(batches, desc, unit="batch"):
+            try:
+                _call_graph(gm, args, kwargs)
+            except _Observed:
+                pass
+    sum_across_ranks_(stats)
+    for key, stat in stats.items():  # NaN/Inf anywhere in an input reaches its statistic
+        if not torch.isfinite(stat).all():
             raise PassError(
                 f"{desc}: the inputs of the linear with weight {weights[key]} contain NaN or Inf "
                 f"on the calibration data; nothing was pruned. Check the calibration batches (and "
                 f"the model's activations on them)"
             )
-        stats[key] = fold(stats.get(key), x2)
-        if key == last:
-            raise _Observed
-        return x
-
-    with tapped(gm, [(node, observe, (node.name,), "input") for node in nodes]):
-        for args, kwargs in track(ctx.data_for(desc), desc, unit="batch"):
-            try:
-                _call_graph(gm, args, kwargs)
-            except _Observed:
-                pass
     return stats
 
 
@@ -263,6 +267,8 @@ class CalibrationStream:
             for a in n.all_input_nodes:
                 self.last_use[a] = i
         self.interp = fx.Interpreter(gm)
+        # under torch.distributed each rank carries its share; observe() adds the statistics
+        batches = shard_batches(batches, desc)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         signature = inspect.signature(gm.forward)
         fixed = gm.meta.get("pysparse", {}).get("call_kwargs", {})
@@ -337,6 +343,7 @@ class CalibrationStream:
             for env in self.envs:
                 seen: dict[tuple, tuple[str, torch.Tensor]] = {}
                 self._run(dict(env), stop + 1, visit)
+        sum_across_ranks_(stats)
         self.seconds["statistics"] += folding[0]
         self.seconds["forward"] += time.perf_counter() - tic - folding[0]
         for node in nodes:  # NaN/Inf anywhere in an input reaches its statistic
