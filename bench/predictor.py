@@ -11,7 +11,7 @@ packed corpus documents, logit distillation), then predictors at each target; he
 (the sliding window of ``pysparse eval``) instead of cosines.
 
     python bench/predictor.py                                  # MiniLM, recall 0.99 and 0.95
-    python bench/predictor.py --model smollm2 --prosparse-steps 100
+    python bench/predictor.py --model smollm2 --prosparse-steps 100 --prosparse-threshold 0
 """
 
 from __future__ import annotations
@@ -48,6 +48,12 @@ def main() -> None:
     p.add_argument("--train", type=int, default=768, help="ProSparse training sentences (MiniLM)")
     p.add_argument("--calib", type=int, default=512, help="predictor calibration sentences")
     p.add_argument("--prosparse-steps", type=int, default=None)
+    p.add_argument(
+        "--prosparse-threshold",
+        type=float,
+        default=None,
+        help="a fixed FATReLU threshold instead of the pass's sweep (default: the sweep)",
+    )
     p.add_argument("--pack", type=int, default=256, help="SmolLM2: packed block length")
     p.add_argument("--window", type=int, default=256)
     p.add_argument("--json", default=None)
@@ -67,7 +73,10 @@ def main() -> None:
         train = encode_sentences(tok, train_sents[: args.train], 32, 64)
         calib = encode_sentences(tok, train_sents[-args.calib :], 32, 64)
         held = encode_sentences(tok, sentences("heldout"), 64, 128)
-        pro = ProSparse(data=train, **given(steps=args.prosparse_steps))
+        pro = ProSparse(
+            data=train,
+            **given(steps=args.prosparse_steps, threshold=args.prosparse_threshold),
+        )
         base = pysparse.compile(model, [ReluSubstitution(), pro], *train[0], calibration=train)
 
         def score(m) -> dict:
@@ -91,7 +100,10 @@ def main() -> None:
         held_text = sentences("heldout")
         held = encode_sentences(tok, held_text, 32, 128)
         held_ids = tok("\n\n".join(held_text), return_tensors="pt")["input_ids"][0]
-        pro = ProSparse(data=train, **given(steps=args.prosparse_steps))
+        pro = ProSparse(
+            data=train,
+            **given(steps=args.prosparse_steps, threshold=args.prosparse_threshold),
+        )
         base = pysparse.compile(
             model, [ReluSubstitution(), pro], *train[0], calibration=train, generation=False
         )

@@ -217,10 +217,17 @@ class Predictor(Pass):
 
     # ---- fitting ---------------------------------------------------------------------------
     def _fit(
-        self, rank: int, gate: tuple[torch.Tensor, torch.Tensor | None], t: float, fit: tuple
+        self,
+        rank: int,
+        gate: tuple[torch.Tensor, torch.Tensor | None],
+        svd: tuple,
+        t: float,
+        fit: tuple,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One rung: from the gate's truncated SVD (``svd``: torch.linalg.svd of the gate, once
+        per layer), Adam on the weighted logistic loss over the ``fit`` slice (x, fires)."""
         w, b = gate
-        u, s, vh = torch.linalg.svd(w.float(), full_matrices=False)
+        u, s, vh = svd
         root = s[:rank].sqrt()
         a = (vh[:rank] * root[:, None]).clone().requires_grad_(True)  # [r, D]
         bb = (u[:, :rank] * root[None, :]).clone().requires_grad_(True)  # [F, r]
@@ -255,8 +262,10 @@ class Predictor(Pass):
         elt = gate[0].element_size()
         best = None
         last_cost = math.inf
+        svd = torch.linalg.svd(gate[0].float(), full_matrices=False)
+        fit = (x[parts[0]], fires[parts[0]])
         for rank in self.ladder(D, F):
-            a, b, c = self._fit(rank, gate, t, (x[parts[0]], fires[parts[0]]))
+            a, b, c = self._fit(rank, gate, svd, t, fit)
 
             def logits(rows, a=a, b=b, c=c):
                 return (x[rows] @ a.T) @ b.T + c
