@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <vector>
@@ -261,13 +262,20 @@ at::Tensor ffn_dense_route_cpu(const at::Tensor& x2, const Weights& w, double t,
 // With activation predictors (w.pred), the FFN kernels over the predicted neurons alone (each
 // predicted gate row read once, computed per row of x), where that beats the exact route: one row
 // (always), or a few rows where the exact route's gate is our per-row kernel too (fp32, non-AMX
-// bf16) and, with 2:4 weights, at most kPredictedPackedMaxRows rows (the exact 2:4 gate decodes
-// each row once for all rows of x; measured in bench/ffn.py --predictor), and no more neurons
+// bf16) and, with 2:4 weights, at most predicted_packed_max_rows() rows, and no more neurons
 // predicted than the exact route's dense-tail crossover allows. Elsewhere (the AMX tiles, torch's
 // GEMMs, a small FFN) returns an undefined tensor: the exact route then runs with the prediction
 // applied after the gate, so a prediction never makes the op slower than the exact FFN. Either
 // way the result is the exact FFN restricted to the predicted (row, neuron) pairs.
-constexpr int64_t kPredictedPackedMaxRows = 16;
+// With 2:4 weights the predicted gate decodes each predicted row once per row of x (AVX2 code),
+// the exact gate each row once for all rows. Measured with bench/ffn.py --predictor 0.125 (7B
+// shape, 90% off): on AVX2 the predicted kernels win at 2, 4 and 8 rows (AMD EPYC, fp32 5.35x /
+// 9.05x / 4.91x torch dense against 3.43x / 6.81x / 3.99x exact); where the exact gate is the
+// AVX-512 GEMV (one decode serves 4 rows of x) they lose at 4 rows (Intel Xeon, fp32 3.00x vs
+// 3.88x, bf16 0.45x vs 1.79x), so there only 1 row takes them.
+int64_t predicted_packed_max_rows() {
+  return std::strcmp(core::sparse24_linear_impl(), "avx512") == 0 ? 1 : kSparseMaxRows;
+}
 
 at::Tensor ffn_predicted_kernels(const at::Tensor& x, const at::Tensor& x2, const Weights& w,
                                  double t, int64_t D, int64_t F) {
@@ -276,7 +284,7 @@ at::Tensor ffn_predicted_kernels(const at::Tensor& x, const at::Tensor& x2, cons
   const bool packed = w.gm.defined();
   const Crossover cross = crossover(M, st, F * D);
   if (M > 1 && (M > kSparseMaxRows || amx_route(w, st, M) ||
-                (packed ? M > kPredictedPackedMaxRows : M > cross.own_gate_max_rows)))
+                (packed ? M > predicted_packed_max_rows() : M > cross.own_gate_max_rows)))
     return at::Tensor();
   const uint8_t* pred = pred_ptr(w);
   std::vector<int32_t> cand;
