@@ -10,7 +10,8 @@ bytes, down by groups of 4 neurons) / time, as a fraction of the roof: the faste
 (``torch.sum``) and torch's dense FFN itself (bytes of its three weights / time), both timed in the
 same run. ``--predictor S`` adds both FFNs with activation predictors (``predicted=``): each call computes a
 predictor of rank S x d_model, ``(x A^T) B^T + c > 0`` with ``ops.ffn_predict`` as a lowered model
-does (its cost is in the time), and hands the op its mask;
+does, with its row cap ``--predictor-max-rows``: past it the mask is all true, nothing predicted),
+and hands the op its mask (its cost is in the time);
 so that the set it marks is what a fitted predictor marks (the random A, B here predict nothing),
 the mask is OR-ed with the firing (row, neuron) pairs plus false alarms at ``--precision``.
 ``--down-rows`` adds the 2:4 FFN with the other down layout (W_down pruned 2:4 along
@@ -146,7 +147,7 @@ def run_case(W: Weights, shape, M, sp, pattern, dname, args, stream) -> str:
         fires24 = on((marked(x, ops.decompress24(*g24, D), t24, args.precision),))[0]
 
         def predict(fired):
-            return ops.ffn_predict(xd, A, B, c) | fired
+            return ops.ffn_predict(xd, A, B, c, args.predictor_max_rows) | fired
 
         calls["pred"] = lambda: ops.sparse_ffn(xd, wgd, wud, wdtd, t, predict(fires))
         calls["pred24"] = lambda: ops.sparse_ffn24(xd, g24d, u24d, d24d, t24, predict(fires24))
@@ -205,6 +206,12 @@ def main() -> None:
         help="predictor rank as a share of d_model (e.g. 0.125): adds predicted-FFN columns",
     )
     ap.add_argument("--precision", type=float, default=0.8, help="of the predicted sets")
+    ap.add_argument(
+        "--predictor-max-rows",
+        type=int,
+        default=8,
+        help="ffn_predict's row cap, as the predictor pass sets it (default 8; -1: none)",
+    )
     ap.add_argument(
         "--down-rows",
         action="store_true",

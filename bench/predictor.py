@@ -33,9 +33,13 @@ from pysparse.pipeline import PassContext
 
 
 def with_predictors(sm, calib, recall: float, **kw):
-    """A copy of ``sm`` with predictors fitted at ``recall`` (its report row, the copy)."""
+    """A copy of ``sm`` with predictors fitted at ``recall`` (its report row, the copy). No row
+    cap (``max_rows=None``): every token of an evaluation batch gets its prediction, as each does
+    when decoding one token at a time."""
     out = copy.deepcopy(sm)
-    res = Predictor(data=calib, recall=recall, **kw).call(out.gm, PassContext(calibration=calib))
+    res = Predictor(data=calib, recall=recall, max_rows=None, **kw).call(
+        out.gm, PassContext(calibration=calib)
+    )
     return res.info, out
 
 

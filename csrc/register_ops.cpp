@@ -40,7 +40,7 @@ TORCH_LIBRARY(pysparse, m) {
   // Activation predictors: predicted = (x @ a^T) @ b^T + c > 0, bool [..., d_ff]; a [rank, d_model],
   // b [d_ff, rank], c [d_ff] (the predictor pass's weights), fp32 or bf16 like x. The CPU computes
   // both products on the FFN kernels' streaming gate (x @ a^T kept in fp32).
-  m.def("ffn_predict(Tensor x, Tensor a, Tensor b, Tensor? c=None) -> Tensor");
+  m.def("ffn_predict(Tensor x, Tensor a, Tensor b, Tensor? c=None, int max_rows=-1) -> Tensor");
   m.def("sparse_mlp24(Tensor x, Tensor w1_values, Tensor w1_meta, Tensor? b1, Tensor w2_values, "
         "Tensor w2_meta, Tensor? b2, float threshold=0.0, Tensor? predicted=None) -> Tensor");
 }

@@ -8,8 +8,8 @@
    runs along d_model (``down_along="d_model"``), in the by-row layout compress24 made). A block is left
    to step 2 when its shape does not fit (fused gate_up, biases on a gated FFN, views between the
    nodes, a dtype other than fp32/bf16, only some linears compressed); the report says why. A
-   block with activation predictors (``predictor``) passes their mask as the op's ``predicted``,
-   computed by ``pysparse::ffn_predict`` (the predictor's two matmuls on pysparse's kernels).
+   block with activation predictors (``predictor``) passes their mask (the pass's
+   ``pysparse::ffn_predict`` node) as the op's ``predicted``.
 2. Every other packed linear (see Compress24) becomes ``pysparse::sparse24_linear``.
 
 Dense weights nothing reads any more are dropped. The result stays exportable (every op has a fake
@@ -57,20 +57,6 @@ def _drop_unused_attr(gm: fx.GraphModule, node: object) -> int:
 def _fatrelu_ge(act: fx.Node) -> list[fx.Node]:
     """The ``ge`` node of a FATReLU ``where(ge(x, t), x, 0)`` (empty for ReLU)."""
     return [act.args[0]] if act.target is aten.where.ScalarOther else []
-
-
-def _predictor_nodes(keep: fx.Node) -> tuple[tuple, list[fx.Node]] | None:
-    """For the predictor pass's mask ``gt(linear(linear(x, a), b, c), 0)``: the arguments of
-    ``ffn_predict`` (x, a, b, c) and the nodes it replaces (keep first); None for another form."""
-    if keep.target is not aten.gt.Scalar or keep.args[1] != 0:
-        return None
-    logit = keep.args[0]
-    outer = linear_parts(logit) if isinstance(logit, fx.Node) else None
-    low = outer[0] if outer else None
-    inner = linear_parts(low) if isinstance(low, fx.Node) else None
-    if inner is None or inner[2] is not None:
-        return None
-    return (inner[0], inner[1], outer[1], outer[2]), [keep, logit, low]
 
 
 class _Skip(Exception):
@@ -213,11 +199,7 @@ class Lower(Pass):
                 else:
                     op = torch.ops.pysparse.sparse_mlp.default
                     args = (x, parts["up"][1], parts["up"][2], down_t, parts["down"][2], t)
-            predictor = _predictor_nodes(keep) if keep is not None else None
-            if predictor is not None:
-                mask = graph.call_function(torch.ops.pysparse.ffn_predict.default, predictor[0])
-                args = (*args, mask)
-            elif keep is not None:
+            if keep is not None:
                 args = (*args, keep)
             new = graph.call_function(op, args)
         new.meta = dict(down.meta)
@@ -229,10 +211,6 @@ class Lower(Pass):
         weights = [p[1] for p in parts.values()]
         for n in dead:
             graph.erase_node(n)
-        if keep is not None and predictor is not None:
-            for n in predictor[1]:  # the predictor's own matmuls, now ffn_predict's
-                if not n.users:
-                    graph.erase_node(n)
         dropped = sum(_drop_unused_attr(gm, wn) for wn in weights)
         if n_packed:
             for v in packed.values():

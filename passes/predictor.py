@@ -5,10 +5,18 @@ neurons a small network expects to fire.
 For every FFN whose activation is ReLU or FATReLU (after ``relu`` / ``prosparse``) the pass fits a
 low-rank predictor ``logits = (x A^T) B^T + c`` (``A`` ``[r, d_model]``, ``B`` ``[d_ff, r]``) of
 which (token, neuron) pairs fire, on the FFN inputs and intermediates recorded from the calibration
-batches (real tokens only), and rewrites the block to ``x1 * (logits > 0)``: the exact FFN
-restricted to the predicted pairs. ``lower`` then hands that mask to the FFN ops (``predicted=``),
-which compute only the predicted neurons (a firing neuron the predictor misses is lost; a
-predicted one that does not fire contributes 0, as in the exact FFN).
+batches (real tokens only), and rewrites the block to ``x1 * keep`` with ``keep =
+pysparse::ffn_predict(x, A, B, c, max_rows)`` (``logits > 0``): the exact FFN restricted to the
+predicted pairs. ``lower`` then hands that mask to the FFN ops (``predicted=``), which compute only
+the predicted neurons (a firing neuron the predictor misses is lost; a predicted one that does not
+fire contributes 0, as in the exact FFN).
+
+Predictors pay where a token reads few FFN rows: decoding a few sequences. Over more rows the
+union of the rows' predicted sets is nearly every neuron and the FFN runs its exact route anyway,
+where a predictor is pure cost (LLaMA-7B FFN, 16 rows: 5% slower with it than without). So a batch
+of more than ``max_rows`` rows (default 8: tokens in one call, e.g. a prefill) predicts every
+neuron without running the predictor, and runs the exact FFN; ``max_rows=None`` applies the
+predictors at every batch size (what the quality benchmarks measure, per token).
 
 Per layer (tokens split 70 / 15 / 15 into fit, calibration and test slices):
 
@@ -25,7 +33,8 @@ Per layer (tokens split 70 / 15 / 15 into fit, calibration and test slices):
 
 The report gives per layer the rank, recall (pairs and |x1| mass), precision and predicted-active
 share on the test slice, and the predictor's bytes. The predictor weights are buffers of the graph
-(saved in the artifact); exports run them as plain matmuls.
+(saved in the artifact); ONNX exports run them as plain matmuls (with the ``max_rows`` test),
+TorchScript and torch.export as the op.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from typing import Any
 import torch
 from torch import fx
 
+import pysparse
 from pysparse.pipeline import (
     Pass,
     PassContext,
@@ -175,6 +185,8 @@ class Predictor(Pass):
         steps, lr, batch_tokens: the fit of each rung (Adam, from the gate's truncated SVD).
         miss_weight: a missed firing pair costs this many false alarms in the fit's loss.
         max_tokens: tokens recorded per layer.
+        max_rows: batches of more rows than this (tokens in one call) run the exact FFN without
+            the predictor (default 8; None: predict at every batch size).
     """
 
     name = "predictor"
@@ -192,6 +204,7 @@ class Predictor(Pass):
         miss_weight: float = 4.0,
         max_tokens: int = 16384,
         seed: int = 0,
+        max_rows: int | None = 8,
     ):
         if not 0 < recall <= 1:
             raise ValueError(f"predictor: recall must be in (0, 1], got {recall}")
@@ -204,6 +217,9 @@ class Predictor(Pass):
         self.miss_weight = miss_weight
         self.max_tokens = max_tokens
         self.seed = seed
+        if max_rows is not None and max_rows < 0:
+            raise ValueError(f"predictor: max_rows must be >= 0 or None, got {max_rows}")
+        self.max_rows = max_rows
 
     def settings(self) -> dict[str, Any]:
         s = super().settings()
@@ -289,13 +305,12 @@ class Predictor(Pass):
         return {"row": row, "weights": weights}
 
     # ---- graph -------------------------------------------------------------------------------
-    @staticmethod
     def insert(
-        gm: fx.GraphModule, nodes: dict[str, fx.Node], block: dict, layer: int | None = None
+        self, gm: fx.GraphModule, nodes: dict[str, fx.Node], block: dict, layer: int | None = None
     ) -> None:
-        """``x1 -> x1 * (logits(x) > 0)`` in ``gm`` for ``block``, reading the predictor buffers
-        ``pysparse__pred{layer}_{a,b,c}`` (already registered on ``gm``; layer: the block's).
-        ``nodes``: ``gm``'s nodes by name (the nodes this inserts are not added)."""
+        """``x1 -> x1 * ffn_predict(x, a, b, c, max_rows)`` in ``gm`` for ``block``, reading the
+        predictor buffers ``pysparse__pred{layer}_{a,b,c}`` (already registered on ``gm``; layer:
+        the block's). ``nodes``: ``gm``'s nodes by name (the nodes this inserts are not added)."""
         act, up = nodes[block["act"]], nodes[block["up"]]
         x = up.args[0]
         prefix = f"pysparse__pred{block['layer'] if layer is None else layer}"
@@ -304,16 +319,15 @@ class Predictor(Pass):
             a = graph.get_attr(f"{prefix}_a")
             b = graph.get_attr(f"{prefix}_b")
             c = graph.get_attr(f"{prefix}_c")
-            low = graph.call_function(aten.linear.default, (x, a))
-            logit = graph.call_function(aten.linear.default, (low, b, c))
-            keep = graph.call_function(aten.gt.Scalar, (logit, 0.0))
+            cap = -1 if self.max_rows is None else self.max_rows
+            keep = graph.call_function(torch.ops.pysparse.ffn_predict.default, (x, a, b, c, cap))
             kept = graph.call_function(aten.mul.Tensor, (act, keep))
         act.replace_all_uses_with(kept, delete_user_cb=lambda u: u is not kept)
         kept.meta = dict(act.meta)
-        block["predictor"] = {"keep": keep.name, "kept": kept.name, "low": low.name}
-        block["predictor_nodes"] = [a.name, b.name, c.name, low.name, logit.name, keep.name]
+        block["predictor"] = {"keep": keep.name, "kept": kept.name}
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        pysparse.require_extension()  # the mask is pysparse::ffn_predict
         nodes = _nodes(gm)
         blocks = [b for b in _blocks(gm, nodes) if "predictor" not in b]
         if not blocks:
@@ -353,6 +367,7 @@ class Predictor(Pass):
             "ffns": len(rows),
             "tokens_per_layer": int(recorded[0][0].shape[0]),
             "recall_target": self.recall,
+            "max_rows": self.max_rows,
             "mean": mean,
             "ffn_bytes_read_vs_dense": round(read, 4),
             "layers": rows,

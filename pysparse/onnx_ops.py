@@ -120,12 +120,17 @@ def sparse_mlp(
     return y if b2 is None else op.Add(y, b2)
 
 
-def ffn_predict(x: Any, a: Any, b: Any, c: Any = None) -> Any:
-    """The activation predictors' mask, ``(x a^T) b^T + c > 0``."""
+def ffn_predict(x: Any, a: Any, b: Any, c: Any = None, max_rows: int = -1) -> Any:
+    """The activation predictors' mask, ``(x a^T) b^T + c > 0``; every neuron when ``x`` has more
+    than ``max_rows`` rows (>= 0). The runtime computes the logits either way."""
     logits = op.MatMul(op.MatMul(x, op.Transpose(a, perm=[1, 0])), op.Transpose(b, perm=[1, 0]))
     if c is not None:
         logits = op.Add(logits, c)
-    return op.Greater(logits, op.CastLike(op.Constant(value_float=0.0), logits))
+    mask = op.Greater(logits, op.CastLike(op.Constant(value_float=0.0), logits))
+    if max_rows < 0:
+        return mask
+    rows = op.ReduceProd(op.Shape(x, end=-1), keepdims=1)  # [1]; 1 for a 1-D x
+    return op.Or(mask, op.Greater(rows, op.Constant(value_ints=[max_rows])))
 
 
 def _dense_down(dv: Any, dm: Any) -> Any:

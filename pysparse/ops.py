@@ -196,7 +196,11 @@ def sparse_ffn(
 
 
 def ffn_predict(
-    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor | None = None
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor | None = None,
+    max_rows: int | None = None,
 ) -> torch.Tensor:
     """Activation predictors' mask: ``(x @ a.T) @ b.T + c > 0``, bool ``[..., d_ff]`` — what the
     predictor pass computes for the FFN ops' ``predicted``.
@@ -204,13 +208,16 @@ def ffn_predict(
     Args:
         x: ``[..., d_model]``, the weights' dtype (float32 or bfloat16).
         a: ``[rank, d_model]``; b: ``[d_ff, rank]``; c: ``[d_ff]`` or None.
+        max_rows: when ``x`` has more rows than this (``x.numel() / d_model``), every neuron is
+            predicted (an all-true mask; the predictor is not run), so the FFN runs exact. None:
+            no cap.
 
     On the CPU up to 16 rows of ``x`` run on the FFN kernels' streaming dense gate (``x @ a.T`` is
     kept in float32, not rounded to the weights' dtype), past that on torch's matmuls; CUDA on
     torch's. A logit within rounding of 0 may fall either way between those routes.
     """
     pysparse.require_extension()
-    return torch.ops.pysparse.ffn_predict.default(x, a, b, c)
+    return torch.ops.pysparse.ffn_predict.default(x, a, b, c, -1 if max_rows is None else max_rows)
 
 
 def sparse_mlp(
@@ -401,7 +408,7 @@ def _register_fakes() -> None:
         return _ffn_out("sparse_ffn", x, w_gate.dtype, w_gate.device, D, F, predicted)
 
     @torch.library.register_fake("pysparse::ffn_predict")
-    def _ffn_predict_fake(x, a, b, c=None):
+    def _ffn_predict_fake(x, a, b, c=None, max_rows=-1):
         torch._check(a.dim() == 2 and b.dim() == 2, lambda: "ffn_predict: a and b must be 2-D")
         torch._check(b.shape[1] == a.shape[0], lambda: "ffn_predict: b must be [d_ff, rank]")
         torch._check(x.shape[-1] == a.shape[1], lambda: "ffn_predict: x.shape[-1] must be d_model")

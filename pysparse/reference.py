@@ -6,6 +6,8 @@ Written straight from the definitions, with no attempt at speed. Each returns fl
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -194,8 +196,13 @@ def _restrict(h: torch.Tensor, predicted: torch.Tensor | None) -> torch.Tensor:
     return h if predicted is None else h * predicted.cpu().to(h.dtype)
 
 
-def reference_ffn_predict(x, a, b, c=None) -> torch.Tensor:
-    """float64 logits of the activation predictors, ``(x a^T) b^T + c`` (the mask is ``> 0``)."""
+def reference_ffn_predict(x, a, b, c=None, max_rows: int | None = None) -> torch.Tensor:
+    """float64 logits of the activation predictors, ``(x a^T) b^T + c`` (the mask is ``> 0``);
+    +inf everywhere when ``x`` has more than ``max_rows`` rows (the op then predicts every
+    neuron)."""
+    rows = x.numel() // x.shape[-1]
+    if max_rows is not None and max_rows >= 0 and rows > max_rows:
+        return torch.full((*x.shape[:-1], b.shape[0]), math.inf, dtype=torch.float64)
     logits = (x.cpu().double() @ a.cpu().double().T) @ b.cpu().double().T
     return logits if c is None else logits + c.cpu().double()
 

@@ -199,3 +199,29 @@ def test_ffn_predict_threads_opcheck_and_bad_input():
         ops.ffn_predict(x[:, :515], a, b, c)
     with pytest.raises(RuntimeError, match=r"c must be \[2056\]"):
         ops.ffn_predict(x, a, b, c[:7])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ffn_predict_max_rows_predicts_every_neuron_past_the_cap(impl, dtype):  # noqa: F811
+    """max_rows: up to that many rows of x the mask is the predictor's; past it every neuron
+    (the predictor is not run: no kernel call); the float64 reference says the same; opcheck."""
+    x, a, b, c = _predictor(6, 64, 8, 100, dtype, seed=5)
+    free = ops.ffn_predict(x, a, b, c)
+    assert 0 < int(free.sum()) < free.numel()
+    assert torch.equal(ops.ffn_predict(x, a, b, c, max_rows=6), free)
+    assert torch.equal(
+        ops.ffn_predict(x.reshape(2, 3, 64), a, b, c, max_rows=6), free.view(2, 3, 100)
+    )
+    ops.kernel_stats(reset=True)
+    capped = ops.ffn_predict(x.reshape(2, 3, 64), a, b, c, max_rows=5)
+    assert "ffn_gate" not in ops.kernel_stats(reset=True)
+    assert capped.dtype == torch.bool and capped.shape == (2, 3, 100) and bool(capped.all())
+    assert bool(ops.ffn_predict(x, a, b, c, max_rows=0).all())
+    assert bool((R.reference_ffn_predict(x, a, b, c, max_rows=5) > 0).all())
+    assert torch.equal(
+        R.reference_ffn_predict(x, a, b, c, max_rows=6), R.reference_ffn_predict(x, a, b, c)
+    )
+    for cap in (-1, 2, 6):
+        opcheck(torch.ops.pysparse.ffn_predict.default, (x, a, b, c, cap))
+    with pytest.raises(RuntimeError, match="max_rows must be -1 \\(no cap\\) or >= 0, got -2"):
+        torch.ops.pysparse.ffn_predict.default(x, a, b, c, -2)

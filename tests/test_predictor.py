@@ -58,7 +58,7 @@ def test_decoder_predictors_report_mask_and_lower(tmp_path):
     model, batches = _llama()
     sm = pysparse.compile(
         model,
-        [ReluSubstitution(), Predictor(data=batches[:6], ranks=(4, 8, 16)), Lower()],
+        [ReluSubstitution(), Predictor(data=batches[:6], ranks=(4, 8, 16), max_rows=None), Lower()],
         *batches[0],
         calibration=batches[:6],
         generation=True,
@@ -77,7 +77,7 @@ def test_decoder_predictors_report_mask_and_lower(tmp_path):
     assert len(ops) == 2 and all(len(n.args) == 6 and n.args[5] is not None for n in ops)
     _assert_masks_on_ffn_predict(sm.gm, ops)
     # the generation graph carries the same predictors: it generates what the forward graph
-    # predicts token by token
+    # predicts token by token (no row cap here: the forward over the sequence predicts too)
     ids = torch.randint(0, 96, (1, 5), generator=torch.Generator().manual_seed(7))
     got = sm.generate(ids, max_new_tokens=6, eos_token_id=[])
     seq = ids
@@ -103,7 +103,7 @@ def test_predictors_restrict_the_exact_ffn():
     relu = pysparse.compile(model, [ReluSubstitution()], *batches[0])
     sm = pysparse.compile(
         model,
-        [ReluSubstitution(), Predictor(data=batches, ranks=(8,))],
+        [ReluSubstitution(), Predictor(data=batches, ranks=(8,), max_rows=None)],
         *batches[0],
         calibration=batches,
     )
@@ -122,6 +122,39 @@ def test_predictors_restrict_the_exact_ffn():
     from pysparse.evaluate import measure_activation_sparsity
 
     assert measure_activation_sparsity(gm, [((x,), {})]) == [1.0, 1.0]
+
+
+def test_max_rows_runs_the_exact_ffn_past_the_cap():
+    """Default max_rows=8: a call with more rows (here a 4x32 batch) runs the exact FFN even when
+    every prediction is false, while 8 rows or fewer take the predictor's mask, before lowering
+    and after (the same op in both graphs)."""
+    model, batches = _llama(4)
+    relu = pysparse.compile(model, [ReluSubstitution()], *batches[0])
+    sm = pysparse.compile(
+        model,
+        [ReluSubstitution(), Predictor(data=batches, ranks=(8,)), Lower()],
+        *batches[0],
+        calibration=batches,
+    )
+    info = next(r for r in sm.report if r["pass"] == "predictor")
+    assert info["max_rows"] == 8
+    keeps = [n for n in sm.gm.graph.nodes if n.target is torch.ops.pysparse.ffn_predict.default]
+    assert len(keeps) == 2 and all(n.args[4] == 8 for n in keeps)
+    for name, buf in sm.gm.named_buffers():
+        if name.endswith("_c"):
+            buf.fill_(-1e4)  # every neuron predicted off
+    from pysparse.evaluate import measure_activation_sparsity
+
+    x = batches[3][0][0]
+    out, ref = sm(x), relu(x)
+    torch.testing.assert_close(
+        out.logits if hasattr(out, "logits") else out[0],
+        ref.logits if hasattr(ref, "logits") else ref[0],
+    )
+    assert min(measure_activation_sparsity(sm.gm, [((x,), {})])) < 1.0
+    assert measure_activation_sparsity(sm.gm, [((x[:1, :8],), {})]) == [1.0, 1.0]
+    with pytest.raises(ValueError, match="max_rows must be >= 0 or None"):
+        Predictor(max_rows=-1)
 
 
 def test_encoder_with_bias_and_24_weights(tmp_path):
@@ -156,10 +189,12 @@ def test_encoder_with_bias_and_24_weights(tmp_path):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ids, mask = batches[3][0][0][:2, :9], batches[3][1]["attention_mask"][:2, :9]
     names = [i.name for i in sess.get_inputs()]
-    got = sess.run(None, {names[0]: ids.numpy(), names[1]: mask.numpy()})[0]
-    want = sm(ids, attention_mask=mask)
-    want = want.last_hidden_state if hasattr(want, "last_hidden_state") else want[0]
-    torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
+    # 18 rows: past the default cap (every neuron); 6 rows: the predictor's mask
+    for i, m in ((ids, mask), (ids[:1, :6], mask[:1, :6])):
+        got = sess.run(None, {names[0]: i.numpy(), names[1]: m.numpy()})[0]
+        want = sm(i, attention_mask=m)
+        want = want.last_hidden_state if hasattr(want, "last_hidden_state") else want[0]
+        torch.testing.assert_close(torch.from_numpy(got), want, atol=1e-4, rtol=1e-4)
 
 
 def test_refusals():

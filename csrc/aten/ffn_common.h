@@ -309,6 +309,20 @@ inline PredictorWeights prepare_ffn_predict(const at::Tensor& x, const at::Tenso
           c.has_value() && c->defined() ? c->contiguous() : at::Tensor(), D, r, F};
 }
 
+// ffn_predict's batch cap: with max_rows >= 0 and more rows of x than that, the op predicts
+// every neuron (an all-true mask, the predictor not run), so the FFN runs exact. Past a few rows
+// the union of the rows' predicted sets is nearly every neuron and the FFN kernels fall back to
+// the exact route, where a predictor is pure cost; the cap keeps that cost off prefill and large
+// batches. Returns the all-true mask, or an undefined tensor when the predictor runs.
+inline at::Tensor ffn_predict_capped(const at::Tensor& x, const PredictorWeights& p,
+                                     int64_t max_rows) {
+  TORCH_CHECK(max_rows >= -1, "ffn_predict: max_rows must be -1 (no cap) or >= 0, got ", max_rows);
+  if (max_rows < 0 || x.numel() / p.D <= max_rows) return at::Tensor();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = p.F;
+  return at::ones(shape, x.options().dtype(at::kBool));
+}
+
 // Torch's kernels for ffn_predict: bool [..., F].
 inline at::Tensor ffn_predict_dense(const at::Tensor& x, const PredictorWeights& p) {
   at::Tensor low = at::linear(x, p.a);

@@ -259,6 +259,18 @@ at::Tensor ffn_dense_route_cpu(const at::Tensor& x2, const Weights& w, double t,
                                 /*transposed=*/true);
 }
 
+// The most rows of x the predicted kernels take with 2:4 weights. The predicted gate decodes each
+// predicted row once per row of x (AVX2 code), the exact gate each row once for all rows.
+// Measured with bench/ffn.py --predictor 0.125 (7B shape, 90% off): on AVX2 the predicted kernels
+// win at 2, 4 and 8 rows (AMD EPYC, fp32 5.35x / 9.05x / 4.91x torch dense against 3.43x / 6.81x /
+// 3.99x exact) and lose at 16 (the union of 16 rows' predicted sets is nearly every neuron: 2:4
+// fp32 14-18% slower than exact); where the exact gate is the AVX-512 GEMV (one decode serves 4
+// rows of x) they lose at 4 rows (Intel Xeon, fp32 3.00x vs 3.88x, bf16 0.45x vs 1.79x), so there
+// only 1 row takes them.
+int64_t predicted_packed_max_rows() {
+  return std::strcmp(core::sparse24_linear_impl(), "avx512") == 0 ? 1 : 8;
+}
+
 // With activation predictors (w.pred), the FFN kernels over the predicted neurons alone (each
 // predicted gate row read once, computed per row of x), where that beats the exact route: one row
 // (always), or a few rows where the exact route's gate is our per-row kernel too (fp32, non-AMX
@@ -267,16 +279,6 @@ at::Tensor ffn_dense_route_cpu(const at::Tensor& x2, const Weights& w, double t,
 // GEMMs, a small FFN) returns an undefined tensor: the exact route then runs with the prediction
 // applied after the gate, so a prediction never makes the op slower than the exact FFN. Either
 // way the result is the exact FFN restricted to the predicted (row, neuron) pairs.
-// With 2:4 weights the predicted gate decodes each predicted row once per row of x (AVX2 code),
-// the exact gate each row once for all rows. Measured with bench/ffn.py --predictor 0.125 (7B
-// shape, 90% off): on AVX2 the predicted kernels win at 2, 4 and 8 rows (AMD EPYC, fp32 5.35x /
-// 9.05x / 4.91x torch dense against 3.43x / 6.81x / 3.99x exact); where the exact gate is the
-// AVX-512 GEMV (one decode serves 4 rows of x) they lose at 4 rows (Intel Xeon, fp32 3.00x vs
-// 3.88x, bf16 0.45x vs 1.79x), so there only 1 row takes them.
-int64_t predicted_packed_max_rows() {
-  return std::strcmp(core::sparse24_linear_impl(), "avx512") == 0 ? 1 : kSparseMaxRows;
-}
-
 at::Tensor ffn_predicted_kernels(const at::Tensor& x, const at::Tensor& x2, const Weights& w,
                                  double t, int64_t D, int64_t F) {
   const int64_t M = x2.size(0);
@@ -388,8 +390,10 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
 // EPYC, AVX2, 2 threads; ms torch -> ours): fp32 1 row 2.9 -> 2.0, 4 rows 34 -> 6.9, 8 rows 43 ->
 // 8.3; bf16 1 row 6.0 -> 1.7.
 at::Tensor ffn_predict_cpu(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-                           const c10::optional<at::Tensor>& c) {
+                           const c10::optional<at::Tensor>& c, int64_t max_rows) {
   const PredictorWeights w = prepare_ffn_predict(x, a, b, c);
+  at::Tensor all = ffn_predict_capped(x, w, max_rows);
+  if (all.defined()) return all;
   at::Tensor x2 = as_rows(x, w.D);
   const int64_t M = x2.size(0);
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());

@@ -77,9 +77,11 @@ at::Tensor ffn_cuda(const at::Tensor& x, const FfnWeights& w, double t, int64_t 
 
 // Activation predictors' logits on torch's kernels (cuBLAS: two small GEMMs).
 at::Tensor ffn_predict_cuda(const at::Tensor& x, const at::Tensor& a, const at::Tensor& b,
-                            const c10::optional<at::Tensor>& c) {
+                            const c10::optional<at::Tensor>& c, int64_t max_rows) {
   const c10::cuda::CUDAGuard guard(x.device());
-  return ffn_predict_dense(x, prepare_ffn_predict(x, a, b, c));
+  const PredictorWeights w = prepare_ffn_predict(x, a, b, c);
+  at::Tensor all = ffn_predict_capped(x, w, max_rows);
+  return all.defined() ? all : ffn_predict_dense(x, w);
 }
 
 }  // namespace
