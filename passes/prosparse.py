@@ -481,10 +481,12 @@ class ProSparse(Pass):
             if self.monitor and self.monitor_every and reg.t % self.monitor_every == 0:
                 tic = time.perf_counter()
                 reg.remove()  # the graph as it will leave the pass (plain ReLU)
+                trainer.gather()  # ... with the weights trained so far (torch.distributed)
                 try:
                     row = dict(self.monitor(reg.t, gm) or {})
                 finally:
                     reg.install()
+                    trainer.release()
                 train_s = tic - t0 - spent["monitor"]
                 spent["monitor"] += time.perf_counter() - tic
                 watched.append({"step": reg.t, "train_seconds": round(train_s, 1), **row})
@@ -507,6 +509,7 @@ class ProSparse(Pass):
                 ),
                 after_step=after_step,
                 state=(state, set_state),
+                module=objective.student,
                 fingerprint={
                     **self.settings(),
                     **{k: v for k, v in hp.items() if k != "schedule"},
@@ -514,6 +517,7 @@ class ProSparse(Pass):
                     "objective": objective.name,
                 },
             )
+            objective.student = trainer.module  # under torch.distributed: the sharded copy
             history = trainer.run()
         finally:
             reg.remove()
@@ -527,6 +531,7 @@ class ProSparse(Pass):
             "final_lambda": round(schedule(hp["steps"]), 6),
             "seconds_training": round(time.perf_counter() - t0 - spent["monitor"], 1),
             "tokens_per_second": round(trainer.tokens_per_second(), 1),
+            "ranks": trainer.world,
             "train_sparsity_last": round(history[-1]["sparsity"], 4) if history else None,
             "task_loss_last": round(history[-1]["task"], 5) if history else None,
             "curve": curve(history, lam=schedule),

@@ -56,6 +56,7 @@ import torch
 from torch import fx
 
 from pysparse import ops
+from pysparse.distributed import local, rank_and_world, shard_like, sum_counts, unshard
 from pysparse.objectives import DECODER_OBJECTIVES, Objective, default_objective
 from pysparse.pipeline import Pass, PassContext, PassError, PassResult
 from pysparse.train import TrainConfig, Trainer, checkpoint_layers, curve
@@ -89,13 +90,16 @@ def frozen_regularizer(w: torch.Tensor, w0: torch.Tensor, eps: float) -> torch.T
     return ((w / (w0 + eps * sgn)) * (w - w0)).pow(2).sum()
 
 
-def fraction_24(ws: Sequence[torch.Tensor]) -> float:
-    """Fraction of groups of 4 (over all ``ws``) with at most two nonzeros."""
+def fraction_24(ws: Sequence[torch.Tensor], across_ranks: bool = False) -> float:
+    """Fraction of groups of 4 (over all ``ws``) with at most two nonzeros; ``across_ranks``:
+    ``ws`` are this rank's shards and the fraction is of every rank's groups."""
     ok = total = 0
     for w in ws:
         g = (w.detach().reshape(-1, 4) != 0).sum(-1)
         ok += int((g <= 2).sum())
         total += g.numel()
+    if across_ranks:
+        ok, total = sum_counts(ok, total)
     return ok / max(total, 1)
 
 
@@ -256,33 +260,45 @@ class ProxSparse(Pass):
         for p in flags:  # only the prunable weights train (flags put back at the end)
             p.requires_grad_(False)
 
+        _, world = rank_and_world()
+        w0_mine = w0  # each rank's shard of W0 under torch.distributed (set once sharded)
+
         def loss_fn(batch):
             task = objective(batch)
             metrics = {"task": float(task.detach())}
             if lam2 > 0:
-                reg = sum(frozen_regularizer(w, w0[k], self.eps) for k, w in weights.items())
-                metrics["r_frozen"] = float(reg.detach())
+                # over ranks: this rank's shards only; their gradients are local, and the logged
+                # sum is scaled by the rank count (the trainer averages metrics over ranks)
+                reg = sum(
+                    frozen_regularizer(local(w), w0_mine[k], self.eps) for k, w in weights.items()
+                )
+                metrics["r_frozen"] = float(reg.detach()) * world
+                metrics["loss"] = metrics["task"] + lam2 * metrics["r_frozen"]
                 return task + lam2 * reg, metrics
             return task, metrics
 
         # The share of 2:4 groups (progress bar, history) reads every weight: every
         # STATS_EVERY steps and on the last, the last value shown in between.
-        stats = {"groups_24": 0.0, "prox_s": 0.0, "stats_s": 0.0}
+        # (and on the first step a run takes, so a resumed run shows the value at once)
+        stats = {"groups_24": -1.0, "prox_s": 0.0, "stats_s": 0.0}
 
         def after_step(step: int, lr: float) -> dict[str, float]:
             t = lam1 if self.prox_scale == "lam" else lr * lam1
             tic = time.perf_counter()
-            for k, w in weights.items():
-                ops.prox24_(grouped(k, w.data), t, self.max_iters)
+            for k, w in weights.items():  # on this rank's shard: its groups of 4 are whole
+                ops.prox24_(grouped(k, local(w.data)), t, self.max_iters)
             toc = time.perf_counter()
             stats["prox_s"] += toc - tic
-            if step % STATS_EVERY == 0 or step == steps - 1:
-                stats["groups_24"] = fraction_24([grouped(k, w) for k, w in weights.items()])
+            if step % STATS_EVERY == 0 or step == steps - 1 or stats["groups_24"] < 0:
+                stats["groups_24"] = fraction_24(
+                    [grouped(k, local(w.data)) for k, w in weights.items()], across_ranks=True
+                )
                 stats["stats_s"] += time.perf_counter() - toc
             return {"groups_24": stats["groups_24"]}
 
         t0 = time.perf_counter()
         cfg = TrainConfig.for_pass(self, steps, hp["lr"], checkpoint_dir=self._sub_dir("learn"))
+        full = weights
         trainer = Trainer(
             weights,
             loss_fn,
@@ -290,8 +306,20 @@ class ProxSparse(Pass):
             cfg,
             after_step=after_step,
             fingerprint={**self.settings(), **hp, "objective": objective.name},
+            module=objective.student,
+            group_dims={k: 0 if k in along_out else 1 for k in weights},
         )
-        history = trainer.run()
+        student = objective.student
+        weights, objective.student = trainer.params, trainer.module
+        w0_mine = {k: shard_like(w0[k], w) for k, w in weights.items()}
+        if world > 1:  # W0 kept by shard for the run (rebuilt whole after it)
+            w0 = {}
+        try:
+            history = trainer.run()
+            if world > 1:
+                w0 = {k: unshard(w0_mine[k], w) for k, w in weights.items()}
+        finally:
+            weights, objective.student = full, student
         ran = max(len(history) - (trainer.resumed_from or 0), 1)
         split = {
             "forward_backward": trainer.phase_seconds["forward_backward"] / ran,
@@ -340,6 +368,7 @@ class ProxSparse(Pass):
             "seconds_per_step": round((time.perf_counter() - t0) / max(steps, 1), 3),
             "seconds_per_step_split": {k: round(v, 4) for k, v in split.items()},
             "tokens_per_second": round(trainer.tokens_per_second(), 1),
+            "ranks": world,
             "first_loss": round(history[0]["task"], 5) if history else None,
             "last_loss": round(history[-1]["task"], 5) if history else None,
             "groups_24_before_hard_mask": round(learned_24, 4),

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from pysparse.distributed import local, shard_like
 from pysparse.objectives import Objective, default_objective
 from pysparse.pipeline import MASK_PASSES, Pass, PassContext, PassError, PassResult
 from pysparse.train import TrainConfig, Trainer, checkpoint_layers, curve
@@ -35,8 +36,8 @@ def train_under_masks(
     masks = {k: w.detach() != 0 for k, w in weights.items()}
 
     def after(step: int, lr: float) -> dict[str, float]:
-        for k, w in weights.items():
-            w.data.mul_(masks[k])
+        for k, w in trained.items():
+            local(w.data).mul_(masks[k])
         return {}
 
     trainer = Trainer(
@@ -46,8 +47,16 @@ def train_under_masks(
         cfg,
         after_step=after,
         fingerprint=fingerprint,
+        module=objective.student,
     )
-    hist = trainer.run()
+    # under torch.distributed: the sharded copy's parameters, and each rank's part of the masks
+    trained = trainer.params
+    masks = {k: shard_like(m, trained[k]) for k, m in masks.items()}
+    student, objective.student = objective.student, trainer.module
+    try:
+        hist = trainer.run()
+    finally:
+        objective.student = student
     return {
         "steps": cfg.steps,
         "lr": cfg.lr,

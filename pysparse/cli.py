@@ -26,8 +26,10 @@ Long work (calibration, SparseGPT layers, training) shows progress bars on a ter
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -38,6 +40,7 @@ import torch
 
 import pysparse
 from pysparse import ops
+from pysparse.distributed import rank_and_world
 from pysparse.reference import reference_sparse24_linear
 from pysparse.report import pass_facts
 
@@ -222,8 +225,37 @@ def _recipe(args: argparse.Namespace) -> Any:
     return recipe
 
 
+def _join_torchrun() -> int:
+    """Under torchrun (WORLD_SIZE > 1 in the environment): joins the process group (gloo for CPU
+    tensors, NCCL for CUDA ones, each rank on its LOCAL_RANK GPU) and returns this rank; 0
+    outside torchrun."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return dist.get_rank()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("cpu:gloo,cuda:nccl")
+    else:
+        dist.init_process_group("gloo")
+    return dist.get_rank()
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     pysparse.require_extension()
+    rank = _join_torchrun()
+    if rank == 0:
+        return _compile(args)
+    # Other ranks of a torchrun compile: the same passes on their share of the data (calibration
+    # statistics summed, training sharded with FSDP2); rank 0 alone prints, saves and evaluates.
+    logging.getLogger().setLevel(logging.ERROR)  # rank 0 logs the warnings every rank would
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        return _compile(args, save=False)
+
+
+def _compile(args: argparse.Namespace, save: bool = True) -> int:
     model, tok, src = _load_hf(args.model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -272,6 +304,11 @@ def cmd_compile(args: argparse.Namespace) -> int:
     sm = pysparse.compile(model, passes, batches[0][0], batches[0][1], calibration=batches)
     for e in sm.report:
         print(f"  {e['pass']:<11} {e['seconds']:>7.2f}s  {pass_facts(e)}")
+    _, world = rank_and_world()
+    if world > 1:
+        print(f"(compiled over {world} ranks with torch.distributed; rank 0 saves the artifact)")
+    if not save:
+        return 0
     # Recorded so that `pysparse eval` finds the dense original to compare with.
     sm.gm.meta["pysparse"].setdefault("model", {})["source"] = src.spec
     # the recipe as run (command-line calibration flags folded in): --recipe OUT makes it again

@@ -52,3 +52,146 @@ def sum_across_ranks_(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
         for key in sorted(stats):
             dist.all_reduce(stats[key], op=dist.ReduceOp.SUM)
     return stats
+
+
+# ---- training under FSDP2 ------------------------------------------------------------------------
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a tensor FSDP2 sharded (a DTensor); any other tensor as it is. In-place
+    changes to the result change the shard."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def mean_across_ranks(metrics: dict[str, float]) -> dict[str, float]:
+    """Every value averaged over the ranks (the ranks must report the same keys)."""
+    _, world = rank_and_world()
+    if world == 1 or not metrics:
+        return metrics
+    import torch.distributed as dist
+
+    keys = sorted(metrics)
+    v = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(v, op=dist.ReduceOp.SUM)
+    return {k: float(x) / world for k, x in zip(keys, v.tolist())}
+
+
+def sum_counts(*counts: int) -> list[int]:
+    """Integer counts summed over the ranks."""
+    _, world = rank_and_world()
+    if world == 1:
+        return list(counts)
+    import torch.distributed as dist
+
+    v = torch.tensor(counts, dtype=torch.int64)
+    dist.all_reduce(v, op=dist.ReduceOp.SUM)
+    return [int(x) for x in v.tolist()]
+
+
+def shard_for_training(
+    module: torch.nn.Module,
+    params: dict[str, torch.nn.Parameter],
+    group_dims: dict[str, int],
+    who: str,
+) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
+    """A copy of the graph ``module`` sharded with FSDP2 ``fully_shard`` over every rank (one FSDP
+    unit: the parameters are all-gathered for the forward, while gradients and the optimiser's
+    state stay sharded), and the trained parameters as the copy's DTensor parameters, by the same
+    names. The copy shares nothing that training writes: ``module`` keeps its own tensors (the
+    caller copies the trained values back, see :func:`gather_into`).
+
+    ``group_dims``: for a 2:4-learned weight, the dimension its groups of 4 run along (1: along
+    in_features, the usual; 0: a down projection pruned along d_model). Each weight is sharded
+    along the other dimension, so every group of 4 lives whole on one rank and the proximal step
+    runs on the local shard without communication; a layout that would split groups is refused.
+    """
+    from torch import fx
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    if not isinstance(module, fx.GraphModule) or any(
+        n.op == "call_module" for n in module.graph.nodes
+    ):
+        raise ValueError(
+            f"{who}: training under torch.distributed shards the captured graph as one module; "
+            "this graph calls submodules (activation_checkpointing=True splits it per layer), "
+            "which is not supported over ranks yet: turn activation checkpointing off"
+        )
+    import copy
+
+    _, world = rank_and_world()
+    twin = fx.GraphModule(module, copy.deepcopy(module.graph))  # new containers, same tensors
+    twin.meta = module.meta
+    names = {id(p): k for k, p in module.named_parameters()}
+    trained = {id(p): k for k, p in params.items()}
+    for k, p in params.items():
+        if id(p) not in names:
+            raise ValueError(f"{who}: trained tensor {k} is not a parameter of the graph")
+        if group_dims.get(k, 1) not in (0, 1) or (k in group_dims and p.dim() != 2):
+            raise ValueError(f"{who}: {k}: groups of 4 must run along dim 0 or 1 of a 2-D weight")
+
+    def placement(p: torch.nn.Parameter) -> Shard:
+        k = trained.get(id(p))
+        return Shard(1 if k is not None and group_dims.get(k) == 0 else 0)
+
+    device = next(iter(params.values())).device.type
+    mesh = init_device_mesh(device, (world,))
+    fully_shard(twin, mesh=mesh, shard_placement_fn=placement)
+    sharded = {k: twin.get_parameter(names[id(p)]) for k, p in params.items()}
+    for k, p in sharded.items():
+        g = group_dims.get(k)
+        if g is not None and local(p).shape[g] != params[k].shape[g]:
+            raise ValueError(
+                f"{who}: the sharding of {k} {tuple(params[k].shape)} splits its groups of 4 "
+                f"(shard {tuple(local(p).shape)}); shard it along dim {1 - g}"
+            )
+    return twin, sharded
+
+
+def unshard(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor whose shards are every rank's ``part``, sharded as the DTensor ``like``
+    (all-gathered); ``part`` itself where ``like`` is a plain tensor."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(like, DTensor):
+        return part
+    whole = DTensor.from_local(
+        part, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
+    )
+    return whole.full_tensor()
+
+
+def save_sharded(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """``torch.distributed.checkpoint`` save of ``tensors`` (DTensor shards and plain tensors) as
+    safetensors files, one per rank, with the shards' offsets in their JSON headers (the storage
+    of Hugging Face's format: no pickle anywhere, so reading a checkpoint runs no code)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    _, world = rank_and_world()
+    dcp.save(
+        tensors,
+        storage_writer=HuggingFaceStorageWriter(path, save_distributed=world > 1),
+        no_dist=world == 1,
+    )
+
+
+def load_sharded(tensors: dict[str, torch.Tensor], path: str) -> None:
+    """Loads a :func:`save_sharded` checkpoint into ``tensors`` in place, whatever the number of
+    ranks that wrote it (each rank reads the slices of its own shards)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+
+    _, world = rank_and_world()
+    dcp.load(tensors, storage_reader=HuggingFaceStorageReader(path), no_dist=world == 1)
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full`` where ``like`` is a DTensor of its shape (sharded the same
+    way); ``full`` itself otherwise."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements).to_local()

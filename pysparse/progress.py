@@ -1,7 +1,8 @@
 """Progress bars for long work (calibration sweeps, SparseGPT layers, training, saving).
 
 One switch for the whole library: bars go to stderr when it is a terminal; ``PYSPARSE_PROGRESS=1``
-forces them on (e.g. in a log file), ``PYSPARSE_PROGRESS=0`` turns them off. Built on tqdm.
+forces them on (e.g. in a log file), ``PYSPARSE_PROGRESS=0`` turns them off; under torchrun only
+rank 0 draws them. Built on tqdm.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ T = TypeVar("T")
 
 
 def enabled() -> bool:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 draws bars
+        return False
     flag = os.environ.get("PYSPARSE_PROGRESS", "").strip()
     if flag in ("0", "1"):
         return flag == "1"

@@ -25,6 +25,11 @@ state) in the safetensors header's metadata, one file so that one rename keeps i
 it parses JSON and copies tensor bytes; nothing in it is executed. A ``checkpoint.pt`` of an
 older pysparse (a pickle) is refused without being opened.
 
+Over several ranks (torchrun): see ``Trainer`` and ``pysparse.distributed``: FSDP2 shards a copy
+of the graph, each rank runs its share of every global batch, metrics are averaged over ranks, and
+checkpoints are sharded (``torch.distributed.checkpoint`` writing safetensors, a JSON record in
+``checkpoint.json``), resumable on any number of ranks, a single-process one included.
+
 Memory: the optimiser state (two fp32 tensors per trained parameter) plus whatever the pass keeps;
 nothing else is copied. The activations kept for the backward pass are the model's;
 ``checkpoint_layers(gm)`` trades them for recomputation, one transformer layer at a time (the
@@ -48,11 +53,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file as _st_save
 
+from pysparse.distributed import (
+    load_sharded,
+    mean_across_ranks,
+    rank_and_world,
+    save_sharded,
+    shard_for_training,
+    shard_like,
+    sum_counts,
+)
 from pysparse.progress import bar
 
 _log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
+SHARDED_CHECKPOINT = "checkpoint.json"  # a sharded checkpoint's record (torchrun runs)
 LEGACY_CHECKPOINT = "checkpoint.pt"  # the pickle format of earlier pysparse; refused unread
 _CHECKPOINT_FORMAT = "pysparse-checkpoint"
 _CHECKPOINT_VERSION = "1"
@@ -177,6 +192,17 @@ class Trainer:
         state: ``(get, set)`` of extra pass state to checkpoint (e.g. a schedule's position); the
             state must be JSON data (numbers, strings, lists, dicts).
         fingerprint: extra settings that must match for a resume (the pass's hyper-parameters).
+        module: the graph the loss runs. Under torch.distributed (more than one rank) it is
+            required: the trainer trains a copy of it sharded with FSDP2 (``self.module``; the
+            loss must run that copy) with ``self.params`` its DTensor parameters, and copies the
+            trained values back into ``params`` at the end.
+        group_dims: 2:4-learned weights, name -> the dimension their groups of 4 run along (see
+            ``pysparse.distributed.shard_for_training``).
+
+    Over N ranks, every optimiser step takes ``accum`` micro-batches on each rank (a global batch
+    of ``N * accum``: rank r's i-th is micro-batch ``(step * accum + i) * N + r``, the order one
+    process with ``accum * N`` runs them in), the gradients are averaged by FSDP and the metrics
+    averaged over ranks (a pass that reports a sum over its local shards scales it by N).
     """
 
     def __init__(
@@ -188,11 +214,36 @@ class Trainer:
         after_step: StepHook | None = None,
         state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
         fingerprint: dict[str, Any] | None = None,
+        module: torch.nn.Module | None = None,
+        group_dims: dict[str, int] | None = None,
     ):
         if not params:
             raise ValueError("train: nothing to train (no parameters were given)")
         if len(batches) == 0:
             raise ValueError("train: no data (the batch list is empty)")
+        shapes = {k: list(p.shape) for k, p in params.items()}  # before any release
+        self.rank, self.world = rank_and_world()
+        self.full_params = params
+        self.module = module
+        if self.world > 1:
+            if module is None:
+                raise ValueError(
+                    f"{config.desc}: under torch.distributed the trainer needs the module"
+                )
+            flags = {k: p.requires_grad for k, p in params.items()}
+            for p in params.values():  # the sharded copies are made trainable
+                p.requires_grad_(True)
+            try:
+                self.module, params = shard_for_training(
+                    module, params, group_dims or {}, config.desc
+                )
+            finally:
+                for k, p in self.full_params.items():
+                    p.requires_grad_(flags[k])
+            # The graph's own parameters would be another whole copy of the model on every rank:
+            # released for the run, rebuilt from the shards at its end (gather()).
+            self._pairs = [(p, self.module.get_parameter(k)) for k, p in module.named_parameters()]
+            self.release()
         self.params = params
         self.loss_fn = loss_fn
         self.batches = batches
@@ -210,14 +261,18 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.step = 0
         self.resumed_from: int | None = None
-        shapes = {k: list(p.shape) for k, p in params.items()}
+        settings = {k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "desc")}
+        # the global batch, so that a run resumes on any number of ranks with the same one (a
+        # pass's own settings repeat its accum: the same there)
+        settings["accum"] = config.accum * self.world
+        extra = dict(fingerprint or {})
+        if isinstance(extra.get("accum"), int):
+            extra["accum"] *= self.world
         ident = {
-            "config": {
-                k: v for k, v in asdict(config).items() if k not in ("checkpoint_dir", "desc")
-            },
+            "config": settings,
             "shapes": shapes,
             "batches": len(batches),
-            "extra": fingerprint or {},
+            "extra": extra,
         }
         self.fingerprint = hashlib.sha256(
             json.dumps(ident, sort_keys=True, default=str).encode()
@@ -231,11 +286,69 @@ class Trainer:
         d = self.config.checkpoint_dir
         return Path(d) / CHECKPOINT if d else None
 
+    def _record(self) -> dict[str, Any]:
+        """A checkpoint's JSON part (everything but tensors)."""
+        return {
+            "fingerprint": self.fingerprint,
+            "ident": self._ident_json,
+            "step": self.step,
+            "history": self.history,
+            "extra": self.state[0]() if self.state else None,
+        }
+
+    def _sharded_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors of a sharded checkpoint by name: the trained parameters and AdamW's state
+        (DTensor shards under FSDP2), created as AdamW would on its first step where it has none
+        yet, so that a resume has tensors to load into."""
+        out: dict[str, torch.Tensor] = {}
+        for k, p in self.params.items():
+            st = self.optimizer.state[p]
+            if not st:
+                st["step"] = torch.tensor(0.0)
+                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out[f"param/{k}"] = p
+            for name, t in st.items():
+                out[f"optimizer/{k}/{name}"] = t
+        return out
+
+    def _save_sharded(self, directory: Path) -> None:
+        """Every rank writes its shards (torch.distributed.checkpoint, safetensors files) to a new
+        ``sharded-STEP`` folder; then rank 0 points ``checkpoint.json`` at it (temporary file +
+        rename) and removes the older folders, so a crash leaves the previous checkpoint whole."""
+        import shutil
+
+        import torch.distributed as dist
+
+        name = f"sharded-{self.step}"
+        save_sharded(self._sharded_tensors(), str(directory / name))
+        dist.barrier()
+        if self.rank == 0:
+            record = self._record()
+            record["sharded"] = name
+            record["ranks"] = self.world
+            record["param_groups"] = [
+                {k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups
+            ]
+            tmp = directory / f".{SHARDED_CHECKPOINT}.{os.getpid()}.tmp"
+            try:
+                tmp.write_text(json.dumps(record, default=_not_json))
+                os.replace(tmp, directory / SHARDED_CHECKPOINT)
+            finally:
+                tmp.unlink(missing_ok=True)
+            for old in directory.glob("sharded-*"):
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
     def save_checkpoint(self) -> None:
         path = self._ckpt_path()
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
+        if self.world > 1:
+            self._save_sharded(path.parent)
+            return
         tensors = {f"param/{k}": p.detach().to("cpu").clone() for k, p in self.params.items()}
         tensors["rng/cpu"] = torch.get_rng_state()
         opt = self.optimizer.state_dict()
@@ -246,14 +359,8 @@ class Trainer:
                     tensors[f"optimizer/{index}/{key}"] = value.detach().to("cpu").clone()
                 else:
                     opt_scalars.setdefault(str(index), {})[key] = value
-        record = {
-            "fingerprint": self.fingerprint,
-            "ident": self._ident_json,
-            "step": self.step,
-            "history": self.history,
-            "extra": self.state[0]() if self.state else None,
-            "optimizer": {"param_groups": opt["param_groups"], "scalars": opt_scalars},
-        }
+        record = self._record()
+        record["optimizer"] = {"param_groups": opt["param_groups"], "scalars": opt_scalars}
         try:
             text = json.dumps(record, default=_not_json)
         except TypeError as exc:
@@ -325,6 +432,44 @@ class Trainer:
             )
         return {"state": state, "param_groups": groups}
 
+    def _read_sharded_record(self, path: Path) -> dict[str, Any]:
+        """The JSON record of a sharded checkpoint (checkpoint.json), checked."""
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RuntimeError(
+                f"train: checkpoint {path} cannot be read ({exc}); delete it to start over"
+            ) from exc
+        step = record.get("step") if isinstance(record, dict) else None
+        folder = record.get("sharded") if isinstance(record, dict) else None
+        if (
+            type(step) is not int
+            or not 0 <= step <= self.config.steps
+            or not isinstance(folder, str)
+        ):
+            raise RuntimeError(
+                f"train: checkpoint {path} is not a checkpoint of this run (step {step!r}); "
+                "delete it to start over"
+            )
+        if not (path.parent / folder).is_dir():
+            raise RuntimeError(
+                f"train: checkpoint {path} names {folder}, which is missing; delete it to start over"
+            )
+        return record
+
+    def _load_by_name(self, full: dict[str, torch.Tensor]) -> None:
+        """Parameters and AdamW state from whole tensors named as :meth:`_sharded_tensors` names
+        them (each rank keeps its shard)."""
+        with torch.no_grad():
+            for key, t in self._sharded_tensors().items():
+                src = full[key]
+                if t.dim() == 0:
+                    t.copy_(src)
+                else:
+                    from pysparse.distributed import local
+
+                    local(t).copy_(shard_like(src, t))
+
     def _maybe_resume(self) -> None:
         path = self._ckpt_path()
         if path is None:
@@ -336,36 +481,63 @@ class Trainer:
                 "no longer reads (unpickling a file runs the code it carries); delete it to start "
                 f"over (checkpoints are now {CHECKPOINT})"
             )
-        if not path.is_file():
+        # A single-process run writes checkpoint.safetensors, a torchrun one a sharded checkpoint;
+        # either resumes on any number of ranks, from the later of the two.
+        sharded = path.with_name(SHARDED_CHECKPOINT)
+        found: list[tuple[Path, dict[str, Any], dict[str, torch.Tensor] | None]] = []
+        if sharded.is_file():
+            found.append((sharded, self._read_sharded_record(sharded), None))
+        if path.is_file():
+            found.append((path, *self._read_checkpoint(path)))
+        if not found:
             return
-        record, tensors = self._read_checkpoint(path)
+        where, record, tensors = max(found, key=lambda f: f[1]["step"])
         if record.get("fingerprint") != self.fingerprint:
             theirs = record.get("ident") if isinstance(record.get("ident"), dict) else {}
             ours = self._ident_json
             diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
             raise RuntimeError(
-                f"train: checkpoint {path} was written by a run with other settings "
+                f"train: checkpoint {where} was written by a run with other settings "
                 f"(differs in: {', '.join(diff) or 'unknown'}); use another checkpoint_dir or "
                 "delete the checkpoint to start over"
             )
         try:
-            with torch.no_grad():
-                for k, p in self.params.items():
-                    p.copy_(tensors[f"param/{k}"])
-            self.optimizer.load_state_dict(self._optimizer_state(record, tensors))
-            if "rng/cpu" in tensors:
+            if tensors is None:  # sharded: every rank reads the slices of its own shards
+                live = self._sharded_tensors()
+                load_sharded(live, str(where.parent / record["sharded"]))
+                for mine, theirs in zip(self.optimizer.param_groups, record["param_groups"]):
+                    mine.update(
+                        {
+                            k: tuple(v) if isinstance(mine.get(k), tuple) else v
+                            for k, v in theirs.items()
+                        }
+                    )
+            elif self.world > 1:  # a single-process checkpoint: whole tensors, kept by shard
+                state = self._optimizer_state(record, tensors)
+                order = list(self.params)
+                full = {f"param/{k}": tensors[f"param/{k}"] for k in order}
+                for index, entry in state["state"].items():
+                    for name, t in entry.items():
+                        full[f"optimizer/{order[index]}/{name}"] = t
+                self._load_by_name(full)
+            else:
+                with torch.no_grad():
+                    for k, p in self.params.items():
+                        p.copy_(tensors[f"param/{k}"])
+                self.optimizer.load_state_dict(self._optimizer_state(record, tensors))
+            if tensors is not None and "rng/cpu" in tensors:
                 torch.set_rng_state(tensors["rng/cpu"])
             self.history = list(record["history"])
             if self.state and record.get("extra") is not None:
                 self.state[1](record["extra"])
         except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as exc:
             raise RuntimeError(
-                f"train: checkpoint {path} does not fit this run ({type(exc).__name__}: {exc}); "
+                f"train: checkpoint {where} does not fit this run ({type(exc).__name__}: {exc}); "
                 "delete it to start over"
             ) from exc
         self.step = record["step"]
         self.resumed_from = self.step
-        _log.info("%s: resumed from %s at step %d", self.config.desc, path, self.step)
+        _log.info("%s: resumed from %s at step %d", self.config.desc, where, self.step)
 
     # ---- the loop ------------------------------------------------------------------------------
     def run(self) -> list[dict[str, float]]:
@@ -388,7 +560,8 @@ class Trainer:
                     metrics: dict[str, float] = {}
                     tic = time.perf_counter()
                     for i in range(cfg.accum):
-                        batch = self.batches[(self.step * cfg.accum + i) % len(self.batches)]
+                        k = (self.step * cfg.accum + i) * self.world + self.rank
+                        batch = self.batches[k % len(self.batches)]
                         self.tokens += count_tokens(batch)
                         with autocast:
                             loss, m = self.loss_fn(batch)
@@ -400,6 +573,7 @@ class Trainer:
                         (loss / cfg.accum).backward()
                         for k, v in {"loss": float(loss.detach()), **m}.items():
                             metrics[k] = metrics.get(k, 0.0) + v / cfg.accum
+                    metrics = mean_across_ranks(metrics)
                     toc = time.perf_counter()
                     phase["forward_backward"] += toc - tic
                     if cfg.grad_clip:
@@ -422,6 +596,9 @@ class Trainer:
                     )
                     if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                         self.save_checkpoint()
+            if self.world > 1:  # the trained values back into the graph's own parameters
+                self.gather()
+                self.tokens = sum_counts(self.tokens)[0]
         finally:
             for k, p in self.params.items():
                 p.requires_grad_(flags[k])
@@ -434,6 +611,18 @@ class Trainer:
             f" (resumed at step {self.resumed_from})" if self.resumed_from else "",
         )
         return self.history
+
+    def gather(self) -> None:
+        """Under torch.distributed: every parameter of the graph given as ``module`` made whole
+        again from the shards (all-gathered, on every rank): the trained values so far."""
+        with torch.no_grad():
+            for p, shard in getattr(self, "_pairs", ()):
+                p.data = shard.full_tensor()
+
+    def release(self) -> None:
+        """Under torch.distributed: frees the graph's own parameters (the sharded copy trains)."""
+        for p, _ in getattr(self, "_pairs", ()):
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
 
     def tokens_per_second(self) -> float:
         """Training throughput of this Trainer's steps: tokens over the seconds of the steps."""
