@@ -334,6 +334,11 @@ def test_ffn_ops_with_predicted_on_cuda(dtype, M):
     logits = R.reference_ffn_predict(x, a, b, c)
     clear = logits.abs() > 2e-2 * logits.abs().max()
     assert torch.equal(mask[clear], (logits > 0)[clear])
+    rows = x.numel() // D  # the row cap: past it every neuron, at it the predictor's mask
+    capped = ops.ffn_predict(x.cuda(), a.cuda(), b.cuda(), c.cuda(), max_rows=rows - 1)
+    assert capped.is_cuda and bool(capped.all())
+    same = ops.ffn_predict(x.cuda(), a.cuda(), b.cuda(), c.cuda(), max_rows=rows).cpu()
+    assert torch.equal(same, mask)
 
 
 def test_ffn_opcheck_on_cuda():

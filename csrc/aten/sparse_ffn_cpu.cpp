@@ -265,10 +265,10 @@ at::Tensor ffn_dense_route_cpu(const at::Tensor& x2, const Weights& w, double t,
 // win at 2, 4 and 8 rows (AMD EPYC, fp32 5.35x / 9.05x / 4.91x torch dense against 3.43x / 6.81x /
 // 3.99x exact) and lose at 16 (the union of 16 rows' predicted sets is nearly every neuron: 2:4
 // fp32 14-18% slower than exact); where the exact gate is the AVX-512 GEMV (one decode serves 4
-// rows of x) they lose at 4 rows (Intel Xeon, fp32 3.00x vs 3.88x, bf16 0.45x vs 1.79x), so there
-// only 1 row takes them.
+// rows of x) they win at 2 rows (AMD EPYC with AVX-512, fp32 5.99 vs 6.79 ms exact) and lose from
+// 4 (Intel Xeon, fp32 3.00x vs 3.88x, bf16 0.45x vs 1.79x; AMD 9.87 vs 9.26 ms), so there 2 rows.
 int64_t predicted_packed_max_rows() {
-  return std::strcmp(core::sparse24_linear_impl(), "avx512") == 0 ? 1 : 8;
+  return std::strcmp(core::sparse24_linear_impl(), "avx512") == 0 ? 2 : 8;
 }
 
 // With activation predictors (w.pred), the FFN kernels over the predicted neurons alone (each
