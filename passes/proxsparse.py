@@ -62,6 +62,7 @@ from pysparse.pipeline import Pass, PassContext, PassError, PassResult
 from pysparse.train import TrainConfig, Trainer, checkpoint_layers, curve
 
 from .baselines import MagnitudePrune, maskable_linears, masks_from, sparsegpt_graph
+from .recover import SCHEDULE as RECOVER_SCHEDULE
 from .recover import train_under_masks
 
 _log = logging.getLogger(__name__)
@@ -417,8 +418,6 @@ class ProxSparse(Pass):
             hp["recover_lr"],
             checkpoint_dir=self._sub_dir("recover"),
             desc="proxsparse: recover",
-            warmup=0.1,
-            schedule="linear",
-            grad_clip=1.0,
+            **RECOVER_SCHEDULE,  # Recover's, not the learning's
         )
         return train_under_masks(weights, batches, objective, cfg, {"recover_of": self.settings()})

@@ -24,6 +24,9 @@ from pysparse.train import TrainConfig, Trainer, checkpoint_layers, curve
 
 from .baselines import maskable_linears
 
+# Recover's learning-rate schedule and clipping (ProxSparse's own recovery uses them too).
+SCHEDULE: dict[str, Any] = {"warmup": 0.1, "schedule": "linear", "grad_clip": 1.0}
+
 
 def train_under_masks(
     weights: dict[str, torch.Tensor],
@@ -84,9 +87,9 @@ class Recover(Pass):
         lr: float = 5e-5,
         teacher: Any = None,
         objective: str | Callable[[Any, Any], torch.Tensor] | None = None,
-        warmup: float = 0.1,
-        schedule: str = "linear",
-        grad_clip: float | None = 1.0,
+        warmup: float = SCHEDULE["warmup"],
+        schedule: str = SCHEDULE["schedule"],
+        grad_clip: float | None = SCHEDULE["grad_clip"],
         accum: int = 1,
         autocast: str | None = None,
         checkpoint_dir: str | None = None,
