@@ -89,44 +89,33 @@ def sum_counts(*counts: int) -> list[int]:
 
 
 def shard_for_training(
-    module: torch.nn.Module,
+    twin: torch.nn.Module,
     params: dict[str, torch.nn.Parameter],
     group_dims: dict[str, int],
     who: str,
-) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter]]:
-    """A copy of the graph ``module`` sharded with FSDP2 ``fully_shard`` over every rank (one FSDP
-    unit: the parameters are all-gathered for the forward, while gradients and the optimiser's
-    state stay sharded), and the trained parameters as the copy's DTensor parameters, by the same
-    names. The copy shares nothing that training writes: ``module`` keeps its own tensors (the
-    caller copies the trained values back, see :func:`gather_into`).
+) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``twin`` (a copy of the graph with containers of its own around the graph's tensors, cut
+    per layer: ``pysparse.train._twin``) sharded with FSDP2 ``fully_shard`` over every rank: each
+    piece of it an FSDP unit (its parameters gathered only while it runs; a piece that shares a
+    parameter with another, tied embeddings, stays in the root unit), gradients and the optimiser
+    state sharded. Returns the sharded twin, the trained parameters as its DTensor parameters (by
+    the names of ``params``), and (parameter of the graph, its DTensor) for every parameter.
 
     ``group_dims``: for a 2:4-learned weight, the dimension its groups of 4 run along (1: along
     in_features, the usual; 0: a down projection pruned along d_model). Each weight is sharded
     along the other dimension, so every group of 4 lives whole on one rank and the proximal step
     runs on the local shard without communication; a layout that would split groups is refused.
     """
-    from torch import fx
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
-    if not isinstance(module, fx.GraphModule) or any(
-        n.op == "call_module" for n in module.graph.nodes
-    ):
-        raise ValueError(
-            f"{who}: training under torch.distributed shards the captured graph as one module; "
-            "this graph calls submodules (activation_checkpointing=True splits it per layer), "
-            "which is not supported over ranks yet: turn activation checkpointing off"
-        )
-    import copy
-
     _, world = rank_and_world()
-    twin = fx.GraphModule(module, copy.deepcopy(module.graph))  # new containers, same tensors
-    twin.meta = module.meta
-    names = {id(p): k for k, p in module.named_parameters()}
+    fqn = {id(p): k for k, p in twin.named_parameters()}  # the graph's own tensors, pre-shard
+    originals = [(p, k) for k, p in twin.named_parameters()]
     trained = {id(p): k for k, p in params.items()}
     for k, p in params.items():
-        if id(p) not in names:
+        if id(p) not in fqn:
             raise ValueError(f"{who}: trained tensor {k} is not a parameter of the graph")
         if group_dims.get(k, 1) not in (0, 1) or (k in group_dims and p.dim() != 2):
             raise ValueError(f"{who}: {k}: groups of 4 must run along dim 0 or 1 of a 2-D weight")
@@ -137,8 +126,18 @@ def shard_for_training(
 
     device = next(iter(params.values())).device.type
     mesh = init_device_mesh(device, (world,))
+    called = {n.target for n in twin.graph.nodes if n.op == "call_module"}
+    pieces = [m for name, m in twin.named_children() if name in called]  # units run as modules
+    seen: dict[int, int] = {}
+    for m in pieces:
+        for p in m.parameters():
+            seen[id(p)] = seen.get(id(p), 0) + 1
+    for m in pieces:
+        ids = [id(p) for p in m.parameters()]
+        if ids and all(seen[i] == 1 for i in ids):
+            fully_shard(m, mesh=mesh, shard_placement_fn=placement)
     fully_shard(twin, mesh=mesh, shard_placement_fn=placement)
-    sharded = {k: twin.get_parameter(names[id(p)]) for k, p in params.items()}
+    sharded = {k: twin.get_parameter(fqn[id(p)]) for k, p in params.items()}
     for k, p in sharded.items():
         g = group_dims.get(k)
         if g is not None and local(p).shape[g] != params[k].shape[g]:
@@ -146,7 +145,8 @@ def shard_for_training(
                 f"{who}: the sharding of {k} {tuple(params[k].shape)} splits its groups of 4 "
                 f"(shard {tuple(local(p).shape)}); shard it along dim {1 - g}"
             )
-    return twin, sharded
+    pairs = [(p, twin.get_parameter(k)) for p, k in originals]
+    return twin, sharded, pairs
 
 
 def unshard(part: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

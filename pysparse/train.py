@@ -94,6 +94,12 @@ def checkpoint_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     and the backward recomputes one layer at a time. Same parameters (shared, not copied), same
     outputs and gradients as ``gm``; the graph is a snapshot of ``gm``'s, so make it after the
     last change to the graph that training should see."""
+    return split_layers(gm, recompute=True)
+
+
+def split_layers(gm: torch.fx.GraphModule, recompute: bool) -> torch.fx.GraphModule:
+    """``gm`` cut into pieces as :func:`checkpoint_layers` cuts it, each piece a submodule
+    (``submod_K``), under activation checkpointing when ``recompute``."""
     from torch.fx.passes.split_module import split_module
 
     ffns = gm.meta.get("pysparse", {}).get("ffns", [])
@@ -110,7 +116,7 @@ def checkpoint_layers(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             cut += 1
     split = split_module(gm, gm, lambda n: pieces[n], keep_original_order=True)
     for name, child in list(split.named_children()):
-        if name.startswith("submod_"):
+        if recompute and name.startswith("submod_"):
             setattr(split, name, _Recomputed(child))
     split.meta["pysparse"] = gm.meta["pysparse"]  # call_kwargs and annotations, shared
     return split
@@ -174,6 +180,84 @@ class TrainConfig:
 StepHook = Callable[[int, float], dict[str, float]]
 
 
+def _params_into_pieces(split: torch.fx.GraphModule) -> None:
+    """A split graph's root reads every parameter and hands it to the piece that uses it; this
+    moves each tensor read by one piece alone into that piece (a get_attr of its own, the root's
+    attribute dropped), so that each piece owns its layer's parameters (an FSDP unit). Tensors
+    several pieces read (tied embeddings) stay at the root."""
+    fx = torch.fx
+    graph = split.graph
+    for attr in [n for n in graph.nodes if n.op == "get_attr"]:
+        users = list(attr.users)
+        if len(users) != 1 or users[0].op != "call_module" or attr in users[0].kwargs.values():
+            continue
+        call = users[0]
+        if list(call.args).count(attr) != 1:
+            continue
+        piece = split.get_submodule(call.target)
+        inner = piece.inner if isinstance(piece, _Recomputed) else piece
+        if not isinstance(inner, fx.GraphModule):
+            continue
+        index = list(call.args).index(attr)
+        holder_path, _, leaf = attr.target.rpartition(".")
+        holder = split.get_submodule(holder_path) if holder_path else split
+        value = getattr(holder, leaf)
+        name = "own_" + attr.target.replace(".", "_")
+        if isinstance(value, torch.nn.Parameter):
+            inner.register_parameter(name, value)
+        elif isinstance(value, torch.Tensor):
+            inner.register_buffer(name, value)
+        else:
+            continue
+        ph = [n for n in inner.graph.nodes if n.op == "placeholder"][index]
+        with inner.graph.inserting_before(ph):
+            got = inner.graph.get_attr(name)
+        ph.replace_all_uses_with(got)
+        inner.graph.erase_node(ph)
+        inner.recompile()
+        call.args = tuple(a for a in call.args if a is not attr)
+        graph.erase_node(attr)
+        delattr(holder, leaf)
+    split.recompile()
+
+
+def _twin(module: torch.nn.Module) -> torch.fx.GraphModule:
+    """A copy of the graph the loss runs, with module containers of its own around the same
+    tensors (sharding it replaces its parameters, not ``module``'s), cut per transformer layer so
+    that each layer can be an FSDP unit: a ``checkpoint_layers`` split keeps its pieces (and their
+    recomputation); a graph with annotated FFNs is split the same way without recomputation;
+    another stays whole."""
+    import copy
+
+    fx = torch.fx
+    if not isinstance(module, fx.GraphModule):
+        raise TypeError("train: under torch.distributed the module must be a captured graph")
+    if any(n.op == "call_module" for n in module.graph.nodes):
+        # the root graph's own attributes are copied into fresh containers by GraphModule
+        holder = torch.nn.Module()
+        called = {n.target for n in module.graph.nodes if n.op == "call_module"}
+        for name, child in module.named_children():
+            if name not in called:
+                setattr(holder, name, child)
+                continue
+            inner = child.inner if isinstance(child, _Recomputed) else child
+            if not isinstance(inner, fx.GraphModule) or any(
+                n.op == "call_module" for n in inner.graph.nodes
+            ):
+                raise ValueError(f"train: cannot shard submodule {name} of the graph")
+            piece = fx.GraphModule(inner, copy.deepcopy(inner.graph))
+            setattr(holder, name, _Recomputed(piece) if inner is not child else piece)
+        twin = fx.GraphModule(holder, copy.deepcopy(module.graph))
+    elif module.meta.get("pysparse", {}).get("ffns"):
+        twin = split_layers(module, recompute=False)
+    else:
+        twin = fx.GraphModule(module, copy.deepcopy(module.graph))
+    twin.meta = module.meta
+    if any(n.op == "call_module" for n in twin.graph.nodes):
+        _params_into_pieces(twin)
+    return twin
+
+
 def _not_json(value: Any) -> Any:
     raise TypeError(
         f"{type(value).__name__} is not JSON data; a checkpoint holds tensors, numbers, strings, "
@@ -234,15 +318,14 @@ class Trainer:
             for p in params.values():  # the sharded copies are made trainable
                 p.requires_grad_(True)
             try:
-                self.module, params = shard_for_training(
-                    module, params, group_dims or {}, config.desc
+                self.module, params, self._pairs = shard_for_training(
+                    _twin(module), params, group_dims or {}, config.desc
                 )
             finally:
                 for k, p in self.full_params.items():
                     p.requires_grad_(flags[k])
             # The graph's own parameters would be another whole copy of the model on every rank:
             # released for the run, rebuilt from the shards at its end (gather()).
-            self._pairs = [(p, self.module.get_parameter(k)) for k, p in module.named_parameters()]
             self.release()
         self.params = params
         self.loss_fn = loss_fn

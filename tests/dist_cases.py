@@ -31,7 +31,10 @@ def _learning(name: str, accum: int, checkpoint_dir: str | None) -> list:
     from pysparse.passes import MagnitudePrune, ProSparse, ProxSparse, Recover, ReluSubstitution
 
     ck = {"accum": accum, "checkpoint_dir": checkpoint_dir, "checkpoint_every": 2}
-    if name.startswith("proxsparse"):  # the prox step on each rank's shards; W0 and lam2 per shard
+    if name in (
+        "proxsparse",
+        "proxsparse_down_rows",
+    ):  # the prox step on each rank's shards; W0 and lam2 per shard
         # _down_rows: the down projection's groups of 4 along d_model, sharded by column
         rows = name == "proxsparse_down_rows"
         prox = {"lr": 1e-3, "lam1": 0.5, "lam2": 1.0, "init_mask": "magnitude"}
@@ -39,14 +42,18 @@ def _learning(name: str, accum: int, checkpoint_dir: str | None) -> list:
         return [
             ProxSparse(steps=4 if rows else 6, down_along="d_model" if rows else "d_ff", **prox)
         ]
-    if name == "prosparse":  # every parameter trained; the L1 penalty per rank's batches
+    if name == "proxsparse_recompute":  # activation checkpointing: its layer pieces the units
+        prox = {"lr": 1e-3, "init_mask": "magnitude", "reconstruct": False, "recover_steps": 0}
+        return [ProxSparse(steps=4, activation_checkpointing=True, **prox, **ck)]
+    if name == "prosparse":  # every parameter trained (tied embeddings: the root FSDP unit); the
+        # L1 penalty on each rank's batches
         return [ReluSubstitution(), ProSparse(steps=4, lr=1e-3, lam=1e-3, threshold=None, **ck)]
     if name == "recover":
         return [MagnitudePrune(), Recover(steps=4, lr=1e-3, objective="causal_lm", **ck)]
     raise KeyError(name)
 
 
-LEARNING = ("proxsparse", "proxsparse_down_rows", "prosparse", "recover")
+LEARNING = ("proxsparse", "proxsparse_down_rows", "proxsparse_recompute", "prosparse", "recover")
 
 
 def learn(
@@ -57,7 +64,9 @@ def learn(
     pass's training curve."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(llama_config(max_position_embeddings=64)).eval()
+    tied = name == "prosparse"
+    config = llama_config(max_position_embeddings=64, tie_word_embeddings=tied)
+    model = transformers.LlamaForCausalLM(config).eval()
     gen = torch.Generator().manual_seed(1)
     batches = [((torch.randint(0, 96, (2, 16), generator=gen),), {}) for _ in range(n_batches)]
     passes = _learning(name, accum, checkpoint_dir)

@@ -96,7 +96,8 @@ def _assert_same_training(one: dict, two: dict, name: str, skip: tuple[str, ...]
     assert len(c1) == len(c2) > 0 and c1[0].keys() == c2[0].keys()
     for a, b in zip(c1, c2):
         for key in set(a) - set(skip):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (name, key, a, b)
+            # the curve keeps 5 significant digits: a value on a rounding edge moves by one
+            assert b[key] == pytest.approx(a[key], rel=2e-4, abs=1e-7), (name, key, a, b)
 
 
 @pytest.mark.parametrize("name", LEARNING)
