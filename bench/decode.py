@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/'s helpers, ho
 from runinfo import KernelTally, header, packed_alignment
 
 import pysparse
-from pysparse.evaluate import measure_activation_sparsity
+from pysparse.quality.evaluate import measure_activation_sparsity
 
 
 def build(layers: int, dtype: torch.dtype) -> transformers.LlamaForCausalLM:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from timing import cuda_synced, interleaved_times, stream_read_gbs
 
 import pysparse
-from pysparse import formats, ops
+from pysparse.kernels import formats, ops
 
 SHAPES = {"4096x11008": "LLaMA-7B", "2048x5632": "1B-class", "384x1536": "MiniLM"}
 

@@ -77,7 +77,7 @@ LLAMA_ROWS = {"float32": "llama.cpp f32", "bfloat16": "llama.cpp f16"}
 def load_model(name: str, layers: int, dtype: torch.dtype):
     if name == "1b":
         return build_1b(layers, dtype)
-    from pysparse import models
+    from pysparse.cli import models
 
     model, _, _ = models.load(name)
     return model.to(dtype).eval()
@@ -201,7 +201,7 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
     ggufs: dict[str, Path] = {}
     if args.model == "smollm2" and dname in LLAMA_ROWS and not args.no_llamacpp:
         if llamacpp.available():
-            from pysparse import models
+            from pysparse.cli import models
 
             src = models.resolve("smollm2")
             kind = LLAMA_ROWS[dname].split()[-1]

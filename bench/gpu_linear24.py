@@ -23,7 +23,7 @@ import sys
 import torch
 
 import pysparse
-from pysparse import ops
+from pysparse.kernels import ops
 
 SHAPES = ["4096x4096", "11008x4096", "4096x11008", "1536x384"]  # N x K (out x in)
 BATCHES = [1, 8, 16, 64, 512, 2048]

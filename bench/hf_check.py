@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 import pysparse
-from pysparse.corpus import sentences
-from pysparse.evaluate import perplexity
-from pysparse.hf import THRESHOLD_FIELD
+from pysparse.artifacts.hf import THRESHOLD_FIELD
+from pysparse.quality.corpus import sentences
+from pysparse.quality.evaluate import perplexity
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ import torch
 from timing import interleaved_times, paired_times, stream_read_gbs
 
 import pysparse
-from pysparse import ops
+from pysparse.kernels import ops
 
 DEFAULT_SHAPES = ["4096x4096", "11008x4096", "4096x11008", "1536x384"]
 DEFAULT_BATCHES = [1, 8, 64, 512]

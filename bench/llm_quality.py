@@ -2,7 +2,7 @@
 SmolLM2-135M-Instruct (30 LLaMA layers, 210 prunable linears), scored by perplexity.
 
 Every row compiles the same model with the same calibration / training text (the first --train
-sentences of pysparse.corpus's training part, batches of --batch-size x <= --max-length tokens)
+sentences of pysparse.quality.corpus's training part, batches of --batch-size x <= --max-length tokens)
 and is scored on the held-out part (other topics, never seen by any method) with the sliding
 window of ``pysparse eval`` (256 tokens, stride 128). Rows (``--only`` picks by prefix):
 
@@ -58,14 +58,14 @@ from pysparse.passes.prosparse import DECODER_DEFAULTS, Constant
 from runinfo import given
 
 import pysparse
-from pysparse.corpus import documents, sentences
-from pysparse.evaluate import (
+from pysparse.cli.models import load
+from pysparse.quality.corpus import documents, sentences
+from pysparse.quality.evaluate import (
     encode_sentences,
     measure_activation_sparsity,
     pack_text,
     perplexity,
 )
-from pysparse.models import load
 
 
 class GraphLM:
@@ -77,9 +77,9 @@ class GraphLM:
         self.example_kwargs = {"attention_mask": None}
 
     def __call__(self, ids, **kwargs):
-        from pysparse.pipeline import _call
+        from pysparse.capture.inputs import call
 
-        return _call(self.gm, (ids,), kwargs)
+        return call(self.gm, (ids,), kwargs)
 
 
 def plot_frontier(results: list, out_dir: Path) -> None:
@@ -285,7 +285,7 @@ def main() -> None:
 
     print(
         f"# {source.describe()} (fp32) | 2:4 on every prunable linear | calibration: "
-        f"{args.train} sentences of pysparse.corpus train ({len(calib)} batches of "
+        f"{args.train} sentences of pysparse.quality.corpus train ({len(calib)} batches of "
         f"{args.batch_size} x <= {args.max_length} tokens; learning passes: {learn_desc}) | held-out: {held_ids.numel()} tokens, window {args.window}, "
         f"stride {args.window // 2} | torch {torch.__version__}, {torch.get_num_threads()} threads"
     )

@@ -4,7 +4,7 @@ update; the pass's defaults — SparseGPT start, learning, reconstruction, recov
 optionally SparseGPT / the learned mask + reconstruction, then a masked recovery fine-tune
 distilling the dense model, ``passes.Recover``), all on
 the same calibration/training text, all evaluated on the same held-out sentences (different
-topics of pysparse.corpus, never seen by any method), every prunable linear (36) at 2:4.
+topics of pysparse.quality.corpus, never seen by any method), every prunable linear (36) at 2:4.
 
 Printed per method: mean cosine between the pruned and the dense model's sentence embeddings,
 the lowest cosine, the Spearman correlation of their pairwise-similarity matrices, and the wall
@@ -27,8 +27,8 @@ from pysparse.passes import MagnitudePrune, ProxSparse, Recover, SparseGPTPrune,
 from runinfo import given
 
 import pysparse
-from pysparse.corpus import sentences
-from pysparse.evaluate import encode_sentences, encoder_quality
+from pysparse.quality.corpus import sentences
+from pysparse.quality.evaluate import encode_sentences, encoder_quality
 
 
 def main() -> None:

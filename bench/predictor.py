@@ -27,9 +27,9 @@ from pysparse.passes import Predictor, ProSparse, ReluSubstitution
 from runinfo import given
 
 import pysparse
-from pysparse.corpus import sentences
-from pysparse.evaluate import encode_sentences, encoder_quality, measure_activation_sparsity
-from pysparse.pipeline import PassContext
+from pysparse.compiler.base import PassContext
+from pysparse.quality.corpus import sentences
+from pysparse.quality.evaluate import encode_sentences, encoder_quality, measure_activation_sparsity
 
 
 def with_predictors(sm, calib, recall: float, **kw):
@@ -91,9 +91,9 @@ def main() -> None:
 
         head = "| row | act. sparsity | predicted | recall | FFN bytes vs dense | cos to exact | cos to GELU |"
     else:
-        from pysparse.corpus import documents
-        from pysparse.evaluate import pack_text, perplexity
-        from pysparse.models import load
+        from pysparse.cli.models import load
+        from pysparse.quality.corpus import documents
+        from pysparse.quality.evaluate import pack_text, perplexity
 
         model, tok, _ = load("smollm2")
         model = model.eval()

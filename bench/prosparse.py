@@ -1,5 +1,5 @@
 """ProSparse on the real all-MiniLM-L6-v2 (GELU FFNs, 6 layers, d_ff 1536): activation sparsity
-vs embedding quality, on held-out sentences (topics of pysparse.corpus never used for training).
+vs embedding quality, on held-out sentences (topics of pysparse.quality.corpus never used for training).
 
 Rows, all with the same data, steps and learning rate, distilling to the original GELU model:
   * GELU original (sparsity of its FFN intermediate is ~0: for reference)
@@ -31,8 +31,8 @@ from pysparse.passes import ProSparse, ReluSubstitution
 from pysparse.passes.prosparse import Constant, StagedSine, set_threshold
 
 import pysparse
-from pysparse.corpus import sentences
-from pysparse.evaluate import encode_sentences, encoder_quality, measure_activation_sparsity
+from pysparse.quality.corpus import sentences
+from pysparse.quality.evaluate import encode_sentences, encoder_quality, measure_activation_sparsity
 
 
 def main() -> None:

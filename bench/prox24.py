@@ -28,7 +28,7 @@ from runinfo import header
 from timing import cuda_synced, interleaved_times
 
 import pysparse
-from pysparse import ops
+from pysparse.kernels import ops
 
 
 def torch_prox24(w: torch.Tensor, lam: float, iters: int = 100) -> torch.Tensor:

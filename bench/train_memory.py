@@ -1,6 +1,6 @@
 """Training memory and speed on the real SmolLM2-135M: one learning step of the captured graph
 (forward, backward, AdamW) with and without activation checkpointing
-(``pysparse.train.checkpoint_layers``: the graph cut per transformer layer, each layer recomputed
+(``pysparse.learning.train.checkpoint_layers``: the graph cut per transformer layer, each layer recomputed
 in the backward pass), in fp32 and under bf16 autocast.
 
 Each configuration runs in its own process, so that the peak resident memory printed is that
@@ -27,12 +27,12 @@ def one(batch: int, seq: int, ckpt: bool, autocast: bool, steps: int) -> dict:
     import torch
 
     import pysparse
-    from pysparse.corpus import documents
-    from pysparse.evaluate import pack_text
-    from pysparse.models import load
-    from pysparse.objectives import lm_loss
-    from pysparse.pipeline import _call
-    from pysparse.train import checkpoint_layers
+    from pysparse.capture.inputs import call
+    from pysparse.cli.models import load
+    from pysparse.learning.objectives import lm_loss
+    from pysparse.learning.train import checkpoint_layers
+    from pysparse.quality.corpus import documents
+    from pysparse.quality.evaluate import pack_text
 
     model, tok, _ = load("smollm2")
     data = pack_text(tok, documents("train"), seq, batch)
@@ -59,7 +59,7 @@ def one(batch: int, seq: int, ckpt: bool, autocast: bool, steps: int) -> dict:
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
             torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast),
         ):
-            loss = lm_loss(_call(net, *b), b)
+            loss = lm_loss(call(net, *b), b)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -1,5 +1,5 @@
 // Every pysparse op schema, in one place. Kernels register themselves beside their code with
-// TORCH_LIBRARY_IMPL (csrc/aten/*_cpu.cpp, *_cuda.cpp); fakes/autograd live in pysparse/ops.py.
+// TORCH_LIBRARY_IMPL (csrc/aten/*_cpu.cpp, *_cuda.cpp); fakes/autograd live in pysparse/kernels/ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY(pysparse, m) {
@@ -21,7 +21,7 @@ TORCH_LIBRARY(pysparse, m) {
   // SparseGPT's 2:4 column sweep (the OBS update of one layer), in place, CPU float64: wt [K, N]
   // (the weight transposed), prune [K, N] bool (written; read when mode=2), hinv [K, K] upper
   // Cholesky factor of H^-1; choose 0 chooses along K, 1 along N, 2 keeps prune as given. See
-  // pysparse.reference.obs24_sweep for the exact steps.
+  // pysparse.kernels.reference.obs24_sweep for the exact steps.
   m.def("obs24_sweep_(Tensor(a!) wt, Tensor(b!) prune, Tensor hinv, int block=32, int choose=0) -> ()");
   // Activation-sparse FFNs (ProSparse inference), exact: fatrelu_t(v) = v if v >= t else 0.
   // Gated: y = (fatrelu_t(x @ w_gate^T) * (x @ w_up^T)) @ w_down_t, weights [d_ff, d_model]
@@ -34,7 +34,7 @@ TORCH_LIBRARY(pysparse, m) {
         "Tensor? predicted=None) -> Tensor");
   // The same over 2:4 weights: gate/up/w1 packed along d_model (compress24's layout), the down
   // projection pruned along d_ff and regrouped by groups of 4 neurons: values [d_ff/4, 2, d_model],
-  // meta uint8 [d_ff/4, ceil(d_model/2)] (csrc/core/sparse_ffn.h; pysparse.formats.pack_down24).
+  // meta uint8 [d_ff/4, ceil(d_model/2)] (csrc/core/sparse_ffn.h; pysparse.kernels.formats.pack_down24).
   m.def("sparse_ffn24(Tensor x, Tensor gate_values, Tensor gate_meta, Tensor up_values, Tensor up_meta, "
         "Tensor down_values, Tensor down_meta, float threshold=0.0, Tensor? predicted=None) -> Tensor");
   // Activation predictors: predicted = (x @ a^T) @ b^T + c > 0, bool [..., d_ff]; a [rank, d_model],

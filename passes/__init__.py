@@ -1,14 +1,19 @@
 """pysparse.passes: the graph rewrite passes run by ``pysparse.compile``.
 
 This folder sits at the top of the repository and ships inside the wheel as ``pysparse.passes``.
-Passes are referred to by object or by name (``PASS_REGISTRY``).
+Passes are referred to by object or by name (``PASS_REGISTRY``). A pass subclasses
+``pysparse.compiler.Pass``;
+what passes share (graph queries, taps, activation edits) lives in ``pysparse.compiler.graph``.
+
+May import: quality, learning, compiler, capture, kernels, util. Never the runtime, artifacts or
+the CLI.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from pysparse.pipeline import Pass
+from pysparse.compiler.base import Pass
 
 from .baselines import MagnitudePrune, SparseGPTPrune, WandaPrune
 from .compress24 import Compress24

@@ -14,10 +14,12 @@ from typing import Any
 import torch
 from torch import fx
 
-from pysparse import ops
-from pysparse.distributed import shard_batches, sum_across_ranks_
-from pysparse.pipeline import Pass, PassContext, PassError, PassResult, _call_graph, tapped
-from pysparse.progress import track
+from pysparse.capture.inputs import call_no_grad
+from pysparse.compiler.base import Pass, PassContext, PassError, PassResult
+from pysparse.compiler.graph import tapped
+from pysparse.kernels import ops
+from pysparse.learning.distributed import shard_batches, sum_across_ranks_
+from pysparse.util.progress import track
 
 _log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -75,7 +77,7 @@ def observe_linear_inputs(
     with tapped(gm, [(node, observe, (node.name,), "input") for node in nodes]):
         for args, kwargs in track(batches, desc, unit="batch"):
             try:
-                _call_graph(gm, args, kwargs)
+                call_no_grad(gm, args, kwargs)
             except _Observed:
                 pass
     sum_across_ranks_(stats)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from pysparse import ops
-from pysparse.formats import record_layout
-from pysparse.pipeline import MASK_PASSES, Pass, PassContext, PassError, PassResult
-from pysparse.reference import is_24_sparse
+from pysparse.compiler.base import MASK_PASSES, Pass, PassContext, PassError, PassResult
+from pysparse.kernels import ops
+from pysparse.kernels.formats import record_layout
+from pysparse.kernels.reference import is_24_sparse
 
 from .baselines import prunable_linears
 

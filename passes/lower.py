@@ -23,19 +23,17 @@ from collections.abc import Callable
 import torch
 from torch import fx
 
-from pysparse.formats import pack_down24, record_layout
-from pysparse.pipeline import (
-    Pass,
-    PassContext,
-    PassResult,
+from pysparse.compiler.base import Pass, PassContext, PassResult
+from pysparse.compiler.graph import (
+    activation_threshold,
     linear_parts,
     module_tensor,
     sync_graph,
     tensor_owner,
 )
+from pysparse.kernels.formats import pack_down24, record_layout
 
 from .baselines import prunable_linears
-from .relu import activation_threshold
 
 aten = torch.ops.aten
 

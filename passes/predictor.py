@@ -47,19 +47,10 @@ from typing import Any
 import torch
 from torch import fx
 
-import pysparse
-from pysparse.pipeline import (
-    Pass,
-    PassContext,
-    PassError,
-    PassResult,
-    linear_parts,
-    module_tensor,
-    tapped,
-)
-from pysparse.progress import track
-
-from .relu import activation_threshold
+from pysparse.compiler.base import Pass, PassContext, PassError, PassResult
+from pysparse.compiler.graph import activation_threshold, linear_parts, module_tensor, tapped
+from pysparse.kernels.extension import require_extension
+from pysparse.util.progress import track
 
 aten = torch.ops.aten
 _log = logging.getLogger(__name__)
@@ -327,7 +318,7 @@ class Predictor(Pass):
         block["predictor"] = {"keep": keep.name, "kept": kept.name}
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        pysparse.require_extension()  # the mask is pysparse::ffn_predict
+        require_extension()  # the mask is pysparse::ffn_predict
         nodes = _nodes(gm)
         blocks = [b for b in _blocks(gm, nodes) if "predictor" not in b]
         if not blocks:
@@ -376,7 +367,7 @@ class Predictor(Pass):
 
     def mirror(self, primary: fx.GraphModule, secondary: fx.GraphModule, ctx: PassContext) -> None:
         """The same predictors in ``secondary`` (its FFN blocks matched by down weight)."""
-        from pysparse.pipeline import sync_graph
+        from pysparse.compiler.graph import sync_graph
 
         sync_graph(primary, secondary)  # shares the pysparse__pred* buffers
         pmeta, smeta = primary.meta["pysparse"], secondary.meta["pysparse"]

@@ -42,26 +42,17 @@ from typing import Any
 import torch
 from torch import fx
 
-from pysparse.objectives import (
+from pysparse.capture.inputs import call_no_grad
+from pysparse.compiler.base import Pass, PassContext, PassError, PassResult
+from pysparse.compiler.graph import add_taps, remove_taps, set_activation, tapped
+from pysparse.learning.objectives import (
     DECODER_OBJECTIVES,
     Objective,
     default_objective,
     lm_loss,
     mean_pool,
 )
-from pysparse.pipeline import (
-    Pass,
-    PassContext,
-    PassError,
-    PassResult,
-    _call_graph,
-    add_taps,
-    remove_taps,
-    tapped,
-)
-from pysparse.train import TrainConfig, Trainer, checkpoint_layers, curve
-
-from .relu import set_activation
+from pysparse.learning.train import TrainConfig, Trainer, checkpoint_layers, curve
 
 _log = logging.getLogger(__name__)
 
@@ -357,7 +348,7 @@ class ProSparse(Pass):
     autocast left as None take the defaults of the model kind (``tuned``): encoders
     ``ENCODER_DEFAULTS`` (MiniLM, 2 CPU cores: 150 steps, final lambda 0.5 and the sweep reach 86%
     activation sparsity at 0.969 held-out cosine; without the sweep 79%), decoders
-    ``DECODER_DEFAULTS`` (SmolLM2-135M; meant for packed text, ``pysparse.evaluate.pack_text``)."""
+    ``DECODER_DEFAULTS`` (SmolLM2-135M; meant for packed text, ``pysparse.quality.evaluate.pack_text``)."""
 
     name = "prosparse"
     after = ("relu",)
@@ -557,7 +548,7 @@ class ProSparse(Pass):
         encoders (distillation): mean cosine to the original's embeddings may fall by at most
         ``max_quality_drop``; decoders: the LM loss may rise by at most that fraction; a callable
         objective of the user's: its own value, likewise."""
-        from pysparse.evaluate import measure_activation_sparsity
+        from pysparse.quality.evaluate import measure_activation_sparsity
 
         # Grid in units of the mean positive x1 value on the validation text.
         scale = self._positive_scale(gm, val)
@@ -616,7 +607,7 @@ class ProSparse(Pass):
         taps = [(down, grab, (i,), "input") for i, (_, down) in enumerate(_ffn_inputs(gm))]
         with tapped(gm, taps):
             for b in val:
-                _call_graph(gm, *b)
+                call_no_grad(gm, *b)
         return sum(vals) / len(vals) if vals else 0.0
 
     @staticmethod
@@ -625,12 +616,12 @@ class ProSparse(Pass):
             if callable(objective.kind):
                 return float(sum(float(objective(b)) for b in val) / len(val))
             if objective.name in DECODER_OBJECTIVES:
-                return float(sum(float(lm_loss(_call_graph(gm, *b), b)) for b in val) / len(val))
-            from pysparse.evaluate import _pooled
+                return float(sum(float(lm_loss(call_no_grad(gm, *b), b)) for b in val) / len(val))
+            from pysparse.quality.evaluate import _pooled
 
             cos = []
             for b in val:
-                e = _pooled(lambda *a, **k: _call_graph(gm, a, k), b)
+                e = _pooled(lambda *a, **k: call_no_grad(gm, a, k), b)
                 t = objective.teacher_for(b)
                 if objective.name == "hidden_mse":
                     t = mean_pool(t, b)

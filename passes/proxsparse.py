@@ -1,7 +1,7 @@
 """ProxSparse (arXiv 2502.00258, ICML 2025): 2:4 masks learned end to end.
 
-The captured graph is trained (its parameters are the live ones; see pysparse.trace) with the
-shared trainer (pysparse.train) on
+The captured graph is trained (its parameters are the live ones; see pysparse.capture) with the
+shared trainer (pysparse.learning.train) on
 
     objective(W) + lam2 * R_frozen(W),   R_frozen = sum_layers ||(W / (W0 + eps*sgn*(W0))) * (W - W0)||_F^2
 
@@ -37,7 +37,7 @@ only the masks leave the pass (W0 under them), no reconstruction, no recovery.
 
 Objective: ``"logit_kl"`` (distillation to the dense model's next-token distributions) for
 decoders, distillation to the frozen original for encoders
-(``"hidden_mse"`` default, or ``"pooled_cosine"``), or a callable; see pysparse.objectives.
+(``"hidden_mse"`` default, or ``"pooled_cosine"``), or a callable; see pysparse.learning.objectives.
 
 Memory held: a copy of each trained weight's original values (W0, needed for the restore and for
 R_frozen) and AdamW's two moment tensors per trained weight; teacher outputs for the calibration
@@ -55,11 +55,11 @@ from typing import Any
 import torch
 from torch import fx
 
-from pysparse import ops
-from pysparse.distributed import local, rank_and_world, shard_like, sum_counts, unshard
-from pysparse.objectives import DECODER_OBJECTIVES, Objective, default_objective
-from pysparse.pipeline import Pass, PassContext, PassError, PassResult
-from pysparse.train import TrainConfig, Trainer, checkpoint_layers, curve
+from pysparse.compiler.base import Pass, PassContext, PassError, PassResult
+from pysparse.kernels import ops
+from pysparse.learning.distributed import local, rank_and_world, shard_like, sum_counts, unshard
+from pysparse.learning.objectives import DECODER_OBJECTIVES, Objective, default_objective
+from pysparse.learning.train import TrainConfig, Trainer, checkpoint_layers, curve
 
 from .baselines import MagnitudePrune, maskable_linears, masks_from, sparsegpt_graph
 from .recover import SCHEDULE as RECOVER_SCHEDULE
@@ -113,7 +113,7 @@ def top2_mask(w: torch.Tensor) -> torch.Tensor:
 class ProxSparse(Pass):
     """Learned 2:4 masks (see the module docstring). Defaults by model kind: ``ENCODER_DEFAULTS``
     (200 steps, lr 1e-3, lam1 0.5, prox_scale "lam", hidden-state distillation; chosen for
-    encoders of MiniLM's size by a sweep scored on a validation part of pysparse.corpus's training
+    encoders of MiniLM's size by a sweep scored on a validation part of pysparse.quality.corpus's training
     split: lam1 0.1 / 0.2 / 0.5 / 2 / 5, lr 1e-3 / 3e-3, 100 / 200 steps; held-out text never
     used) or ``DECODER_DEFAULTS`` (lr 1e-4 as published for LLaMA, logit distillation); for both
     the tuned pipeline around the learning: ``init_mask="sparsegpt"``, ``reconstruct=True``,

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import fx
 
-from pysparse.distributed import local, shard_like
-from pysparse.objectives import Objective, default_objective
-from pysparse.pipeline import MASK_PASSES, Pass, PassContext, PassError, PassResult
-from pysparse.train import TrainConfig, Trainer, checkpoint_layers, curve
+from pysparse.compiler.base import MASK_PASSES, Pass, PassContext, PassError, PassResult
+from pysparse.learning.distributed import local, shard_like
+from pysparse.learning.objectives import Objective, default_objective
+from pysparse.learning.train import TrainConfig, Trainer, checkpoint_layers, curve
 
 from .baselines import maskable_linears
 

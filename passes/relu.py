@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from pysparse.pipeline import Pass, PassContext, PassResult
+from pysparse.compiler.base import Pass, PassContext, PassResult
 
 aten = torch.ops.aten
 
@@ -65,49 +65,3 @@ class ReluSubstitution(Pass):
             act = nodes[block["act"]]
             ok = act.target in (aten.relu.default, aten.where.ScalarOther)
             assert ok, f"FFN layer {block['layer']} still uses {act.target}"
-
-
-def activation_threshold(act: fx.Node) -> float | None:
-    """0.0 for ReLU, t for FATReLU ``where(ge(x, t), x, 0)``, None for anything else."""
-    if act.target is aten.relu.default:
-        return 0.0
-    if act.target is aten.where.ScalarOther:
-        keep = act.args[0]
-        if (
-            isinstance(keep, fx.Node)
-            and keep.target is aten.ge.Scalar
-            and keep.args[0] is act.args[1]
-            and act.args[2] == 0
-        ):
-            return float(keep.args[1])
-    return None
-
-
-def set_activation(
-    gm: fx.GraphModule, block: dict, kind: str, threshold: float | None = None
-) -> None:
-    """Rewrites one annotated FFN block's activation node to ``kind``: ``"relu"``, ``"fatrelu"``
-    (with ``threshold``) or ``"original"`` (the op ReluSubstitution replaced). The caller
-    recompiles."""
-    nodes = {n.name: n for n in gm.graph.nodes}
-    act = nodes[block["act"]]
-    x = act.args[0]
-    if act.target is aten.where.ScalarOther:  # FATReLU: where(ge(x, t), x, 0)
-        x = act.args[1]
-    with gm.graph.inserting_after(act):
-        if kind == "relu" or (kind == "fatrelu" and not threshold):
-            new = gm.graph.call_function(aten.relu.default, (x,))
-        elif kind == "fatrelu":
-            keep = gm.graph.call_function(aten.ge.Scalar, (x, float(threshold)))
-            with gm.graph.inserting_after(keep):
-                new = gm.graph.call_function(aten.where.ScalarOther, (keep, x, 0.0))
-        else:
-            o = block["original"]
-            new = gm.graph.call_function(o["target"], (x, *o["args"]), o["kwargs"])
-    new.meta = dict(act.meta)
-    old_cond = act.args[0] if act.target is aten.where.ScalarOther else None
-    act.replace_all_uses_with(new)
-    gm.graph.erase_node(act)
-    if old_cond is not None and not old_cond.users:
-        gm.graph.erase_node(old_cond)
-    block["act"] = new.name

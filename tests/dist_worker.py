@@ -46,7 +46,7 @@ def main() -> None:
     rank = dist.get_rank()
     baselines.shard_batches = _recording(baselines.shard_batches)
     if args.die_at is not None:
-        from pysparse.train import Trainer
+        from pysparse.learning.train import Trainer
 
         save = Trainer.save_checkpoint
 

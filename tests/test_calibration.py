@@ -18,8 +18,8 @@ from pysparse.passes.baselines import (
 from tiny_models import bert_with_batches, llama_config
 
 import pysparse
-from pysparse.pipeline import PassContext, PassError
-from pysparse.trace import trace
+from pysparse.capture.trace import trace
+from pysparse.compiler.base import PassContext, PassError
 
 
 def _llama(layers: int = 3, n_batches: int = 3):
@@ -163,7 +163,7 @@ def test_proxsparse_reconstruct_keeps_the_learned_mask_and_gets_closer_to_dense(
 
 
 def test_logit_kl_objective_is_zero_for_the_teacher_and_positive_after_a_change():
-    from pysparse.objectives import Objective, default_objective
+    from pysparse.learning.objectives import Objective, default_objective
 
     model, batches = _llama(layers=1)
     gm = trace(model, *batches[0])
@@ -177,7 +177,7 @@ def test_logit_kl_objective_is_zero_for_the_teacher_and_positive_after_a_change(
     loss = obj(batches[0])
     assert float(loss) > 1e-3
     loss.backward()  # differentiable (the learning passes train through it)
-    from pysparse.train import count_tokens
+    from pysparse.capture.inputs import batch_tokens as count_tokens
 
     assert count_tokens(batches[0]) == int(batches[0][1]["attention_mask"].sum())
 
@@ -198,8 +198,8 @@ def _sweep_case(K, N, seed=0):
 def test_obs24_sweep_matches_the_float64_reference(K, N, block, mode):
     """Odd shapes (K not a multiple of the block, N = 4 and 12), every mode: the same mask and the
     same weights as the float64 reference, to 1e-12."""
-    from pysparse import ops
-    from pysparse.reference import reference_obs24_sweep
+    from pysparse.kernels import ops
+    from pysparse.kernels.reference import reference_obs24_sweep
 
     wt, hinv, gen = _sweep_case(K, N)
     p0 = torch.rand(K, N, generator=gen) < 0.5 if mode == 2 else torch.zeros(K, N, dtype=torch.bool)
@@ -218,7 +218,7 @@ def test_obs24_sweep_matches_the_float64_reference(K, N, block, mode):
 def test_obs24_sweep_thread_count_invariant_and_opcheck():
     from torch.library import opcheck
 
-    from pysparse import ops
+    from pysparse.kernels import ops
 
     wt, hinv, _ = _sweep_case(48, 520)
     outs = []
@@ -239,7 +239,7 @@ def test_obs24_sweep_thread_count_invariant_and_opcheck():
 
 
 def test_obs24_sweep_bad_input_names_the_problem():
-    from pysparse import ops
+    from pysparse.kernels import ops
 
     wt, hinv, _ = _sweep_case(8, 4)
     p = torch.zeros(8, 4, dtype=torch.bool)
@@ -432,7 +432,7 @@ def test_checkpoint_layers_same_loss_and_gradients_fewer_saved_activations():
     """checkpoint_layers: the graph cut per layer under activation checkpointing gives the same
     loss and gradients, shares the parameters, and keeps a fraction of the activations the
     plain graph saves for backward (counted through saved-tensor hooks)."""
-    from pysparse.train import checkpoint_layers
+    from pysparse.learning.train import checkpoint_layers
 
     model, batches = _llama(layers=4)
     sm = pysparse.compile(model, [], *batches[0])
@@ -440,7 +440,7 @@ def test_checkpoint_layers_same_loss_and_gradients_fewer_saved_activations():
     ck = checkpoint_layers(gm)
     params = list(gm.parameters())
     assert {id(p) for p in ck.parameters()} == {id(p) for p in params}
-    from pysparse.pipeline import _call
+    from pysparse.capture.inputs import call
 
     def run(mod):
         saved = []
@@ -451,7 +451,7 @@ def test_checkpoint_layers_same_loss_and_gradients_fewer_saved_activations():
 
         args, kw = batches[1]
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = _call(mod, args, kw)
+            out = call(mod, args, kw)
         loss = out.logits.float().pow(2).mean() if hasattr(out, "logits") else out[0].pow(2).mean()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         return loss.detach(), grads, sum(saved)

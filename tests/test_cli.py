@@ -97,7 +97,7 @@ def test_compile_proxsparse_then_eval(tmp_path):
     import json
 
     result = json.loads((tmp_path / "e.json").read_text())
-    from pysparse.corpus import sentences
+    from pysparse.quality.corpus import sentences
 
     assert result["kind"] == "encoder" and result["sentences"] == len(sentences("heldout"))
     # The defaults' pipeline on 16 calibration lines (SparseGPT's mask as the start, 3 learning

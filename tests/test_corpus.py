@@ -1,12 +1,12 @@
-"""The built-in text: the topic split of pysparse.corpus and pack_text's blocks."""
+"""The built-in text: the topic split of pysparse.quality.corpus and pack_text's blocks."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pysparse.corpus import documents, sentences
-from pysparse.evaluate import pack_text
+from pysparse.quality.corpus import documents, sentences
+from pysparse.quality.evaluate import pack_text
 
 
 class CharTokenizer:

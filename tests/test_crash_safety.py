@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import pysparse
-from pysparse import artifact
+from pysparse.artifacts import store as artifact
 
 TESTS = Path(__file__).parent
 

@@ -14,8 +14,8 @@ import torch
 from torch.library import opcheck
 
 import pysparse
-from pysparse import ops
-from pysparse import reference as R
+from pysparse.kernels import ops
+from pysparse.kernels import reference as R
 
 pytestmark = pytest.mark.skipif(
     not (
@@ -252,7 +252,7 @@ def test_ffn_ops_match_reference_on_cuda(dtype, M, D, F):
     t = max(float(g[k - 1] + g[k]) / 2, 0.0)
     g24 = ops.compress24(ops.prune24(wg))
     u24 = ops.compress24(ops.prune24(wu))
-    d24 = pysparse.formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
+    d24 = pysparse.kernels.formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
     d24_rows = ops.compress24(ops.prune24(wdt))
     cuda = lambda ts: tuple(v.cuda() for v in ts)
     cases = [
@@ -297,7 +297,7 @@ def test_ffn_ops_with_predicted_on_cuda(dtype, M):
     pred = torch.rand(M, F, generator=gen) < 0.3
     g24 = ops.compress24(ops.prune24(wg))
     u24 = ops.compress24(ops.prune24(wu))
-    d24 = pysparse.formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
+    d24 = pysparse.kernels.formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
     cuda = lambda ts: tuple(v.cuda() for v in ts)
     tol = 1e-4 if dtype == torch.float32 else 2.0**-5
     for fn, args, ref in [
@@ -345,7 +345,7 @@ def test_ffn_opcheck_on_cuda():
     x, wg, wu, wdt, b1, b2 = (t.cuda() for t in _ffn_case(2, 64, 96, torch.float32, seed=1))
     g24 = ops.compress24(ops.prune24(wg))
     u24 = ops.compress24(ops.prune24(wu))
-    d24 = pysparse.formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
+    d24 = pysparse.kernels.formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
     p = torch.ops.pysparse
     opcheck(p.sparse_ffn.default, (x, wg, wu, wdt, 0.1))
     opcheck(p.sparse_mlp.default, (x, wg, b1, wdt, b2, 0.1))
@@ -369,7 +369,7 @@ def test_ffn_misaligned_views_are_copied_not_faulted(dtype, M):
     t = 0.05
     g24 = ops.compress24(ops.prune24(wg))
     u24 = ops.compress24(ops.prune24(wu))
-    d24 = pysparse.formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
+    d24 = pysparse.kernels.formats.pack_down24(*ops.compress24(ops.prune24(wdt.T.contiguous())))
     off = lambda ts: tuple(offset_view(v.cuda()) for v in ts)
     cases = [
         (ops.sparse_ffn, (*off((x, wg, wu, wdt)), t), R.reference_sparse_ffn(x, wg, wu, wdt, t)),

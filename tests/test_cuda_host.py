@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import pysparse
-from pysparse import ops
+from pysparse.kernels import ops
 
 pytestmark = pytest.mark.skipif(
     pysparse.extension_error() is not None, reason="needs the compiled extension"

@@ -10,8 +10,8 @@ import torch
 from tiny_models import llama_config
 
 import pysparse
-from pysparse import ops
-from pysparse.evaluate import perplexity
+from pysparse.kernels import ops
+from pysparse.quality.evaluate import perplexity
 
 
 def _model():

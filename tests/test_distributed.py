@@ -128,7 +128,7 @@ def test_killed_run_resumes_from_its_sharded_checkpoint_on_one_process(tmp_path)
 
 
 def test_single_process_checkpoint_resumes_over_two_ranks(tmp_path, monkeypatch):
-    from pysparse.train import Trainer
+    from pysparse.learning.train import Trainer
 
     ck = tmp_path / "ck"
     save = Trainer.save_checkpoint

@@ -11,8 +11,8 @@ from testutil import run_in_threads, skip_unless_kernel
 from torch.library import opcheck
 
 import pysparse
-from pysparse import formats, ops
-from pysparse import reference as R
+from pysparse.kernels import formats, ops
+from pysparse.kernels import reference as R
 
 # (M rows of x, d_model, d_ff): M = 1 (decode), odd M, the 16-row limit of the sparse route and 17
 # (dense route); d_model not a multiple of 8 (scalar column tails), d_ff not a multiple of 8.

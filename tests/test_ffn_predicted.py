@@ -11,8 +11,8 @@ import torch
 from test_ffn import SHAPES, check, impl, make, packed  # noqa: F401  (impl: a fixture)
 from torch.library import opcheck
 
-from pysparse import ops
-from pysparse import reference as R
+from pysparse.kernels import ops
+from pysparse.kernels import reference as R
 
 
 def _predicted(shape, F, share, seed):

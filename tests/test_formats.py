@@ -8,7 +8,8 @@ import logging
 import pytest
 import torch
 
-from pysparse import Sparse24Weight, ops
+from pysparse import Sparse24Weight
+from pysparse.kernels import ops
 
 
 def test_round_trip_and_linear_match_dense():
@@ -26,7 +27,7 @@ def test_round_trip_and_linear_match_dense():
 
 def test_pads_in_features_with_a_warning(caplog):
     w = ops.prune24(torch.nn.functional.pad(torch.randn(5, 10), (0, 2)))[:, :10].contiguous()
-    with caplog.at_level(logging.WARNING, logger="pysparse.formats"):
+    with caplog.at_level(logging.WARNING, logger="pysparse.kernels.formats"):
         sw = Sparse24Weight.from_dense(w)
     assert "not a multiple of 4" in caplog.text
     assert sw.in_features == 10 and sw.padded_in_features == 12

@@ -13,8 +13,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pysparse import formats, ops
-from pysparse import reference as R
+from pysparse.kernels import formats, ops
+from pysparse.kernels import reference as R
 
 EXAMPLES = 1000 if os.environ.get("PYSPARSE_FUZZ") == "long" else 200
 FUZZ = settings(

@@ -1,4 +1,4 @@
-"""Generation with a KV cache (pysparse.generate): the step graph of a compiled decoder against
+"""Generation with a KV cache (pysparse.runtime.generate): the step graph of a compiled decoder against
 Hugging Face ``generate`` on the same masked dense weights, token for token."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pysparse.passes import Compress24, Lower, MagnitudePrune, ReluSubstitution
 from tiny_models import bert_with_batches, llama_config
 
 import pysparse
-from pysparse.generate import GenerationError, _mask, generate
+from pysparse.runtime.generate import GenerationError, _mask, generate
 
 THRESHOLD = 0.02  # FATReLU threshold of the act-sparse cases (about half the tiny FFN's neurons)
 

@@ -1,4 +1,4 @@
-"""Hugging Face interop (pysparse.hf): a compiled model exported as a transformers folder loads
+"""Hugging Face interop (pysparse.artifacts.hf): a compiled model exported as a transformers folder loads
 with plain transformers and gives pysparse's outputs; from an in-memory compile, from a loaded
 artifact and from the CLI."""
 
@@ -14,8 +14,8 @@ from testutil import run_cli
 from tiny_models import bert_with_batches, llama_with_batches, sequential_with_batches
 
 import pysparse
-from pysparse.hf import THRESHOLD_FIELD, export_hf
-from pysparse.reference import is_24_sparse
+from pysparse.artifacts.hf import THRESHOLD_FIELD, export_hf
+from pysparse.kernels.reference import is_24_sparse
 
 
 def test_llama_2_4_round_trip_through_transformers(tmp_path):
@@ -38,7 +38,7 @@ def test_llama_2_4_round_trip_through_transformers(tmp_path):
 
 def test_fatrelu_threshold_goes_to_the_config_with_a_loader_note(tmp_path):
     """FATReLU (threshold 0.05) is recorded in the config; transformers runs plain ReLU until
-    the activation is set as pysparse.hf's docstring says, then the outputs are pysparse's."""
+    the activation is set as pysparse.artifacts.hf's docstring says, then the outputs are pysparse's."""
     model, batches = bert_with_batches(1)
     (ids,), kw = batches[0]
     sm = pysparse.compile(

@@ -24,8 +24,8 @@ import torch
 from tiny_models import bert_with_batches
 
 import pysparse
-from pysparse.artifact import ArtifactError
-from pysparse.train import TrainConfig, Trainer
+from pysparse.artifacts.store import ArtifactError
+from pysparse.learning.train import TrainConfig, Trainer
 
 
 class _CreatesFile:
@@ -266,7 +266,7 @@ def test_hostile_program_is_refused_before_torch_reads_it(artifact, tmp_path, ca
 
 
 def test_program_members_beyond_a_plain_program_are_refused(artifact, tmp_path):
-    """Not proven live (no real shared library or TorchBind class here); see pysparse.pt2check
+    """Not proven live (no real shared library or TorchBind class here); see pysparse.artifacts.pt2check
     for what torch would do with each."""
     cases = {
         "data/aotinductor/model/model.so": (b"\x7fELF", "AOTInductor code"),
@@ -322,7 +322,7 @@ def test_example_input_names_that_would_become_code_are_refused(artifact, tmp_pa
     _match_manifest(art, "example_inputs.safetensors")
     with pytest.raises(ArtifactError, match="keyword input .* is not a Python name"):
         pysparse.load(art)
-    from pysparse.export import _named
+    from pysparse.artifacts.export import _named
 
     with pytest.raises(ValueError, match="is not a Python name"):
         _named(torch.nn.Identity(), 1, [hostile])

@@ -1,4 +1,4 @@
-"""Compiled models and loaded artifacts are called like the original model (pysparse.inputs)."""
+"""Compiled models and loaded artifacts are called like the original model (pysparse.capture.inputs)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import transformers
 from tiny_models import bert_config
 
 import pysparse
-from pysparse.artifact import ArtifactError
-from pysparse.inputs import InputError, InputSpec, split_example
+from pysparse.artifacts.store import ArtifactError
+from pysparse.capture.inputs import InputError, InputSpec, split_example
 
 SPEC = InputSpec(
     params=("input_ids", "attention_mask", "token_type_ids", "position_ids"),
@@ -168,7 +168,7 @@ def _warnings():
 
 
 def test_tokenizer_gives_data_passes_the_corpus_and_little_data_is_warned_of():
-    from pysparse.pipeline import MIN_CALIBRATION_TOKENS, count_tokens
+    from pysparse.compiler.base import MIN_CALIBRATION_TOKENS, count_tokens
 
     model, enc = _bert_and_encoding()
     with _warnings() as got:
@@ -182,8 +182,8 @@ def test_tokenizer_gives_data_passes_the_corpus_and_little_data_is_warned_of():
         sm = pysparse.compile(model, ["wanda"], tokenizer=tok)
     assert not [m for m in got if "fewer than" in m]
     assert sm.tokenizer is tok
-    from pysparse.corpus import sentences
-    from pysparse.evaluate import encode_sentences
+    from pysparse.quality.corpus import sentences
+    from pysparse.quality.evaluate import encode_sentences
 
     batches = encode_sentences(tok, sentences("train", 256), 8, 64)
     assert count_tokens(batches) >= MIN_CALIBRATION_TOKENS

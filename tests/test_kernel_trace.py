@@ -26,7 +26,7 @@ SCENARIO = textwrap.dedent(
     import torch
     torch.set_num_threads(2)
     import pysparse
-    from pysparse import ops
+    from pysparse.kernels import ops
     pinned = pysparse.pin_threads() if os.environ.get("PIN") == "1" else None
     gen = torch.Generator().manual_seed(0)
     w = ops.prune24(torch.randn(1024, 1024, generator=gen))

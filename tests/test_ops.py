@@ -1,4 +1,4 @@
-"""pysparse CPU ops against their float64 references (pysparse/reference.py), on random inputs with
+"""pysparse CPU ops against their float64 references (pysparse/kernels/reference.py), on random inputs with
 awkward shapes, both kernel implementations (AVX2 and the scalar fallback), plus opcheck and the
 errors bad inputs get."""
 
@@ -12,8 +12,8 @@ from testutil import run_in_threads, skip_unless_kernel
 from torch.library import opcheck
 
 import pysparse
-from pysparse import formats, ops
-from pysparse import reference as R
+from pysparse.kernels import formats, ops
+from pysparse.kernels import reference as R
 
 DTYPES = [torch.float32, torch.bfloat16]
 MS = [1, 3, 17, 64]

@@ -13,9 +13,9 @@ from pysparse.passes import Compress24, Lower, MagnitudePrune, ReluSubstitution
 from tiny_models import bert_config
 
 import pysparse
-from pysparse.pipeline import PassError
-from pysparse.reference import is_24_sparse
-from pysparse.trace import TraceError, trace
+from pysparse.capture.trace import TraceError, trace
+from pysparse.compiler.base import PassError
+from pysparse.kernels.reference import is_24_sparse
 
 aten = torch.ops.aten
 
@@ -200,7 +200,7 @@ def test_lowered_ffn_equals_unlowered_graph(build, packed, threshold):
     """Lower turns ReLU/FATReLU FFNs into the activation-sparse ops; outputs equal the graph
     lowered without them, at decode size (1 row: the sparse kernels) and at the capture size (more
     than 16 rows: the dense route), and activation sparsity is measured alike on both."""
-    from pysparse.evaluate import measure_activation_sparsity
+    from pysparse.quality.evaluate import measure_activation_sparsity
 
     model, args, kwargs = _bert() if build == "bert" else _decoder(build)
     head = [ReluSubstitution(threshold)] + (["magnitude", "compress24"] if packed else [])
@@ -311,7 +311,7 @@ def test_sparsegpt_with_identity_hessian_is_magnitude_pruning():
     # OBS sweep reduces to keeping the 2 largest |w| per group.
     from pysparse.passes.baselines import sparsegpt_24
 
-    from pysparse import ops
+    from pysparse.kernels import ops
 
     w = torch.randn(12, 64)
     out = sparsegpt_24(w, 3.0 * torch.eye(64), block=16)
@@ -321,8 +321,8 @@ def test_sparsegpt_with_identity_hessian_is_magnitude_pruning():
 def test_sparsegpt_update_beats_magnitude_on_correlated_inputs():
     from pysparse.passes.baselines import sparsegpt_24
 
-    from pysparse import ops
-    from pysparse.reference import is_24_sparse
+    from pysparse.kernels import ops
+    from pysparse.kernels.reference import is_24_sparse
 
     gen = torch.Generator().manual_seed(0)
     mix = torch.randn(64, 64, generator=gen)
@@ -345,8 +345,8 @@ def test_sparsegpt_along_out_features():
     along the same axis."""
     from pysparse.passes.baselines import sparsegpt_24
 
-    from pysparse import ops
-    from pysparse.reference import is_24_sparse
+    from pysparse.kernels import ops
+    from pysparse.kernels.reference import is_24_sparse
 
     w = torch.randn(12, 64)
     out = sparsegpt_24(w, 3.0 * torch.eye(64), block=16, along_out=True)
@@ -433,7 +433,7 @@ def test_save_load_round_trip_in_a_fresh_process(tmp_path):
 
 
 def test_load_refuses_damaged_artifacts(tmp_path):
-    from pysparse.artifact import ArtifactError
+    from pysparse.artifacts.store import ArtifactError
 
     model, args, kwargs = _bert()
     sm = pysparse.compile(model, ["magnitude", "compress24", "lower"], args, kwargs)
@@ -554,7 +554,7 @@ def test_calibration_stops_after_the_last_observed_input():
     graph's last op (after the lm_head) is never reached."""
     from pysparse.passes.baselines import maskable_linears, observe_linear_inputs
 
-    from pysparse.pipeline import PassContext
+    from pysparse.compiler.base import PassContext
 
     model, args, kwargs = _decoder("llama")
     gm = trace(model, args, kwargs)

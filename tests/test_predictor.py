@@ -13,7 +13,7 @@ from pysparse.passes.predictor import _scores, _shift_for_recall
 from tiny_models import bert_config, llama_config
 
 import pysparse
-from pysparse.pipeline import PassError
+from pysparse.compiler.base import PassError
 
 
 def _llama(n_batches: int = 8):
@@ -119,7 +119,7 @@ def test_predictors_restrict_the_exact_ffn():
         if name.endswith("_c"):
             buf.fill_(-1e4)
     gm = sm.gm
-    from pysparse.evaluate import measure_activation_sparsity
+    from pysparse.quality.evaluate import measure_activation_sparsity
 
     assert measure_activation_sparsity(gm, [((x,), {})]) == [1.0, 1.0]
 
@@ -143,7 +143,7 @@ def test_max_rows_runs_the_exact_ffn_past_the_cap():
     for name, buf in sm.gm.named_buffers():
         if name.endswith("_c"):
             buf.fill_(-1e4)  # every neuron predicted off
-    from pysparse.evaluate import measure_activation_sparsity
+    from pysparse.quality.evaluate import measure_activation_sparsity
 
     x = batches[3][0][0]
     out, ref = sm(x), relu(x)

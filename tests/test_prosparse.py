@@ -17,7 +17,7 @@ from pysparse.passes.prosparse import Constant, StagedSine, regularizer, set_thr
 from tiny_models import bert_config, bert_with_batches, llama_with_batches, sequential_with_batches
 
 import pysparse
-from pysparse.evaluate import measure_activation_sparsity
+from pysparse.quality.evaluate import measure_activation_sparsity
 
 
 def _llama(seed=0):
@@ -373,7 +373,7 @@ def test_defaults_by_model_kind_and_given_values_win():
 def test_objective_finds_the_teacher_of_a_copied_batch_and_names_an_unknown_one():
     """The teacher's outputs are cached by batch index: a batch handed back as a copy (what a
     data loader or an input re-binding makes) finds its own; a batch never seen is an error."""
-    from pysparse.objectives import Objective
+    from pysparse.learning.objectives import Objective
 
     model, batches = bert_with_batches(2)
     sm = pysparse.compile(model, ["relu"], *batches[0])

@@ -9,8 +9,8 @@ import torch
 from torch.library import opcheck
 
 import pysparse
-from pysparse import ops
-from pysparse.reference import prox24_objective, reference_prox24
+from pysparse.kernels import ops
+from pysparse.kernels.reference import prox24_objective, reference_prox24
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.01, 0.3, 1.0, 5.0])

@@ -17,8 +17,8 @@ from pysparse.passes.proxsparse import frozen_regularizer
 from tiny_models import bert_with_batches, llama_with_batches, sequential_with_batches
 
 import pysparse
-from pysparse.reference import is_24_sparse
-from pysparse.train import TrainConfig, Trainer
+from pysparse.kernels.reference import is_24_sparse
+from pysparse.learning.train import TrainConfig, Trainer
 
 
 def _pooled(model, batch) -> torch.Tensor:
@@ -182,7 +182,7 @@ def test_two_dimensional_inputs_train(objective):
 
 
 def test_objectives_match_their_formulas_on_2d_and_3d_outputs():
-    from pysparse.objectives import Objective, mean_pool
+    from pysparse.learning.objectives import Objective, mean_pool
 
     model, batches = sequential_with_batches()
     gm = pysparse.trace(model, batches[0][0], copy_model=True)
@@ -252,7 +252,7 @@ def test_bad_settings_and_weights_are_refused():
 
 
 def test_evaluate_encoder_and_activation_sparsity():
-    from pysparse.evaluate import encoder_quality, measure_activation_sparsity
+    from pysparse.quality.evaluate import encoder_quality, measure_activation_sparsity
 
     model, batches = _bert()
     same = encoder_quality(model, model, batches)
@@ -304,7 +304,7 @@ def test_evaluate_encoder_and_activation_sparsity():
 
 
 def test_perplexity_sliding_windows_match_a_single_window():
-    from pysparse.evaluate import perplexity
+    from pysparse.quality.evaluate import perplexity
 
     model, _ = _llama()
     ids = torch.randint(0, 96, (40,), generator=torch.Generator().manual_seed(3))

@@ -1,4 +1,4 @@
-"""Recipes (pysparse.recipes): shipped ones build valid pipelines, bad files get clear errors, and
+"""Recipes (pysparse.cli.recipes): shipped ones build valid pipelines, bad files get clear errors, and
 an artifact's recorded recipe makes the same artifact again through the CLI."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from testutil import run_cli
 
 import pysparse
-from pysparse.pipeline import PassManager
-from pysparse.recipes import CALIBRATION_DEFAULTS, SHIPPED, Recipe, RecipeError, load_recipe
+from pysparse.cli.recipes import CALIBRATION_DEFAULTS, SHIPPED, Recipe, RecipeError, load_recipe
+from pysparse.compiler.manager import PassManager
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))

@@ -1,4 +1,4 @@
-"""Reports (pysparse.report): every artifact's report.json / report.md / report.html, the dense
+"""Reports (pysparse.artifacts.report): every artifact's report.json / report.md / report.html, the dense
 read-back of packed and re-laid-out weights they rest on (formats.dense_weight), and the page as
 a person sees it: the CLI's report rendered in headless Chromium, checked from its DOM and a
 screenshot."""
@@ -17,8 +17,9 @@ from testutil import run_cli
 from tiny_models import llama_with_batches
 
 import pysparse
-from pysparse import ops, report
-from pysparse.formats import dense_weight, pack_down24, unpack_down24
+from pysparse.artifacts import report
+from pysparse.kernels import ops
+from pysparse.kernels.formats import dense_weight, pack_down24, unpack_down24
 
 
 @pytest.mark.parametrize("d_model, d_ff", [(6, 8), (5, 12), (7, 20), (33, 44)])
@@ -206,7 +207,7 @@ def test_cli_report_renders_in_a_real_browser(tmp_path):
 
 
 def test_training_curve_is_thinned_evenly_with_the_ends_kept():
-    from pysparse.train import curve
+    from pysparse.learning.train import curve
 
     history = [{"step": i, "loss": 1.0 / (i + 1), "note": "x"} for i in range(1000)]
     c = curve(history, lam=lambda s: s / 10)

@@ -74,7 +74,7 @@ inline void check_ffn_packed(const at::Tensor& v, const at::Tensor& m, const cha
 inline bool check_ffn_down24(const at::Tensor& v, const at::Tensor& m, int64_t F, int64_t D,
                              at::ScalarType st, const at::Device& dev, const char* op) {
   const char* fix =
-      "; make it with pysparse.formats.pack_down24 from the compressed down weight (mask along "
+      "; make it with pysparse.kernels.formats.pack_down24 from the compressed down weight (mask along "
       "d_ff), or compress24(W_down.T) for a mask along d_model";
   TORCH_CHECK(v.scalar_type() == st, op, ": down_values is ", v.scalar_type(),
               " but the other weights are ", st);

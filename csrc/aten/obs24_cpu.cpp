@@ -2,7 +2,7 @@
 // the CPU, float64. The sweep is thousands of tiny sequential steps (one per input feature): in
 // Python each step cost ~10 torch calls (~120 us at SmolLM2's sizes, 22 of SparseGPT's 81 s); here
 // a step is two loops over the output features. The semantics are those of
-// pysparse.reference.obs24_sweep (the float64 reference the tests compare with).
+// pysparse.kernels.reference.obs24_sweep (the float64 reference the tests compare with).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

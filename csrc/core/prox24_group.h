@@ -15,7 +15,7 @@
 // unit curvature there), so the objective never rises; a candidate's sweeps stop when no
 // coordinate moved more than tol * (1 + a_1) in a sweep, or after max_iters sweeps. This
 // sequential (Gauss-Seidel) form is our choice over a simultaneous (Jacobi) update: it is the
-// textbook alternating minimisation and cannot oscillate. pysparse/reference.py implements the
+// textbook alternating minimisation and cannot oscillate. pysparse/kernels/reference.py implements the
 // same iteration in float64 and bench/prox24.py vectorises it over the whole matrix.
 //
 // Plain C++ usable from CUDA (__host__ __device__ when compiled by nvcc); no torch.

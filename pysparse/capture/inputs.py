@@ -162,3 +162,35 @@ class InputSpec:
             and isinstance(value, torch.Tensor)
             and bool((value == default).all())
         )
+
+
+def call(gm: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """Calls a captured graph the way the original model is called (``InputSpec``: inputs moved
+    to their captured places, ones that change nothing dropped), with the keyword arguments its
+    capture fixed (e.g. use_cache)."""
+    meta = getattr(gm, "meta", {}).get("pysparse", {})
+    spec = meta.get("inputs")
+    if spec is not None:
+        args, kwargs = spec.bind(args, kwargs)
+    return gm(*args, **{**meta.get("call_kwargs", {}), **kwargs})
+
+
+def call_no_grad(gm: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``call`` under ``torch.no_grad()``."""
+    with torch.no_grad():
+        return call(gm, args, kwargs)
+
+
+def batch_tokens(batch: Any) -> int:
+    """Tokens in a ``(args, kwargs)`` batch: the attention mask's ones when there is one, else
+    the first tensor input's elements (ids ``[batch, seq]``) or rows (features ``[batch, d]``)."""
+    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict):
+        mask = batch[1].get("attention_mask")
+        if isinstance(mask, torch.Tensor):
+            return int(mask.sum())
+        for x in (*batch[0], *batch[1].values()):
+            if isinstance(x, torch.Tensor):
+                if x.is_floating_point() and x.dim() > 1:
+                    return x.numel() // x.shape[-1]
+                return x.numel()
+    return 0

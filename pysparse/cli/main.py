@@ -5,7 +5,7 @@
                              compile MODEL — minilm (default, all-MiniLM-L6-v2) or smollm2
                              (SmolLM2-135M-Instruct, a LLaMA decoder), both embedded; or a Hugging
                              Face checkpoint folder or .gguf file — with calibration text (--calib FILE, default: the
-                             training part of pysparse.corpus) and save the artifact;
+                             training part of pysparse.quality.corpus) and save the artifact;
                              --set PASS.KEY=VALUE sets a pass's argument
     pysparse export DIR --format pt2|torchscript|onnx|hf [--out FILE] [--part forward|step]
     pysparse generate DIR "PROMPT" [--max-new-tokens N] [--chat]
@@ -39,10 +39,10 @@ from typing import Any
 import torch
 
 import pysparse
-from pysparse import ops
-from pysparse.distributed import rank_and_world
-from pysparse.reference import reference_sparse24_linear
-from pysparse.report import pass_facts
+from pysparse.artifacts.report import pass_facts
+from pysparse.kernels import ops
+from pysparse.kernels.reference import reference_sparse24_linear
+from pysparse.learning.distributed import rank_and_world
 
 _log = logging.getLogger("pysparse.cli")
 
@@ -143,7 +143,7 @@ def _demo_model() -> bool:
         a = dense(*args, **kwargs).last_hidden_state
         b = sparse(*args, **kwargs).last_hidden_state
         o = model(*args, **kwargs).last_hidden_state
-    from pysparse.objectives import mean_pool
+    from pysparse.learning.objectives import mean_pool
 
     err = (a - b).abs().max().item()
     pooled = [mean_pool(h, (args, kwargs)) for h in (o, b)]
@@ -159,8 +159,8 @@ def _demo_model() -> bool:
 
 def _load_hf(model: str | None):
     """(model, tokenizer, ModelSource) for a name (minilm, smollm2), a .gguf file or a Hugging
-    Face checkpoint folder (pysparse.models)."""
-    from pysparse import models
+    Face checkpoint folder (pysparse.cli.models)."""
+    from pysparse.cli import models
 
     return models.load(model)
 
@@ -201,7 +201,7 @@ def _pass_list(names: str, settings: list[str]) -> list[tuple[str, dict]]:
 def _recipe(args: argparse.Namespace) -> Any:
     """The recipe this compile runs: ``--recipe``, else ``--passes``/``--set``, else the default
     recipe; calibration flags given on the command line override the recipe's."""
-    from pysparse.recipes import DEFAULT, Recipe, RecipeError, load_recipe
+    from pysparse.cli.recipes import DEFAULT, Recipe, RecipeError, load_recipe
 
     if args.recipe and (args.passes or args.set):
         raise RuntimeError("give --recipe or --passes/--set, not both")
@@ -259,16 +259,16 @@ def _compile(args: argparse.Namespace, save: bool = True) -> int:
     model, tok, src = _load_hf(args.model)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    from pysparse.corpus import documents, sentences
-    from pysparse.evaluate import encode_sentences, pack_text
+    from pysparse.quality.corpus import documents, sentences
+    from pysparse.quality.evaluate import encode_sentences, pack_text
 
     recipe = _recipe(args)
     cal = recipe.calibration
     if cal["text"] != "corpus":
         texts = _calibration_text(cal["text"])
-    elif cal["pack"]:  # the corpus's training topics whole (see pysparse.corpus)
+    elif cal["pack"]:  # the corpus's training topics whole (see pysparse.quality.corpus)
         texts = documents("train")
-    else:  # the training part of the corpus that ships with Python (see pysparse.corpus)
+    else:  # the training part of the corpus that ships with Python (see pysparse.quality.corpus)
         texts = sentences("train", cal["lines"])
     if cal["pack"]:
         batches = pack_text(tok, texts, cal["pack"], cal["batch_size"])
@@ -315,7 +315,7 @@ def _compile(args: argparse.Namespace, save: bool = True) -> int:
     out = pysparse.save(sm, args.out, tokenizer=tok, files={"recipe.yaml": recipe.to_yaml()})
     print(f"compiled in {time.perf_counter() - t0:.1f}s; artifact: {out}")
     if not args.no_eval:
-        from pysparse import report
+        from pysparse.artifacts import report
 
         result, speeds = _quality_summary(sm, model, tok)
         data = report.add_evaluation(report.read(out), result, speeds)
@@ -325,10 +325,10 @@ def _compile(args: argparse.Namespace, save: bool = True) -> int:
 
 def _quality_summary(sm: Any, model: Any, tok: Any) -> tuple[dict, list[dict]]:
     """Ends a compile with what the user needs to trust the artifact: held-out quality against
-    the dense original, sparsity, and the speed-up measured here (``pysparse.evaluate``);
+    the dense original, sparsity, and the speed-up measured here (``pysparse.quality.evaluate``);
     returns the evaluation and the speed rows."""
-    from pysparse.corpus import sentences
-    from pysparse.evaluate import encode_sentences, evaluate, speedup, summary
+    from pysparse.quality.corpus import sentences
+    from pysparse.quality.evaluate import encode_sentences, evaluate, speedup, summary
 
     t0 = time.perf_counter()
     print("evaluating on held-out text against the dense original (--no-eval skips) ...")
@@ -343,7 +343,7 @@ def _quality_summary(sm: Any, model: Any, tok: Any) -> tuple[dict, list[dict]]:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from pysparse.artifact import load
+    from pysparse.artifacts.store import load
 
     loaded = load(args.dir)
     if args.format == "hf":
@@ -374,14 +374,14 @@ def _artifact_tokenizer(loaded, directory: str, source: str | None, fix: str):
         return loaded.tokenizer
     if not source:
         raise RuntimeError(f"{directory} has no tokenizer; {fix}")
-    from pysparse import models
+    from pysparse.cli import models
 
     return models.load_tokenizer(source)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from pysparse.artifact import load
-    from pysparse.evaluate import evaluate, format_table
+    from pysparse.artifacts.store import load
+    from pysparse.quality.evaluate import evaluate, format_table
 
     loaded = load(args.dir)
     tok, reference = _reference_of(
@@ -419,8 +419,8 @@ def _reference_of(
 def cmd_report(args: argparse.Namespace) -> int:
     """Measures the artifact's held-out quality and speed-up on this machine again and rewrites
     its report (report.html / report.md / report.json)."""
-    from pysparse import report
-    from pysparse.artifact import load
+    from pysparse.artifacts import report
+    from pysparse.artifacts.store import load
 
     data = report.read(args.dir)
     if not args.no_eval:
@@ -440,7 +440,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    from pysparse.artifact import load
+    from pysparse.artifacts.store import load
 
     loaded = load(args.dir)
     if not loaded.can_generate:
@@ -517,14 +517,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="a shipped recipe (fast, activation, learned24, both; default: activation), a "
         "recipe YAML file, or an artifact folder (the recipe it was made with); see "
-        "pysparse.recipes",
+        "pysparse.cli.recipes",
     )
     p.add_argument("--passes", default=None, help="comma-separated passes, instead of a recipe's")
     p.add_argument(
         "--calib",
         default=None,
         help="calibration/training text file, one sample per line (default: the training part "
-        "of the corpus that ships with Python, see pysparse.corpus)",
+        "of the corpus that ships with Python, see pysparse.quality.corpus)",
     )
     p.add_argument(
         "--calib-lines", type=int, default=None, help="lines of the default corpus (256)"
@@ -545,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="cut the text into full blocks of N tokens, --batch-size blocks a batch, no padding "
         "(how decoders' learning passes train best; without --calib the text is the corpus's "
-        "training topics whole, pysparse.corpus.documents)",
+        "training topics whole, pysparse.quality.corpus.documents)",
     )
     p.add_argument(
         "--out", default="pysparse-out", help="artifact directory (default: %(default)s)"
@@ -563,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=["pt2", "torchscript", "onnx", "hf"],
         default="pt2",
         help="hf: a Hugging Face folder transformers loads without pysparse (dense weights, 2:4 "
-        "layers masked; see pysparse.hf)",
+        "layers masked; see pysparse.artifacts.hf)",
     )
     p.add_argument(
         "--out", default=None, help="output file (default: DIR/model.pt2|.ts|.onnx, DIR/hf)"
@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--text",
         default=None,
-        help="evaluation text, one sample per line (default: the held-out part of pysparse.corpus)",
+        help="evaluation text, one sample per line (default: the held-out part of pysparse.quality.corpus)",
     )
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--json", default=None, help="also write the result as JSON here")
@@ -639,7 +639,3 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"pysparse: error: {exc}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from pysparse.pipeline import _call, _call_graph
+from pysparse.capture.inputs import call, call_no_grad
 
 _log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def mean_pool(h: torch.Tensor, batch: tuple[tuple, dict]) -> torch.Tensor:
 
 def default_objective(gm: fx.GraphModule, example: tuple[tuple, dict]) -> str:
     """``logit_kl`` when the graph returns logits over a vocabulary, else ``hidden_mse``."""
-    out = _call_graph(gm, *example)
+    out = call_no_grad(gm, *example)
     return "logit_kl" if hasattr(out, "logits") else "hidden_mse"
 
 
@@ -158,7 +158,7 @@ class Objective:
 
         def run_teacher(b: tuple[tuple, dict]) -> Any:
             if teacher is None:
-                return _call_graph(gm, *b)
+                return call_no_grad(gm, *b)
             with torch.no_grad():
                 return teacher(*b[0], **b[1])
 
@@ -204,7 +204,7 @@ class Objective:
         return self.kind if isinstance(self.kind, str) else getattr(self.kind, "__name__", "custom")
 
     def __call__(self, batch: tuple[tuple, dict]) -> torch.Tensor:
-        out = _call(self.student, *batch)
+        out = call(self.student, *batch)
         if callable(self.kind):
             return self.kind(out, batch)
         if self.kind == "logit_kl":

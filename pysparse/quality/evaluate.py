@@ -12,7 +12,7 @@ FFN activations are.
     intermediate x1 (the input of the down projection) per token, padding excluded, averaged over
     tokens per layer, then over layers (ProSparse, arXiv 2402.13516: zeros of x1 per token).
 
-Default held-out text: ``pysparse.corpus.sentences("heldout")`` (never used for calibration or
+Default held-out text: ``pysparse.quality.corpus.sentences("heldout")`` (never used for calibration or
 training by pysparse). ``evaluate(...)`` returns a dict (JSON-ready); ``format_table`` prints it.
 """
 
@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import fx
 
-from pysparse.objectives import hidden_states, mean_pool
-from pysparse.pipeline import tapped
+from pysparse.compiler.graph import tapped
+from pysparse.learning.objectives import hidden_states, mean_pool
 
 aten = torch.ops.aten
 
@@ -319,7 +319,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluates ``model`` (compiled, loaded or plain) against ``reference`` (the dense original;
     optional for decoders) on ``texts`` (default: the held-out corpus)."""
-    from pysparse.corpus import sentences
+    from pysparse.quality.corpus import sentences
 
     texts = list(texts) if texts is not None else sentences("heldout")
     if not texts:

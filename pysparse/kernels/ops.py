@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-import pysparse
+from pysparse.kernels import extension
 
 __all__ = [
     "STRICT_CUSPARSELT_ENV",
@@ -55,7 +55,7 @@ def compress24(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns:
         ``(values [N, K/2] same dtype, meta uint8 [N, ceil(K/8)])`` in the layout of this module.
     """
-    pysparse.require_extension()
+    extension.require_extension()
     return torch.ops.pysparse.compress24.default(dense)
 
 
@@ -70,7 +70,7 @@ def decompress24(values: torch.Tensor, meta: torch.Tensor, K: int) -> torch.Tens
     Returns:
         The dense ``[N, K]`` weight (zeros where nothing was kept).
     """
-    pysparse.require_extension()
+    extension.require_extension()
     return torch.ops.pysparse.decompress24.default(values, meta, K)
 
 
@@ -86,7 +86,7 @@ def prune24(w: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tensor:
     Returns:
         ``w`` with the other two entries of each group set to zero (same dtype and shape).
     """
-    pysparse.require_extension()
+    extension.require_extension()
     return torch.ops.pysparse.prune24.default(w, score)
 
 
@@ -104,7 +104,7 @@ def sparse24_linear(
         ``[..., N]`` in x's dtype. bfloat16 weights are read as bfloat16 and accumulated in float32;
         the result is rounded once.
     """
-    pysparse.require_extension()
+    extension.require_extension()
     return torch.ops.pysparse.sparse24_linear.default(x, values, meta, bias)
 
 
@@ -125,13 +125,13 @@ def prox24(w: torch.Tensor, lam: float, max_iters: int = 100, tol: float = 1e-6)
     Returns:
         A new contiguous tensor; ``prox24_`` works in place.
     """
-    pysparse.require_extension()
+    extension.require_extension()
     return torch.ops.pysparse.prox24.default(w, lam, max_iters, tol)
 
 
 def prox24_(w: torch.Tensor, lam: float, max_iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
     """In-place ``prox24`` (returns ``w``)."""
-    pysparse.require_extension()
+    extension.require_extension()
     torch.ops.pysparse.prox24_.default(w, lam, max_iters, tol)
     return w
 
@@ -151,9 +151,9 @@ def obs24_sweep_(
         choose: 0 chooses 2 of every 4 input features by w^2 / [H^-1]_rr^2; 1 chooses 2 of every
             4 output features by |w| (``down_along="d_model"``); 2 keeps ``prune``.
 
-    See ``pysparse.reference.reference_obs24_sweep`` for the exact steps. Returns ``wt``.
+    See ``pysparse.kernels.reference.reference_obs24_sweep`` for the exact steps. Returns ``wt``.
     """
-    pysparse.require_extension()
+    extension.require_extension()
     torch.ops.pysparse.obs24_sweep_.default(wt, prune, hinv, block, choose)
     return wt
 
@@ -191,7 +191,7 @@ def sparse_ffn(
         ``[..., d_model]`` in x's dtype; bfloat16 weights are read as bfloat16, the math is float32
         and the result is rounded once.
     """
-    pysparse.require_extension()
+    extension.require_extension()
     return torch.ops.pysparse.sparse_ffn.default(x, w_gate, w_up, w_down_t, threshold, predicted)
 
 
@@ -216,7 +216,7 @@ def ffn_predict(
     kept in float32, not rounded to the weights' dtype), past that on torch's matmuls; CUDA on
     torch's. A logit within rounding of 0 may fall either way between those routes.
     """
-    pysparse.require_extension()
+    extension.require_extension()
     return torch.ops.pysparse.ffn_predict.default(x, a, b, c, -1 if max_rows is None else max_rows)
 
 
@@ -231,7 +231,7 @@ def sparse_mlp(
 ) -> torch.Tensor:
     """The plain (BERT) form: ``fatrelu_t(x @ w1.T + b1) @ w2_t + b2``; ``w1`` and ``w2_t`` are
     ``[d_ff, d_model]`` (``w2_t`` is the second linear's weight transposed). As ``sparse_ffn``."""
-    pysparse.require_extension()
+    extension.require_extension()
     return torch.ops.pysparse.sparse_mlp.default(x, w1, b1, w2_t, b2, threshold, predicted)
 
 
@@ -249,7 +249,7 @@ def sparse_ffn24(
         x: ``[..., d_model]``.
         gate, up: ``(values, meta)`` from ``compress24`` of the ``[d_ff, d_model]`` weights.
         down: ``(values [d_ff/4, 2, d_model], meta uint8 [d_ff/4, ceil(d_model/2)])`` from
-            ``pysparse.formats.pack_down24`` — the down weight pruned 2:4 along d_ff (what every
+            ``pysparse.kernels.formats.pack_down24`` — the down weight pruned 2:4 along d_ff (what every
             mask pass makes) regrouped so that each group of 4 neurons is one contiguous block, read
             only when one of its neurons is active. Or, for a down weight pruned 2:4 along d_model
             instead, ``compress24(W_down.T)`` (values ``[d_ff, d_model/2]``): then each active
@@ -258,7 +258,7 @@ def sparse_ffn24(
         threshold: ``t >= 0``.
         predicted: as ``sparse_ffn``'s.
     """
-    pysparse.require_extension()
+    extension.require_extension()
     return torch.ops.pysparse.sparse_ffn24.default(x, *gate, *up, *down, threshold, predicted)
 
 
@@ -273,7 +273,7 @@ def sparse_mlp24(
 ) -> torch.Tensor:
     """``sparse_mlp`` over 2:4 weights (``w1`` as ``compress24`` packs it, ``w2`` as
     ``pack_down24`` does; see ``sparse_ffn24``)."""
-    pysparse.require_extension()
+    extension.require_extension()
     return torch.ops.pysparse.sparse_mlp24.default(x, *w1, b1, *w2, b2, threshold, predicted)
 
 
@@ -288,8 +288,8 @@ def kernel_stats(reset: bool = False) -> dict[str, dict[str, int]]:
 
     A kernel at its designed width has ``threads_used == threads_requested`` and
     ``one_cpu_calls == 0``; bench/decode.py prints these beside its timings."""
-    pysparse.require_extension()
-    return {k: dict(v) for k, v in pysparse._C.kernel_stats(reset).items()}
+    extension.require_extension()
+    return {k: dict(v) for k, v in extension._C.kernel_stats(reset).items()}
 
 
 # ---- what ran on CUDA ----------------------------------------------------------------------------
@@ -308,28 +308,28 @@ def last_cuda_route(op: str = "sparse24_linear") -> str:
     ``"cublas_fallback"`` (cuSPARSELt applied but failed; see ``STRICT_CUSPARSELT_ENV``).
     ``sparse_ffn`` (all four FFN ops): ``"ffn_kernel"`` (up to 8 rows) or ``"ffn_dense"``.
     """
-    pysparse.require_extension()
-    return pysparse._C.last_cuda_route(op)
+    extension.require_extension()
+    return extension._C.last_cuda_route(op)
 
 
 def cuda_route_counts() -> dict[str, int]:
     """Process-wide count of CUDA op calls per route (names as in ``last_cuda_route``)."""
-    pysparse.require_extension()
-    return dict(pysparse._C.cuda_route_counts())
+    extension.require_extension()
+    return dict(extension._C.cuda_route_counts())
 
 
 def reset_cuda_route_counts() -> None:
     """Sets every ``cuda_route_counts`` counter back to 0."""
-    pysparse.require_extension()
-    pysparse._C.reset_cuda_route_counts()
+    extension.require_extension()
+    extension._C.reset_cuda_route_counts()
 
 
 def cusparselt_cache_info() -> dict[str, int]:
     """cuSPARSELt state: ``plans_cached`` (now), ``plans_built`` and ``searches_run`` (since the
     start; one algorithm search per plan), ``weights`` and ``bytes`` of the compressed weight
     buffers alive now (each lives exactly as long as its ``values`` tensor)."""
-    pysparse.require_extension()
-    return dict(pysparse._C.cusparselt_cache_info())
+    extension.require_extension()
+    return dict(extension._C.cusparselt_cache_info())
 
 
 def _register_fakes() -> None:
@@ -448,5 +448,5 @@ def _register_fakes() -> None:
     # a Python registration would put a Python call on every eager invocation.
 
 
-if pysparse.extension_error() is None:
+if extension.extension_error() is None:
     _register_fakes()

@@ -33,7 +33,7 @@ def shard_batches(batches: Sequence[Any], who: str) -> list[Any]:
     if world == 1:
         return batches
     if len(batches) < world:
-        from pysparse.pipeline import PassError
+        from pysparse.compiler.base import PassError
 
         raise PassError(
             f"{who}: {len(batches)} calibration batches for {world} ranks; every rank needs at "
@@ -95,7 +95,7 @@ def shard_for_training(
     who: str,
 ) -> tuple[torch.nn.Module, dict[str, torch.nn.Parameter], list[tuple[torch.Tensor, torch.Tensor]]]:
     """``twin`` (a copy of the graph with containers of its own around the graph's tensors, cut
-    per layer: ``pysparse.train._twin``) sharded with FSDP2 ``fully_shard`` over every rank: each
+    per layer: ``pysparse.learning.train._twin``) sharded with FSDP2 ``fully_shard`` over every rank: each
     piece of it an FSDP unit (its parameters gathered only while it runs; a piece that shares a
     parameter with another, tied embeddings, stays in the root unit), gradients and the optimiser
     state sharded. Returns the sharded twin, the trained parameters as its DTensor parameters (by

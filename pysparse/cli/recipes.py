@@ -7,7 +7,7 @@ A recipe is YAML::
       - prosparse: {steps: 150}
       - lower
     calibration:             # every key optional (the CLI's defaults below)
-      text: corpus           # corpus (pysparse.corpus) or a text file, one sample per line
+      text: corpus           # corpus (pysparse.quality.corpus) or a text file, one sample per line
       lines: 256             # lines of the corpus's training part
       batch_size: 8
       max_length: 64

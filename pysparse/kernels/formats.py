@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pysparse import ops
+from pysparse.kernels import ops
 
 _log = logging.getLogger(__name__)
 

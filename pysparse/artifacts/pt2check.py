@@ -6,7 +6,7 @@ must never be given untrusted data, and a checksum only says that a file is the 
 names, not who wrote both. What it would execute, read from torch 2.14's code
 (``torch/export/__init__.py``, ``torch/export/pt2_archive/_package.py``,
 ``torch/_export/serde/serialize.py``, ``torch/export/_unlift.py``, ``torch/fx/graph.py``) is in
-``pysparse/artifact.py``'s docstring; in short: pickled weights and constants (``use_pickle``),
+``pysparse/artifacts/store.py``'s docstring; in short: pickled weights and constants (``use_pickle``),
 pickled or TorchBind objects, a sample-inputs pickle that torch retries without ``weights_only``,
 AOTInductor shared libraries, and, without any pickle, Python source built from the program's own
 strings (``sympify`` of shape expressions, names spliced into the code fx generates, guard code).

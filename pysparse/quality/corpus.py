@@ -10,7 +10,7 @@ so the two never share a sentence or even a topic.
     sentences("heldout")  ~200 sentences from other topics, for evaluation only
     documents("train")    the training topics whole (prose, code samples and grammar as the
                           documentation has them, ~95k SmolLM2 tokens), for learning passes that
-                          train on packed blocks of text (``pysparse.evaluate.pack_text``)
+                          train on packed blocks of text (``pysparse.quality.evaluate.pack_text``)
 """
 
 from __future__ import annotations

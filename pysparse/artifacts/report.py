@@ -21,14 +21,16 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pysparse.formats import dense_weight
+from pysparse.artifacts.layout import MANIFEST
+from pysparse.kernels.extension import build_info
+from pysparse.kernels.formats import dense_weight
+from pysparse.util.files import atomic_write, sha256_file
 
 REPORT_JSON, REPORT_MD, REPORT_HTML = "report.json", "report.md", "report.html"
 REPORT_FILES = (REPORT_JSON, REPORT_MD, REPORT_HTML)
@@ -124,9 +126,7 @@ def add_evaluation(
 ) -> dict[str, Any]:
     """Adds a held-out evaluation (``evaluate.evaluate``) and speed rows (``evaluate.speedup``)
     measured on this machine to a report record."""
-    import pysparse
-
-    info = pysparse.build_info()
+    info = build_info()
     cpu = info.get("cpu", {})
     data["quality"] = quality
     data["speed"] = list(speeds)
@@ -607,28 +607,13 @@ def read(directory: str | os.PathLike) -> dict[str, Any]:
 def rewrite(directory: str | os.PathLike, data: dict[str, Any]) -> Path:
     """Replaces an artifact's report files with ``data``'s and updates their manifest records
     (each file and then the manifest are written to a temporary name and renamed into place)."""
-    from pysparse.artifact import MANIFEST, _sha256
-
     root = Path(directory)
     manifest = json.loads((root / MANIFEST).read_text())
     for name, text in files(data).items():
-        _atomic_write(root / name, text.encode())
+        atomic_write(root / name, text.encode())
         manifest["files"][name] = {
-            "sha256": _sha256(root / name),
+            "sha256": sha256_file(root / name),
             "bytes": (root / name).stat().st_size,
         }
-    _atomic_write(root / MANIFEST, json.dumps(manifest, indent=2, default=str).encode())
+    atomic_write(root / MANIFEST, json.dumps(manifest, indent=2, default=str).encode())
     return root / REPORT_HTML
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -5,7 +5,7 @@ An artifact directory holds
                           replaced by zero-size stand-ins (shape/dtype only, a few bytes each),
                           with no sample inputs and no guard code (see "Loading files from
                           others" below),
-  * ``step.pt2``          decoders: the generation step graph (pysparse.generate), written the
+  * ``step.pt2``          decoders: the generation step graph (pysparse.runtime.generate), written the
                           same way; its weights are the forward graph's, stored once,
   * ``weights.safetensors`` every parameter, buffer and lifted constant of the programs; packed
                           2:4 weights appear as their plain ``values`` / ``meta`` tensors. Weights
@@ -17,7 +17,7 @@ An artifact directory holds
   * ``tokenizer/``        the tokenizer's files, when one was given (``save(..., tokenizer=)`` or
                           ``sm.tokenizer``),
   * ``report.json``, ``report.md``, ``report.html``  what the model is and how it was made
-                          (pysparse.report); the CLI adds held-out quality and speed,
+                          (pysparse.artifacts.report); the CLI adds held-out quality and speed,
   * ``manifest.json``     format version, pysparse/torch versions, the source model's class and
                           config, the pass report (passes, settings, times), the call keyword
                           arguments, example input specs, output names, and the sha256 and size
@@ -57,7 +57,7 @@ first four as tests):
     sample inputs.
 What torch does check: its verifier accepts only operators (and a few builtins) as call targets.
 So ``load`` reads ``program.pt2`` once, verifies that very byte string's checksum, has
-``pysparse.pt2check`` refuse anything but a plain program (no pickled or non-raw tensor entry,
+``pysparse.artifacts.pt2check`` refuse anything but a plain program (no pickled or non-raw tensor entry,
 empty sample inputs, no guard code, shape expressions that are plain sympy, names that are plain
 names, call targets that are operators; the error names the member) and only then hands the same
 bytes to torch. ``save`` writes programs that pass. The other files are safetensors and JSON; the
@@ -86,36 +86,28 @@ from safetensors import safe_open
 from safetensors.torch import load_file as _st_load
 from safetensors.torch import save_file as _st_save
 
-import pysparse
-from pysparse import report
-from pysparse.generate import CacheSpec, Generates, drop_input_checks, export_step
-from pysparse.inputs import InputSpec
-from pysparse.pipeline import SparseModel
-from pysparse.pt2check import UnsafeProgramError, check_program
-from pysparse.trace import _drop_guard_module, export_module
+from pysparse.artifacts import report
+from pysparse.artifacts.layout import (
+    EXAMPLES,
+    FORMAT_VERSION,
+    MANIFEST,
+    PROGRAM,
+    STEP,
+    STEP_PROGRAM,
+    TOKENIZER,
+    WEIGHTS,
+    ArtifactError,
+)
+from pysparse.artifacts.pt2check import UnsafeProgramError, check_program
+from pysparse.capture.inputs import InputSpec
+from pysparse.capture.trace import _drop_guard_module, export_module
+from pysparse.kernels.extension import require_extension
+from pysparse.runtime.generate import CacheSpec, Generates, drop_input_checks, export_step
+from pysparse.runtime.model import SparseModel
+from pysparse.util.files import sha256_file
+from pysparse.util.version import __version__
 
 _log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 3  # 3: no pickle anywhere (example inputs in safetensors, program without)
-PROGRAM = "program.pt2"
-WEIGHTS = "weights.safetensors"
-MANIFEST = "manifest.json"
-EXAMPLES = "example_inputs.safetensors"
-TOKENIZER = "tokenizer"
-STEP = "step"
-STEP_PROGRAM = "step.pt2"  # decoders: the generation step graph (pysparse.generate)
-
-
-class ArtifactError(RuntimeError):
-    """An artifact is missing, corrupt, altered or from an incompatible version."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _stand_in(t: torch.Tensor) -> torch.Tensor:
@@ -362,7 +354,7 @@ def save(
         _st_save(tensors, str(tmp / WEIGHTS), metadata={"format": "pysparse-artifact"})
         for name, ep in programs.items():
             # The programs carry neither of these (both end up as code or a pickle on load, see
-            # the module docstring), so that pysparse.pt2check can refuse any program that does.
+            # the module docstring), so that pysparse.artifacts.pt2check can refuse any program that does.
             ep.example_inputs = None
             ep._guards_code = []
             with warnings.catch_warnings():
@@ -389,7 +381,7 @@ def save(
         manifest = {
             "format": "pysparse-artifact",
             "format_version": FORMAT_VERSION,
-            "pysparse_version": pysparse.__version__,
+            "pysparse_version": __version__,
             "torch_version": torch.__version__,
             "model": meta.get("model", {}),
             "passes": sm.report,
@@ -401,10 +393,10 @@ def save(
             "weights": {"file": WEIGHTS, "tensors": len(tensors), "aliases": aliases},
             "tokenizer": TOKENIZER if tokenizer is not None else None,
             "generation": generation,
-            # weights packed or re-laid-out by the passes (pysparse.formats.dense_weight)
+            # weights packed or re-laid-out by the passes (pysparse.kernels.formats.dense_weight)
             "weight_layouts": meta.get("weight_layouts", {}),
             "files": {
-                p.relative_to(tmp).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+                p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                 for p in files
             },
         }
@@ -473,7 +465,7 @@ class LoadedModel(Generates, torch.nn.Module):
         return self._tokenizer
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.inputs is not None:  # called like the original model (pysparse.inputs)
+        if self.inputs is not None:  # called like the original model (pysparse.capture.inputs)
             args, kwargs = self.inputs.bind(args, kwargs)
         out = self.module(*args, **kwargs)
         names = self.manifest.get("output_names")
@@ -505,7 +497,7 @@ def load(directory: str | os.PathLike) -> LoadedModel:
     """Verifies and loads an artifact written by ``pysparse.save``. Nothing in it is unpickled or
     run as code (see the module docstring); a program that would be is refused with an
     ``ArtifactError`` naming the member."""
-    pysparse.require_extension()
+    require_extension()
     root = Path(directory)
     mpath = root / MANIFEST
     if not mpath.is_file():
@@ -524,7 +516,7 @@ def load(directory: str | os.PathLike) -> LoadedModel:
     ):
         raise ArtifactError(
             f"{root}: artifact format {manifest.get('format')!r} version "
-            f"{manifest.get('format_version')!r} is not supported by pysparse {pysparse.__version__} "
+            f"{manifest.get('format_version')!r} is not supported by pysparse {__version__} "
             f"(expects version {FORMAT_VERSION}); re-save it with this version"
         )
     files = manifest.get("files", {})
@@ -555,7 +547,7 @@ def load(directory: str | os.PathLike) -> LoadedModel:
             blobs[name] = path.read_bytes()
             digest = hashlib.sha256(blobs[name]).hexdigest()
         else:
-            digest = _sha256(path)
+            digest = sha256_file(path)
         if digest != sha256:
             raise ArtifactError(f"{root}: {name} does not match its checksum (altered or corrupt)")
     wanted = [PROGRAM] + ([STEP_PROGRAM] if generation is not None else [])

@@ -9,14 +9,14 @@
                         it accepts inputs shaped like the compile's examples.
   * ``"onnx"``:         an ONNX model (opset 18, dynamic batch/sequence dims) written by torch's
                         dynamo exporter; pysparse's ops become standard ONNX ops over the packed
-                        2:4 tensors (see ``pysparse.onnx_ops``), so any runtime runs it with no
+                        2:4 tensors (see ``pysparse.kernels.onnx_ops``), so any runtime runs it with no
                         plugin and the file holds the packed weights. Needs the ``onnx`` extra
                         (``pip install 'pysparse[onnx]'``). Tested with onnxruntime: equal to the
                         compiled model within 1e-4 absolute on float32 (ordinary reordering of
                         float sums; the runtime multiplies densely).
   * ``"hf"``:           a Hugging Face folder (``path`` is a directory) that ``transformers``
                         loads without pysparse: the weights dense, 2:4 layers masked, the
-                        activation in the config (``pysparse.hf``).
+                        activation in the config (``pysparse.artifacts.hf``).
 The three file formats take their inputs positionally: the positional example inputs, then the keyword
 ones in their example order (e.g. ``m(input_ids, attention_mask)``; ONNX names them ``input0``,
 ``kw_attention_mask``). pt2 and TorchScript keep the pysparse ops, so both run on the sparse
@@ -28,20 +28,18 @@ file at ``path``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import tempfile
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pysparse.artifact import _PlainOutputs
-from pysparse.generate import export_step
-from pysparse.trace import _drop_guard_module, export_module
+from pysparse.artifacts.store import _PlainOutputs
+from pysparse.capture.trace import _drop_guard_module, export_module
+from pysparse.runtime.generate import export_step
+from pysparse.util.files import atomic_path
 
 FORMATS = ("pt2", "torchscript", "onnx")
 
@@ -83,7 +81,7 @@ def _named(inner: torch.nn.Module, n_args: int, kw_names: list[str]) -> torch.nn
 
 def _onnx(wrapper: _PlainOutputs, n_args: int, names: list[str], inputs: tuple, tmp: Path) -> None:
     try:
-        from pysparse.onnx_ops import translation_table
+        from pysparse.kernels.onnx_ops import translation_table
     except ImportError as exc:
         raise RuntimeError(
             f"ONNX export needs onnx and onnxscript ({exc}); install them with "
@@ -116,22 +114,6 @@ def _onnx(wrapper: _PlainOutputs, n_args: int, names: list[str], inputs: tuple, 
     program.save(str(tmp))
 
 
-@contextlib.contextmanager
-def _atomic(target: Path) -> Iterator[Path]:
-    """A temporary path beside ``target``, renamed to it when the block ends without error and
-    removed otherwise: a failed export never leaves a partial file at ``target``."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        tmp.replace(target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _export_step(model: Any, target: Path, format: str) -> Path:
     if format != "pt2":
         raise ValueError(
@@ -142,7 +124,7 @@ def _export_step(model: Any, target: Path, format: str) -> Path:
         raise ValueError(
             "export: this model has no generation step graph (only compiled decoders have one)"
         )
-    with _atomic(target) as tmp:
+    with atomic_path(target) as tmp:
         torch.export.save(export_step(model.step, model.cache_spec), tmp)
     return target
 
@@ -152,11 +134,11 @@ def export(model: Any, path: str | os.PathLike, format: str = "pt2", part: str =
     ``format``; returns the path. ``part="step"`` (decoders, pt2 only) writes the generation step
     graph instead: ``torch.export.load(path).module()(input_ids, position_ids, cache_position,
     attention_mask, keys, values)`` with the KV cache as two lists of [B, kv_heads, S, head_dim]
-    tensors updated in place (pysparse.generate describes the inputs)."""
+    tensors updated in place (pysparse.runtime.generate describes the inputs)."""
     if format == "hf":
         if part != "forward":
             raise ValueError("export: a Hugging Face folder holds the model, not its step graph")
-        from pysparse.hf import export_hf
+        from pysparse.artifacts.hf import export_hf
 
         return export_hf(model, path)
     if format not in FORMATS:
@@ -171,7 +153,7 @@ def export(model: Any, path: str | os.PathLike, format: str = "pt2", part: str =
             f"{type(model).__name__}; compile it first"
         )
     target = Path(path)
-    with _atomic(target) as tmp:
+    with atomic_path(target) as tmp:
         wrapper = _PlainOutputs(model)
         names = list(model.example_kwargs)
         n_args = len(model.example_args)

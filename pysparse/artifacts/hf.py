@@ -4,7 +4,7 @@
 ``transformers`` loads and runs without pysparse:
   * ``model.safetensors`` every weight of the source model's class, dense: the 2:4 layers as
     masked dense weights (their zeros in place), read back from the packed tensors
-    (``pysparse.formats.dense_weight``); the kernels' own tensors are not written,
+    (``pysparse.kernels.formats.dense_weight``); the kernels' own tensors are not written,
   * ``config.json`` the source model's config with ``hidden_act`` set to ``"relu"`` when a ReLU
     or FATReLU pass replaced the FFN activation, and ``pysparse_fatrelu_threshold``: the FATReLU
     threshold ``t`` (0.0 for plain ReLU; absent when the activation is the original),
@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from pysparse.formats import dense_weight
+from pysparse.kernels.formats import dense_weight
 
 _log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def _source(model: Any) -> tuple[dict[str, torch.Tensor], dict, dict, list, Any]
         )
     from safetensors.torch import load_file
 
-    from pysparse.artifact import WEIGHTS
+    from pysparse.artifacts.layout import WEIGHTS
 
     stored = load_file(str(Path(root) / WEIGHTS))
     aliases = (manifest.get("weights") or {}).get("aliases") or {}

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from pysparse.inputs import InputSpec, split_example
+from pysparse.capture.inputs import InputSpec, split_example
 
 _log = logging.getLogger(__name__)
 aten = torch.ops.aten

@@ -223,7 +223,7 @@ def capture_step(model: torch.nn.Module, max_cache_len: int | None = None) -> fx
     """Captures ``model`` (a Hugging Face decoder in eval mode) as a step graph sharing its
     parameters, annotated like the forward graph; ``gm.meta["pysparse"]["cache"]`` holds its
     CacheSpec. Raises GenerationError when the model does not capture this way."""
-    from pysparse.trace import _drop_guard_module, annotate
+    from pysparse.capture.trace import _drop_guard_module, annotate
 
     spec = cache_spec_for(model, max_cache_len)
     wrapper = _StepModule(model).eval()
@@ -463,7 +463,7 @@ class Generates:
         compile_step: bool = False,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Generates with the KV cache on the compiled kernels; see ``pysparse.generate.generate``
+        """Generates with the KV cache on the compiled kernels; see ``pysparse.runtime.generate.generate``
         for the arguments. ``last_generation`` then holds the timings.
 
         ``compile_step=True`` runs the step graph through ``torch.compile`` (Inductor, dynamic

@@ -25,7 +25,7 @@ state) in the safetensors header's metadata, one file so that one rename keeps i
 it parses JSON and copies tensor bytes; nothing in it is executed. A ``checkpoint.pt`` of an
 older pysparse (a pickle) is refused without being opened.
 
-Over several ranks (torchrun): see ``Trainer`` and ``pysparse.distributed``: FSDP2 shards a copy
+Over several ranks (torchrun): see ``Trainer`` and ``pysparse.learning.distributed``: FSDP2 shards a copy
 of the graph, each rank runs its share of every global batch, metrics are averaged over ranks, and
 checkpoints are sharded (``torch.distributed.checkpoint`` writing safetensors, a JSON record in
 ``checkpoint.json``), resumable on any number of ranks, a single-process one included.
@@ -53,7 +53,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file as _st_save
 
-from pysparse.distributed import (
+from pysparse.capture.inputs import batch_tokens
+from pysparse.learning.distributed import (
     load_sharded,
     mean_across_ranks,
     rank_and_world,
@@ -62,7 +63,7 @@ from pysparse.distributed import (
     shard_like,
     sum_counts,
 )
-from pysparse.progress import bar
+from pysparse.util.progress import bar
 
 _log = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ class Trainer:
             loss must run that copy) with ``self.params`` its DTensor parameters, and copies the
             trained values back into ``params`` at the end.
         group_dims: 2:4-learned weights, name -> the dimension their groups of 4 run along (see
-            ``pysparse.distributed.shard_for_training``).
+            ``pysparse.learning.distributed.shard_for_training``).
 
     Over N ranks, every optimiser step takes ``accum`` micro-batches on each rank (a global batch
     of ``N * accum``: rank r's i-th is micro-batch ``(step * accum + i) * N + r``, the order one
@@ -549,7 +550,7 @@ class Trainer:
                 if t.dim() == 0:
                     t.copy_(src)
                 else:
-                    from pysparse.distributed import local
+                    from pysparse.learning.distributed import local
 
                     local(t).copy_(shard_like(src, t))
 
@@ -645,7 +646,7 @@ class Trainer:
                     for i in range(cfg.accum):
                         k = (self.step * cfg.accum + i) * self.world + self.rank
                         batch = self.batches[k % len(self.batches)]
-                        self.tokens += count_tokens(batch)
+                        self.tokens += batch_tokens(batch)
                         with autocast:
                             loss, m = self.loss_fn(batch)
                         if not torch.isfinite(loss):
@@ -733,18 +734,3 @@ def curve(
             row[name] = float(f"{fn(row['step']):.5g}")
         out.append(row)
     return out
-
-
-def count_tokens(batch: Any) -> int:
-    """Tokens in a ``(args, kwargs)`` batch: the attention mask's ones when there is one, else
-    the first tensor input's elements (ids ``[batch, seq]``) or rows (features ``[batch, d]``)."""
-    if isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[1], dict):
-        mask = batch[1].get("attention_mask")
-        if isinstance(mask, torch.Tensor):
-            return int(mask.sum())
-        for x in (*batch[0], *batch[1].values()):
-            if isinstance(x, torch.Tensor):
-                if x.is_floating_point() and x.dim() > 1:
-                    return x.numel() // x.shape[-1]
-                return x.numel()
-    return 0

@@ -1,0 +1,51 @@
+"""``SparseModel``: what ``pysparse.compile`` returns — the rewritten graph, runnable.
+
+Called like the original model (pysparse.capture.inputs); decoders also carry the generation step
+graph and ``generate`` (pysparse.runtime.generate).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import fx
+
+from pysparse.capture.inputs import call
+from pysparse.runtime.generate import CacheSpec, Generates
+
+
+class SparseModel(Generates, torch.nn.Module):
+    """What ``pysparse.compile`` returns: the rewritten GraphModule, called like the model (keyword
+    arguments the capture fixed, such as ``use_cache=False``, are supplied), plus ``report``.
+    Decoders also carry ``step``, the generation step graph (see pysparse.generate), and
+    ``generate(...)``."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        report: list[dict[str, Any]],
+        example_args: tuple = (),
+        example_kwargs: dict | None = None,
+        step: fx.GraphModule | None = None,
+    ):
+        super().__init__()
+        self.gm = gm
+        self.report = report
+        self.step = step
+        self.cache_spec = (
+            CacheSpec.from_dict(step.meta["pysparse"]["cache"]) if step is not None else None
+        )
+        # Kept for save/export, which capture the compiled model again with these inputs.
+        self.example_args = example_args
+        self.example_kwargs = dict(example_kwargs or {})
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return call(self.gm, args, kwargs)
+
+    def train(self, mode: bool = True) -> SparseModel:
+        """Only flips ``self.training``: the captured graph was traced in eval mode (no dropout)
+        and torch.export graphs refuse ``train()``; training loops (a Hugging Face Trainer
+        included) call this and then train the graph's parameters as they are."""
+        self.training = mode
+        return self
