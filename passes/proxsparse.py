@@ -46,10 +46,11 @@ batches when distilling.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -214,64 +215,159 @@ class ProxSparse(Pass):
     def _sub_dir(self, name: str) -> str | None:
         return f"{self.checkpoint_dir}/{name}" if self.checkpoint_dir else None
 
+    def expand(self) -> list[Pass] | None:
+        """The tuned pipeline as stages the PassManager runs and reports one by one: the start
+        mask (``init_mask`` by name), this method, the reconstruction, the recovery. None (run
+        as one pass) for the method alone (``mask_only()``)."""
+        recover = RECOVER_STEPS if self.recover_steps is None else self.recover_steps
+        if not (isinstance(self.init_mask, str) or self.reconstruct or recover > 0):
+            return None
+        run = _Run(self)
+        stages: list[Pass] = []
+        if isinstance(self.init_mask, str):
+            stages.append(_StartMask(run))
+        stages.append(_Learn(run))
+        if self.reconstruct:
+            stages.append(_Reconstruct(run))
+        if recover > 0:
+            stages.append(_Recover(run))
+        return stages
+
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        targets, skipped = maskable_linears(gm)
-        if not targets:
+        """The method alone: learn the masks, restore W0 under them."""
+        run = _Run(self)
+        run.prepare(gm, ctx)
+        if self.init_mask is not None:
+            run.apply_init(masks_from(self.init_mask, gm, run.targets, self.name))
+        return PassResult(gm, True, run.learn(gm))
+
+
+class _Run:
+    """What the stages of one ProxSparse share: the prunable linears, the batches, the objective
+    (its teacher is the graph as the first stage found it: dense), the original weights W0, the
+    start mask and the learned mask."""
+
+    def __init__(self, method: ProxSparse):
+        self.method = method
+        self.prepared = False
+        self.init: dict[str, torch.Tensor] | None = None
+        self.keep: dict[str, torch.Tensor] = {}
+
+    def prepare(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        m = self.method
+        self.ctx = ctx
+        self.targets, self.skipped = maskable_linears(gm)
+        if not self.targets:
             raise PassError(
                 "proxsparse: the model has no prunable linear whose in_features % 4 == 0"
             )
-        weights = {info["weight"]: gm.get_parameter(info["weight"]) for _, info in targets}
+        self.weights = {
+            info["weight"]: gm.get_parameter(info["weight"]) for _, info in self.targets
+        }
         # down_along="d_model": the FFN down projections are grouped along out_features (the by-row
         # layout of the 2:4 FFN kernels, see baselines._MaskPass); the prox, the 2:4 count and the
         # final top-2 then work on their transposes. The regulariser is elementwise: no change.
-        along_out = {
+        self.along_out = {
             info["weight"]
-            for _, info in targets
-            if self.down_along == "d_model"
+            for _, info in self.targets
+            if m.down_along == "d_model"
             and info.get("role") == "down"
-            and weights[info["weight"]].shape[0] % 4 == 0
+            and self.weights[info["weight"]].shape[0] % 4 == 0
         }
-
-        def grouped(k: str, w: torch.Tensor) -> torch.Tensor:
-            return w.T if k in along_out else w
-
-        for name, w in weights.items():
+        for name, w in self.weights.items():
             if not torch.isfinite(w).all():
                 raise PassError(
                     f"proxsparse: weight {name} contains NaN or Inf; fix the checkpoint first"
                 )
-        batches = ctx.data_for(self.name, self.data)
-        kind = self.objective or default_objective(gm, batches[0])
-        objective = Objective(gm, kind, batches)
-        if self.activation_checkpointing:  # after every change to the graph training sees
-            objective.student = checkpoint_layers(gm)
-        hp = self.tuned(objective.name)
-        steps, lam1, lam2 = hp["steps"], hp["lam1"], hp["lam2"]
-        w0 = {k: w.detach().clone() for k, w in weights.items()}
-        init = None
-        if isinstance(self.init_mask, str):  # after the objective: its teacher is the dense graph
-            init = self._choose_init(gm, ctx, targets, batches)
-        elif self.init_mask is not None:
-            init = masks_from(self.init_mask, gm, targets, self.name)
-        if init is not None:
-            with torch.no_grad():
-                for k, w in weights.items():
-                    w.mul_(init[k])
-        flags = {p: p.requires_grad for p in gm.parameters()}
-        for p in flags:  # only the prunable weights train (flags put back at the end)
-            p.requires_grad_(False)
+        self.batches = ctx.data_for(m.name, m.data)
+        kind = m.objective or default_objective(gm, self.batches[0])
+        self.objective = Objective(gm, kind, self.batches)
+        if m.activation_checkpointing:  # after every change to the graph training sees
+            self.objective.student = checkpoint_layers(gm)
+        self.hp = m.tuned(self.objective.name)
+        self.w0 = {k: w.detach().clone() for k, w in self.weights.items()}
+        self.prepared = True
 
+    def grouped(self, k: str, w: torch.Tensor) -> torch.Tensor:
+        return w.T if k in self.along_out else w
+
+    def apply_init(self, init: dict[str, torch.Tensor]) -> None:
+        """Starts the learning from W0 under ``init``."""
+        self.init = init
+        with torch.no_grad():
+            for k, w in self.weights.items():
+                w.mul_(init[k])
+
+    def choose_init(self, gm: fx.GraphModule) -> dict[str, Any]:
+        """The ``init_mask`` method's 2:4 masks on the pass's batches (mask only: the weights are
+        left as W0 under them)."""
+        m = self.method
+        if m.init_mask == "sparsegpt":
+            split = sparsegpt_graph(
+                gm,
+                self.ctx,
+                self.targets,
+                update_weights=False,
+                down_along=m.down_along,
+                batches=self.batches,
+                desc="proxsparse: start mask (sparsegpt)",
+            )
+        else:
+            split = None
+            MagnitudePrune(m.down_along).prune_all(gm, self.ctx, self.targets)
+        # Masks from the zero pattern: a weight that was already 0 reads as pruned, which changes
+        # nothing under the mask (W0 * M) and keeps every group at <= 2 kept.
+        init = {k: w != 0 for k, w in self.weights.items()}
+        self.apply_init(init)
+        return {"method": m.init_mask, "layers_pruned": len(init), "seconds_split": split}
+
+    def learn(self, gm: fx.GraphModule) -> dict[str, Any]:
+        """ProxSparse's learning, then the top-2 mask of the learned weights with W0 under it."""
+        with _only_trained(gm):
+            history, trainer, split, t0 = self._train()
+        learned_24 = fraction_24([self.grouped(k, w) for k, w in self.weights.items()])
+        changed, moved = self._harden()
+        groups = sum(w.numel() // 4 for w in self.weights.values())
+        for _, info in self.targets:
+            info["masked"] = self.method.name
+            info["mask_axis"] = "out" if info["weight"] in self.along_out else "in"
+        return {
+            "layers_pruned": len(self.weights),
+            "skipped": self.skipped,
+            "objective": self.objective.name,
+            **self.hp,
+            "seconds_per_step": round((time.perf_counter() - t0) / max(self.hp["steps"], 1), 3),
+            "seconds_per_step_split": {k: round(v, 4) for k, v in split.items()},
+            "tokens_per_second": round(trainer.tokens_per_second(), 1),
+            "ranks": rank_and_world()[1],
+            "first_loss": round(history[0]["task"], 5) if history else None,
+            "last_loss": round(history[-1]["task"], 5) if history else None,
+            "groups_24_before_hard_mask": round(learned_24, 4),
+            "groups_differing_from_magnitude": round(changed / max(groups, 1), 4),
+            "groups_differing_from_init_mask": (
+                round(moved / max(groups, 1), 4) if self.init is not None else None
+            ),
+            "weight_density": 0.5,
+            "down_along": self.method.down_along,
+            "curve": curve(history),
+            "grouped_along_out_features": len(self.along_out),
+        }
+
+    def _train(self) -> tuple[list[dict], Trainer, dict[str, float], float]:
+        """The learning loop: the objective plus lam2 * R_frozen, the prox after every step."""
+        m, hp, weights = self.method, self.hp, self.weights
+        steps, lam1, lam2 = hp["steps"], hp["lam1"], hp["lam2"]
         _, world = rank_and_world()
-        w0_mine = w0  # each rank's shard of W0 under torch.distributed (set once sharded)
+        w0_mine = self.w0  # each rank's shard of W0 under torch.distributed (set once sharded)
 
         def loss_fn(batch):
-            task = objective(batch)
+            task = self.objective(batch)
             metrics = {"task": float(task.detach())}
             if lam2 > 0:
                 # over ranks: this rank's shards only; their gradients are local, and the logged
                 # sum is scaled by the rank count (the trainer averages metrics over ranks)
                 reg = sum(
-                    frozen_regularizer(local(w), w0_mine[k], self.eps) for k, w in weights.items()
+                    frozen_regularizer(local(w), w0_mine[k], m.eps) for k, w in weights.items()
                 )
                 metrics["r_frozen"] = float(reg.detach()) * world
                 metrics["loss"] = metrics["task"] + lam2 * metrics["r_frozen"]
@@ -284,43 +380,43 @@ class ProxSparse(Pass):
         stats = {"groups_24": -1.0, "prox_s": 0.0, "stats_s": 0.0}
 
         def after_step(step: int, lr: float) -> dict[str, float]:
-            t = lam1 if self.prox_scale == "lam" else lr * lam1
+            t = lam1 if m.prox_scale == "lam" else lr * lam1
             tic = time.perf_counter()
             for k, w in weights.items():  # on this rank's shard: its groups of 4 are whole
-                ops.prox24_(grouped(k, local(w.data)), t, self.max_iters)
+                ops.prox24_(self.grouped(k, local(w.data)), t, m.max_iters)
             toc = time.perf_counter()
             stats["prox_s"] += toc - tic
             if step % STATS_EVERY == 0 or step == steps - 1 or stats["groups_24"] < 0:
                 stats["groups_24"] = fraction_24(
-                    [grouped(k, local(w.data)) for k, w in weights.items()], across_ranks=True
+                    [self.grouped(k, local(w.data)) for k, w in weights.items()],
+                    across_ranks=True,
                 )
                 stats["stats_s"] += time.perf_counter() - toc
             return {"groups_24": stats["groups_24"]}
 
         t0 = time.perf_counter()
-        cfg = TrainConfig.for_pass(self, steps, hp["lr"], checkpoint_dir=self._sub_dir("learn"))
-        full = weights
+        cfg = TrainConfig.for_pass(m, steps, hp["lr"], checkpoint_dir=m._sub_dir("learn"))
         trainer = Trainer(
             weights,
             loss_fn,
-            batches,
+            self.batches,
             cfg,
             after_step=after_step,
-            fingerprint={**self.settings(), **hp, "objective": objective.name},
-            module=objective.student,
-            group_dims={k: 0 if k in along_out else 1 for k in weights},
+            fingerprint={**m.settings(), **hp, "objective": self.objective.name},
+            module=self.objective.student,
+            group_dims={k: 0 if k in self.along_out else 1 for k in weights},
         )
-        student = objective.student
-        weights, objective.student = trainer.params, trainer.module
-        w0_mine = {k: shard_like(w0[k], w) for k, w in weights.items()}
+        student = self.objective.student
+        weights, self.objective.student = trainer.params, trainer.module
+        w0_mine = {k: shard_like(self.w0[k], w) for k, w in weights.items()}
         if world > 1:  # W0 kept by shard for the run (rebuilt whole after it)
-            w0 = {}
+            self.w0 = {}
         try:
             history = trainer.run()
             if world > 1:
-                w0 = {k: unshard(w0_mine[k], w) for k, w in weights.items()}
+                self.w0 = {k: unshard(w0_mine[k], w) for k, w in weights.items()}
         finally:
-            weights, objective.student = full, student
+            weights, self.objective.student = self.weights, student
         ran = max(len(history) - (trainer.resumed_from or 0), 1)
         split = {
             "forward_backward": trainer.phase_seconds["forward_backward"] / ran,
@@ -328,96 +424,142 @@ class ProxSparse(Pass):
             "prox": stats["prox_s"] / ran,
             "groups_24_stats": stats["stats_s"] / ran,
         }
-        learned_24 = fraction_24([grouped(k, w) for k, w in weights.items()])
+        return history, trainer, split, t0
+
+    def _harden(self) -> tuple[int, int]:
+        """The top-2 |w| of each learned group becomes the mask and W0 goes under it; returns the
+        groups whose mask differs from magnitude's on W0, and from the start mask."""
         changed = moved = 0
-        keep: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for k, w in weights.items():
-                m = top2_mask(grouped(k, w))
-                changed += int((m != top2_mask(grouped(k, w0[k]))).reshape(-1, 4).any(-1).sum())
-                if init is not None:
-                    moved += int((m != grouped(k, init[k])).reshape(-1, 4).any(-1).sum())
-                keep[k] = grouped(k, m)
-                w.copy_(w0[k] * keep[k])
-        rebuilt = rebuilt_split = None
-        if self.reconstruct:
-            # SparseGPT's OBS least-squares update of the original weights under the learned
-            # masks, layer by layer over the calibration stream (earlier layers reconstructed).
-            tic = time.perf_counter()
-            with torch.no_grad():
-                for k, w in weights.items():
-                    w.copy_(w0[k])
-            rebuilt_split = sparsegpt_graph(
-                gm,
-                ctx,
-                targets,
-                down_along=self.down_along,
-                keep=keep,
-                batches=batches,
-                desc="proxsparse: reconstruct",
-            )
-            rebuilt = round(time.perf_counter() - tic, 1)
-        groups = sum(w.numel() // 4 for w in weights.values())
-        for _, info in targets:
-            info["masked"] = self.name
-            info["mask_axis"] = "out" if info["weight"] in along_out else "in"
-        info_out: dict[str, Any] = {
-            "layers_pruned": len(weights),
-            "skipped": skipped,
-            "objective": objective.name,
-            **hp,
-            "seconds_per_step": round((time.perf_counter() - t0) / max(steps, 1), 3),
-            "seconds_per_step_split": {k: round(v, 4) for k, v in split.items()},
-            "tokens_per_second": round(trainer.tokens_per_second(), 1),
-            "ranks": world,
-            "first_loss": round(history[0]["task"], 5) if history else None,
-            "last_loss": round(history[-1]["task"], 5) if history else None,
-            "groups_24_before_hard_mask": round(learned_24, 4),
-            "groups_differing_from_magnitude": round(changed / max(groups, 1), 4),
-            "groups_differing_from_init_mask": (
-                round(moved / max(groups, 1), 4) if init is not None else None
-            ),
-            "weight_density": 0.5,
-            "down_along": self.down_along,
-            "curve": curve(history),
-            "grouped_along_out_features": len(along_out),
-            "reconstruct_seconds": rebuilt,
-            "reconstruct_seconds_split": rebuilt_split,
+            for k, w in self.weights.items():
+                m = top2_mask(self.grouped(k, w))
+                changed += int(
+                    (m != top2_mask(self.grouped(k, self.w0[k]))).reshape(-1, 4).any(-1).sum()
+                )
+                if self.init is not None:
+                    moved += int((m != self.grouped(k, self.init[k])).reshape(-1, 4).any(-1).sum())
+                self.keep[k] = self.grouped(k, m)
+                w.copy_(self.w0[k] * self.keep[k])
+        return changed, moved
+
+    def reconstruct(self, gm: fx.GraphModule) -> dict[str, Any]:
+        """SparseGPT's OBS least-squares update of the original weights under the learned masks,
+        layer by layer over the calibration stream (earlier layers reconstructed)."""
+        tic = time.perf_counter()
+        with torch.no_grad():
+            for k, w in self.weights.items():
+                w.copy_(self.w0[k])
+        split = sparsegpt_graph(
+            gm,
+            self.ctx,
+            self.targets,
+            down_along=self.method.down_along,
+            keep=self.keep,
+            batches=self.batches,
+            desc="proxsparse: reconstruct",
+        )
+        return {
+            "layers_reconstructed": len(self.keep),
+            "reconstruct_seconds": round(time.perf_counter() - tic, 1),
+            "reconstruct_seconds_split": split,
         }
-        if hp["recover_steps"] > 0:
-            info_out["recover"] = self._recover(weights, batches, objective, hp)
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        return PassResult(gm, True, info_out)
 
-    def _choose_init(self, gm, ctx, targets, batches) -> dict[str, torch.Tensor]:
-        """The ``init_mask`` method's 2:4 masks on this pass's batches (mask only: the weights
-        are left as W0 under them)."""
-        if self.init_mask == "sparsegpt":
-            sparsegpt_graph(
-                gm,
-                ctx,
-                targets,
-                update_weights=False,
-                down_along=self.down_along,
-                batches=batches,
-                desc="proxsparse: start mask (sparsegpt)",
-            )
-        else:
-            MagnitudePrune(self.down_along).prune_all(gm, ctx, targets)
-        # Masks from the zero pattern: a weight that was already 0 reads as pruned, which changes
-        # nothing under the mask (W0 * M) and keeps every group at <= 2 kept.
-        return {info["weight"]: gm.get_parameter(info["weight"]) != 0 for _, info in targets}
-
-    def _recover(self, weights, batches, objective: Objective, hp: dict) -> dict[str, Any]:
-        """``recover_steps``: masked fine-tune of the kept weights (passes.recover; the teacher is
-        the dense graph the objective saw before learning)."""
+    def recover(self, gm: fx.GraphModule) -> dict[str, Any]:
+        """Masked fine-tune of the kept weights (passes.recover; the teacher is the dense graph
+        the objective saw before the first stage)."""
+        m = self.method
         cfg = TrainConfig.for_pass(
-            self,
-            hp["recover_steps"],
-            hp["recover_lr"],
-            checkpoint_dir=self._sub_dir("recover"),
+            m,
+            self.hp["recover_steps"],
+            self.hp["recover_lr"],
+            checkpoint_dir=m._sub_dir("recover"),
             desc="proxsparse: recover",
             **RECOVER_SCHEDULE,  # Recover's, not the learning's
         )
-        return train_under_masks(weights, batches, objective, cfg, {"recover_of": self.settings()})
+        with _only_trained(gm):
+            return train_under_masks(
+                self.weights, self.batches, self.objective, cfg, {"recover_of": m.settings()}
+            )
+
+
+@contextlib.contextmanager
+def _only_trained(gm: fx.GraphModule) -> Iterator[None]:
+    """Every parameter of ``gm`` frozen for the block (the trainer turns on the ones it trains);
+    the flags are put back however it ends."""
+    flags = {p: p.requires_grad for p in gm.parameters()}
+    for p in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+class _Stage(Pass):
+    """One stage of ``ProxSparse``'s tuned pipeline (``ProxSparse.expand``)."""
+
+    stage = ""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.name = f"proxsparse.{self.stage}" if self.stage else "proxsparse"
+
+    def settings(self) -> dict[str, Any]:
+        return self.run.method.settings()
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if not self.run.prepared:
+            self.run.prepare(gm, ctx)
+        return PassResult(gm, True, self.step(gm))
+
+    def step(self, gm: fx.GraphModule) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class _StartMask(_Stage):
+    """The start mask of the learning: SparseGPT's (or magnitude's) 2:4 mask, W0 under it."""
+
+    stage = "init"
+
+    def settings(self) -> dict[str, Any]:
+        return {"method": self.run.method.init_mask, "down_along": self.run.method.down_along}
+
+    def step(self, gm: fx.GraphModule) -> dict[str, Any]:
+        return self.run.choose_init(gm)
+
+
+class _Learn(_Stage):
+    """ProxSparse's learning (the method), from the start mask when there is one."""
+
+    def step(self, gm: fx.GraphModule) -> dict[str, Any]:
+        m = self.run.method
+        if self.run.init is None and m.init_mask is not None and not isinstance(m.init_mask, str):
+            self.run.apply_init(masks_from(m.init_mask, gm, self.run.targets, m.name))
+        return self.run.learn(gm)
+
+
+class _Reconstruct(_Stage):
+    """SparseGPT's reconstruction of W0 under the learned masks."""
+
+    stage = "reconstruct"
+
+    def settings(self) -> dict[str, Any]:
+        return {"down_along": self.run.method.down_along}
+
+    def step(self, gm: fx.GraphModule) -> dict[str, Any]:
+        return self.run.reconstruct(gm)
+
+
+class _Recover(_Stage):
+    """Masked recovery of the kept weights, distilling the dense graph."""
+
+    stage = "recover"
+
+    def settings(self) -> dict[str, Any]:
+        m = self.run.method
+        hp = self.run.hp if self.run.prepared else m.tuned(m.objective or "")
+        return {"steps": hp["recover_steps"], "lr": hp["recover_lr"], **RECOVER_SCHEDULE}
+
+    def step(self, gm: fx.GraphModule) -> dict[str, Any]:
+        return self.run.recover(gm)

@@ -79,7 +79,7 @@ def test_cusparselt_without_gpu_reports_instead_of_aborting():
         assert info["available"] is False and info["status"]
 
 
-def test_missing_extension_gives_rebuild_hint():
+def test_missing_extension_gives_rebuild_hint(tmp_path):
     # A fresh interpreter in which pysparse._C cannot be imported: pure Python still imports, and
     # using an op says how to rebuild.
     code = (
@@ -91,6 +91,9 @@ def test_missing_extension_gives_rebuild_hint():
         "except RuntimeError as e:\n"
         "    print(e)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    # from outside the repository: the installed package, not the source folder (which has no _C)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=tmp_path
+    )
     assert out.returncode == 0, out.stderr
     assert "pip install --no-build-isolation" in out.stdout

@@ -118,6 +118,12 @@ class Pass:
         rewrites other parts of the graph overrides this and runs itself on ``secondary``."""
         sync_graph(primary, secondary)
 
+    def expand(self) -> list[Pass] | None:
+        """A pass that is a pipeline of others returns its stages (each a Pass): the PassManager
+        runs them in this pass's place, after ordering, and reports each on its own. None (the
+        default): the pass runs as itself."""
+        return None
+
     def settings(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items() if not k.startswith("_") and _plain(v)}
 

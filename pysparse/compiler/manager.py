@@ -22,7 +22,7 @@ import torch
 from torch import fx
 
 from pysparse.capture.inputs import call_no_grad
-from pysparse.compiler.base import Pass, PassContext, PassError
+from pysparse.compiler.base import Pass, PassContext, PassError, PassResult
 
 _log = logging.getLogger(__name__)
 
@@ -68,6 +68,8 @@ def _flat_tensors(out: Any) -> list[torch.Tensor]:
 class PassManager:
     def __init__(self, passes: Sequence[Pass]):
         self.passes = order_passes(passes)
+        # What runs: each pass, or the stages of one that is a pipeline of others (Pass.expand)
+        self.stages = [s for p in self.passes for s in (p.expand() or [p])]
         self.report: list[dict[str, Any]] = []
 
     def run(
@@ -79,27 +81,13 @@ class PassManager:
         """Runs the passes on ``gm``; after each, ``Pass.mirror`` applies it to every graph of
         ``mirrors`` (other captures of the same model, such as the generation step graph)."""
         done: list[str] = []
-        for p in self.passes:
+        for p in self.stages:
             before = None
             if ctx.check_numerics and p.preserves_numerics:
                 before = _flat_tensors(call_no_grad(gm, ctx.example_args, ctx.example_kwargs))
             t0 = time.perf_counter()
-            try:
-                p.requires(gm)
-                result = p.call(gm, ctx)
-                gm = result.gm
-                gm.graph.lint()
-                gm.recompile()
-                p.ensures(gm)
-                for other in mirrors:
-                    p.mirror(gm, other, ctx)
-                    other.graph.lint()
-                    other.recompile()
-            except Exception as exc:
-                raise PassError(
-                    f"pass '{p.name}' failed (passes run before it: {done or 'none'}): "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
+            result = self._run_one(p, gm, ctx, mirrors, done)
+            gm = result.gm
             seconds = time.perf_counter() - t0
             entry = {
                 "pass": p.name,
@@ -109,39 +97,7 @@ class PassManager:
                 **result.info,
             }
             if before is not None:
-                after = _flat_tensors(call_no_grad(gm, ctx.example_args, ctx.example_kwargs))
-                err = max(
-                    ((a.double() - b.double()).abs().max().item() for a, b in zip(after, before)),
-                    default=0.0,
-                )
-                scale = max((b.double().abs().max().item() for b in before), default=1.0)
-                entry["spot_check_max_abs_err"] = err
-                # a few units in the last place of the outputs' dtype per sqrt(layer) — rounding
-                # differences of the layers add up like a random walk (bf16 keeps 8 bits: SmolLM2
-                # 2:4 in bf16 differs by 1.34 at logit scale 25.6 after 30 layers) — and never
-                # tighter than 1e-3
-                eps = max(
-                    (torch.finfo(b.dtype).eps for b in before if b.is_floating_point()), default=0.0
-                )
-                depth = max(len(gm.meta.get("pysparse", {}).get("ffns", [])), 1)
-                if err > max(1e-3, 4 * eps * depth**0.5) * max(scale, 1.0):
-                    msg = (
-                        f"pass '{p.name}' changed the model's outputs (max abs err {err:.3g}, "
-                        f"output scale {scale:.3g}); passes run before it: {done or 'none'}"
-                    )
-                    if not _has_fatrelu(gm):
-                        raise PassError(msg)
-                    # FATReLU is discontinuous at its threshold t: a gate value within rounding
-                    # of t that one summation order puts above and another below moves an output
-                    # by ~t * up * down, and 30 layers amplify that. Not a wrong rewrite; said.
-                    entry["spot_check"] = "exceeded at FATReLU thresholds (see the log)"
-                    _log.warning(
-                        "%s. The graph has FATReLU activations (threshold > 0), whose output jumps "
-                        "at the threshold, so rounding differences between the dense and the "
-                        "sparse kernels switch neurons on or off; compare the two on your data "
-                        "(pysparse eval) before relying on it",
-                        msg,
-                    )
+                entry.update(_spot_check(p, gm, ctx, before, done))
             # DEBUG: the report holds the same facts, and the CLI prints the report
             _log.debug(
                 "pass %s: modified=%s in %.2fs %s",
@@ -153,6 +109,71 @@ class PassManager:
             self.report.append(entry)
             done.append(p.name)
         return gm
+
+    @staticmethod
+    def _run_one(
+        p: Pass,
+        gm: fx.GraphModule,
+        ctx: PassContext,
+        mirrors: Sequence[fx.GraphModule],
+        done: list[str],
+    ) -> PassResult:
+        """requires / call / lint / ensures, then the mirrors; any failure as a PassError naming
+        the pass and the passes run before it."""
+        try:
+            p.requires(gm)
+            result = p.call(gm, ctx)
+            result.gm.graph.lint()
+            result.gm.recompile()
+            p.ensures(result.gm)
+            for other in mirrors:
+                p.mirror(result.gm, other, ctx)
+                other.graph.lint()
+                other.recompile()
+        except Exception as exc:
+            raise PassError(
+                f"pass '{p.name}' failed (passes run before it: {done or 'none'}): "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        return result
+
+
+def _spot_check(
+    p: Pass, gm: fx.GraphModule, ctx: PassContext, before: list[torch.Tensor], done: list[str]
+) -> dict[str, Any]:
+    """Compares the graph's outputs on the example inputs with ``before`` (for a pass that must
+    not change them): raises when they differ past rounding, or says so for FATReLU graphs."""
+    after = _flat_tensors(call_no_grad(gm, ctx.example_args, ctx.example_kwargs))
+    err = max(
+        ((a.double() - b.double()).abs().max().item() for a, b in zip(after, before)),
+        default=0.0,
+    )
+    scale = max((b.double().abs().max().item() for b in before), default=1.0)
+    out: dict[str, Any] = {"spot_check_max_abs_err": err}
+    # a few units in the last place of the outputs' dtype per sqrt(layer) — rounding differences
+    # of the layers add up like a random walk (bf16 keeps 8 bits: SmolLM2 2:4 in bf16 differs by
+    # 1.34 at logit scale 25.6 after 30 layers) — and never tighter than 1e-3
+    eps = max((torch.finfo(b.dtype).eps for b in before if b.is_floating_point()), default=0.0)
+    depth = max(len(gm.meta.get("pysparse", {}).get("ffns", [])), 1)
+    if err <= max(1e-3, 4 * eps * depth**0.5) * max(scale, 1.0):
+        return out
+    msg = (
+        f"pass '{p.name}' changed the model's outputs (max abs err {err:.3g}, "
+        f"output scale {scale:.3g}); passes run before it: {done or 'none'}"
+    )
+    if not _has_fatrelu(gm):
+        raise PassError(msg)
+    # FATReLU is discontinuous at its threshold t: a gate value within rounding of t that one
+    # summation order puts above and another below moves an output by ~t * up * down, and 30
+    # layers amplify that. Not a wrong rewrite; said.
+    out["spot_check"] = "exceeded at FATReLU thresholds (see the log)"
+    _log.warning(
+        "%s. The graph has FATReLU activations (threshold > 0), whose output jumps at the "
+        "threshold, so rounding differences between the dense and the sparse kernels switch "
+        "neurons on or off; compare the two on your data (pysparse eval) before relying on it",
+        msg,
+    )
+    return out
 
 
 def _has_fatrelu(gm: fx.GraphModule) -> bool:
