@@ -19,6 +19,8 @@ implementation) and must give the same outputs as before (the PassManager spot-c
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import fx
@@ -85,136 +87,22 @@ class Lower(Pass):
         self, gm: fx.GraphModule, block: dict, infos: dict, reuse: dict[str, torch.Tensor]
     ) -> tuple[str, int]:
         """Rewrites one block; returns (the op used, dense weights dropped) or raises _Skip."""
-        nodes = {n.name: n for n in gm.graph.nodes}
-        if block.get("gate_up"):
-            raise _Skip("fused gate_up projection")
-        act = nodes.get(block["act"])
-        down = nodes.get(block["down"])
-        up = nodes.get(block["up"]) if block.get("up") else None
-        gate = nodes.get(block["gate"]) if block.get("gate") else None
-        if act is None or down is None or up is None:
-            raise _Skip("block nodes not found")
-        t = activation_threshold(act)
-        if t is None:
-            raise _Skip(f"activation {act.target} is not ReLU/FATReLU")
-        act_in = act.args[0] if act.target is aten.relu.default else act.args[1]
-        # With activation predictors (passes.predictor) the block reads x1 * keep: the op takes keep
-        # as its ``predicted`` mask and the product goes.
-        pred = block.get("predictor")
-        kept = nodes.get(pred["kept"]) if pred else act
-        keep = nodes.get(pred["keep"]) if pred else None
-        if kept is None or (pred and keep is None):
-            raise _Skip("predictor nodes not found")
-        gated = block["kind"] == "gated"
-        parts = {"down": linear_parts(down), "up": linear_parts(up)}
-        if gated:
-            parts["gate"] = linear_parts(gate) if gate is not None else None
-        if any(v is None for v in parts.values()):
-            raise _Skip("a projection is not a plain linear over a module weight")
-        if gated:
-            mul = down.args[0]
-            ok = (
-                act_in is gate
-                and isinstance(mul, fx.Node)
-                and mul.target is aten.mul.Tensor
-                and set(mul.args) == {kept, up}
-                and parts["gate"][0] is parts["up"][0]
-            )
-            if not ok:
-                raise _Skip("nodes between the FFN's ops (views or casts)")
-            if any(parts[r][2] is not None for r in ("gate", "up", "down")):
-                raise _Skip("biases on a gated FFN")
-            inner = [gate, up, *_fatrelu_ge(act), act, *([kept] if pred else []), mul]
-        else:
-            if not (act_in is up and down.args[0] is kept):
-                raise _Skip("nodes between the FFN's ops (views or casts)")
-            inner = [up, *_fatrelu_ge(act), act, *([kept] if pred else [])]
-        for n in inner:
-            users = set(n.users)
-            allowed = {down} | set(inner)
-            if not users <= allowed:
-                raise _Skip(f"{n.name} has users outside the FFN")
-        x = parts["up"][0]
-        w = {r: module_tensor(gm, p[1].target) for r, p in parts.items()}
-        dtypes = {v.dtype for v in w.values()}
-        if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16):
-            raise _Skip(f"weights are {sorted(map(str, dtypes))}, the FFN ops take fp32 or bf16")
-        linears = {"down": down, "up": up, **({"gate": gate} if gated else {})}
-        packed = {r: infos.get(n.name, {}).get("packed") for r, n in linears.items()}
-        n_packed = sum(1 for v in packed.values() if v)
-        D = w["up"].shape[1]
-        if n_packed and (n_packed != len(packed) or D % 4 or w["up"].shape[0] % 4):
-            raise _Skip("only some of the FFN's linears are 2:4 (or padded)")
-        prefix = f"pysparse_ffn{block['layer']}"
-        graph = gm.graph
-
-        def attr(name: str, make: Callable[[], torch.Tensor]) -> fx.Node:
-            full = f"{prefix}_{name}"
-            made = reuse.get(full)
-            gm.register_buffer(full, made if made is not None else make().detach().contiguous())
-            return graph.get_attr(full)
-
-        regrouped: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-        def down24(i: int) -> torch.Tensor:  # pack_down24 once for both of its outputs
-            if not regrouped:
-                regrouped.append(
-                    pack_down24(gm.get_buffer(packed["down"][0]), gm.get_buffer(packed["down"][1]))
-                )
-            return regrouped[0][i]
-
-        with graph.inserting_before(down):
-            if n_packed:
-                if infos.get(down.name, {}).get("packed_by_row"):  # masked along d_model
-                    down_args = tuple(graph.get_attr(n) for n in packed["down"])
-                else:  # masked along d_ff: regroup by groups of 4 neurons
-                    down_args = (
-                        attr("down24_values", lambda: down24(0)),
-                        attr("down24_meta", lambda: down24(1)),
-                    )
-                    record_layout(
-                        gm,
-                        parts["down"][1].target,
-                        "down24",
-                        values=f"{prefix}_down24_values",
-                        meta=f"{prefix}_down24_meta",
-                    )
-                first = parts["gate" if gated else "up"]
-                fv, fm = (graph.get_attr(n) for n in packed["gate" if gated else "up"])
-                if gated:
-                    uv, um = (graph.get_attr(n) for n in packed["up"])
-                    op = torch.ops.pysparse.sparse_ffn24.default
-                    args = (x, fv, fm, uv, um, *down_args, t)
-                else:
-                    op = torch.ops.pysparse.sparse_mlp24.default
-                    args = (x, fv, fm, first[2], *down_args, parts["down"][2], t)
-            else:
-                down_t = attr("down_t", lambda: w["down"].T)
-                record_layout(gm, parts["down"][1].target, "transposed", tensor=f"{prefix}_down_t")
-                if gated:
-                    op = torch.ops.pysparse.sparse_ffn.default
-                    args = (x, parts["gate"][1], parts["up"][1], down_t, t)
-                else:
-                    op = torch.ops.pysparse.sparse_mlp.default
-                    args = (x, parts["up"][1], parts["up"][2], down_t, parts["down"][2], t)
-            if keep is not None:
-                args = (*args, keep)
-            new = graph.call_function(op, args)
-        new.meta = dict(down.meta)
-        new.meta["pysparse"] = {"lowered": op.name(), "layer": block["layer"], "threshold": t}
-        if keep is not None:
+        m = _match_ffn(gm, block, infos)
+        with gm.graph.inserting_before(m.down):
+            op, args = _ffn_op_args(gm, m, block, reuse)
+            new = gm.graph.call_function(op, args)
+        new.meta = dict(m.down.meta)
+        new.meta["pysparse"] = {"lowered": op.name(), "layer": block["layer"], "threshold": m.t}
+        if m.keep is not None:
             new.meta["pysparse"]["predicted"] = True
-        down.replace_all_uses_with(new)
-        dead = [down, *reversed(inner)]
-        weights = [p[1] for p in parts.values()]
-        for n in dead:
-            graph.erase_node(n)
-        dropped = sum(_drop_unused_attr(gm, wn) for wn in weights)
-        if n_packed:
-            for v in packed.values():
-                for name in v:
-                    if not any(n.op == "get_attr" and n.target == name for n in graph.nodes):
-                        _drop_parameter(gm, name)
+        m.down.replace_all_uses_with(new)
+        for n in [m.down, *reversed(m.inner)]:
+            gm.graph.erase_node(n)
+        dropped = sum(_drop_unused_attr(gm, p[1]) for p in m.parts.values())
+        for v in m.packed.values() if m.n_packed else ():
+            for name in v:
+                if not any(n.op == "get_attr" and n.target == name for n in gm.graph.nodes):
+                    _drop_parameter(gm, name)
         block["lowered"] = op.name()
         return op.name(), dropped
 
@@ -269,3 +157,144 @@ class Lower(Pass):
             if ffn_skipped:
                 report["ffns_not_lowered"] = ffn_skipped
         return PassResult(gm, lowered > 0 or bool(ffn_ops), report)
+
+
+@dataclass
+class _FfnMatch:
+    """An FFN block's nodes as ``_match_ffn`` found them, ready to lower."""
+
+    down: fx.Node
+    gated: bool
+    t: float  # 0 for ReLU, the FATReLU threshold
+    keep: fx.Node | None  # the predictor's mask (passes.predictor), or None
+    parts: dict[str, tuple]  # role -> linear_parts (input, weight, bias)
+    inner: list[fx.Node]  # the nodes the op replaces, down excluded
+    w: dict[str, torch.Tensor]  # role -> weight
+    packed: dict[str, Any]  # role -> (values, meta) buffer names when 2:4-packed
+    n_packed: int
+    by_row: bool  # the 2:4 down projection is masked along d_model (packed by row)
+
+
+def _match_ffn(gm: fx.GraphModule, block: dict, infos: dict) -> _FfnMatch:
+    """The block's nodes, checked to be exactly the FFN the ops compute, or _Skip saying why."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    if block.get("gate_up"):
+        raise _Skip("fused gate_up projection")
+    act = nodes.get(block["act"])
+    down = nodes.get(block["down"])
+    up = nodes.get(block["up"]) if block.get("up") else None
+    gate = nodes.get(block["gate"]) if block.get("gate") else None
+    if act is None or down is None or up is None:
+        raise _Skip("block nodes not found")
+    t = activation_threshold(act)
+    if t is None:
+        raise _Skip(f"activation {act.target} is not ReLU/FATReLU")
+    act_in = act.args[0] if act.target is aten.relu.default else act.args[1]
+    # With activation predictors (passes.predictor) the block reads x1 * keep: the op takes keep
+    # as its ``predicted`` mask and the product goes.
+    pred = block.get("predictor")
+    kept = nodes.get(pred["kept"]) if pred else act
+    keep = nodes.get(pred["keep"]) if pred else None
+    if kept is None or (pred and keep is None):
+        raise _Skip("predictor nodes not found")
+    gated = block["kind"] == "gated"
+    parts = {"down": linear_parts(down), "up": linear_parts(up)}
+    if gated:
+        parts["gate"] = linear_parts(gate) if gate is not None else None
+    if any(v is None for v in parts.values()):
+        raise _Skip("a projection is not a plain linear over a module weight")
+    if gated:
+        mul = down.args[0]
+        ok = (
+            act_in is gate
+            and isinstance(mul, fx.Node)
+            and mul.target is aten.mul.Tensor
+            and set(mul.args) == {kept, up}
+            and parts["gate"][0] is parts["up"][0]
+        )
+        if not ok:
+            raise _Skip("nodes between the FFN's ops (views or casts)")
+        if any(parts[r][2] is not None for r in ("gate", "up", "down")):
+            raise _Skip("biases on a gated FFN")
+        inner = [gate, up, *_fatrelu_ge(act), act, *([kept] if pred else []), mul]
+    else:
+        if not (act_in is up and down.args[0] is kept):
+            raise _Skip("nodes between the FFN's ops (views or casts)")
+        inner = [up, *_fatrelu_ge(act), act, *([kept] if pred else [])]
+    for n in inner:
+        if not set(n.users) <= {down} | set(inner):
+            raise _Skip(f"{n.name} has users outside the FFN")
+    w = {r: module_tensor(gm, p[1].target) for r, p in parts.items()}
+    dtypes = {v.dtype for v in w.values()}
+    if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16):
+        raise _Skip(f"weights are {sorted(map(str, dtypes))}, the FFN ops take fp32 or bf16")
+    linears = {"down": down, "up": up, **({"gate": gate} if gated else {})}
+    packed = {r: infos.get(n.name, {}).get("packed") for r, n in linears.items()}
+    n_packed = sum(1 for v in packed.values() if v)
+    if n_packed and (n_packed != len(packed) or w["up"].shape[1] % 4 or w["up"].shape[0] % 4):
+        raise _Skip("only some of the FFN's linears are 2:4 (or padded)")
+    by_row = bool(infos.get(down.name, {}).get("packed_by_row"))
+    return _FfnMatch(down, gated, t, keep, parts, inner, w, packed, n_packed, by_row)
+
+
+def _ffn_op_args(
+    gm: fx.GraphModule, m: _FfnMatch, block: dict, reuse: dict[str, torch.Tensor]
+) -> tuple[Any, tuple]:
+    """The FFN op for a matched block and its arguments; registers the kernel tensors it needs
+    (transposed or regrouped down projections; ``reuse``'s when given). Called inside the
+    graph's ``inserting_before(down)``."""
+    prefix = f"pysparse_ffn{block['layer']}"
+    graph, parts, packed, gated = gm.graph, m.parts, m.packed, m.gated
+    x = parts["up"][0]
+
+    def attr(name: str, make: Callable[[], torch.Tensor]) -> fx.Node:
+        full = f"{prefix}_{name}"
+        made = reuse.get(full)
+        gm.register_buffer(full, made if made is not None else make().detach().contiguous())
+        return graph.get_attr(full)
+
+    regrouped: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def down24(i: int) -> torch.Tensor:  # pack_down24 once for both of its outputs
+        if not regrouped:
+            regrouped.append(
+                pack_down24(gm.get_buffer(packed["down"][0]), gm.get_buffer(packed["down"][1]))
+            )
+        return regrouped[0][i]
+
+    if m.n_packed:
+        if m.by_row:
+            down_args = tuple(graph.get_attr(n) for n in packed["down"])  # masked along d_model
+        else:  # masked along d_ff: regroup by groups of 4 neurons
+            down_args = (
+                attr("down24_values", lambda: down24(0)),
+                attr("down24_meta", lambda: down24(1)),
+            )
+            record_layout(
+                gm,
+                parts["down"][1].target,
+                "down24",
+                values=f"{prefix}_down24_values",
+                meta=f"{prefix}_down24_meta",
+            )
+        first = parts["gate" if gated else "up"]
+        fv, fm = (graph.get_attr(n) for n in packed["gate" if gated else "up"])
+        if gated:
+            uv, um = (graph.get_attr(n) for n in packed["up"])
+            op = torch.ops.pysparse.sparse_ffn24.default
+            args = (x, fv, fm, uv, um, *down_args, m.t)
+        else:
+            op = torch.ops.pysparse.sparse_mlp24.default
+            args = (x, fv, fm, first[2], *down_args, parts["down"][2], m.t)
+    else:
+        down_t = attr("down_t", lambda: m.w["down"].T)
+        record_layout(gm, parts["down"][1].target, "transposed", tensor=f"{prefix}_down_t")
+        if gated:
+            op = torch.ops.pysparse.sparse_ffn.default
+            args = (x, parts["gate"][1], parts["up"][1], down_t, m.t)
+        else:
+            op = torch.ops.pysparse.sparse_mlp.default
+            args = (x, parts["up"][1], parts["up"][2], down_t, parts["down"][2], m.t)
+    if m.keep is not None:
+        args = (*args, m.keep)
+    return op, args

@@ -423,6 +423,24 @@ class ProSparse(Pass):
         return hp
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        batches, val, objective = self._setup(gm, ctx)
+        info, history, schedule = self._train(gm, objective, batches)
+        if self.threshold == "sweep":
+            info["threshold_sweep"] = self._sweep(gm, objective, val)
+            info["threshold"] = info["threshold_sweep"]["chosen"]
+        elif self.threshold:
+            set_threshold(gm, float(self.threshold))
+            info["threshold"] = float(self.threshold)
+        plot = self.plot or (
+            f"{self.checkpoint_dir}/prosparse.png" if self.checkpoint_dir else None
+        )
+        if plot:
+            info["plot"] = plot_history(history, schedule, plot)
+        return PassResult(gm, True, info)
+
+    def _setup(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[list, list, Objective]:
+        """(training batches, validation batches for the threshold sweep, the objective whose
+        teacher is the model with its original activations), after checking the graph."""
         ffns = gm.meta["pysparse"]["ffns"]
         if not ffns:
             raise PassError("prosparse: the model has no FFN block")
@@ -438,12 +456,19 @@ class ProSparse(Pass):
         with original_activations(gm):
             seen = {id(b) for b in batches}
             objective = Objective(gm, kind, batches + [b for b in val if id(b) not in seen])
-        params = {k: p for k, p in gm.named_parameters()}
-        for p in params.values():
+        for p in gm.parameters():
             if not torch.isfinite(p).all():
                 raise PassError(
                     "prosparse: the model has NaN/Inf weights; fix the checkpoint first"
                 )
+        return batches, val, objective
+
+    def _train(
+        self, gm: fx.GraphModule, objective: Objective, batches: list
+    ) -> tuple[dict[str, Any], list[dict[str, float]], Any]:
+        """The L1-regularised fine-tune along the lambda schedule; (report fields, history,
+        schedule)."""
+        params = {k: p for k, p in gm.named_parameters()}
         hp = self.tuned(objective.name)
         schedule = hp["schedule"]
         reg = Regularizer(gm, schedule, mode="loss")
@@ -529,18 +554,7 @@ class ProSparse(Pass):
         }
         if watched:
             info["monitor"] = watched
-        if self.threshold == "sweep":
-            info["threshold_sweep"] = self._sweep(gm, objective, val)
-            info["threshold"] = info["threshold_sweep"]["chosen"]
-        elif self.threshold:
-            set_threshold(gm, float(self.threshold))
-            info["threshold"] = float(self.threshold)
-        plot = self.plot or (
-            f"{self.checkpoint_dir}/prosparse.png" if self.checkpoint_dir else None
-        )
-        if plot:
-            info["plot"] = plot_history(history, schedule, plot)
-        return PassResult(gm, True, info)
+        return info, history, schedule
 
     def _sweep(self, gm: fx.GraphModule, objective: Objective, val: list) -> dict[str, Any]:
         """Largest FATReLU threshold, rising along a grid until the first candidate whose quality

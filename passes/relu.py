@@ -10,6 +10,7 @@ import torch
 from torch import fx
 
 from pysparse.compiler.base import Pass, PassContext, PassResult
+from pysparse.compiler.graph import set_activation
 
 aten = torch.ops.aten
 
@@ -37,18 +38,8 @@ class ReluSubstitution(Pass):
                     "args": list(act.args[1:]),
                     "kwargs": dict(act.kwargs),
                 }
-            x = act.args[0]
-            with gm.graph.inserting_after(act):
-                if not self.threshold:
-                    new = gm.graph.call_function(aten.relu.default, (x,))
-                else:
-                    keep = gm.graph.call_function(aten.ge.Scalar, (x, float(self.threshold)))
-                    with gm.graph.inserting_after(keep):
-                        new = gm.graph.call_function(aten.where.ScalarOther, (keep, x, 0.0))
-            new.meta = dict(act.meta)
-            act.replace_all_uses_with(new)
-            gm.graph.erase_node(act)
-            block.update(act=new.name, act_op=want, threshold=self.threshold)
+            set_activation(gm, block, want, self.threshold)
+            block.update(act_op=want, threshold=self.threshold)
             replaced += 1
         return PassResult(
             gm,

@@ -64,20 +64,20 @@ def compile(
         passes: pass objects or names ("relu", "magnitude", "wanda", "compress24", "lower").
         example_inputs / example_kwargs: inputs for capture and numeric spot checks: a tensor,
             a tuple, or a mapping of keyword inputs (``tokenizer(texts, return_tensors="pt")``).
-            The compiled model is then called like the original (``pysparse.inputs``).
+            The compiled model is then called like the original (``pysparse.capture.inputs``).
         calibration: batches ``[(args, kwargs), ...]`` for data-driven passes (Wanda); default the
             example inputs.
         copy_model: capture a deep copy so the caller's weights are never modified.
         check_numerics: after passes that must not change outputs, compare against the graph
             before the pass and fail loudly if they differ.
-        generation: also capture the generation step graph (KV cache, see pysparse.generate) and
+        generation: also capture the generation step graph (KV cache, see pysparse.runtime.generate) and
             transform it with the same passes. None (default): for models that can generate
             (Hugging Face decoders), with a warning when the capture fails; True: fail instead;
             False: never.
         max_cache_len: the default KV-cache limit of ``generate`` (prompt + new tokens); default
             the model's ``max_position_embeddings``.
         tokenizer: the model's (Hugging Face) tokenizer: without ``calibration``, data passes
-            calibrate and train on ``pysparse.corpus``'s training text (256 lines, the CLI's
+            calibrate and train on ``pysparse.quality.corpus``'s training text (256 lines, the CLI's
             default), and the example inputs default to its first batch; ``pysparse.save`` stores
             it with the artifact.
     """

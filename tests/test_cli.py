@@ -89,9 +89,16 @@ def test_compile_proxsparse_then_eval(tmp_path):
     )
     assert res.returncode == 0, res.stderr[-3000:]
     m = pysparse.load(art)
-    rep = m.report[0]
-    assert rep["pass"] == "proxsparse" and rep["settings"]["steps"] == 3
-    assert rep["objective"] == "hidden_mse"
+    stages = [r["pass"] for r in m.report]
+    assert stages[:4] == [
+        "proxsparse.init",
+        "proxsparse",
+        "proxsparse.reconstruct",
+        "proxsparse.recover",
+    ], stages
+    rep = m.report[1]
+    assert rep["settings"]["steps"] == 3 and rep["objective"] == "hidden_mse"
+    assert m.report[3]["steps"] == 5
     res = run_cli("eval", str(art), "--json", str(tmp_path / "e.json"), cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     import json

@@ -26,7 +26,7 @@ namespace {
 // the 2:4 linear layer for gate/up and a dense down rebuilt from the packed one).
 constexpr int64_t kSparseMaxRows = 16;
 
-// Measured with bench/ffn.py (LLaMA-7B shape, fp32, 2 threads; README has the table): up to 4
+// Measured with bench/ffn.py (LLaMA-7B shape, fp32, 2 threads; bench/RESULTS.md has the table): up to 4
 // rows the sparse kernels beat torch's dense FFN at every sparsity (M=4, all neurons active: 1.3x),
 // at 1 row they tie with every neuron active (0.99x); at 16 rows, computing per row of x, they lose
 // once most neurons are active (union 100%: 0.6x). So from 9 rows the gate is torch's GEMM, and
@@ -110,7 +110,7 @@ at::Tensor dense_down(const at::Tensor& h, const Weights& w) {
 // core::kAmxMinRows rows: the gate on the tile kernel; then, while few neurons fire, the FFN
 // kernels for the firing neurons; once many fire, the up and down projections on the tiles too.
 // Without them the FMA kernels compute per row of x (LLaMA-7B shape, 16 rows: 0.28-0.53x torch's
-// dense bf16 FFN, README). Up to kAmxMaxRows rows: bench/ffn.py measured it to 16; the 2:4 linear
+// dense bf16 FFN, bench/RESULTS.md). Up to kAmxMaxRows rows: bench/ffn.py measured it to 16; the 2:4 linear
 // alone stays on the tiles to 191 rows (its crossover to torch's GEMM, sparse24_cpu.cpp).
 constexpr int64_t kAmxMaxRows = 127;
 

@@ -344,70 +344,18 @@ def save(
     umask = os.umask(0)
     os.umask(umask)
     try:
-        wrapper = _PlainOutputs(sm)
-        programs = {"": export_module(wrapper, sm.example_args, sm.example_kwargs)}
-        generation = None
-        if getattr(sm, "can_generate", False):
-            programs[STEP] = export_step(sm.step, sm.cache_spec)
-            generation = {"program": STEP_PROGRAM, "cache": sm.cache_spec.to_dict()}
-        tensors, aliases = _split_weights(programs)
-        _st_save(tensors, str(tmp / WEIGHTS), metadata={"format": "pysparse-artifact"})
-        for name, ep in programs.items():
-            # The programs carry neither of these (both end up as code or a pickle on load, see
-            # the module docstring), so that pysparse.artifacts.pt2check can refuse any program that does.
-            ep.example_inputs = None
-            ep._guards_code = []
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the archive writer remarks on the stand-ins
-                torch.export.save(ep, tmp / (STEP_PROGRAM if name else PROGRAM))
-        # Kept so that export and evaluation can re-trace the loaded model.
-        ex_tensors, ex_layout = _pack_inputs(sm.example_args, sm.example_kwargs)
-        _st_save(ex_tensors, str(tmp / EXAMPLES), metadata={"layout": json.dumps(ex_layout)})
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / TOKENIZER))
-        extra = dict(files or {})
-        if not any(name in extra for name in report.REPORT_FILES):
-            extra.update(report.files(report.collect(sm)))
-        for name, data in extra.items():
-            if "/" in name or name.startswith(".") or (tmp / name).exists() or name == MANIFEST:
-                raise ArtifactError(f"save: extra file name {name!r} is taken or not a plain name")
-            (tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
-        meta = sm.gm.meta.get("pysparse", {})
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = _write_contents(sm, tmp, tokenizer, files)
+        written = sorted(p for p in tmp.rglob("*") if p.is_file())
         # mkdtemp and some writers create owner-only entries: give the artifact the permissions
         # an ordinary directory would have.
         for p in [tmp, *tmp.rglob("*")]:
             p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-        manifest = {
-            "format": "pysparse-artifact",
-            "format_version": FORMAT_VERSION,
-            "pysparse_version": __version__,
-            "torch_version": torch.__version__,
-            "model": meta.get("model", {}),
-            "passes": sm.report,
-            "call_kwargs": meta.get("call_kwargs", {}),
-            "inputs": meta["inputs"].to_dict() if meta.get("inputs") else None,
-            "output_names": wrapper.output_names,
-            "example_args": [_spec(a) for a in sm.example_args],
-            "example_kwargs": {k: _spec(v) for k, v in sm.example_kwargs.items()},
-            "weights": {"file": WEIGHTS, "tensors": len(tensors), "aliases": aliases},
-            "tokenizer": TOKENIZER if tokenizer is not None else None,
-            "generation": generation,
-            # weights packed or re-laid-out by the passes (pysparse.kernels.formats.dense_weight)
-            "weight_layouts": meta.get("weight_layouts", {}),
-            "files": {
-                p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-                for p in files
-            },
+        manifest["files"] = {
+            p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in written
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        _swap_in(tmp, target)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if exc.errno == errno.ENOSPC:
@@ -424,6 +372,72 @@ def save(
     total = sum(f["bytes"] for f in manifest["files"].values())
     _log.info("saved %s (%.1f MB)", target, total / 1e6)
     return target
+
+
+def _write_contents(
+    sm: SparseModel, tmp: Path, tokenizer: Any, files: dict[str, str | bytes] | None
+) -> dict[str, Any]:
+    """Writes the programs, weights, example inputs, tokenizer and extra files into ``tmp``;
+    returns the manifest without its table of files."""
+    wrapper = _PlainOutputs(sm)
+    programs = {"": export_module(wrapper, sm.example_args, sm.example_kwargs)}
+    generation = None
+    if getattr(sm, "can_generate", False):
+        programs[STEP] = export_step(sm.step, sm.cache_spec)
+        generation = {"program": STEP_PROGRAM, "cache": sm.cache_spec.to_dict()}
+    tensors, aliases = _split_weights(programs)
+    _st_save(tensors, str(tmp / WEIGHTS), metadata={"format": "pysparse-artifact"})
+    for name, ep in programs.items():
+        # The programs carry neither of these (both end up as code or a pickle on load, see
+        # the module docstring), so that pysparse.artifacts.pt2check can refuse any program that
+        # does.
+        ep.example_inputs = None
+        ep._guards_code = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the archive writer remarks on the stand-ins
+            torch.export.save(ep, tmp / (STEP_PROGRAM if name else PROGRAM))
+    # Kept so that export and evaluation can re-trace the loaded model.
+    ex_tensors, ex_layout = _pack_inputs(sm.example_args, sm.example_kwargs)
+    _st_save(ex_tensors, str(tmp / EXAMPLES), metadata={"layout": json.dumps(ex_layout)})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp / TOKENIZER))
+    extra = dict(files or {})
+    if not any(name in extra for name in report.REPORT_FILES):
+        extra.update(report.files(report.collect(sm)))
+    for name, data in extra.items():
+        if "/" in name or name.startswith(".") or (tmp / name).exists() or name == MANIFEST:
+            raise ArtifactError(f"save: extra file name {name!r} is taken or not a plain name")
+        (tmp / name).write_bytes(data.encode() if isinstance(data, str) else data)
+    meta = sm.gm.meta.get("pysparse", {})
+    return {
+        "format": "pysparse-artifact",
+        "format_version": FORMAT_VERSION,
+        "pysparse_version": __version__,
+        "torch_version": torch.__version__,
+        "model": meta.get("model", {}),
+        "passes": sm.report,
+        "call_kwargs": meta.get("call_kwargs", {}),
+        "inputs": meta["inputs"].to_dict() if meta.get("inputs") else None,
+        "output_names": wrapper.output_names,
+        "example_args": [_spec(a) for a in sm.example_args],
+        "example_kwargs": {k: _spec(v) for k, v in sm.example_kwargs.items()},
+        "weights": {"file": WEIGHTS, "tensors": len(tensors), "aliases": aliases},
+        "tokenizer": TOKENIZER if tokenizer is not None else None,
+        "generation": generation,
+        # weights packed or re-laid-out by the passes (pysparse.kernels.formats.dense_weight)
+        "weight_layouts": meta.get("weight_layouts", {}),
+    }
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Puts the finished ``tmp`` at ``target``; an existing artifact goes only after."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
 
 
 class LoadedModel(Generates, torch.nn.Module):
@@ -499,6 +513,16 @@ def load(directory: str | os.PathLike) -> LoadedModel:
     ``ArtifactError`` naming the member."""
     require_extension()
     root = Path(directory)
+    manifest = _read_manifest(root)
+    blobs = _verify_files(root, manifest["files"])
+    wanted = [PROGRAM] + ([STEP_PROGRAM] if manifest.get("generation") is not None else [])
+    _inspect_programs(root, blobs, wanted)
+    return _rebuild(root, manifest, blobs, wanted)
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    """The manifest, checked to be this format's, to list the programs and the weights, and to
+    hold a well-formed generation record."""
     mpath = root / MANIFEST
     if not mpath.is_file():
         raise ArtifactError(f"{root} is not a pysparse artifact: {MANIFEST} is missing")
@@ -522,6 +546,7 @@ def load(directory: str | os.PathLike) -> LoadedModel:
     files = manifest.get("files", {})
     if not isinstance(files, dict):
         raise ArtifactError(f"{mpath} is corrupt (no table of files); re-save the model")
+    manifest["files"] = files
     for required in (PROGRAM, WEIGHTS):
         if required not in files:
             raise ArtifactError(f"{root}: the manifest lists no {required}; re-save the model")
@@ -532,6 +557,12 @@ def load(directory: str | os.PathLike) -> LoadedModel:
         raise ArtifactError(f"{mpath} is corrupt (its generation record); re-save the model")
     if generation is not None and STEP_PROGRAM not in files:
         raise ArtifactError(f"{root}: the manifest lists no {STEP_PROGRAM}; re-save the model")
+    return manifest
+
+
+def _verify_files(root: Path, files: dict[str, Any]) -> dict[str, bytes]:
+    """Checks every listed file's size and checksum; returns the programs' bytes, read once (they
+    are checked, inspected and loaded from these very bytes: the file cannot change between)."""
     blobs: dict[str, bytes] = {}
     for name, rec in files.items():
         path, nbytes, sha256 = _listed_file(root, name, rec)
@@ -543,14 +574,17 @@ def load(directory: str | os.PathLike) -> LoadedModel:
                 f"{root}: {name} is {size} bytes, the manifest says {nbytes} (truncated?)"
             )
         if name in (PROGRAM, STEP_PROGRAM):
-            # Checked, inspected and loaded from these very bytes: the file cannot change between.
             blobs[name] = path.read_bytes()
             digest = hashlib.sha256(blobs[name]).hexdigest()
         else:
             digest = sha256_file(path)
         if digest != sha256:
             raise ArtifactError(f"{root}: {name} does not match its checksum (altered or corrupt)")
-    wanted = [PROGRAM] + ([STEP_PROGRAM] if generation is not None else [])
+    return blobs
+
+
+def _inspect_programs(root: Path, blobs: dict[str, bytes], wanted: list[str]) -> None:
+    """Refuses a program that would run code when torch loads it (pysparse.artifacts.pt2check)."""
     for name in wanted:
         try:
             check_program(blobs[name])
@@ -559,6 +593,13 @@ def load(directory: str | os.PathLike) -> LoadedModel:
                 f"{root}: {name} {exc}. Refused: loading it could run code it carries. Re-save "
                 "the model with pysparse.save, which writes none of this"
             ) from exc
+
+
+def _rebuild(
+    root: Path, manifest: dict[str, Any], blobs: dict[str, bytes], wanted: list[str]
+) -> LoadedModel:
+    """The verified programs loaded with the weights put back, as a LoadedModel."""
+    mpath = root / MANIFEST
     try:
         tensors = _st_load(str(root / WEIGHTS))
     except Exception as exc:
@@ -587,6 +628,7 @@ def load(directory: str | os.PathLike) -> LoadedModel:
         if name == STEP_PROGRAM:
             drop_input_checks(modules[name])
     cache_spec = None
+    generation = manifest.get("generation")
     if generation is not None:
         try:
             cache_spec = CacheSpec.from_dict(generation.get("cache") or {})
@@ -603,6 +645,6 @@ def load(directory: str | os.PathLike) -> LoadedModel:
     loaded = LoadedModel(modules[PROGRAM], manifest, modules.get(STEP_PROGRAM), cache_spec)
     loaded.inputs = inputs
     loaded.root = root
-    if EXAMPLES in files:
+    if EXAMPLES in manifest["files"]:
         loaded.example_args, loaded.example_kwargs = _unpack_inputs(root / EXAMPLES)
     return loaded

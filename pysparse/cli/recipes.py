@@ -34,7 +34,7 @@ CALIBRATION_DEFAULTS: dict[str, Any] = {
     "pack": 0,
 }
 
-# Measured on the embedded all-MiniLM-L6-v2 (2 cores): README's summary table and bench/RESULTS.md.
+# Measured on the embedded all-MiniLM-L6-v2 (2 cores): bench/RESULTS.md.
 SHIPPED: dict[str, str] = {
     "fast": """\
 # 2:4 in about a minute, no training: ReLU FFNs + Wanda masks, packed and lowered. Quality drops

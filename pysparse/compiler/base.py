@@ -63,7 +63,7 @@ class PassContext:
             _log.warning(
                 "%s: %s hold only %d tokens (fewer than %d): statistics and training on so little "
                 "text fit it and not the model's use; pass more text: calibration=[(args, kwargs), "
-                "...] to pysparse.compile (or tokenizer=tok for pysparse.corpus's training text), "
+                "...] to pysparse.compile (or tokenizer=tok for pysparse.quality.corpus's training text), "
                 "or the pass's data=",
                 who,
                 source,
@@ -113,7 +113,7 @@ class Pass:
 
     def mirror(self, primary: fx.GraphModule, secondary: fx.GraphModule, ctx: PassContext) -> None:
         """Makes ``secondary`` (another capture of the same model, e.g. the generation step graph
-        of pysparse.generate) what this pass made of ``primary``. The default suits passes that
+        of pysparse.runtime.generate) what this pass made of ``primary``. The default suits passes that
         change weights (shared tensors), records and activations: ``sync_graph``. A pass that
         rewrites other parts of the graph overrides this and runs itself on ``secondary``."""
         sync_graph(primary, secondary)

@@ -304,6 +304,61 @@ def _choose(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _checked_prompt(
+    spec: CacheSpec,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    max_cache_len: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(ids [B, P] int64, attention mask [B, P], the cache positions needed), or a
+    GenerationError naming what is wrong and the fix."""
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise GenerationError(
+            f"input_ids must be integer token ids shaped [batch, prompt_len], got "
+            f"{tuple(input_ids.shape)} {input_ids.dtype}"
+        )
+    prompt = input_ids.shape[1]
+    if prompt == 0:
+        raise GenerationError("the prompt is empty; give at least one token")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    limit = spec.max_cache_len if max_cache_len is None else int(max_cache_len)
+    need = prompt + max_new_tokens
+    if need > limit:
+        raise GenerationError(
+            f"the prompt ({prompt} tokens) plus max_new_tokens ({max_new_tokens}) needs {need} "
+            f"KV-cache positions, over the limit of {limit}; raise it with max_cache_len={need} "
+            f"(CLI: --max-cache-len {need}) or generate fewer tokens"
+        )
+    input_ids = input_ids.long()
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise GenerationError(
+            f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
+            f"{tuple(input_ids.shape)}"
+        )
+    return input_ids, attention_mask, need
+
+
+def _stop_ids(
+    spec: CacheSpec, eos_token_id: Any, pad_token_id: int | None, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """(the ids that end a row, the id finished rows are filled with)."""
+    eos = spec.eos_token_id if eos_token_id is None else eos_token_id
+    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device).long()
+    if pad_token_id is None:
+        pad_token_id = (
+            spec.pad_token_id
+            if spec.pad_token_id is not None
+            else int(eos_ids[0] if eos_ids.numel() else 0)
+        )
+    return eos_ids, pad_token_id
+
+
 def generate(
     step: Any,
     spec: CacheSpec,
@@ -337,43 +392,12 @@ def generate(
     Returns:
         [B, P + n] ids: the prompt followed by the n <= max_new_tokens generated tokens.
     """
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-        raise GenerationError(
-            f"input_ids must be integer token ids shaped [batch, prompt_len], got "
-            f"{tuple(input_ids.shape)} {input_ids.dtype}"
-        )
+    input_ids, attention_mask, need = _checked_prompt(
+        spec, input_ids, attention_mask, max_new_tokens, max_cache_len
+    )
     batch, prompt = input_ids.shape
-    if prompt == 0:
-        raise GenerationError("the prompt is empty; give at least one token")
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    limit = spec.max_cache_len if max_cache_len is None else int(max_cache_len)
-    need = prompt + max_new_tokens
-    if need > limit:
-        raise GenerationError(
-            f"the prompt ({prompt} tokens) plus max_new_tokens ({max_new_tokens}) needs {need} "
-            f"KV-cache positions, over the limit of {limit}; raise it with max_cache_len={need} "
-            f"(CLI: --max-cache-len {need}) or generate fewer tokens"
-        )
-    input_ids = input_ids.long()
     device = input_ids.device
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-    if attention_mask.shape != input_ids.shape:
-        raise GenerationError(
-            f"attention_mask {tuple(attention_mask.shape)} must match input_ids "
-            f"{tuple(input_ids.shape)}"
-        )
-    eos = spec.eos_token_id if eos_token_id is None else eos_token_id
-    eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos), device=device).long()
-    if pad_token_id is None:
-        pad_token_id = (
-            spec.pad_token_id
-            if spec.pad_token_id is not None
-            else int(eos_ids[0] if eos_ids.numel() else 0)
-        )
+    eos_ids, pad_token_id = _stop_ids(spec, eos_token_id, pad_token_id, device)
     stats = stats if stats is not None else GenerationStats()
     stats.batch, stats.prompt_tokens, stats.new_tokens = batch, prompt, 0
     stats.prefill_s = stats.decode_s = 0.0

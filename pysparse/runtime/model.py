@@ -18,7 +18,7 @@ from pysparse.runtime.generate import CacheSpec, Generates
 class SparseModel(Generates, torch.nn.Module):
     """What ``pysparse.compile`` returns: the rewritten GraphModule, called like the model (keyword
     arguments the capture fixed, such as ``use_cache=False``, are supplied), plus ``report``.
-    Decoders also carry ``step``, the generation step graph (see pysparse.generate), and
+    Decoders also carry ``step``, the generation step graph (see pysparse.runtime.generate), and
     ``generate(...)``."""
 
     def __init__(
