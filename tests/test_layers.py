@@ -179,3 +179,17 @@ def test_the_graph_sees_imports_inside_functions(tmp_path):
     modules = {"pysparse.a": tmp_path / "a.py", "pysparse.b": tmp_path / "b.py"}
     modules["pysparse.a"].write_text("def f():\n    from pysparse.b import g\n")
     assert _imports("pysparse.a", modules["pysparse.a"], modules) == {"pysparse.b"}
+
+
+MAX_FUNCTION_LINES = 120  # past ~80 a function's steps should have names (STYLE.md 18)
+
+
+def test_no_function_is_longer_than_it_can_be_read():
+    long = []
+    for path in [*PKG.rglob("*.py"), *PASSES.glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, "functions to split into named steps:\n" + "\n".join(long)
