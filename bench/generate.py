@@ -14,9 +14,10 @@ Rows (one process, interleaved call by call so the machine's drift hits all alik
                      --calib-batches prompts of other random tokens; the FFNs compute only the
                      neurons they predict (gate included)
     2:4 + act + pred compile(relu[t], magnitude, predictor, compress24, lower)
-    2:4 + act, compiled  the same model, generate(compile_step=True): the step graph through
-                     torch.compile (Inductor); its compile time is paid in the warm-up call and
-                     printed
+    ..., native      each pysparse row's model again with generate(native=True): the step
+                     graph as AOTInductor code (pysparse.runtime.native), no Python between its
+                     ops; the rows without the suffix run the graph op by op (native=False). The
+                     native build (or its cache hit) is paid in the warm-up call and printed
     llama.cpp f32 / f16  (SmolLM2, when llama-cpp-python is installed; bench/llamacpp.py) the
                      field's reference CPU runtime on the same weights dequantised to an F32 GGUF
                      (in the float32 table) or F16 (in the bfloat16 table): printed, not a target
@@ -60,17 +61,9 @@ from timing import interleaved_times
 
 import pysparse
 
-ROWS = [
-    "HF dense",
-    "pysparse dense",
-    "act-sparse",
-    "act + pred",
-    "2:4",
-    "2:4 + act",
-    "2:4 + act + pred",
-    "2:4 + act, compiled",
-]
-COMPILED_SUFFIX = ", compiled"  # the same model, generate(compile_step=True)
+NATIVE_SUFFIX = ", native"  # the same model, generate(native=True)
+BASE_ROWS = ["pysparse dense", "act-sparse", "act + pred", "2:4", "2:4 + act", "2:4 + act + pred"]
+ROWS = ["HF dense", *(r + s for r in BASE_ROWS for s in ("", NATIVE_SUFFIX))]
 LLAMA_ROWS = {"float32": "llama.cpp f32", "bfloat16": "llama.cpp f16"}
 
 
@@ -135,7 +128,7 @@ def runner(row: str, model, compiled):
                 max_new_tokens=n,
                 eos_token_id=[],
                 streamer=st,
-                compile_step=row.endswith(COMPILED_SUFFIX),
+                native=row.endswith(NATIVE_SUFFIX),
             )
         new = st.times[1:]  # the first put is the prompt
         decode = (len(new) - 1) / (new[-1] - new[0]) if len(new) > 1 else 0.0
@@ -217,7 +210,7 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
     for row in rows:
         if row == "HF dense" or row in ggufs:
             continue
-        base = row.removesuffix(COMPILED_SUFFIX)
+        base = row.removesuffix(NATIVE_SUFFIX)
         if base in compiled:
             compiled[row] = compiled[base]
             continue
@@ -242,7 +235,9 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
                 do_sample=False,
                 pad_token_id=0,
             )
-        ours = compiled["pysparse dense"].generate(ids, max_new_tokens=32, eos_token_id=[])
+        ours = compiled["pysparse dense"].generate(
+            ids, max_new_tokens=32, eos_token_id=[], native=False
+        )
         same = int((hf[0, -32:] == ours[0, -32:]).cumprod(0).sum())
         print(f"  pysparse dense vs HF greedy: first {same} of 32 new tokens identical")
     decode = {r: [] for r in rows}
@@ -250,8 +245,10 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
     for r in rows:  # warm-up
         t0 = time.perf_counter()
         runs[r](ids, 4)
-        if r.endswith(COMPILED_SUFFIX):
-            print(f"  {r}: torch.compile of the step graph {time.perf_counter() - t0:.0f}s")
+        if r.endswith(NATIVE_SUFFIX):
+            print(
+                f"  {r}: native step graph built or read from the cache, first call {time.perf_counter() - t0:.0f}s"
+            )
     for _ in range(args.repeats):
         for r in rows:
             p, d = runs[r](ids, args.new_tokens)
@@ -293,7 +290,7 @@ def rss_table(
     print(f"  {'row':<16} {'loaded MiB':>10} {'peak MiB':>9} {'after: anon':>11} {'file':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         for r in rows:
-            if r.endswith(COMPILED_SUFFIX):  # the same weights as the row it compiles
+            if r.endswith(NATIVE_SUFFIX):  # the same weights as the row it compiles
                 continue
             path = ggufs.get(r, "")
             if r in compiled:

@@ -102,6 +102,7 @@ from pysparse.artifacts.pt2check import UnsafeProgramError, check_program
 from pysparse.capture.inputs import InputSpec
 from pysparse.capture.trace import _drop_guard_module, export_module
 from pysparse.kernels.extension import require_extension
+from pysparse.runtime import native
 from pysparse.runtime.generate import CacheSpec, Generates, drop_input_checks, export_step
 from pysparse.runtime.model import SparseModel
 from pysparse.util.files import sha256_file
@@ -479,13 +480,24 @@ class LoadedModel(Generates, torch.nn.Module):
         return self._tokenizer
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the program; under ``torch.no_grad()`` / ``inference_mode()`` as native code
+        (pysparse.runtime.native; ``PYSPARSE_NATIVE=0`` turns that off)."""
         if self.inputs is not None:  # called like the original model (pysparse.capture.inputs)
             args, kwargs = self.inputs.bind(args, kwargs)
-        out = self.module(*args, **kwargs)
+        runner = None
+        if native.wanted() and self.example_args + tuple(self.example_kwargs.values()):
+            runner = native.forward_of(self, self._make_native_forward)
+        out = runner(args, kwargs) if runner is not None else self.module(*args, **kwargs)
         names = self.manifest.get("output_names")
         if names and isinstance(out, (tuple, list)) and len(names) == len(out):
             return Outputs(zip(names, out))
         return out
+
+    def _make_native_forward(self) -> native.NativeForward:
+        args, kwargs = self.example_args, self.example_kwargs
+        if self.inputs is not None:
+            args, kwargs = self.inputs.bind(args, kwargs)
+        return native.NativeForward(self.module, {}, args, kwargs)
 
 
 def _listed_file(root: Path, name: Any, rec: Any) -> tuple[Path, int, str]:

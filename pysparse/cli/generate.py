@@ -31,11 +31,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="KV-cache limit, prompt + new tokens (default: the model's context length)",
     )
     p.add_argument(
-        "--compile",
-        action="store_true",
-        help="fuse the step graph with torch.compile (Inductor) first: ~1.2-1.7x the decode "
-        "tokens/s of SmolLM2, after minutes of compiling on the first run (cached on disk for "
-        "later runs)",
+        "--no-native",
+        dest="native",
+        action="store_false",
+        help="run the step graph op by op instead of as native code (by default it is compiled "
+        "natively the first time on this machine, then taken from the cache)",
     )
     p.set_defaults(func=run)
 
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from pysparse.artifacts.store import load
+    from pysparse.runtime.native import enabled as native_enabled
 
     loaded = load(args.dir)
     if not loaded.can_generate:
@@ -54,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
     source = loaded.manifest.get("model", {}).get("source")
     tok = artifact_tokenizer(loaded, args.dir, source, "recompile it with its tokenizer")
     enc = _encode_prompt(args, tok)
-    if args.compile:  # before the prompt is printed: the compile logs, then text streams
-        loaded.prepare_compiled_step()
+    if args.native and native_enabled():  # before the prompt: a first build logs, then text
+        loaded.native_step()
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
     if not args.chat:  # the continuation follows the prompt on the same line
@@ -71,13 +72,13 @@ def run(args: argparse.Namespace) -> int:
         streamer=streamer,
         max_cache_len=args.max_cache_len,
         generator=generator,
-        compile_step=args.compile,
+        native=None if args.native else False,  # None: the default (PYSPARSE_NATIVE, fallback)
     )
     st = loaded.last_generation
     print(
         f"\n[prefill {st.prompt_tokens} tokens: {st.prefill_tokens_per_s:.1f} tok/s "
         f"({st.prefill_s * 1e3:.0f} ms); decode {st.decode_steps} tokens: "
-        f"{st.decode_tokens_per_s:.1f} tok/s]",
+        f"{st.decode_tokens_per_s:.1f} tok/s; {'native' if st.native else 'graph'}]",
         file=sys.stderr,
     )
     return 0

@@ -41,6 +41,10 @@ from typing import Any
 import torch
 from torch import fx
 
+from pysparse.runtime.native import NativeError
+from pysparse.runtime.native import build as build_native
+from pysparse.runtime.native import enabled as native_enabled
+
 _log = logging.getLogger(__name__)
 
 # Example sizes for capture: all different and >= 2 so that every one stays a dynamic dimension
@@ -90,6 +94,7 @@ class GenerationStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     decode_steps: int = 0
+    native: bool = False  # the step ran as native code (pysparse.runtime.native)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -484,18 +489,17 @@ class Generates:
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         max_new_tokens: int = 32,
-        compile_step: bool = False,
+        native: bool | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        """Generates with the KV cache on the compiled kernels; see ``pysparse.runtime.generate.generate``
-        for the arguments. ``last_generation`` then holds the timings.
+        """Generates with the KV cache on the compiled kernels; see
+        ``pysparse.runtime.generate.generate`` for the arguments. ``last_generation`` then holds
+        the timings.
 
-        ``compile_step=True`` runs the step graph through ``torch.compile`` (Inductor, dynamic
-        shapes): the ~1500 small ops a token costs on a 135M decoder (norms, rotary embeddings,
-        residual adds, views) are fused into generated C++ around pysparse's kernels, which stay
-        calls of their own. SmolLM2 2:4 + act-sparse bf16 on 2 cores: 32 -> 55-59 tokens/s. The
-        first call compiles (minutes on 2 cores; Inductor caches it on disk, so a later process
-        takes much less); the compiled step is kept on the model for later calls."""
+        ``native`` (default: on unless ``PYSPARSE_NATIVE=0``): the step graph runs as native code
+        (pysparse.runtime.native: AOTInductor, compiled on the first call on this machine and
+        cached), no Python between its ops; where that cannot run, the graph runs op by op and
+        one warning says why. ``native=True`` raises instead; ``False`` never tries."""
         if not self.can_generate:
             raise GenerationError(
                 "this model has no generation step graph: only Hugging Face decoders get one, "
@@ -503,10 +507,8 @@ class Generates:
                 "(see the log of the compile for why it was not)"
             )
         step = self.step
-        if compile_step:
-            if "_compiled_step" not in self.__dict__:
-                self.prepare_compiled_step()
-            step = self.__dict__["_compiled_step"]
+        if native or (native is None and native_enabled()):
+            step = self.native_step(required=bool(native)) or self.step
         stats = GenerationStats()
         out = generate(
             step,
@@ -517,39 +519,34 @@ class Generates:
             stats=stats,
             **kwargs,
         )
+        stats.native = step is not self.step
         self.last_generation = stats
         return out
 
-    def prepare_compiled_step(self) -> float:
-        """Compiles the step graph with ``torch.compile`` (what ``generate(compile_step=True)``
-        uses) and runs it on a 2-token prompt and a 1-token decode step, so that neither a user's
-        prefill nor the decode loop waits for a compile: torch.compile specialises sizes of 1, so
-        the decode step is a compile of its own. Returns the seconds it took (minutes on 2 cores
-        the first time; Inductor's disk cache makes later processes faster). A batch of more than
-        one row, later, compiles once more."""
-        if not self.can_generate:
-            raise GenerationError("this model has no generation step graph to compile")
-        t0 = time.perf_counter()
-        _log.info(
-            "compiling the step graph with torch.compile (Inductor, dynamic shapes): minutes on a "
-            "small CPU the first time, cached on disk after"
-        )
-        compiled = torch.compile(self.step, dynamic=True)
+    def native_step(self, required: bool = False) -> Any | None:
+        """The step graph as native code (built or taken from the cache once per model object),
+        or None where it cannot run here (logged once; ``required``: raise the NativeError)."""
+        if "_native_step" in self.__dict__:
+            runner = self.__dict__["_native_step"]
+            if runner is None and required:
+                raise NativeError(self.__dict__["_native_error"])
+            return runner
+        runner, why = None, ""
         device = next(iter((*self.step.parameters(), *self.step.buffers())), torch.empty(0)).device
-        # Inductor's C++ toolchain probe warns "No CUDA runtime is found" on a CPU-only machine:
-        # true and beside the point here.
-        with _quiet_logger("torch.utils.cpp_extension"):
-            generate(
-                compiled,
-                self.cache_spec,
-                torch.zeros(1, 2, dtype=torch.long, device=device),
-                max_new_tokens=2,
-                eos_token_id=[],
-            )
-        self.__dict__["_compiled_step"] = compiled
-        seconds = time.perf_counter() - t0
-        _log.info("step graph compiled in %.1fs", seconds)
-        return seconds
+        try:
+            if device.type != "cpu":
+                raise NativeError(f"the native route runs on the CPU; this model is on {device}")
+            with _quiet_logger("torch.utils.cpp_extension"):  # "No CUDA runtime is found"
+                runner, _, _ = build_native(
+                    lambda: export_step(self.step, self.cache_spec), "step", "native step graph"
+                )
+        except NativeError as exc:
+            if required:
+                raise
+            why = str(exc)
+            _log.warning("%s; the step graph runs op by op instead", why)
+        self.__dict__["_native_step"], self.__dict__["_native_error"] = runner, why
+        return runner
 
 
 def export_step(step: torch.nn.Module, spec: CacheSpec) -> torch.export.ExportedProgram:

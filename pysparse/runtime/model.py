@@ -12,6 +12,7 @@ import torch
 from torch import fx
 
 from pysparse.capture.inputs import call
+from pysparse.runtime import native
 from pysparse.runtime.generate import CacheSpec, Generates
 
 
@@ -41,7 +42,26 @@ class SparseModel(Generates, torch.nn.Module):
         self.example_kwargs = dict(example_kwargs or {})
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Runs the graph; under ``torch.no_grad()`` / ``inference_mode()`` as native code
+        (pysparse.runtime.native; ``PYSPARSE_NATIVE=0`` turns that off)."""
+        if native.wanted() and self._device().type == "cpu":
+            runner = native.forward_of(self, self._make_native_forward)
+            if runner is not None:
+                return runner(*self._bound(args, kwargs))
         return call(self.gm, args, kwargs)
+
+    def _bound(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        spec = self.gm.meta.get("pysparse", {}).get("inputs")
+        return spec.bind(args, kwargs) if spec is not None else (args, kwargs)
+
+    def _device(self) -> torch.device:
+        return next(iter((*self.gm.parameters(), *self.gm.buffers())), torch.empty(0)).device
+
+    def _make_native_forward(self) -> native.NativeForward:
+        call_kwargs = self.gm.meta.get("pysparse", {}).get("call_kwargs", {})
+        return native.NativeForward(
+            self.gm, call_kwargs, *self._bound(self.example_args, self.example_kwargs)
+        )
 
     def train(self, mode: bool = True) -> SparseModel:
         """Only flips ``self.training``: the captured graph was traced in eval mode (no dropout)
