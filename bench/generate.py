@@ -256,11 +256,11 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
             prefill0[r].append(p)
     base = decode.get("HF dense")
     print(f"  decode, prompt {args.prompt_len}, {args.new_tokens} new tokens, batch 1:")
-    print(f"  {'row':<16} {'tok/s':>8} {'vs HF':>7}  {'TTFT ms':>8}")
+    print(f"  {'row':<24} {'tok/s':>8} {'vs HF':>7}  {'TTFT ms':>8}")
     for r in rows:
         ratio = statistics.median(d / b for d, b in zip(decode[r], base)) if base else float("nan")
         print(
-            f"  {r:<16} {statistics.median(decode[r]):>8.2f} {ratio:>6.2f}x "
+            f"  {r:<24} {statistics.median(decode[r]):>8.2f} {ratio:>6.2f}x "
             f"{statistics.median(prefill0[r]) * 1e3:>8.0f}"
         )
     for n in args.prefill_lens:
@@ -273,7 +273,7 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
         )
         print(f"  prefill {n} tokens (generate 1 token):")
         for r in rows:
-            print(f"  {r:<16} {n / timed[r].median_s:>8.1f} tok/s {timed[r].ratio:>6.2f}x")
+            print(f"  {r:<24} {n / timed[r].median_s:>8.1f} tok/s {timed[r].ratio:>6.2f}x")
     if args.rss:
         rss_table(args, rows, compiled, ggufs, dname)
 
@@ -287,7 +287,7 @@ def rss_table(
     print(
         f"  RSS, each row loaded in a fresh process ({args.prompt_len}+{args.new_tokens} tokens):"
     )
-    print(f"  {'row':<16} {'loaded MiB':>10} {'peak MiB':>9} {'after: anon':>11} {'file':>6}")
+    print(f"  {'row':<24} {'loaded MiB':>10} {'peak MiB':>9} {'after: anon':>11} {'file':>6}")
     with tempfile.TemporaryDirectory() as tmp:
         for r in rows:
             if r.endswith(NATIVE_SUFFIX):  # the same weights as the row it compiles
@@ -302,7 +302,7 @@ def rss_table(
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             got = json.loads(out.stdout.strip().splitlines()[-1])
             print(
-                f"  {r:<16} {got['loaded']:>10.0f} {got['peak']:>9.0f} {got['anon']:>11.0f} "
+                f"  {r:<24} {got['loaded']:>10.0f} {got['peak']:>9.0f} {got['anon']:>11.0f} "
                 f"{got['file']:>6.0f}",
                 flush=True,
             )
