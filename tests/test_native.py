@@ -155,7 +155,11 @@ def test_native_forward_equals_the_graph_encoder_and_decoder(tmp_path, monkeypat
         monkeypatch.setenv("PYSPARSE_NATIVE", "1")
         with torch.no_grad():
             got = sm(*args, **kwargs)
-        assert sm.__dict__["_native_forward"] is not None
+        runner = sm.__dict__["_native_forward"]
+        assert runner is not None and runner.accepts(*sm._bound(args, kwargs))
+        # inputs the code was not compiled for (int32 ids) go to the graph, which checks them
+        int32 = tuple(a.to(torch.int32) for a in args)
+        assert not runner.accepts(*sm._bound(int32, kwargs))
         assert type(got) is type(want) and list(got.keys()) == list(want.keys())
         for k in want:
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4)
@@ -168,3 +172,17 @@ def test_native_forward_equals_the_graph_encoder_and_decoder(tmp_path, monkeypat
         want = enc(*batches[1][0], **batches[1][1])
     assert loaded.__dict__["_native_forward"] is not None
     torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, rtol=1e-4, atol=1e-4)
+
+
+def test_saving_and_exporting_never_build_native_code(tmp_path):
+    """save / export trace the graph (some exporters under no_grad): no native build for them."""
+    from pysparse.passes import Lower, ReluSubstitution
+    from tiny_models import bert_with_batches
+
+    bert, batches = bert_with_batches()
+    enc = pysparse.compile(bert, [ReluSubstitution(), Lower()], *batches[0])
+    pysparse.save(enc, tmp_path / "a")
+    for fmt in ("torchscript", "onnx", "pt2"):
+        pysparse.export(enc, tmp_path / f"m.{fmt}", format=fmt)
+    assert "_native_forward" not in enc.__dict__
+    assert not native.cache_dir().exists()

@@ -38,6 +38,7 @@ import torch
 
 from pysparse.artifacts.store import _PlainOutputs
 from pysparse.capture.trace import _drop_guard_module, export_module
+from pysparse.runtime import native
 from pysparse.runtime.generate import export_step
 from pysparse.util.files import atomic_path
 
@@ -153,7 +154,8 @@ def export(model: Any, path: str | os.PathLike, format: str = "pt2", part: str =
             f"{type(model).__name__}; compile it first"
         )
     target = Path(path)
-    with atomic_path(target) as tmp:
+    # the exporters trace the graph itself (some under no_grad), never its native build
+    with atomic_path(target) as tmp, native.off():
         wrapper = _PlainOutputs(model)
         names = list(model.example_kwargs)
         n_args = len(model.example_args)

@@ -297,7 +297,7 @@ class _PlainOutputs(torch.nn.Module):
         self.compiled = sm.gm if isinstance(sm, SparseModel) else sm.module
         object.__setattr__(self, "sm", sm)
         # Read from one eager call: attributes set during export tracing do not survive it.
-        with torch.no_grad():
+        with torch.no_grad(), native.off():
             out = sm(*sm.example_args, **sm.example_kwargs)
         self.output_names = list(out.keys()) if _is_model_output(out) else None
 
@@ -487,7 +487,10 @@ class LoadedModel(Generates, torch.nn.Module):
         runner = None
         if native.wanted() and self.example_args + tuple(self.example_kwargs.values()):
             runner = native.forward_of(self, self._make_native_forward)
-        out = runner(args, kwargs) if runner is not None else self.module(*args, **kwargs)
+        if runner is not None and runner.accepts(args, kwargs):
+            out = runner(args, kwargs)
+        else:
+            out = self.module(*args, **kwargs)
         names = self.manifest.get("output_names")
         if names and isinstance(out, (tuple, list)) and len(names) == len(out):
             return Outputs(zip(names, out))

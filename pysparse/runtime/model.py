@@ -46,8 +46,9 @@ class SparseModel(Generates, torch.nn.Module):
         (pysparse.runtime.native; ``PYSPARSE_NATIVE=0`` turns that off)."""
         if native.wanted() and self._device().type == "cpu":
             runner = native.forward_of(self, self._make_native_forward)
-            if runner is not None:
-                return runner(*self._bound(args, kwargs))
+            bound = self._bound(args, kwargs)
+            if runner is not None and runner.accepts(*bound):
+                return runner(*bound)
         return call(self.gm, args, kwargs)
 
     def _bound(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

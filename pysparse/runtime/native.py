@@ -23,6 +23,7 @@ shared libraries, and ``pysparse.load`` refuses any that does.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -235,13 +236,28 @@ def build(
     return runner, seconds, True
 
 
+_held_off = threading.local()
+
+
+@contextlib.contextmanager
+def off() -> Iterator[None]:
+    """Forward calls in the block run the graph (for calls that only read the model's structure,
+    such as saving it, where a native build would be wasted)."""
+    before = getattr(_held_off, "on", False)
+    _held_off.on = True
+    try:
+        yield
+    finally:
+        _held_off.on = before
+
+
 def wanted(native: bool | None = None) -> bool:
     """Whether a forward call should take the native route: asked for, or by default when the
     switch is on and autograd is not recording (native code computes no gradients: training
     loops, and calls outside ``torch.no_grad()`` / ``torch.inference_mode()``, run the graph)."""
     if native is not None:
         return native
-    return enabled() and not torch.is_grad_enabled()
+    return enabled() and not torch.is_grad_enabled() and not getattr(_held_off, "on", False)
 
 
 class _PlainForward(torch.nn.Module):
@@ -289,14 +305,56 @@ class NativeForward:
             self.rebuild: Callable[[Any], Any] = lambda flat: cls(**dict(zip(names, flat)))
         else:
             self.rebuild = lambda flat: flat
-        self.runner, self.seconds, self.compiled = build(
-            lambda: export_module(plain, example_args, example_kwargs),
-            "forward",
-            "native forward graph",
-        )
+        made: list[torch.export.ExportedProgram] = []
+
+        def make() -> torch.export.ExportedProgram:
+            made.append(export_module(plain, example_args, example_kwargs))
+            return made[0]
+
+        self.runner, self.seconds, self.compiled = build(make, "forward", "native forward graph")
+        self.in_spec, self.layout = _input_layout(made[0])
+
+    def accepts(self, args: tuple, kwargs: dict[str, Any]) -> bool:
+        """Whether a call's inputs fit what the code was compiled for: the same structure, and
+        each tensor of the same dtype, device and rank with its static dims equal (native code
+        checks none of it; the graph, which does, runs any other call)."""
+        leaves, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+        if spec != self.in_spec or len(leaves) != len(self.layout):
+            return False
+        for x, want in zip(leaves, self.layout):
+            if want is None:
+                continue
+            if not isinstance(x, torch.Tensor):
+                return False
+            dtype, device, dims = want
+            if x.dtype != dtype or x.device.type != device or x.dim() != len(dims):
+                return False
+            if any(d is not None and d != n for d, n in zip(dims, x.shape)):
+                return False
+        return True
 
     def __call__(self, args: tuple, kwargs: dict[str, Any]) -> Any:
         return self.rebuild(self.runner(*args, **kwargs))
+
+
+def _input_layout(program: torch.export.ExportedProgram) -> tuple[Any, list]:
+    """The program's input structure and, per input, (dtype, device, dims with None where the
+    dim is dynamic) for a tensor, None for anything else."""
+    user = [
+        s.arg.name
+        for s in program.graph_signature.input_specs
+        if s.kind == torch.export.graph_signature.InputKind.USER_INPUT
+    ]
+    vals = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op == "placeholder"}
+    layout = []
+    for name in user:
+        v = vals.get(name)
+        if isinstance(v, torch.Tensor):
+            dims = [d if isinstance(d, int) else None for d in v.shape]
+            layout.append((v.dtype, v.device.type, dims))
+        else:
+            layout.append(None)
+    return program.call_spec.in_spec, layout
 
 
 def forward_of(owner: torch.nn.Module, make: Callable[[], NativeForward]) -> NativeForward | None:
