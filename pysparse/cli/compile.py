@@ -189,7 +189,9 @@ def _save_and_evaluate(
     if not args.no_eval:
         from pysparse.artifacts import report
 
-        result, speeds = quality_summary(sm, model, tok)
+        # the artifact as saved, as `pysparse eval` / `report` / `generate` load it: what is
+        # measured is what a user runs, and its native build is then in the cache for them
+        result, speeds = quality_summary(pysparse.load(out), model, tok)
         data = report.add_evaluation(report.read(out), result, speeds)
         print(f"report: {report.rewrite(out, data)}")
 

@@ -174,7 +174,7 @@ def _compile_with_progress(program: torch.export.ExportedProgram, package: Path,
             with atomic_path(package) as tmp, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 tmp.unlink()  # the packager writes a new file (and wants the .pt2 suffix)
-                out = tmp.with_suffix(".pt2")
+                out = tmp.with_name(f"{tmp.name}.build.pt2")
                 try:
                     torch._inductor.aoti_compile_and_package(
                         program, package_path=str(out), inductor_configs=_CONFIGS

@@ -20,7 +20,10 @@ def atomic_path(target: Path) -> Iterator[Path]:
     """A temporary path beside ``target``, renamed to it when the block ends without error and
     removed otherwise."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    # (the target's suffix kept: some writers check it, torch.export.save for .pt2)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{target.name}.", suffix=target.suffix, dir=target.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
