@@ -12,6 +12,10 @@ TORCH_LIBRARY(pysparse, m) {
   m.def("prune24(Tensor w, Tensor? score=None) -> Tensor");
   // y = x @ W^T + bias with W packed 2:4; x [..., K]; fp32 or bf16 (fp32 accumulation).
   m.def("sparse24_linear(Tensor x, Tensor values, Tensor meta, Tensor? bias=None) -> Tensor");
+  // y = x @ W^T + bias with a dense W [N, K]; x [..., K]; the decode-step GEMV of every linear a
+  // model leaves dense (the lm_head): fp32 or bf16 on the core's kernel up to a few rows of x,
+  // torch's linear otherwise (other dtypes, devices, more rows).
+  m.def("dense_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
   // ProxSparse's proximal operator of lam * Reg over every group of 4 along the last dim (see
   // csrc/core/prox24_group.h); per-group coordinate descent until it moves less than
   // tol * (1 + max|group|) or max_iters sweeps. Functional and in-place forms (the in-place one

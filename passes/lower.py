@@ -11,6 +11,11 @@
    block with activation predictors (``predictor``) passes their mask (the pass's
    ``pysparse::ffn_predict`` node) as the op's ``predicted``.
 2. Every other packed linear (see Compress24) becomes ``pysparse::sparse24_linear``.
+3. Every linear left dense (the lm_head; the projections of a model without 2:4) becomes
+   ``pysparse::dense_linear``: the same product, on the core's multi-threaded GEMV from a few rows
+   of x (a decode step), torch's ``linear`` otherwise. Measured on SmolLM2 (AMD EPYC, 2 threads):
+   the fp32 lm_head alone took half of a 2:4 + act-sparse decode step on torch's BLAS GEMV, which
+   ran on one thread. ``Lower(dense=False)`` keeps them as they are.
 
 Dense weights nothing reads any more are dropped. The result stays exportable (every op has a fake
 implementation) and must give the same outputs as before (the PassManager spot-checks it).
@@ -69,11 +74,12 @@ class Lower(Pass):
     last = True
     preserves_numerics = True
 
-    def __init__(self, ffn: bool = True):
+    def __init__(self, ffn: bool = True, dense: bool = True):
         self.ffn = ffn
+        self.dense = dense
 
     def settings(self):
-        return {"ffn": self.ffn}
+        return {"ffn": self.ffn, "dense": self.dense}
 
     def mirror(self, primary: fx.GraphModule, secondary: fx.GraphModule, ctx: PassContext) -> None:
         """Lowers ``secondary`` the same way, taking the kernel tensors this pass made for
@@ -150,13 +156,34 @@ class Lower(Pass):
                 _drop_parameter(gm, weight.target)
                 dropped += 1
         report = {"linears_lowered": lowered, "dense_weights_dropped": dropped}
+        if self.dense:
+            report["dense_linears_lowered"] = _lower_dense(graph)
         if left_dense:
             report["down_along_d_model_left_dense"] = left_dense
         if self.ffn:
             report["ffns_lowered"] = ffn_ops
             if ffn_skipped:
                 report["ffns_not_lowered"] = ffn_skipped
-        return PassResult(gm, lowered > 0 or bool(ffn_ops), report)
+        changed = lowered > 0 or bool(ffn_ops) or bool(report.get("dense_linears_lowered"))
+        return PassResult(gm, changed, report)
+
+
+def _lower_dense(graph: fx.Graph) -> int:
+    """Step 3: every ``aten.linear`` left becomes ``pysparse::dense_linear``; returns how many."""
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.linear.default:
+            continue
+        x, weight = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        with graph.inserting_before(node):
+            new = graph.call_function(torch.ops.pysparse.dense_linear.default, (x, weight, bias))
+        new.meta = dict(node.meta)
+        new.meta["pysparse"] = {**node.meta.get("pysparse", {}), "lowered": "dense_linear"}
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        count += 1
+    return count
 
 
 @dataclass
@@ -228,6 +255,8 @@ def _match_ffn(gm: fx.GraphModule, block: dict, infos: dict) -> _FfnMatch:
     dtypes = {v.dtype for v in w.values()}
     if len(dtypes) != 1 or next(iter(dtypes)) not in (torch.float32, torch.bfloat16):
         raise _Skip(f"weights are {sorted(map(str, dtypes))}, the FFN ops take fp32 or bf16")
+    if w["down"].shape[0] != w["up"].shape[1]:  # the ops return d_model features
+        raise _Skip("the down projection's out_features differ from the FFN's in_features")
     linears = {"down": down, "up": up, **({"gate": gate} if gated else {})}
     packed = {r: infos.get(n.name, {}).get("packed") for r, n in linears.items()}
     n_packed = sum(1 for v in packed.values() if v)

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <functional>
 #include <sstream>
 #include <string>
@@ -138,6 +139,13 @@ inline void check_prox24(const at::Tensor& w, double lam, int64_t max_iters, dou
   TORCH_CHECK(std::isfinite(lam) && lam >= 0, op, ": lam must be finite and >= 0, got ", lam);
   TORCH_CHECK(max_iters >= 1, op, ": max_iters must be >= 1, got ", max_iters);
   TORCH_CHECK(std::isfinite(tol) && tol >= 0, op, ": tol must be finite and >= 0, got ", tol);
+}
+
+// An integer setting from the environment (read per call, so tests can move a crossover), else
+// `fallback`.
+inline int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::atoll(v) : fallback;
 }
 
 // Whether torch's bf16 matmul runs on AMX tiles on this CPU (then torch's dense bf16 GEMM is hard

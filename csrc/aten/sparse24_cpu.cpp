@@ -51,11 +51,6 @@ at::Tensor prune24_cpu(const at::Tensor& w, const c10::optional<at::Tensor>& sco
   return out;
 }
 
-int64_t env_int(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  return v && *v ? std::atoll(v) : fallback;
-}
-
 bool cpu_capability(const char* name) {
   const auto caps = at::cpu::get_cpu_capabilities();
   const auto it = caps.find(name);

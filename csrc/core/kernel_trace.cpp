@@ -49,6 +49,7 @@ const char* route_name(Route r) {
     case Route::kLinearDense: return "linear_dense_chunks";
     case Route::kFfnGate: return "ffn_gate";
     case Route::kFfnTail: return "ffn_tail";
+    case Route::kDenseGemv: return "dense_gemv";
     case Route::kCount: break;
   }
   return "?";

@@ -24,6 +24,7 @@ enum class Route : int {
   kLinearDense,     // chunked decompression + torch's GEMM (threads are torch's; not traced)
   kFfnGate,         // activation-sparse FFN: dense gate pass
   kFfnTail,         // activation-sparse FFN: up rows of the active neurons + down
+  kDenseGemv,       // dense GEMV of a few rows of x (dense_gemv: the lm_head, dense linears)
   kCount
 };
 

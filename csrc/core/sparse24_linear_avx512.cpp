@@ -80,6 +80,13 @@ inline void gemv_rows(const float* x, const W* values, const uint8_t* meta, int6
       xa[m] = _mm512_loadu_ps(x + m * K + 32 * j);
       xb[m] = _mm512_loadu_ps(x + m * K + 32 * j + 16);
     }
+    // The next block's rows, one line ahead per row per step: the 8 row streams of a block are
+    // only K/2 values long, too short for the hardware prefetcher to ramp up on each; fetching
+    // the next block's while this one is decoded keeps the loads in flight (a prefetch past the
+    // end of the weight is a no-op hint).
+    PS_UNROLL
+    for (int r = 0; r < RB; ++r)
+      _mm_prefetch(reinterpret_cast<const char*>(v[r] + RB * half + 16 * j), _MM_HINT_T0);
     PS_UNROLL
     for (int r = 0; r < RB; ++r) {
       int32_t word;

@@ -34,6 +34,24 @@ void dense_dot_rows(const float* x, const W* const* rows, int64_t D, float* out)
   }
 }
 
+// The dense GEMV's dot (see sparse_ffn_avx2.cpp): the same four chains of 8 lanes, in scalar.
+template <typename W>
+float dense_dot_stream(const float* x, const W* row, int64_t D) {
+  const int64_t body = D / 32 * 32;
+  float acc[4][8] = {};
+  for (int64_t k = 0; k < body; k += 32)
+    for (int c = 0; c < 4; ++c)
+      for (int l = 0; l < 8; ++l)
+        acc[c][l] = std::fma(load1(row + k + 8 * c + l), x[k + 8 * c + l], acc[c][l]);
+  int64_t k = body;
+  for (; k + 8 <= D; k += 8)
+    for (int l = 0; l < 8; ++l) acc[0][l] = std::fma(load1(row + k + l), x[k + l], acc[0][l]);
+  float s = 0.f;
+  for (int l = 0; l < 8; ++l) s += (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]);
+  for (; k < D; ++k) s = std::fma(load1(row + k), x[k], s);
+  return s;
+}
+
 template <int RB, typename W>
 void packed_rows_dot(const float* x, const W* const* v, const uint8_t* const* mt, int64_t D,
                      float* out) {
@@ -115,6 +133,17 @@ void ffn_tail(const FfnProblem& p, const float* a, const int32_t* active, int64_
     ffn_tail_impl<float, float>(p, a, active, nactive, static_cast<float*>(y), ldy);
   else
     ffn_tail_impl<uint16_t, uint16_t>(p, a, active, nactive, static_cast<uint16_t*>(y), ldy);
+}
+
+void dense_gemv(const float* x, int64_t M, const void* w, FfnDtype dtype, int64_t N, int64_t K,
+                float* y, int nthreads) {
+  if (M == 0 || N == 0) return;
+  if (use_avx2()) return detail::dense_gemv_avx2(x, M, w, dtype, N, K, y, nthreads);
+  const int nt = resolve_threads(nthreads);
+  if (dtype == FfnDtype::f32)
+    dense_rows_all<float>(x, M, static_cast<const float*>(w), N, K, y, nt, Route::kDenseGemv);
+  else
+    dense_rows_all<uint16_t>(x, M, static_cast<const uint16_t*>(w), N, K, y, nt, Route::kDenseGemv);
 }
 
 void ffn_linear24_amx(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* values,

@@ -111,4 +111,12 @@ void unpack_down24(const void* values, const uint8_t* meta, int64_t F, int64_t D
 // the scalar one, as for the linear layer).
 const char* sparse_ffn_impl();
 
+// ---- dense GEMV: y[M, N] = x[M, K] @ W^T, for a few rows of x ----------------------------------
+// The FFN's dense gate pass as a linear layer of its own (every linear a decode step leaves
+// dense: the lm_head, the projections of a model that is not 2:4): W [N, K] contiguous, fp32
+// (dtype f32) or bf16 bits (bf16); x fp32 [M, K] contiguous; y fp32 [M, N], no bias. Each output
+// is one fused multiply-add chain in ascending k, whatever the thread count or the blocking.
+void dense_gemv(const float* x, int64_t M, const void* w, FfnDtype dtype, int64_t N, int64_t K,
+                float* y, int nthreads);
+
 }  // namespace pysparse::core

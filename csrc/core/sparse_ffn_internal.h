@@ -8,6 +8,8 @@ namespace pysparse::core::detail {
 int64_t ffn_gate_avx2(const FfnProblem& p, float* a, int32_t* active);
 void ffn_tail_avx2(const FfnProblem& p, const float* a, const int32_t* active, int64_t nactive,
                    void* y, int64_t ldy);
+void dense_gemv_avx2(const float* x, int64_t M, const void* w, FfnDtype dtype, int64_t N,
+                     int64_t K, float* y, int nthreads);
 void unpack_down24_avx2(const void* values, const uint8_t* meta, int64_t F, int64_t D, int64_t n0,
                         int64_t cols, int elem_size, void* dense, int nthreads);
 

@@ -67,6 +67,11 @@ def sparse24_linear(x: Any, values: Any, meta: Any, bias: Any = None) -> Any:
     return y if bias is None else op.Add(y, bias)
 
 
+def dense_linear(x: Any, weight: Any, bias: Any = None) -> Any:
+    y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
+    return y if bias is None else op.Add(y, bias)
+
+
 def _dense_down_from_groups(values: Any, meta: Any) -> Any:
     """W_down^T [d_ff, d_model] from the neuron-group layout of the FFN ops (formats.pack_down24):
     values [G, 2, D], meta [G, ceil(D/2)] with one nibble per output."""
@@ -176,6 +181,7 @@ def translation_table() -> dict[Any, Any]:
     p = torch.ops.pysparse
     return {
         p.sparse24_linear.default: sparse24_linear,
+        p.dense_linear.default: dense_linear,
         p.sparse_ffn.default: sparse_ffn,
         p.ffn_predict.default: ffn_predict,
         p.sparse_mlp.default: sparse_mlp,

@@ -23,6 +23,7 @@ __all__ = [
     "cuda_route_counts",
     "cusparselt_cache_info",
     "decompress24",
+    "dense_linear",
     "ffn_predict",
     "last_cuda_route",
     "meta_cols",
@@ -106,6 +107,21 @@ def sparse24_linear(
     """
     extension.require_extension()
     return torch.ops.pysparse.sparse24_linear.default(x, values, meta, bias)
+
+
+def dense_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``y = x @ weight.T + bias`` for a dense ``weight`` ``[N, K]``: what ``Lower`` puts in place
+    of every linear a model leaves dense (the lm_head first of all).
+
+    On the CPU, fp32 up to 8 rows of x and bf16 up to 2 (``PYSPARSE_DENSE_GEMV_MAX_ROWS``) run on the
+    core's dense GEMV, which streams the weight on every thread (torch's BLAS GEMV runs on one
+    thread on some CPUs); other shapes, dtypes and devices run torch's ``linear``. Accumulation is
+    fp32; bf16 results are rounded once.
+    """
+    extension.require_extension()
+    return torch.ops.pysparse.dense_linear.default(x, weight, bias)
 
 
 def prox24(w: torch.Tensor, lam: float, max_iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
@@ -386,6 +402,19 @@ def _register_fakes() -> None:
         )
         return x.new_empty((*x.shape[:-1], values.shape[0]))
 
+    @torch.library.register_fake("pysparse::dense_linear")
+    def _dense_linear_fake(x, weight, bias=None):
+        torch._check(weight.dim() == 2, lambda: "dense_linear: weight must be 2-D")
+        torch._check(
+            x.shape[-1] == weight.shape[1], lambda: "dense_linear: x.shape[-1] must be in_features"
+        )
+        torch._check(x.dtype == weight.dtype, lambda: "dense_linear: x and weight dtypes differ")
+        torch._check(
+            x.device == weight.device,
+            lambda: f"dense_linear: x is on {x.device} but the weight is on {weight.device}",
+        )
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
     def _ffn_out(op, x, dtype, device, d_model, d_ff=None, predicted=None):
         torch._check(x.dim() >= 1, lambda: f"{op}: x must have a d_model dim")
         if predicted is not None:
@@ -444,7 +473,7 @@ def _register_fakes() -> None:
         _down24_check("sparse_mlp24", w2v, w2m, F, D)
         return _ffn_out("sparse_mlp24", x, w1v.dtype, w1v.device, D, F, predicted)
 
-    # The autograd formula of sparse24_linear is registered in C++ (csrc/aten/sparse24_autograd.cpp):
+    # The autograd formulas of sparse24_linear and dense_linear are registered in C++ (csrc/aten/sparse24_autograd.cpp):
     # a Python registration would put a Python call on every eager invocation.
 
 

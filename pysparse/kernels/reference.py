@@ -15,6 +15,7 @@ __all__ = [
     "prox24_objective",
     "reference_compress24",
     "reference_decompress24",
+    "reference_dense_linear",
     "reference_obs24_sweep",
     "reference_prox24",
     "reference_prune24",
@@ -98,6 +99,14 @@ def reference_sparse24_linear(
     if bias is not None:
         y = y + bias.cpu().to(torch.float64)
     return y
+
+
+def reference_dense_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float64 ``x @ weight.T + bias`` (dense_linear's reference; inputs taken exactly)."""
+    y = x.cpu().to(torch.float64) @ weight.cpu().to(torch.float64).T
+    return y if bias is None else y + bias.cpu().to(torch.float64)
 
 
 def prox24_objective(w: torch.Tensor, z: torch.Tensor, lam: float) -> torch.Tensor:

@@ -39,7 +39,7 @@ def _linear_like(n: Any) -> bool:
     if not (isinstance(n, fx.Node) and n.op == "call_function"):
         return False
     name = str(n.target)
-    return n.target is aten.linear.default or name.startswith("pysparse.sparse")
+    return n.target is aten.linear.default or name.startswith(("pysparse.sparse", "pysparse.dense"))
 
 
 def _is_relu_like(n: fx.Node) -> bool:
