@@ -27,6 +27,17 @@ from pysparse.kernels import ops
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576), (11008, 4096)]
 
 
+def _cycled(fn, x: torch.Tensor, ws: list[torch.Tensor]):
+    """fn(x, w) on the next copy of the weight at each call."""
+    state = [0]
+
+    def run():
+        state[0] = (state[0] + 1) % len(ws)
+        return fn(x, ws[state[0]])
+
+    return run
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
@@ -45,20 +56,12 @@ def main() -> None:
             ws = [torch.randn(N, K).to(dtype) for _ in range(copies)]
             for M in args.rows:
                 x = torch.randn(M, K).to(dtype)
-                state = {"torch": 0, "ours": 0}
-
-                def call(name, fn):
-                    def run():
-                        i = state[name] = (state[name] + 1) % copies
-                        return fn(x, ws[i])
-
-                    return run
-
+                calls = {
+                    "torch": _cycled(torch.nn.functional.linear, x, ws),
+                    "ours": _cycled(ops.dense_linear, x, ws),
+                }
                 t = interleaved_times(
-                    {
-                        "torch": call("torch", torch.nn.functional.linear),
-                        "ours": call("ours", ops.dense_linear),
-                    },
+                    calls,
                     min_repeats=20,
                     min_seconds=args.seconds,
                 )
