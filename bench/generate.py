@@ -18,9 +18,9 @@ Rows (one process, interleaved call by call so the machine's drift hits all alik
                      graph as AOTInductor code (pysparse.runtime.native), no Python between its
                      ops; the rows without the suffix run the graph op by op (native=False). The
                      native build (or its cache hit) is paid in the warm-up call and printed
-    llama.cpp f32 / f16  (SmolLM2, when llama-cpp-python is installed; bench/llamacpp.py) the
-                     field's reference CPU runtime on the same weights dequantised to an F32 GGUF
-                     (in the float32 table) or F16 (in the bfloat16 table): printed, not a target
+    llama.cpp f32 / q8_0 / f16  (SmolLM2, when llama-cpp-python is installed; bench/llamacpp.py)
+                     the field's reference CPU runtime on the same weights dequantised to an F32
+                     GGUF and quantised to Q8_0 (in the float32 table), or F16 (bfloat16 table)
 
 Decode tokens/s: batch 1, a --prompt-len prompt, --new-tokens tokens; every row is timed the same
 way, by a streamer that stamps each token: decode = (new tokens - 1) / (last stamp - first new
@@ -64,7 +64,7 @@ import pysparse
 NATIVE_SUFFIX = ", native"  # the same model, generate(native=True)
 BASE_ROWS = ["pysparse dense", "act-sparse", "act + pred", "2:4", "2:4 + act", "2:4 + act + pred"]
 ROWS = ["HF dense", *(r + s for r in BASE_ROWS for s in ("", NATIVE_SUFFIX))]
-LLAMA_ROWS = {"float32": "llama.cpp f32", "bfloat16": "llama.cpp f16"}
+LLAMA_ROWS = {"float32": ["llama.cpp f32", "llama.cpp q8_0"], "bfloat16": ["llama.cpp f16"]}
 
 
 def load_model(name: str, layers: int, dtype: torch.dtype):
@@ -104,6 +104,14 @@ class Stamps:
 
     def end(self) -> None:
         pass
+
+
+def weight_bytes(compiled) -> int:
+    """Bytes of the tensors the step graph holds (each storage once: tied weights count once)."""
+    seen: dict[int, int] = {}
+    for t in (*compiled.step.parameters(), *compiled.step.buffers()):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
 
 
 def runner(row: str, model, compiled):
@@ -197,13 +205,12 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
             from pysparse.cli import models
 
             src = models.resolve("smollm2")
-            kind = LLAMA_ROWS[dname].split()[-1]
-            dst = Path(args.gguf_dir) / f"SmolLM2-135M-Instruct.{kind.upper()}.gguf"
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            ggufs[LLAMA_ROWS[dname]] = llamacpp.write_float_gguf(
-                src.folder / src.gguf_file, dst, kind
-            )
-            rows.append(LLAMA_ROWS[dname])
+            for row in LLAMA_ROWS[dname]:
+                kind = row.split()[-1]
+                dst = Path(args.gguf_dir) / f"SmolLM2-135M-Instruct.{kind.upper()}.gguf"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                ggufs[row] = llamacpp.write_float_gguf(src.folder / src.gguf_file, dst, kind)
+                rows.append(row)
         else:
             print("  (llama.cpp rows skipped: pip install llama-cpp-python, see bench/llamacpp.py)")
     compiled = {}
@@ -255,14 +262,28 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
             decode[r].append(d)
             prefill0[r].append(p)
     base = decode.get("HF dense")
+    llama = decode.get(next((r for r in LLAMA_ROWS.get(dname, []) if r in decode), ""))
     print(f"  decode, prompt {args.prompt_len}, {args.new_tokens} new tokens, batch 1:")
-    print(f"  {'row':<24} {'tok/s':>8} {'vs HF':>7}  {'TTFT ms':>8}")
+    print(
+        f"  {'row':<24} {'tok/s':>8} {'vs HF':>7} {'vs llama':>8}  {'TTFT ms':>8} "
+        f"{'weights MB':>10} {'GB/s':>6}"
+    )
+
+    def ratio(r: str, ref: list | None) -> float:
+        return statistics.median(d / b for d, b in zip(decode[r], ref)) if ref else float("nan")
+
     for r in rows:
-        ratio = statistics.median(d / b for d, b in zip(decode[r], base)) if base else float("nan")
+        tps = statistics.median(decode[r])
+        mb = weight_bytes(compiled.get(r)) / 1e6 if r in compiled else float("nan")
         print(
-            f"  {r:<24} {statistics.median(decode[r]):>8.2f} {ratio:>6.2f}x "
-            f"{statistics.median(prefill0[r]) * 1e3:>8.0f}"
+            f"  {r:<24} {tps:>8.2f} {ratio(r, base):>6.2f}x {ratio(r, llama):>7.2f}x "
+            f"{statistics.median(prefill0[r]) * 1e3:>8.0f} {mb:>10.0f} {mb * tps / 1e3:>6.1f}"
         )
+    print(
+        "  (weights MB: every weight tensor of the step graph, the tied embedding/lm_head once; "
+        "GB/s = that x tok/s: the bytes a dense or 2:4 token reads, an upper bound for "
+        "act-sparse rows, which skip most FFN up/down rows)"
+    )
     for n in args.prefill_lens:
         pids = torch.randint(100, 1000, (1, n), generator=gen)
         timed = interleaved_times(

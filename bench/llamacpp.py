@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-FILE_TYPES = {"f32": 0, "f16": 1}  # llama.cpp's LLAMA_FTYPE_ALL_F32 / MOSTLY_F16
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / MOSTLY_Q8_0
 
 
 def available() -> bool:
@@ -32,7 +32,8 @@ def available() -> bool:
 
 
 def write_float_gguf(src: Path, dst: Path, kind: str) -> Path:
-    """An F32 (kind "f32") or F16 ("f16") copy of the GGUF ``src`` at ``dst``; kept if present."""
+    """An F32 (kind "f32"), F16 ("f16") or Q8_0 ("q8_0", quantised by the ``gguf`` package's own
+    quantiser from the dequantised weights) copy of the GGUF ``src`` at ``dst``; kept if present."""
     import gguf
 
     if dst.exists():
@@ -50,10 +51,13 @@ def write_float_gguf(src: Path, dst: Path, kind: str) -> Path:
         writer.add_key_value(field.name, value, kind0, sub_type=sub)
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        q8 = gguf.GGMLQuantizationType.Q8_0
         if kind == "f16" and data.ndim > 1:
             writer.add_tensor(
                 t.name, data.astype(np.float16), raw_dtype=gguf.GGMLQuantizationType.F16
             )
+        elif kind == "q8_0" and data.ndim > 1 and data.shape[-1] % 32 == 0:
+            writer.add_tensor(t.name, gguf.quants.quantize(data, q8), raw_dtype=q8)
         else:
             writer.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
     writer.write_header_to_file()

@@ -348,6 +348,36 @@ def cusparselt_cache_info() -> dict[str, int]:
     return dict(extension._C.cusparselt_cache_info())
 
 
+def _register_linear_fakes() -> None:
+    @torch.library.register_fake("pysparse::sparse24_linear")
+    def _sparse24_linear_fake(x, values, meta, bias=None):
+        torch._check(values.dim() == 2, lambda: "sparse24_linear: values must be 2-D")
+        K = values.shape[1] * 2
+        torch._check(
+            x.shape[-1] == K, lambda: "sparse24_linear: x.shape[-1] must equal in_features"
+        )
+        torch._check(x.dtype == values.dtype, lambda: "sparse24_linear: x and weight dtypes differ")
+        torch._check(meta.dtype == torch.uint8, lambda: "sparse24_linear: meta must be uint8")
+        torch._check(
+            x.device == values.device,
+            lambda: f"sparse24_linear: x is on {x.device} but the weight is on {values.device}",
+        )
+        return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+    @torch.library.register_fake("pysparse::dense_linear")
+    def _dense_linear_fake(x, weight, bias=None):
+        torch._check(weight.dim() == 2, lambda: "dense_linear: weight must be 2-D")
+        torch._check(
+            x.shape[-1] == weight.shape[1], lambda: "dense_linear: x.shape[-1] must be in_features"
+        )
+        torch._check(x.dtype == weight.dtype, lambda: "dense_linear: x and weight dtypes differ")
+        torch._check(
+            x.device == weight.device,
+            lambda: f"dense_linear: x is on {x.device} but the weight is on {weight.device}",
+        )
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def _register_fakes() -> None:
     @torch.library.register_fake("pysparse::prox24")
     def _prox24_fake(w, lam, max_iters=100, tol=1e-6):
@@ -386,34 +416,6 @@ def _register_fakes() -> None:
         torch._check(w.dim() == 2, lambda: "prune24: w must be 2-D")
         torch._check(w.shape[1] % 4 == 0, lambda: "prune24: in_features must be a multiple of 4")
         return torch.empty_like(w, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake("pysparse::sparse24_linear")
-    def _sparse24_linear_fake(x, values, meta, bias=None):
-        torch._check(values.dim() == 2, lambda: "sparse24_linear: values must be 2-D")
-        K = values.shape[1] * 2
-        torch._check(
-            x.shape[-1] == K, lambda: "sparse24_linear: x.shape[-1] must equal in_features"
-        )
-        torch._check(x.dtype == values.dtype, lambda: "sparse24_linear: x and weight dtypes differ")
-        torch._check(meta.dtype == torch.uint8, lambda: "sparse24_linear: meta must be uint8")
-        torch._check(
-            x.device == values.device,
-            lambda: f"sparse24_linear: x is on {x.device} but the weight is on {values.device}",
-        )
-        return x.new_empty((*x.shape[:-1], values.shape[0]))
-
-    @torch.library.register_fake("pysparse::dense_linear")
-    def _dense_linear_fake(x, weight, bias=None):
-        torch._check(weight.dim() == 2, lambda: "dense_linear: weight must be 2-D")
-        torch._check(
-            x.shape[-1] == weight.shape[1], lambda: "dense_linear: x.shape[-1] must be in_features"
-        )
-        torch._check(x.dtype == weight.dtype, lambda: "dense_linear: x and weight dtypes differ")
-        torch._check(
-            x.device == weight.device,
-            lambda: f"dense_linear: x is on {x.device} but the weight is on {weight.device}",
-        )
-        return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
     def _ffn_out(op, x, dtype, device, d_model, d_ff=None, predicted=None):
         torch._check(x.dim() >= 1, lambda: f"{op}: x must have a d_model dim")
@@ -478,4 +480,5 @@ def _register_fakes() -> None:
 
 
 if extension.extension_error() is None:
+    _register_linear_fakes()
     _register_fakes()
