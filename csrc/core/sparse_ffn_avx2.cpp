@@ -61,10 +61,10 @@ float dense_dot_stream(const float* x, const W* row, int64_t D) {
   const int64_t body = D / 32 * 32;
   __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                    _mm256_setzero_ps()};
-  // The same columns four rows ahead (a prefetch past the end of W is a no-op hint): the
-  // hardware prefetcher alone left the lm_head GEMV at ~30 GB/s where this reaches ~35
-  // (SmolLM2 49152 x 576 fp32, AMD EPYC, 2 threads; noisy; bench/dense_gemv.py).
-  const char* ahead = reinterpret_cast<const char*>(row + 4 * D);
+  // kStreamAheadBytes ahead in the stream (into the next rows; a prefetch past the end of W is a
+  // no-op hint): the hardware prefetcher alone left the lm_head GEMV at ~30 GB/s where this
+  // reaches ~33-35 (SmolLM2 49152 x 576 fp32, AMD EPYC, 2 threads; noisy; bench/dense_gemv.py).
+  const char* ahead = reinterpret_cast<const char*>(row) + kStreamAheadBytes;
   for (int64_t k = 0; k < body; k += 32) {
     _mm_prefetch(ahead + k * sizeof(W), _MM_HINT_T0);
     _mm_prefetch(ahead + k * sizeof(W) + 64, _MM_HINT_T0);
