@@ -16,6 +16,12 @@ TORCH_LIBRARY(pysparse, m) {
   // model leaves dense (the lm_head): fp32 or bf16 on the core's kernel up to a few rows of x,
   // torch's linear otherwise (other dtypes, devices, more rows).
   m.def("dense_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  // Scaled dot-product attention (torch's arguments, no dropout): q [B, H, T, D], k/v [B, Hkv, L,
+  // D(v)], attn_mask bool broadcastable to [B, H, T, L] (true: attend); grouped KV heads with
+  // enable_gqa. On the CPU up to 4 query rows run the core's decode kernel (fp32/bf16), the rest
+  // torch's scaled_dot_product_attention.
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask=None, bool is_causal=False, "
+        "float? scale=None, bool enable_gqa=False) -> Tensor");
   // ProxSparse's proximal operator of lam * Reg over every group of 4 along the last dim (see
   // csrc/core/prox24_group.h); per-group coordinate descent until it moves less than
   // tol * (1 + max|group|) or max_iters sweeps. Functional and in-place forms (the in-place one

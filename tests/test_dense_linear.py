@@ -60,6 +60,7 @@ def test_matches_float64_reference(route, dtype, M, N, K, bias):
     b = torch.randn(N, generator=gen).to(dtype) if bias else None
     y = ops.dense_linear(x, w, b)
     assert y.shape == (M, N) and y.dtype == dtype
+    assert y.is_contiguous()  # what the fake declares, on every route
     _check(y, x, w, b, dtype)
 
 

@@ -250,3 +250,21 @@ def test_step_graph_exports_as_pt2_and_runs_a_generation(tmp_path):
     encoder = pysparse.compile(bert, ["magnitude", "compress24", "lower"], *batches[0])
     with pytest.raises(ValueError, match="no generation step graph"):
         pysparse.export(encoder, tmp_path / "e.pt2", part="step")
+
+
+def test_lower_puts_the_step_graphs_attention_and_linears_on_pysparse_ops(compiled):
+    """Every linear a decoder keeps dense (the lm_head) runs pysparse::dense_linear, and the step
+    graph's attention pysparse::attention; the forward graph keeps torch's attention (its ONNX and
+    TorchScript exports translate it)."""
+    _, sm, _ = compiled
+
+    def targets(gm):
+        return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+    step, forward = targets(sm.step), targets(sm.gm)
+    p, aten = torch.ops.pysparse, torch.ops.aten
+    assert p.dense_linear.default in step and aten.linear.default not in step
+    assert p.attention.default in step
+    assert aten.scaled_dot_product_attention.default not in step
+    assert p.attention.default not in forward
+    assert sm.report[-1]["step_attention_lowered"] == sm.cache_spec.n_layers

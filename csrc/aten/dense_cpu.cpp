@@ -46,7 +46,8 @@ void check_dense_linear(const at::Tensor& x, const at::Tensor& w,
 
 at::Tensor torch_linear(const at::Tensor& x, const at::Tensor& w,
                         const c10::optional<at::Tensor>& bias) {
-  return at::linear(x, w, bias.has_value() && bias->defined() ? *bias : at::Tensor());
+  // contiguous, as the fake says (compiled code indexes the result by the fake's strides)
+  return at::linear(x, w, bias.has_value() && bias->defined() ? *bias : at::Tensor()).contiguous();
 }
 
 at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& w,

@@ -50,6 +50,7 @@ const char* route_name(Route r) {
     case Route::kFfnGate: return "ffn_gate";
     case Route::kFfnTail: return "ffn_tail";
     case Route::kDenseGemv: return "dense_gemv";
+    case Route::kAttention: return "attention";
     case Route::kCount: break;
   }
   return "?";

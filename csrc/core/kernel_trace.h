@@ -25,6 +25,7 @@ enum class Route : int {
   kFfnGate,         // activation-sparse FFN: dense gate pass
   kFfnTail,         // activation-sparse FFN: up rows of the active neurons + down
   kDenseGemv,       // dense GEMV of a few rows of x (dense_gemv: the lm_head, dense linears)
+  kAttention,       // decode attention over the KV cache (attention.h)
   kCount
 };
 

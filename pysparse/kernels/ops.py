@@ -19,6 +19,7 @@ from pysparse.kernels import extension
 
 __all__ = [
     "STRICT_CUSPARSELT_ENV",
+    "attention",
     "compress24",
     "cuda_route_counts",
     "cusparselt_cache_info",
@@ -122,6 +123,27 @@ def dense_linear(
     """
     extension.require_extension()
     return torch.ops.pysparse.dense_linear.default(x, weight, bias)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``torch.nn.functional.scaled_dot_product_attention`` without dropout: what ``Lower`` puts
+    in the generation step graph.
+
+    On the CPU, fp32 and bf16 with up to 4 query rows (``PYSPARSE_ATTENTION_MAX_QUERIES``) and a
+    boolean mask (or none) run the core's decode kernel: one task per (batch, head, query row)
+    over the cache, grouped KV heads read in place (no repeat), fp32 softmax; everything else runs
+    torch's attention.
+    """
+    extension.require_extension()
+    return torch.ops.pysparse.attention.default(q, k, v, attn_mask, is_causal, scale, enable_gqa)
 
 
 def prox24(w: torch.Tensor, lam: float, max_iters: int = 100, tol: float = 1e-6) -> torch.Tensor:
@@ -363,6 +385,13 @@ def _register_linear_fakes() -> None:
             lambda: f"sparse24_linear: x is on {x.device} but the weight is on {values.device}",
         )
         return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+    @torch.library.register_fake("pysparse::attention")
+    def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+        torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "attention: 4-D")
+        torch._check(q.shape[-1] == k.shape[-1], lambda: "attention: q and k head_dim differ")
+        torch._check(q.dtype == k.dtype == v.dtype, lambda: "attention: q, k, v dtypes differ")
+        return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
     @torch.library.register_fake("pysparse::dense_linear")
     def _dense_linear_fake(x, weight, bias=None):

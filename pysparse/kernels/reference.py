@@ -13,6 +13,7 @@ import torch
 __all__ = [
     "is_24_sparse",
     "prox24_objective",
+    "reference_attention",
     "reference_compress24",
     "reference_decompress24",
     "reference_dense_linear",
@@ -99,6 +100,23 @@ def reference_sparse24_linear(
     if bias is not None:
         y = y + bias.cpu().to(torch.float64)
     return y
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """float64 softmax(scale q k^T, masked) v with grouped KV heads (attention's reference)."""
+    q, k, v = (t.cpu().to(torch.float64) for t in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask.cpu(), float("-inf"))
+    return s.softmax(-1) @ v
 
 
 def reference_dense_linear(
