@@ -64,12 +64,12 @@ def test_matches_float64_reference(route, dtype, M, N, K, bias):
     _check(y, x, w, b, dtype)
 
 
-def test_the_kernel_runs_from_one_to_eight_rows(monkeypatch):
-    """The GEMV route is taken (the kernel trace counts its calls) up to 8 fp32 rows, not 9."""
+def test_the_kernel_runs_from_one_to_sixteen_rows(monkeypatch):
+    """The GEMV route is taken (the kernel trace counts its calls) up to 16 fp32 rows, not 17."""
     monkeypatch.delenv("PYSPARSE_DENSE_GEMV_MAX_ROWS", raising=False)
     w = torch.randn(64, 32)
     ops.kernel_stats(reset=True)
-    for m in (1, 8, 9):
+    for m in (1, 16, 17):
         ops.dense_linear(torch.randn(m, 32), w)
     assert ops.kernel_stats(reset=True)["dense_gemv"]["calls"] == 2
 

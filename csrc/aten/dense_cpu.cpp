@@ -19,7 +19,7 @@ namespace {
 // in turn, so past a few rows torch's GEMM wins. bench/dense_gemv.py (AMD EPYC AVX-512, 2
 // threads), ours vs torch: fp32 M=1 2.4-5.9x, M=8 1.5-2.3x, M=16 0.99-1.6x; bf16 (widened per
 // row of x) M=1 1.8-3.8x, M=2 0.88-2.4x, M=4 0.62-1.8x, M=8 0.46-1.15x.
-constexpr int64_t kMaxRowsF32 = 8;
+constexpr int64_t kMaxRowsF32 = 16;
 constexpr int64_t kMaxRowsBf16 = 2;
 
 void check_dense_linear(const at::Tensor& x, const at::Tensor& w,

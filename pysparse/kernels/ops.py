@@ -116,7 +116,7 @@ def dense_linear(
     """``y = x @ weight.T + bias`` for a dense ``weight`` ``[N, K]``: what ``Lower`` puts in place
     of every linear a model leaves dense (the lm_head first of all).
 
-    On the CPU, fp32 up to 8 rows of x and bf16 up to 2 (``PYSPARSE_DENSE_GEMV_MAX_ROWS``) run on the
+    On the CPU, fp32 up to 16 rows of x and bf16 up to 2 (``PYSPARSE_DENSE_GEMV_MAX_ROWS``) run on the
     core's dense GEMV, which streams the weight on every thread (torch's BLAS GEMV runs on one
     thread on some CPUs); other shapes, dtypes and devices run torch's ``linear``. Accumulation is
     fp32; bf16 results are rounded once.
