@@ -8,7 +8,8 @@ writes, the calls into the ops).
     python bench/step_profile.py --rows dense "2:4 + act" --dtypes bfloat16
 
 The profiler's own cost per op call (~1-3 us) lands in the op rows: "overhead" here is a lower
-bound on what runs outside the kernels, "step ms (no profiler)" the figure to quote.
+bound on what runs outside the kernels, "step ms (no profiler)" the figure to quote. The last
+line times ``generate()`` on the same model: what the decode loop adds per token.
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ def step_table(row: str, dtype: torch.dtype, args: argparse.Namespace) -> None:
             for _ in range(args.steps):
                 one()
     step_ms = statistics.median(times) * 1e3
+    loop = []
+    for _ in range(3):  # the whole decode loop (sampling, stop checks, next inputs) around it
+        cm.generate(ids, max_new_tokens=64, eos_token_id=[])
+        loop.append(cm.last_generation.decode_tokens_per_s)
     ops = {
         e.key: e.self_cpu_time_total / args.steps / 1e3
         for e in prof.key_averages()
@@ -83,6 +88,11 @@ def step_table(row: str, dtype: torch.dtype, args: argparse.Namespace) -> None:
     print(f"  | pysparse ops together | | {kernels:.2f} |")
     print(f"  | the rest (per-token overhead), under the profiler | | {total - kernels:.2f} |")
     print(f"  | the rest against the unprofiled step | | {step_ms - kernels:.2f} |")
+    loop_ms = 1e3 / statistics.median(loop)
+    print(
+        f"  generate(): {statistics.median(loop):.1f} tok/s decode, {loop_ms:.2f} ms a token: "
+        f"{loop_ms - step_ms:.2f} ms of it outside the step (the decode loop in Python)"
+    )
 
 
 def main() -> None:
