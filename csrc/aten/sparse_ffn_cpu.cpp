@@ -327,17 +327,19 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   }
   const uint8_t* pred = pred_ptr(w);
   if (amx_route(w, st, M)) return ffn24_amx(x, x2, w, t, D, F);
-  // A small FFN (<= 2^20 weights, cache-resident) from 2 rows: torch's kernels outright. Measured
-  // (bench/ffn.py, 384x1536): our route's extra steps (union count, conversions) cost 10-30% of a
-  // 0.3 ms FFN, more than skipping neurons saves there.
+  // A small FFN (up to PYSPARSE_FFN_SMALL_MAX_WEIGHTS weights) from 2 rows: torch's kernels
+  // outright. Off by default: measured on Intel Xeon (bench/ffn.py, 384x1536) our route's extra
+  // steps cost 10-30% of a 0.3 ms FFN there, but on AMD EPYC torch's BLAS runs MiniLM's 14-row
+  // FFN GEMMs at ~20 GFLOP/s (mkl_blas_def path, ~350 us each): the native MiniLM forward at 1x14
+  // tokens 7.2 ms with this route, 5.0 ms without (our gate GEMV and FFN tail).
   // bf16 on AMX from 9 rows likewise: torch's tiles cost little more than at 1 row, and the union
   // of 9-16 independent rows is most neurons (1B shape, 16 rows: 0.90-0.93x with the union test).
-  const bool small = F * D <= (int64_t(1) << 20);
+  const bool small = F * D <= env_int("PYSPARSE_FFN_SMALL_MAX_WEIGHTS", 0);
   const bool amx_rows = st == at::kBFloat16 && M > 8 && bf16_matmul_has_amx();
   if ((M > kSparseMaxRows || (small && M > 1) || amx_rows) && !w.gm.defined()) {
     at::Tensor h = linear_any(x2, w.gv, w.gm, w.b1).contiguous();
     fatrelu_count_(h, t, pred);
-    if (w.uv.defined()) h = h * at::mm(x2, w.uv.t());
+    if (w.uv.defined()) h = h * call_dense_linear(x2, w.uv, at::Tensor());
     return dense_down(h, w).view(x.sizes());
   }
   if (M > kSparseMaxRows) return ffn_dense_route_cpu(x2, w, t, D, F).view(x.sizes());
@@ -355,7 +357,7 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
     active = at::empty({F}, xf.options().dtype(at::kInt));
     n = core::ffn_gate(p, a.data_ptr<float>(), active.data_ptr<int32_t>());
     if (!packed && static_cast<double>(n) > limit) {  // our gate, torch's up and down
-      at::Tensor h = w.uv.defined() ? a * at::mm(x2, w.uv.t()).to(at::kFloat) : a;
+      at::Tensor h = w.uv.defined() ? a * call_dense_linear(x2, w.uv, at::Tensor()).to(at::kFloat) : a;
       return dense_down(h.to(st), w).view(x.sizes());
     }
   } else {
@@ -365,7 +367,7 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
     const Firing fires = fatrelu_count_(g, t, pred);
     n = fires.neurons;
     if (static_cast<double>(n) > limit) {
-      at::Tensor h = w.uv.defined() ? g * at::mm(x2, w.uv.t()) : g;
+      at::Tensor h = w.uv.defined() ? g * call_dense_linear(x2, w.uv, at::Tensor()) : g;
       return dense_down(h, w).view(x.sizes());
     }
     a = g.to(at::kFloat).contiguous();

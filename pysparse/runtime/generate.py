@@ -293,7 +293,9 @@ def _choose(
 ) -> torch.Tensor:
     """Next token per row from last-position logits [B, V]."""
     if not do_sample:
-        return logits.argmax(-1)
+        # fp32 first: the same index (the widening is exact), and torch's bf16 argmax over
+        # SmolLM2's 49152 logits took 179 us a token against 59 us for widening + fp32 argmax
+        return logits.float().argmax(-1)
     logits = logits.float() / max(temperature, 1e-6)
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
