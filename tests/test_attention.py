@@ -10,10 +10,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from testutil import skip_unless_kernel
+from testutil import use_route
 from torch.library import opcheck
 
-import pysparse
 from pysparse.kernels import ops
 from pysparse.kernels import reference as R
 
@@ -26,13 +25,7 @@ ROUTES = {
 
 @pytest.fixture(params=sorted(ROUTES))
 def route(request, monkeypatch):
-    for k in ("PYSPARSE_DISABLE_AVX2", "PYSPARSE_ATTENTION_MAX_QUERIES"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in ROUTES[request.param].items():
-        monkeypatch.setenv(k, v)
-    if request.param == "avx2":
-        skip_unless_kernel("avx2", pysparse._C.cpu_info()["avx2"])
-    return request.param
+    return use_route(request.param, ROUTES, monkeypatch)
 
 
 def _inputs(B, H, Hkv, T, L, D, dtype, gen, mask_shape=None, cache=0):

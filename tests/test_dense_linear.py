@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from testutil import skip_unless_kernel
+from testutil import use_route
 from torch.library import opcheck
 
 import pysparse
@@ -27,13 +27,7 @@ ROUTES = {  # the kernel routes take up to 8 rows of x whatever the dtype
 
 @pytest.fixture(params=sorted(ROUTES))
 def route(request, monkeypatch):
-    for k in ("PYSPARSE_DISABLE_AVX2", "PYSPARSE_DENSE_GEMV_MAX_ROWS"):
-        monkeypatch.delenv(k, raising=False)
-    for k, v in ROUTES[request.param].items():
-        monkeypatch.setenv(k, v)
-    if request.param == "avx2":
-        skip_unless_kernel("avx2", pysparse._C.cpu_info()["avx2"])
-    return request.param
+    return use_route(request.param, ROUTES, monkeypatch)
 
 
 def _check(y, x, w, b, dtype):

@@ -106,3 +106,18 @@ def run_cli(*args: str, cwd) -> subprocess.CompletedProcess:
         check=False,
         cwd=cwd,
     )
+
+
+def use_route(name: str, routes: dict[str, dict[str, str]], monkeypatch) -> str:
+    """Selects kernel route ``name`` of ``routes`` (route -> environment switches): every switch any
+    route sets is cleared first, then this route's are set; the "avx2" route is skipped (or failed,
+    see skip_unless_kernel) where the CPU lacks AVX2."""
+    import pysparse
+
+    for k in {k for env in routes.values() for k in env} | {"PYSPARSE_DISABLE_AVX2"}:
+        monkeypatch.delenv(k, raising=False)
+    for k, v in routes[name].items():
+        monkeypatch.setenv(k, v)
+    if name == "avx2":
+        skip_unless_kernel("avx2", pysparse._C.cpu_info()["avx2"])
+    return name
