@@ -22,6 +22,11 @@
    29 us (fp32) / 80 us (bf16) per layer of a decode step, ~25% of a bf16 2:4 + act-sparse step.
    The forward graph keeps torch's attention (its ONNX and TorchScript exports translate it).
    ``Lower(attention=False)`` keeps it everywhere.
+5. Linears of one kind (2:4 or dense) that read the same input — q, k and v; the gate and up of an
+   FFN no FFN op took (SiLU) — become one op over their weights stacked by rows, each output a
+   slice of its result (the weights' records say which rows: ``formats.dense_weight`` reads them
+   back). The same dot products, in one weight stream and one parallel region instead of three.
+   ``Lower(fuse=False)`` keeps them apart.
 
 Dense weights nothing reads any more are dropped. The result stays exportable (every op has a fake
 implementation) and must give the same outputs as before (the PassManager spot-checks it).
@@ -80,13 +85,21 @@ class Lower(Pass):
     last = True
     preserves_numerics = True
 
-    def __init__(self, ffn: bool = True, dense: bool = True, attention: bool = True):
+    def __init__(
+        self, ffn: bool = True, dense: bool = True, attention: bool = True, fuse: bool = True
+    ):
         self.ffn = ffn
         self.dense = dense
         self.attention = attention
+        self.fuse = fuse
 
     def settings(self):
-        return {"ffn": self.ffn, "dense": self.dense, "attention": self.attention}
+        return {
+            "ffn": self.ffn,
+            "dense": self.dense,
+            "attention": self.attention,
+            "fuse": self.fuse,
+        }
 
     def mirror(self, primary: fx.GraphModule, secondary: fx.GraphModule, ctx: PassContext) -> None:
         """Lowers ``secondary`` the same way, taking the kernel tensors this pass made for
@@ -170,6 +183,10 @@ class Lower(Pass):
         report = {"linears_lowered": lowered, "dense_weights_dropped": dropped}
         if self.dense:
             report["dense_linears_lowered"] = _lower_dense(graph)
+        if self.fuse:
+            fused = _fuse_siblings(gm, reuse)
+            if fused:
+                report["sibling_linears_fused"] = fused
         if left_dense:
             report["down_along_d_model_left_dense"] = left_dense
         if self.ffn:
@@ -196,6 +213,91 @@ def _lower_dense(graph: fx.Graph) -> int:
         graph.erase_node(node)
         count += 1
     return count
+
+
+_FUSABLE = {
+    torch.ops.pysparse.sparse24_linear.default: ("values", "meta"),
+    torch.ops.pysparse.dense_linear.default: ("weight",),
+}
+
+
+def _fuse_siblings(gm: fx.GraphModule, reuse: dict[str, torch.Tensor]) -> int:
+    """Step 5: linears of one kind that read the same input (q, k and v; a SiLU FFN's gate and
+    up) become one op over their weights stacked by rows, each output a slice of its result.
+    Returns how many linears were merged away. Same products: each output row is the same dot
+    product over the same weight row; only the calls change (one weight stream instead of three,
+    one parallel region)."""
+    graph = gm.graph
+    groups: dict[tuple, list[fx.Node]] = {}
+    for node in graph.nodes:
+        kinds = _FUSABLE.get(node.target) if node.op == "call_function" else None
+        if kinds is None:
+            continue
+        weights = node.args[1 : 1 + len(kinds)]
+        bias = node.args[1 + len(kinds)] if len(node.args) > 1 + len(kinds) else None
+        if not all(isinstance(w, fx.Node) and w.op == "get_attr" for w in weights):
+            continue
+        if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+            continue
+        t = [module_tensor(gm, w.target) for w in weights]
+        key = (node.target, node.args[0], t[0].dtype, t[0].device, t[0].shape[1], bias is None)
+        groups.setdefault(key, []).append(node)
+    merged = 0
+    for (op, *_), nodes in groups.items():
+        if len(nodes) > 1:
+            _fuse_group(gm, op, nodes, reuse)
+            merged += len(nodes) - 1
+    return merged
+
+
+def _fuse_group(
+    gm: fx.GraphModule, op: Any, nodes: list[fx.Node], reuse: dict[str, torch.Tensor]
+) -> None:
+    graph = gm.graph
+    kinds = _FUSABLE[op]
+    has_bias = len(nodes[0].args) > 1 + len(kinds) and nodes[0].args[1 + len(kinds)] is not None
+    parts = [
+        list(n.args[1 : 1 + len(kinds)]) + ([n.args[1 + len(kinds)]] if has_bias else [])
+        for n in nodes
+    ]
+    # named after the first linear's weight, so the step graph's mirror finds the same tensors
+    weights = [
+        n.meta.get("pysparse", {}).get("weight") or p[0].target for n, p in zip(nodes, parts)
+    ]
+    base = "pysparse__fused__" + weights[0].replace(".", "__")
+    names = [base if k == "weight" else f"{base}__{k}" for k in kinds]
+    names += [f"{base}__bias"] if has_bias else []
+    rows = [module_tensor(gm, p[0].target).shape[0] for p in parts]
+    with graph.inserting_before(nodes[0]):
+        attrs = []
+        for i, name in enumerate(names):
+            made = reuse.get(name)
+            if made is None:
+                made = torch.cat([module_tensor(gm, p[i].target) for p in parts]).contiguous()
+            gm.register_buffer(name, made)
+            attrs.append(graph.get_attr(name))
+        fused = graph.call_function(op, (nodes[0].args[0], *attrs, *([] if has_bias else [None])))
+    fused.meta = {"pysparse": {"lowered": op.name(), "fused": [n.name for n in nodes]}}
+    if all("val" in n.meta for n in nodes):
+        fused.meta["val"] = torch.cat([n.meta["val"] for n in nodes], -1)
+    r0 = 0
+    for node, part, n_rows, weight in zip(nodes, parts, rows, weights):
+        if kinds == ("weight",):
+            record_layout(gm, weight, "dense", rows=(r0, r0 + n_rows), tensor=names[0])
+        else:
+            record_layout(
+                gm, weight, "rows", rows=(r0, r0 + n_rows), values=names[0], meta=names[1]
+            )
+        if has_bias:
+            record_layout(gm, part[-1].target, "dense", rows=(r0, r0 + n_rows), tensor=names[-1])
+        with graph.inserting_before(node):
+            piece = graph.call_function(aten.slice.Tensor, (fused, -1, r0, r0 + n_rows))
+        piece.meta = dict(node.meta)
+        node.replace_all_uses_with(piece)
+        graph.erase_node(node)
+        for p in part:
+            _drop_unused_attr(gm, p)
+        r0 += n_rows
 
 
 def _lower_attention(graph: fx.Graph) -> int:

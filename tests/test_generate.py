@@ -10,7 +10,7 @@ from pysparse.passes import Compress24, Lower, MagnitudePrune, ReluSubstitution
 from tiny_models import bert_with_batches, llama_config
 
 import pysparse
-from pysparse.runtime.generate import GenerationError, _mask, generate
+from pysparse.runtime.generate import GenerationError, _mask, _one_token_mask, generate
 
 THRESHOLD = 0.02  # FATReLU threshold of the act-sparse cases (about half the tiny FFN's neurons)
 
@@ -268,3 +268,44 @@ def test_lower_puts_the_step_graphs_attention_and_linears_on_pysparse_ops(compil
     assert aten.scaled_dot_product_attention.default not in step
     assert p.attention.default not in forward
     assert sm.report[-1]["step_attention_lowered"] == sm.cache_spec.n_layers
+
+
+def test_lower_fuses_sibling_linears_without_changing_a_token(compiled):
+    """q, k and v (and a SiLU FFN's gate and up, which no FFN op takes) read one input: Lower
+    runs each such set as one op over their stacked weights, in both graphs, with the same
+    products as separate ops: the same greedy tokens, the same logits to fp32 rounding."""
+    case, sm, _ = compiled
+    n_layers = sm.cache_spec.n_layers
+    ffn_op = case in ("act-sparse", "2:4+fatrelu")  # a ReLU FFN goes to the FFN op instead
+    per_layer = 2 + (0 if ffn_op else 1)  # k and v into q; up into gate
+    assert sm.report[-1]["sibling_linears_fused"] == n_layers * per_layer
+    p = torch.ops.pysparse
+    linears = {p.dense_linear.default, p.sparse24_linear.default}
+    for gm in (sm.gm, sm.step):
+        calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in linears]
+        # per layer: [q; k; v], o, and [gate; up] + down unless an FFN op took them; the lm_head
+        assert len(calls) == n_layers * (2 + (0 if ffn_op else 2)) + 1, case
+    torch.manual_seed(0)
+    unfused_passes = CASES[case]()
+    unfused_passes[-1] = Lower(fuse=False)
+    ref = _model()
+    example = torch.randint(0, 96, (1, 7), generator=torch.Generator().manual_seed(3))
+    separate = pysparse.compile(ref, unfused_passes, (example,), generation=True)
+    assert "sibling_linears_fused" not in separate.report[-1]
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(31))
+    with torch.no_grad():
+        torch.testing.assert_close(sm(ids).logits, separate(ids).logits, rtol=1e-5, atol=1e-5)
+    want = separate.generate(ids, max_new_tokens=16, eos_token_id=[])
+    assert torch.equal(sm.generate(ids, max_new_tokens=16, eos_token_id=[]), want)
+
+
+def test_a_decode_steps_mask_is_the_valid_keys_up_to_its_position():
+    """generate() hands a one-token step a view of ``valid`` instead of building _mask's mask: the
+    two must be the same, left padding included."""
+    gen = torch.Generator().manual_seed(2)
+    for batch, start in ((1, 0), (1, 9), (3, 5), (4, 12)):
+        valid = torch.rand(batch, 16, generator=gen) > 0.3
+        valid[:, start] = True  # the step before marked the new token's slot
+        got = _one_token_mask(valid, start)
+        want = _mask(valid[:, : start + 1], torch.tensor([start]))
+        assert got.shape == want.shape and torch.equal(got, want), (batch, start)

@@ -42,9 +42,10 @@ def _tensors(sm):
         (lambda: [WandaPrune()], {"rows", "down24"}),  # q/k/v/o sparse24_linear; FFN sparse_ffn24
         (lambda: [WandaPrune(down_along="d_model")], {"rows", "by_row"}),
         (lambda: [MagnitudePrune(), Lower(ffn=False)], {"rows"}),
-        (list, {"transposed"}),  # ReLU FFN, dense: the FFN op reads W_down^T
+        (list, {"transposed", "dense"}),  # ReLU FFN, dense: the FFN op reads W_down^T; q/k/v
+        (lambda: [MagnitudePrune(), Lower(fuse=False)], {"rows", "down24"}),  # q/k/v apart
     ],
-    ids=["down24", "by_row", "linears-only", "dense-ffn"],
+    ids=["down24", "by_row", "linears-only", "dense-ffn", "unfused"],
 )
 def test_dense_weight_reads_every_layout_back(passes, layouts):
     """The compiled model's linears, read back dense, equal the masked (or untouched) weights of

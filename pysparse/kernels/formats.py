@@ -205,17 +205,28 @@ def unpack_down24(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tenso
 #   "by_row"      compress24's (values, meta) of W^T (a down projection masked along d_model)
 #   "down24"      pack_down24's grouped (values, meta) of W         (the 2:4 FFN kernels)
 #   "transposed"  W^T as one dense tensor                           (tensors: tensor)
-WEIGHT_LAYOUTS = ("rows", "by_row", "down24", "transposed")
+#   "dense"       W as rows of a dense tensor it shares                (tensors: tensor)
+# A record with ``rows: [r0, r1]`` holds W in rows r0:r1 of its tensors (Lower's fused sibling
+# linears: q, k and v in one [q; k; v] weight); "rows" and "dense" only.
+WEIGHT_LAYOUTS = ("rows", "by_row", "down24", "transposed", "dense")
 
 
-def record_layout(gm: torch.nn.Module, weight: str, layout: str, **tensors: str) -> None:
+def record_layout(
+    gm: torch.nn.Module,
+    weight: str,
+    layout: str,
+    rows: tuple[int, int] | None = None,
+    **tensors: str,
+) -> None:
     """Records that ``weight`` (its name in the traced model) now lives in ``tensors`` (buffer
-    names of ``gm``) in ``layout`` (one of ``WEIGHT_LAYOUTS``), so that reports and exports can
-    give it back dense (``dense_weight``)."""
+    names of ``gm``) in ``layout`` (one of ``WEIGHT_LAYOUTS``), in rows ``rows`` of them when
+    given, so that reports and exports can give it back dense (``dense_weight``)."""
     if layout not in WEIGHT_LAYOUTS:
         raise ValueError(f"record_layout: unknown layout {layout!r}; one of {WEIGHT_LAYOUTS}")
+    if rows is not None and layout not in ("rows", "dense"):
+        raise ValueError(f"record_layout: a {layout!r} weight cannot be rows of a shared tensor")
     layouts = gm.meta.setdefault("pysparse", {}).setdefault("weight_layouts", {})
-    layouts[weight] = {"layout": layout, **tensors}
+    layouts[weight] = {"layout": layout, **tensors, **({"rows": list(rows)} if rows else {})}
 
 
 def dense_weight(
@@ -231,12 +242,16 @@ def dense_weight(
     if rec is None:
         return None
     layout = rec.get("layout")
-    if layout == "transposed":
+    r0, r1 = rec.get("rows") or (None, None)
+    if layout in ("transposed", "dense"):
         t = tensors.get(rec.get("tensor", ""))
-        return None if t is None else t.T
+        if t is None:
+            return None
+        return t.T if layout == "transposed" else t[r0:r1]
     values, meta = tensors.get(rec.get("values", "")), tensors.get(rec.get("meta", ""))
     if values is None or meta is None:
         return None
+    values, meta = values[r0:r1], meta[r0:r1]
     if layout == "down24":
         values, meta = unpack_down24(values, meta)
     elif layout not in ("rows", "by_row"):
