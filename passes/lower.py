@@ -34,6 +34,7 @@ implementation) and must give the same outputs as before (the PassManager spot-c
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -260,11 +261,13 @@ def _fuse_group(
         list(n.args[1 : 1 + len(kinds)]) + ([n.args[1 + len(kinds)]] if has_bias else [])
         for n in nodes
     ]
-    # named after the first linear's weight, so the step graph's mirror finds the same tensors
+    # named after the weights stacked (in order), so that the step graph's mirror takes the same
+    # tensors, and only for the same stack
     weights = [
         n.meta.get("pysparse", {}).get("weight") or p[0].target for n, p in zip(nodes, parts)
     ]
-    base = "pysparse__fused__" + weights[0].replace(".", "__")
+    digest = hashlib.sha256("|".join(weights).encode()).hexdigest()[:8]
+    base = f"pysparse__fused__{weights[0].replace('.', '__')}__{digest}"
     names = [base if k == "weight" else f"{base}__{k}" for k in kinds]
     names += [f"{base}__bias"] if has_bias else []
     rows = [module_tensor(gm, p[0].target).shape[0] for p in parts]

@@ -285,6 +285,11 @@ def test_lower_fuses_sibling_linears_without_changing_a_token(compiled):
         calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in linears]
         # per layer: [q; k; v], o, and [gate; up] + down unless an FFN op took them; the lm_head
         assert len(calls) == n_layers * (2 + (0 if ffn_op else 2)) + 1, case
+    # the step graph holds the forward graph's stacked weights, not copies
+    stacked = {n: t for n, t in sm.gm.named_buffers() if n.startswith("pysparse__fused__")}
+    in_step = {n: t for n, t in sm.step.named_buffers() if n.startswith("pysparse__fused__")}
+    assert stacked and in_step.keys() == stacked.keys()
+    assert all(t is stacked[n] for n, t in in_step.items())
     torch.manual_seed(0)
     unfused_passes = CASES[case]()
     unfused_passes[-1] = Lower(fuse=False)
