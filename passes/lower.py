@@ -102,15 +102,18 @@ class Lower(Pass):
             "fuse": self.fuse,
         }
 
-    def mirror(self, primary: fx.GraphModule, secondary: fx.GraphModule, ctx: PassContext) -> None:
+    def mirror(
+        self, primary: fx.GraphModule, secondary: fx.GraphModule, ctx: PassContext
+    ) -> dict[str, Any]:
         """Lowers ``secondary`` the same way, taking the kernel tensors this pass made for
-        ``primary`` (regrouped down projections, transposed downs) instead of making them again:
-        both graphs are captures of one model, so FFN ``layer`` k is the same block in each."""
+        ``primary`` (regrouped down projections, transposed downs, stacked siblings) instead of
+        making them again: both graphs are captures of one model, so FFN ``layer`` k is the same
+        block in each. Reports how many of the step graph's attentions it lowered."""
         sync_graph(primary, secondary)
         self._lower(secondary, reuse=dict(primary.named_buffers()))
-        if self.attention:
-            # (the step graph's count joins the report ``call`` returned for the forward graph)
-            self._report["step_attention_lowered"] = _lower_attention(secondary.graph)
+        if not self.attention:
+            return {}
+        return {"step_attention_lowered": _lower_attention(secondary.graph)}
 
     # ---- step 1: FFN blocks -------------------------------------------------------------------
     def _lower_ffn(
@@ -137,9 +140,7 @@ class Lower(Pass):
         return op.name(), dropped
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = self._lower(gm, reuse={})
-        self._report = result.info
-        return result
+        return self._lower(gm, reuse={})
 
     def _lower(self, gm: fx.GraphModule, reuse: dict[str, torch.Tensor]) -> PassResult:
         lowered, dropped = 0, 0

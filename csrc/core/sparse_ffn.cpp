@@ -141,9 +141,9 @@ void dense_gemv(const float* x, int64_t M, const void* w, FfnDtype dtype, int64_
   if (use_avx2()) return detail::dense_gemv_avx2(x, M, w, dtype, N, K, y, nthreads);
   const int nt = resolve_threads(nthreads);
   if (dtype == FfnDtype::f32)
-    dense_rows_all<float>(x, M, static_cast<const float*>(w), N, K, y, nt, Route::kDenseGemv);
+    dense_gemv_rows<float>(x, M, static_cast<const float*>(w), N, K, y, nt);
   else
-    dense_rows_all<uint16_t>(x, M, static_cast<const uint16_t*>(w), N, K, y, nt, Route::kDenseGemv);
+    dense_gemv_rows<uint16_t>(x, M, static_cast<const uint16_t*>(w), N, K, y, nt);
 }
 
 void ffn_linear24_amx(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* values,

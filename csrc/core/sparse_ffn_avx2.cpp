@@ -207,9 +207,9 @@ void dense_gemv_avx2(const float* x, int64_t M, const void* w, FfnDtype dtype, i
                      int64_t K, float* y, int nthreads) {
   const int nt = resolve_threads(nthreads);
   if (dtype == FfnDtype::f32)
-    dense_rows_all<float>(x, M, static_cast<const float*>(w), N, K, y, nt, Route::kDenseGemv);
+    dense_gemv_rows<float>(x, M, static_cast<const float*>(w), N, K, y, nt);
   else
-    dense_rows_all<uint16_t>(x, M, static_cast<const uint16_t*>(w), N, K, y, nt, Route::kDenseGemv);
+    dense_gemv_rows<uint16_t>(x, M, static_cast<const uint16_t*>(w), N, K, y, nt);
 }
 
 void unpack_down24_avx2(const void* values, const uint8_t* meta, int64_t F, int64_t D, int64_t n0,

@@ -111,12 +111,16 @@ class Pass:
     def ensures(self, gm: fx.GraphModule) -> None:
         pass
 
-    def mirror(self, primary: fx.GraphModule, secondary: fx.GraphModule, ctx: PassContext) -> None:
+    def mirror(
+        self, primary: fx.GraphModule, secondary: fx.GraphModule, ctx: PassContext
+    ) -> dict[str, Any] | None:
         """Makes ``secondary`` (another capture of the same model, e.g. the generation step graph
         of pysparse.runtime.generate) what this pass made of ``primary``. The default suits passes that
         change weights (shared tensors), records and activations: ``sync_graph``. A pass that
-        rewrites other parts of the graph overrides this and runs itself on ``secondary``."""
+        rewrites other parts of the graph overrides this and runs itself on ``secondary``; what
+        it returns (entries only the mirror can count) joins the pass's report."""
         sync_graph(primary, secondary)
+        return None
 
     def expand(self) -> list[Pass] | None:
         """A pass that is a pipeline of others returns its stages (each a Pass): the PassManager

@@ -127,7 +127,7 @@ class PassManager:
             result.gm.recompile()
             p.ensures(result.gm)
             for other in mirrors:
-                p.mirror(result.gm, other, ctx)
+                result.info.update(p.mirror(result.gm, other, ctx) or {})
                 other.graph.lint()
                 other.recompile()
         except Exception as exc:
