@@ -217,10 +217,13 @@ def _lower_dense(graph: fx.Graph) -> int:
     return count
 
 
-_FUSABLE = {
-    torch.ops.pysparse.sparse24_linear.default: ("values", "meta"),
-    torch.ops.pysparse.dense_linear.default: ("weight",),
-}
+def _fusable() -> dict[Any, tuple[str, ...]]:
+    """The ops step 5 stacks, with the names of their weight arguments (looked up when the pass
+    runs: pysparse imports without its extension, the ops do not exist then)."""
+    return {
+        torch.ops.pysparse.sparse24_linear.default: ("values", "meta"),
+        torch.ops.pysparse.dense_linear.default: ("weight",),
+    }
 
 
 def _fuse_siblings(gm: fx.GraphModule, reuse: dict[str, torch.Tensor]) -> int:
@@ -230,9 +233,10 @@ def _fuse_siblings(gm: fx.GraphModule, reuse: dict[str, torch.Tensor]) -> int:
     product over the same weight row; only the calls change (one weight stream instead of three,
     one parallel region)."""
     graph = gm.graph
+    fusable = _fusable()
     groups: dict[tuple, list[fx.Node]] = {}
     for node in graph.nodes:
-        kinds = _FUSABLE.get(node.target) if node.op == "call_function" else None
+        kinds = fusable.get(node.target) if node.op == "call_function" else None
         if kinds is None:
             continue
         weights = node.args[1 : 1 + len(kinds)]
@@ -247,16 +251,19 @@ def _fuse_siblings(gm: fx.GraphModule, reuse: dict[str, torch.Tensor]) -> int:
     merged = 0
     for (op, *_), nodes in groups.items():
         if len(nodes) > 1:
-            _fuse_group(gm, op, nodes, reuse)
+            _fuse_group(gm, nodes, fusable[op], reuse)
             merged += len(nodes) - 1
     return merged
 
 
 def _fuse_group(
-    gm: fx.GraphModule, op: Any, nodes: list[fx.Node], reuse: dict[str, torch.Tensor]
+    gm: fx.GraphModule,
+    nodes: list[fx.Node],
+    kinds: tuple[str, ...],
+    reuse: dict[str, torch.Tensor],
 ) -> None:
     graph = gm.graph
-    kinds = _FUSABLE[op]
+    op = nodes[0].target
     has_bias = len(nodes[0].args) > 1 + len(kinds) and nodes[0].args[1 + len(kinds)] is not None
     parts = [
         list(n.args[1 : 1 + len(kinds)]) + ([n.args[1 + len(kinds)]] if has_bias else [])
