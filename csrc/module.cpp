@@ -59,9 +59,12 @@ PYBIND11_MODULE(_C, m) {
     d["f16c"] = f.f16c;
     d["avx512f"] = f.avx512f;
     d["avx512bw"] = f.avx512bw;
+    d["avx512_bf16"] = f.avx512bf16;
+    d["avx512_vbmi"] = f.avx512vbmi;
     d["linear_impl"] = pysparse::core::sparse24_linear_impl();
     d["gemv_max_rows"] = pysparse::core::sparse24_gemv_max_rows();
     d["bf16_amx"] = pysparse::core::sparse24_bf16_amx();
+    d["bf16_dot"] = pysparse::core::sparse24_bf16_dot();
     d["amx_min_rows"] = pysparse::core::kAmxMinRows;
     d["ffn_impl"] = pysparse::core::sparse_ffn_impl();
     return d;

@@ -20,11 +20,18 @@ SHAPES = [(1, 4, 4), (1, 36, 20), (3, 44, 28), (8, 64, 100), (16, 132, 36), (17,
 DENSE_ONLY_SHAPES = [(5, 37, 21), (2, 9, 3)]  # no 2:4 possible: d_model or d_ff not % 4
 
 
-@pytest.fixture(params=["avx512", "avx2", "scalar"])
+@pytest.fixture(params=["bf16dot", "avx512", "avx2", "scalar"])
 def impl(request, monkeypatch):
     cpu = pysparse._C.cpu_info()
     monkeypatch.delenv("PYSPARSE_DISABLE_AVX512", raising=False)
     monkeypatch.delenv("PYSPARSE_DISABLE_AVX2", raising=False)
+    monkeypatch.setenv("PYSPARSE_DISABLE_BF16_DOT", "1")
+    if request.param == "bf16dot":  # the bf16 2:4 gate on AVX512-BF16 dot products
+        monkeypatch.delenv("PYSPARSE_DISABLE_BF16_DOT")
+        skip_unless_kernel("bf16dot", pysparse._C.cpu_info()["bf16_dot"])
+        params = getattr(getattr(request.node, "callspec", None), "params", {})
+        if params.get("dtype", torch.bfloat16) != torch.bfloat16:
+            pytest.skip("the dot-product GEMV takes bf16 only (fp32 runs the avx512 case)")
     if request.param == "avx512":  # the 2:4 gate's fast GEMV
         skip_unless_kernel("avx512", cpu["avx512f"])
     if request.param == "avx2":

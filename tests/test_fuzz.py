@@ -27,6 +27,7 @@ FUZZ = settings(
 ROUTES = {
     "native": {},
     "no_amx": {"PYSPARSE_DISABLE_AMX": "1"},
+    "no_bf16_dot": {"PYSPARSE_DISABLE_AMX": "1", "PYSPARSE_DISABLE_BF16_DOT": "1"},
     "avx2": {"PYSPARSE_DISABLE_AVX512": "1"},
     "scalar": {"PYSPARSE_DISABLE_AVX2": "1"},
     "dense": {
@@ -37,6 +38,7 @@ ROUTES = {
 }
 KNOBS = [
     "PYSPARSE_DISABLE_AMX",
+    "PYSPARSE_DISABLE_BF16_DOT",
     "PYSPARSE_DISABLE_AVX512",
     "PYSPARSE_DISABLE_AVX2",
     "PYSPARSE_BF16_DENSE_MIN_ROWS",
@@ -155,6 +157,7 @@ def test_prox24_matches_reference(lead, groups, lam, scale, transpose, seed):
 
 FFN_ROUTES = {
     "native": {},
+    "no_bf16_dot": {"PYSPARSE_DISABLE_BF16_DOT": "1"},
     "avx2": {"PYSPARSE_DISABLE_AVX512": "1"},
     "scalar": {"PYSPARSE_DISABLE_AVX2": "1"},
 }
@@ -184,7 +187,7 @@ def test_ffn_ops_match_reference(
     which neurons fire (thresholds sit off that grid); tolerance as in tests/test_ffn.py.
     ``predict``: None (exact), or activation predictors' output marking that share of the
     (row, neuron) pairs at random (the reference keeps only those pairs)."""
-    for k in ("PYSPARSE_DISABLE_AVX512", "PYSPARSE_DISABLE_AVX2"):
+    for k in ("PYSPARSE_DISABLE_AVX512", "PYSPARSE_DISABLE_AVX2", "PYSPARSE_DISABLE_BF16_DOT"):
         monkeypatch.delenv(k, raising=False)
     for k, v in FFN_ROUTES[route].items():
         monkeypatch.setenv(k, v)

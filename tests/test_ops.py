@@ -28,10 +28,11 @@ def _bf16_matmul_native() -> bool:
     return bool(caps.get("amx_bf16", False) or caps.get("avx512_bf16", False))
 
 
-@pytest.fixture(params=["amx", "avx512", "avx2", "scalar", "dense"])
+@pytest.fixture(params=["amx", "bf16dot", "avx512", "avx2", "scalar", "dense"])
 def impl(request, monkeypatch):
     """Runs a test on every CPU route: the AMX tile kernel (bf16 from 7 rows; fp32 as avx512), the
-    AVX-512 kernels, the AVX2 kernels, the scalar fallback (selected per call through
+    AVX512-BF16 dot-product GEMV (bf16 up to 16 rows; fp32 as avx512), the widening AVX-512
+    kernels, the AVX2 kernels, the scalar fallback (selected per call through
     PYSPARSE_DISABLE_*), and the dense route (chunked decompression + torch's matmul: bf16 where
     torch has native bf16 dot products, small fp32 weights), which the first four switch off and the last one turns on from 17
     rows."""
@@ -39,6 +40,13 @@ def impl(request, monkeypatch):
     monkeypatch.delenv("PYSPARSE_DISABLE_AVX512", raising=False)
     monkeypatch.delenv("PYSPARSE_DISABLE_AVX2", raising=False)
     monkeypatch.setenv("PYSPARSE_DISABLE_AMX", "1")
+    monkeypatch.setenv("PYSPARSE_DISABLE_BF16_DOT", "1")
+    if request.param == "bf16dot":
+        monkeypatch.delenv("PYSPARSE_DISABLE_BF16_DOT")
+        skip_unless_kernel("bf16dot", pysparse._C.cpu_info()["bf16_dot"])
+        params = getattr(getattr(request.node, "callspec", None), "params", {})
+        if params.get("dtype", torch.bfloat16) != torch.bfloat16:
+            pytest.skip("the dot-product GEMV takes bf16 only (fp32 runs the avx512 case)")
     if request.param == "amx":
         skip_unless_kernel("amx", cpu["bf16_amx"])
         monkeypatch.delenv("PYSPARSE_DISABLE_AMX")
@@ -61,7 +69,8 @@ def impl(request, monkeypatch):
     if request.param == "scalar":
         monkeypatch.setenv("PYSPARSE_DISABLE_AVX2", "1")
     if request.param not in ("dense", "amx"):
-        assert pysparse._C.cpu_info()["linear_impl"] == request.param
+        expect = "avx512" if request.param == "bf16dot" else request.param
+        assert pysparse._C.cpu_info()["linear_impl"] == expect
         assert not pysparse._C.cpu_info()["bf16_amx"]
     return request.param
 
@@ -213,6 +222,33 @@ def test_linear_bf16_amx_is_batch_and_thread_invariant(amx_route):
         torch.set_num_threads(before)
     assert torch.equal(outs[0], outs[1])
     assert torch.equal(outs[0][3:12], part)
+
+
+@pytest.mark.parametrize("K", [1000, 576, 68])
+def test_linear_bf16_gemv_is_batch_and_thread_invariant(impl, K):
+    """On the GEMV routes (1-16 rows of x) a row gets the same bits alone, in any batch and with 1
+    or 2 threads: the one-row stream (M = 1) and the blocked kernel keep one accumulator chain per
+    row in the same order (K = 1000 and 68 leave groups past the last full 64-column step)."""
+    if impl not in ("bf16dot", "avx512", "avx2"):
+        pytest.skip("the GEMV routes only")
+    gen = torch.Generator().manual_seed(K)
+    w = random_24(37, K, torch.bfloat16, gen)
+    values, meta = ops.compress24(w)
+    x = torch.randn(16, K, generator=gen).bfloat16()
+    b = torch.randn(37, generator=gen).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        full = ops.sparse24_linear(x, values, meta, b)
+        torch.set_num_threads(1)
+        assert torch.equal(ops.sparse24_linear(x, values, meta, b), full)
+        torch.set_num_threads(2)
+        for rows in (slice(0, 1), slice(5, 6), slice(3, 12), slice(2, 4)):
+            assert torch.equal(ops.sparse24_linear(x[rows], values, meta, b), full[rows])
+    finally:
+        torch.set_num_threads(before)
+    ref = R.reference_sparse24_linear(x, values, meta, b)
+    assert_close_to_reference(full, ref, magnitude(x, values, meta, b), K // 2, torch.bfloat16)
 
 
 def test_linear_leading_dims_and_noncontiguous_x(impl):

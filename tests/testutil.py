@@ -65,6 +65,7 @@ def cpu_has(*flags: str) -> bool:
 KERNEL_FLAGS = {
     "avx2": ("avx2", "fma"),
     "avx512": ("avx2", "fma", "avx512f"),
+    "bf16dot": ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512vbmi"),
     "amx": (
         "avx2",
         "fma",

@@ -76,6 +76,8 @@ struct CpuFeatures {
   bool f16c = false;
   bool avx512f = false;
   bool avx512bw = false;
+  bool avx512bf16 = false;  // vdpbf16ps
+  bool avx512vbmi = false;  // vpmultishiftqb (with BW: vpermt2w)
 };
 CpuFeatures cpu_features();
 
@@ -86,6 +88,11 @@ CpuFeatures cpu_features();
 // PYSPARSE_DISABLE_AVX512=1 / PYSPARSE_DISABLE_AVX2=1 step down a level; they are read on every
 // call, so tests can exercise every path in one process.
 const char* sparse24_linear_impl();
+
+// Whether the bf16 GEMV (1-16 rows of x, no AMX) runs on AVX512-BF16 dot products
+// (sparse24_gemv_bf16dot.cpp): CPU with AVX-512 BW, BF16 and VBMI; PYSPARSE_DISABLE_BF16_DOT=1
+// (read per call) keeps the widening AVX-512 kernel.
+bool sparse24_bf16_dot();
 
 // bf16 from kAmxMinRows rows of x on a CPU with AMX-BF16 (Linux, which must grant the tile state;
 // PYSPARSE_DISABLE_AMX=1 turns it off, read per call): W is decompressed tile by tile into L1 and

@@ -78,6 +78,17 @@ void sparse24_gemv_f32out_avx512(const float* x, int64_t M, const float* values,
 void sparse24_gemv_f32out_avx512(const float* x, int64_t M, const uint16_t* values,
                                  const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
                                  float* y, int64_t ldy, int nthreads);
+// The bf16 GEMV on AVX512-BF16 dot products with bf16 x (sparse24_gemv_bf16dot.cpp, compiled with
+// -mavx512bf16 -mavx512vbmi; only where sparse24_use_bf16_dot() says so). The f32out form writes
+// unrounded fp32 (the FFN's 2:4 gate).
+bool bf16_dot_built();  // false where the compiler could not build the kernel
+void sparse24_gemv_bf16dot(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* values,
+                           const uint8_t* meta, int64_t N, int64_t K, const uint16_t* bias,
+                           uint16_t* y, int64_t ldy, int nthreads);
+void sparse24_gemv_bf16dot_f32out(const uint16_t* x, int64_t M, int64_t ldx,
+                                  const uint16_t* values, const uint8_t* meta, int64_t N,
+                                  int64_t K, const uint16_t* bias, float* y, int64_t ldy,
+                                  int nthreads);
 // AMX-BF16 build of the bf16 linear layer (sparse24_amx.cpp, compiled with -mamx-*): W is
 // decompressed tile by tile into L1 and multiplied on the tile unit. amx_bf16_ready() checks the CPU
 // and asks the kernel for the tile state once per process; nothing else may be called before it
@@ -106,6 +117,9 @@ bool sparse24_use_avx512();
 bool sparse24_use_avx2();
 // Whether the bf16 AMX route is in use (CPU, OS permission, PYSPARSE_DISABLE_AMX).
 bool sparse24_use_amx();
+// Whether the bf16 GEMV takes the AVX512-BF16 dot kernel (CPU has AVX512-BF16 and VBMI,
+// PYSPARSE_DISABLE_BF16_DOT unset, AVX-512 in use).
+bool sparse24_use_bf16_dot();
 
 // 16-bit (AVX-512BW) and 32-bit (AVX-512F) decompression: same bytes as the portable code.
 void decompress16_avx512(const uint16_t* values, const uint8_t* meta, int64_t N, int64_t K,

@@ -32,6 +32,11 @@ bool use_amx() {
          detail::amx_bf16_ready();
 }
 
+bool use_bf16_dot() {
+  return use_avx512() && features().avx512bw && features().avx512bf16 && features().avx512vbmi &&
+         detail::bf16_dot_built() && !disabled_by_env("PYSPARSE_DISABLE_BF16_DOT");
+}
+
 // acc += sum over the kept weights of row `n` of W times x, in fp32.
 template <typename LoadW, typename LoadX>
 float row_dot(LoadW wv, LoadX xv, const uint8_t* mrow, int64_t K) {
@@ -98,6 +103,7 @@ namespace detail {
 bool sparse24_use_avx512() { return use_avx512(); }
 bool sparse24_use_avx2() { return use_avx2(); }
 bool sparse24_use_amx() { return use_amx(); }
+bool sparse24_use_bf16_dot() { return use_bf16_dot(); }
 }  // namespace detail
 
 CpuFeatures cpu_features() {
@@ -109,11 +115,14 @@ CpuFeatures cpu_features() {
   f.f16c = __builtin_cpu_supports("f16c");
   f.avx512f = __builtin_cpu_supports("avx512f");
   f.avx512bw = __builtin_cpu_supports("avx512bw");
+  f.avx512bf16 = __builtin_cpu_supports("avx512bf16");
+  f.avx512vbmi = __builtin_cpu_supports("avx512vbmi");
 #endif
   return f;
 }
 
 bool sparse24_bf16_amx() { return use_amx(); }
+bool sparse24_bf16_dot() { return use_bf16_dot(); }
 
 const char* sparse24_linear_impl() {
   return use_avx512() ? "avx512" : (use_avx2() ? "avx2" : "scalar");
@@ -142,6 +151,8 @@ void sparse24_linear_bf16(const uint16_t* x, int64_t M, int64_t ldx, const uint1
   if (M == 0 || N == 0) return;
   if (M >= kAmxMinRows && use_amx())
     detail::sparse24_linear_bf16_amx(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
+  else if (M <= detail::kGemvMaxRowsAvx512 && use_bf16_dot())
+    detail::sparse24_gemv_bf16dot(x, M, ldx, values, meta, N, K, bias, y, ldy, nthreads);
   else if (use_avx512())
     (M <= detail::kGemvMaxRowsAvx512 ? detail::sparse24_gemv_bf16_avx512
                                : detail::sparse24_gemm_bf16_avx512)(x, M, ldx, values, meta, N, K,

@@ -121,29 +121,21 @@ const char* sparse_ffn_impl() { return use_avx2() ? "avx2" : "scalar"; }
 int64_t ffn_gate(const FfnProblem& p, float* a, int32_t* active) {
   if (p.M == 0 || p.F == 0) return 0;
   if (use_avx2()) return detail::ffn_gate_avx2(p, a, active);
-  return p.dtype == FfnDtype::f32 ? ffn_gate_impl<float>(p, a, active)
-                                  : ffn_gate_impl<uint16_t>(p, a, active);
+  return ffn_gate_entry(p, a, active);
 }
 
 void ffn_tail(const FfnProblem& p, const float* a, const int32_t* active, int64_t nactive, void* y,
               int64_t ldy) {
   if (p.M == 0 || p.D == 0) return;
   if (use_avx2()) return detail::ffn_tail_avx2(p, a, active, nactive, y, ldy);
-  if (p.dtype == FfnDtype::f32)
-    ffn_tail_impl<float, float>(p, a, active, nactive, static_cast<float*>(y), ldy);
-  else
-    ffn_tail_impl<uint16_t, uint16_t>(p, a, active, nactive, static_cast<uint16_t*>(y), ldy);
+  ffn_tail_entry(p, a, active, nactive, y, ldy);
 }
 
 void dense_gemv(const float* x, int64_t M, const void* w, FfnDtype dtype, int64_t N, int64_t K,
                 float* y, int nthreads) {
   if (M == 0 || N == 0) return;
   if (use_avx2()) return detail::dense_gemv_avx2(x, M, w, dtype, N, K, y, nthreads);
-  const int nt = resolve_threads(nthreads);
-  if (dtype == FfnDtype::f32)
-    dense_gemv_rows<float>(x, M, static_cast<const float*>(w), N, K, y, nt);
-  else
-    dense_gemv_rows<uint16_t>(x, M, static_cast<const uint16_t*>(w), N, K, y, nt);
+  dense_gemv_entry(x, M, w, dtype, N, K, y, nthreads);
 }
 
 void ffn_linear24_amx(const uint16_t* x, int64_t M, int64_t ldx, const uint16_t* values,

@@ -82,7 +82,23 @@ template <typename W>
 void packed_gate(const float* x, int64_t M, const W* values, const uint8_t* meta, const W* bias,
                  int64_t F, int64_t D, float* a, int nt) {
   // The AVX-512 GEMV (one permute per 16 kept weights instead of four) streams the packed gate
-  // nearer the memory's speed: measured 8.5 -> see bench/ffn.py.
+  // nearer the memory's speed (bench/ffn.py, bench/ffn_layers.py).
+  if constexpr (std::is_same_v<W, uint16_t>) {
+    // bf16 weights: x came from bf16 (the caller widened it), so it rounds back exactly and the
+    // dot-product GEMV can take it; checked, in case a caller ever passes wider values.
+    if (M <= kGemvMaxRowsAvx512 && sparse24_use_bf16_dot()) {
+      std::vector<uint16_t> xb(static_cast<size_t>(M * D));
+      bool exact = true;
+      for (int64_t i = 0; i < M * D; ++i) {
+        xb[i] = float_to_bf16(x[i]);
+        exact &= bf16_to_float(xb[i]) == x[i];
+      }
+      if (exact) {
+        sparse24_gemv_bf16dot_f32out(xb.data(), M, D, values, meta, F, D, bias, a, F, nt);
+        return;
+      }
+    }
+  }
   if (sparse24_use_avx512() && M <= kGemvMaxRowsAvx512)
     sparse24_gemv_f32out_avx512(x, M, values, meta, F, D, bias, a, F, nt);
   else
@@ -191,25 +207,17 @@ void axpy_group_rows(const float* const* h4, const W* const* v0, const W* const*
 }  // namespace
 
 int64_t ffn_gate_avx2(const FfnProblem& p, float* a, int32_t* active) {
-  return p.dtype == FfnDtype::f32 ? ffn_gate_impl<float>(p, a, active)
-                                  : ffn_gate_impl<uint16_t>(p, a, active);
+  return ffn_gate_entry(p, a, active);
 }
 
 void ffn_tail_avx2(const FfnProblem& p, const float* a, const int32_t* active, int64_t nactive,
                    void* y, int64_t ldy) {
-  if (p.dtype == FfnDtype::f32)
-    ffn_tail_impl<float, float>(p, a, active, nactive, static_cast<float*>(y), ldy);
-  else
-    ffn_tail_impl<uint16_t, uint16_t>(p, a, active, nactive, static_cast<uint16_t*>(y), ldy);
+  ffn_tail_entry(p, a, active, nactive, y, ldy);
 }
 
 void dense_gemv_avx2(const float* x, int64_t M, const void* w, FfnDtype dtype, int64_t N,
                      int64_t K, float* y, int nthreads) {
-  const int nt = resolve_threads(nthreads);
-  if (dtype == FfnDtype::f32)
-    dense_gemv_rows<float>(x, M, static_cast<const float*>(w), N, K, y, nt);
-  else
-    dense_gemv_rows<uint16_t>(x, M, static_cast<const uint16_t*>(w), N, K, y, nt);
+  dense_gemv_entry(x, M, w, dtype, N, K, y, nthreads);
 }
 
 void unpack_down24_avx2(const void* values, const uint8_t* meta, int64_t F, int64_t D, int64_t n0,

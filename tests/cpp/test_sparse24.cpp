@@ -58,19 +58,23 @@ void reference(const std::vector<double>& x, const std::vector<double>& w, const
 
 // Selects a kernel level for the duration of a test through the dispatcher's environment switches.
 // Native includes the AMX tile kernel (bf16, from kAmxMinRows rows) where the CPU and kernel offer
-// it; NoAmx is the AVX-512 (or AVX2) FMA code on the same CPU.
-enum class Impl { Native, NoAmx, Avx2, Scalar };
+// it; NoAmx is the AVX-512 (or AVX2) code on the same CPU, the bf16 GEMV on AVX512-BF16 dot
+// products where the CPU has them; NoDot the same with the widening AVX-512 GEMV for bf16.
+enum class Impl { Native, NoAmx, NoDot, Avx2, Scalar };
 class ScopedImpl {
  public:
   explicit ScopedImpl(Impl impl) {
     unsetenv("PYSPARSE_DISABLE_AMX");
     unsetenv("PYSPARSE_DISABLE_AVX512");
     unsetenv("PYSPARSE_DISABLE_AVX2");
-    if (impl == Impl::NoAmx) setenv("PYSPARSE_DISABLE_AMX", "1", 1);
+    unsetenv("PYSPARSE_DISABLE_BF16_DOT");
+    if (impl == Impl::NoAmx || impl == Impl::NoDot) setenv("PYSPARSE_DISABLE_AMX", "1", 1);
+    if (impl == Impl::NoDot) setenv("PYSPARSE_DISABLE_BF16_DOT", "1", 1);
     if (impl == Impl::Avx2) setenv("PYSPARSE_DISABLE_AVX512", "1", 1);
     if (impl == Impl::Scalar) setenv("PYSPARSE_DISABLE_AVX2", "1", 1);
   }
   ~ScopedImpl() {
+    unsetenv("PYSPARSE_DISABLE_BF16_DOT");
     unsetenv("PYSPARSE_DISABLE_AMX");
     unsetenv("PYSPARSE_DISABLE_AVX512");
     unsetenv("PYSPARSE_DISABLE_AVX2");
@@ -259,10 +263,12 @@ TEST_P(Sparse24Linear, StridedRowsAndNoBias) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Impl, Sparse24Linear,
-                         ::testing::Values(Impl::Native, Impl::NoAmx, Impl::Avx2, Impl::Scalar),
+                         ::testing::Values(Impl::Native, Impl::NoAmx, Impl::NoDot, Impl::Avx2,
+                                           Impl::Scalar),
                          [](const auto& info) {
                            return info.param == Impl::Native  ? "Native"
                                   : info.param == Impl::NoAmx ? "NoAmx"
+                                  : info.param == Impl::NoDot ? "NoDot"
                                   : info.param == Impl::Avx2  ? "Avx2"
                                                               : "Scalar";
                          });
