@@ -186,3 +186,40 @@ def test_saving_and_exporting_never_build_native_code(tmp_path):
         pysparse.export(enc, tmp_path / f"m.{fmt}", format=fmt)
     assert "_native_forward" not in enc.__dict__
     assert not native.cache_dir().exists()
+
+
+def test_generated_code_calls_the_ops_through_their_c_entry_points(tmp_path, monkeypatch):
+    """Every inference op has a C entry point the generated code calls directly (no proxy
+    executor, which boxes each argument of each call); without them (a library that defined the
+    names first, say) the proxy calls the ops and the tokens are the same."""
+    import zipfile
+
+    assert set(native._c_shims()) == {
+        "sparse24_linear",
+        "dense_linear",
+        "attention",
+        "sparse_ffn",
+        "sparse_mlp",
+        "sparse_ffn24",
+        "sparse_mlp24",
+        "ffn_predict",
+    }
+    sm, _ = _compiled("2:4+fatrelu")
+    ids, mask = _prompts(11)
+    want = sm.generate(ids, mask, max_new_tokens=12, eos_token_id=[], native=False)
+    got = sm.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    assert sm.last_generation.native and torch.equal(got, want)
+    (entry,) = native.cache_dir().glob("*.pt2")
+    assert json.loads(entry.with_suffix(".json").read_text())["c_shims"]
+    with zipfile.ZipFile(entry) as z:
+        (name,) = [n for n in z.namelist() if n.endswith("wrapper.cpp")]
+        code = z.read(name).decode()
+    called = {op for op in native._c_shims() if f"aoti_torch_cpu_{op}(" in code}
+    assert {"sparse24_linear", "attention"} <= called
+    assert "proxy_executor_call_function" not in code
+
+    monkeypatch.setattr(native, "_c_shims", dict)
+    again, _ = _compiled("2:4+fatrelu")
+    got = again.generate(ids, mask, max_new_tokens=12, eos_token_id=[])
+    assert again.last_generation.native and torch.equal(got, want)
+    assert len(list(native.cache_dir().glob("*.pt2"))) == 2  # the proxy's code: its own entry
