@@ -8,6 +8,8 @@ reaches against the weight's bytes.
 
     python bench/dense_gemv.py                      # SmolLM2 and LLaMA-7B shapes, fp32 and bf16
     python bench/dense_gemv.py --rows 1 4 8 --dtypes float32
+    python bench/dense_gemv.py --shapes 1152x384 384x384 --rows 14 64 304 --cycle-mb 4
+                                                    # MiniLM's linears, weights in cache
 """
 
 from __future__ import annotations
@@ -44,13 +46,17 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--cycle-mb", type=float, default=256.0, help="weight copies per shape (MB)")
     ap.add_argument("--seconds", type=float, default=1.0)
+    ap.add_argument("--shapes", nargs="+", help="N x K of each weight (default: SmolLM2, 7B)")
     args = ap.parse_args()
     print(header())
     print("| dtype | N x K | M | torch ms | ours ms | ours x | torch GB/s | ours GB/s |")
     print("|---|---|---|---|---|---|---|---|")
     for dname in args.dtypes:
         dtype = getattr(torch, dname)
-        for N, K in SHAPES:
+        shapes = (
+            [tuple(int(v) for v in s.split("x")) for s in args.shapes] if args.shapes else SHAPES
+        )
+        for N, K in shapes:
             nbytes = N * K * torch.finfo(dtype).bits // 8
             copies = max(2, int(args.cycle_mb * 1e6 // nbytes))
             ws = [torch.randn(N, K).to(dtype) for _ in range(copies)]

@@ -6,9 +6,10 @@ cache writes) around the sparse kernels; dispatched one by one from Python they 
 kernels themselves. AOTInductor (``torch._inductor.aoti_compile_and_package``) compiles the whole
 exported program, fusing the small ops into generated loops and calling ``torch.ops.pysparse.*``
 through C entry points of pysparse's extension (``_c_shims``; AOTInductor's proxy executor, which
-boxes every argument of every call, is the fallback), with the KV cache updated in place and batch,
-prompt and cache length dynamic. Inductor's other route, ``torch.compile`` of the graph, still enters Python for every
-call and guards its inputs each step; this one is a shared library and a C++ runner.
+boxes every argument of every call, is the fallback), with the KV cache updated in place and
+batch, prompt and cache length dynamic. Inductor's other route, ``torch.compile`` of the graph,
+still enters Python for every call and guards its inputs each step; this one is a shared library
+and a C++ runner.
 
 The native code is built on the user's machine, the first time a graph is run natively there, and
 kept in a cache outside any artifact: ``PYSPARSE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/pysparse``
