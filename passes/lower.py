@@ -226,6 +226,13 @@ def _fusable() -> dict[Any, tuple[str, ...]]:
     }
 
 
+def _linear_args(node: fx.Node, kinds: tuple[str, ...]) -> tuple[list[Any], Any]:
+    """(weight tensors' nodes, bias node or None) of a linear op call taking ``kinds`` tensors."""
+    weights = list(node.args[1 : 1 + len(kinds)])
+    bias = node.args[1 + len(kinds)] if len(node.args) > 1 + len(kinds) else None
+    return weights, bias
+
+
 def _fuse_siblings(gm: fx.GraphModule, reuse: dict[str, torch.Tensor]) -> int:
     """Step 5: linears of one kind that read the same input (q, k and v; a SiLU FFN's gate and
     up) become one op over their weights stacked by rows, each output a slice of its result.
@@ -239,8 +246,7 @@ def _fuse_siblings(gm: fx.GraphModule, reuse: dict[str, torch.Tensor]) -> int:
         kinds = fusable.get(node.target) if node.op == "call_function" else None
         if kinds is None:
             continue
-        weights = node.args[1 : 1 + len(kinds)]
-        bias = node.args[1 + len(kinds)] if len(node.args) > 1 + len(kinds) else None
+        weights, bias = _linear_args(node, kinds)
         if not all(isinstance(w, fx.Node) and w.op == "get_attr" for w in weights):
             continue
         if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
@@ -264,11 +270,11 @@ def _fuse_group(
 ) -> None:
     graph = gm.graph
     op = nodes[0].target
-    has_bias = len(nodes[0].args) > 1 + len(kinds) and nodes[0].args[1 + len(kinds)] is not None
-    parts = [
-        list(n.args[1 : 1 + len(kinds)]) + ([n.args[1 + len(kinds)]] if has_bias else [])
-        for n in nodes
-    ]
+    has_bias = _linear_args(nodes[0], kinds)[1] is not None  # (the same for every node: the key)
+    parts = []
+    for n in nodes:
+        weights, bias = _linear_args(n, kinds)
+        parts.append(weights + ([bias] if has_bias else []))
     # named after the weights stacked (in order), so that the step graph's mirror takes the same
     # tensors, and only for the same stack
     weights = [

@@ -10,7 +10,7 @@ from pysparse.passes import Compress24, Lower, MagnitudePrune, ReluSubstitution
 from tiny_models import bert_with_batches, llama_config
 
 import pysparse
-from pysparse.runtime.generate import GenerationError, _mask, _one_token_mask, generate
+from pysparse.runtime.generate import GenerationError, _mask, generate
 
 THRESHOLD = 0.02  # FATReLU threshold of the act-sparse cases (about half the tiny FFN's neurons)
 
@@ -305,12 +305,17 @@ def test_lower_fuses_sibling_linears_without_changing_a_token(compiled):
 
 
 def test_a_decode_steps_mask_is_the_valid_keys_up_to_its_position():
-    """generate() hands a one-token step a view of ``valid`` instead of building _mask's mask: the
-    two must be the same, left padding included."""
+    """A one-token step's mask is a view of ``valid`` (no ops): the mask the general rule gives,
+    left padding included; a query whose own slot is not marked valid takes the general rule."""
     gen = torch.Generator().manual_seed(2)
     for batch, start in ((1, 0), (1, 9), (3, 5), (4, 12)):
         valid = torch.rand(batch, 16, generator=gen) > 0.3
         valid[:, start] = True  # the step before marked the new token's slot
-        got = _one_token_mask(valid, start)
-        want = _mask(valid[:, : start + 1], torch.tensor([start]))
+        got = _mask(valid[:, : start + 1], torch.tensor([start]))
+        want = valid[:, None, None, : start + 1].clone()  # the valid keys up to and with itself
         assert got.shape == want.shape and torch.equal(got, want), (batch, start)
+        if batch == 1:
+            assert got.data_ptr() == valid.data_ptr()  # a view, no copy
+        valid[0, start] = False  # (a padding query: it still sees itself)
+        got = _mask(valid[:, : start + 1], torch.tensor([start]))
+        assert bool(got[0, 0, 0, start]) and torch.equal(got[1:], want[1:]), (batch, start)

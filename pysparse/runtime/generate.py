@@ -274,19 +274,22 @@ def drop_input_checks(gm: torch.nn.Module) -> None:
 def _mask(valid: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
     """[B,1,T,L] boolean attention mask: query t sees key s when s <= its cache position and key s
     is not padding; every query also sees itself, so that a padding row has a finite softmax (its
-    output is never used, but a NaN there would reach other rows through the cached values)."""
+    output is never used, but a NaN there would reach other rows through the cached values).
+
+    A decode step (one query at the last of the L slots, which the step before marked valid) sees
+    exactly the valid keys: that mask is ``valid`` itself, a view at batch 1, not six ops a token."""
     length = valid.shape[1]
+    if (
+        cache_position.numel() == 1
+        and int(cache_position[0]) == length - 1
+        and bool(valid[:, -1].all())
+    ):
+        return valid[:, None, None, :].contiguous()
     s = torch.arange(length, device=valid.device)
     causal = s[None, :] <= cache_position[:, None]  # [T, L]
     seen = causal[None] & valid[:, None, :]  # [B, T, L]
     own = s[None, :] == cache_position[:, None]
     return (seen | own[None])[:, None]
-
-
-def _one_token_mask(valid: torch.Tensor, position: int) -> torch.Tensor:
-    """_mask for one query at cache ``position`` whose own slot ``valid`` already marks: the valid
-    keys up to it, a view of ``valid`` (no copy at batch 1) instead of _mask's six ops a token."""
-    return valid[:, None, None, : position + 1].contiguous()
 
 
 def _choose(
@@ -435,10 +438,7 @@ def generate(
             t0 = time.perf_counter()
             n = cur.shape[1]
             cache_position = torch.arange(start, start + n, device=device)
-            if n == 1 and i > 0:  # (the last step marked this token's slot valid)
-                mask = _one_token_mask(valid, start)
-            else:
-                mask = _mask(valid[:, : start + n], cache_position)
+            mask = _mask(valid[:, : start + n], cache_position)
             logits = step(cur, cur_pos, cache_position, mask, keys, values)
             token = _choose(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
             if batch > 1:  # (a lone row stops at its end of sequence)
