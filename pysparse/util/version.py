@@ -1,3 +1,4 @@
-"""pysparse's version, one place (pyproject.toml carries the same string)."""
+"""pysparse's version, its one place: pyproject.toml reads it from here (scikit-build-core's
+regex metadata provider), and the extension gets it from the build."""
 
 __version__ = "0.1.0"
