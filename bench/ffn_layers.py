@@ -22,6 +22,7 @@ import time
 
 import torch
 from runinfo import header
+from timing import restored_env
 
 import pysparse
 from pysparse.kernels import formats, ops
@@ -58,10 +59,9 @@ def main() -> None:
     pysparse.pin_threads()
     print(header())
     envs = ["1", "0"] if args.ab_env else [None]
-    before = os.environ.get(args.ab_env) if args.ab_env else None
     print("| dtype | case | switch | us/layer | GB/s |")
     print("|---|---|---|---:|---:|")
-    try:
+    with restored_env(args.ab_env):
         for dname in args.dtypes:
             dtype = getattr(torch, dname)
             layers, x, t = build_layers(args, dtype)
@@ -99,12 +99,6 @@ def main() -> None:
                     f"| {dname} | tail (difference; {int(fired.sum())} neurons, {groups} down "
                     f"groups) | {label} | {tail_s * 1e6:.1f} | {tail_bytes / max(tail_s, 1e-9) / 1e9:.1f} |"
                 )
-    finally:
-        if args.ab_env:
-            if before is None:
-                os.environ.pop(args.ab_env, None)
-            else:
-                os.environ[args.ab_env] = before
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from decode import gate_threshold
 from generate import load_model, passes_for
 from pysparse.passes import Lower
 from runinfo import header
+from timing import restored_env
 
 import pysparse
 from pysparse.runtime.generate import _mask
@@ -88,9 +89,8 @@ def ab_table(row: str, dtype: torch.dtype, args: argparse.Namespace) -> None:
         cm, ids = compiled(row, dtype, args)
         one = one_step(cm, ids, args.context)
         steps = {f"{args.ab_env}=1": (one, "1"), f"{args.ab_env}=0": (one, "0")}
-    before = os.environ.get(args.ab_env) if args.ab_env else None
     rounds: dict[str, list[float]] = {k: [] for k in steps}
-    try:
+    with restored_env(args.ab_env):
         for _ in range(3):
             for fn, env in steps.values():
                 if env is not None:
@@ -106,12 +106,6 @@ def ab_table(row: str, dtype: torch.dtype, args: argparse.Namespace) -> None:
                     fn()
                     times.append(time.perf_counter() - t0)
                 rounds[name].append(statistics.median(times) * 1e3)
-    finally:
-        if args.ab_env:
-            if before is None:
-                os.environ.pop(args.ab_env, None)
-            else:
-                os.environ[args.ab_env] = before
     dname = str(dtype).removeprefix("torch.")
     print(f"\n{row}, {dname}: step ms per round (median of {args.steps} steps each)")
     for name, ms in rounds.items():

@@ -9,9 +9,11 @@ times printed beside a ratio are always the times that ratio came from.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -101,3 +103,18 @@ def cuda_synced(fn: Callable[[], object], device: torch.device | str) -> Callabl
         return out
 
     return call
+
+
+@contextlib.contextmanager
+def restored_env(var: str | None) -> Iterator[None]:
+    """The environment variable ``var`` (a kernel switch an A/B sets per round) as it was before
+    the block, set or unset, whatever the block did to it; None: nothing to restore."""
+    before = os.environ.get(var) if var else None
+    try:
+        yield
+    finally:
+        if var:
+            if before is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = before
