@@ -6,7 +6,6 @@
 #include <cstdint>
 #include <string>
 
-#include "aten/aoti_shims.h"
 #include "aten/routes.h"
 #include "core/kernel_trace.h"
 #include "core/launch_rules.h"
@@ -70,13 +69,6 @@ PYBIND11_MODULE(_C, m) {
     d["ffn_impl"] = pysparse::core::sparse_ffn_impl();
     return d;
   }, "CPU features seen at run time and the 2:4 linear kernel that will be used.");
-
-  m.def("aoti_shims", []() {
-    py::list out;
-    for (const auto& s : pysparse::aten::aoti_shim_table())
-      out.append(py::make_tuple(s.op, s.declaration, s.address));
-    return out;
-  }, "The ops with a C entry point for AOTInductor's generated code: (op, declaration, address).");
 
   m.def("kernel_stats", [](bool reset) {
     namespace core = pysparse::core;

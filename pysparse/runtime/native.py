@@ -4,12 +4,12 @@ directly, so no Python runs between ops.
 Why: a decode step of a 135M decoder is ~1500 small ops (norms, rotary embeddings, views, adds,
 cache writes) around the sparse kernels; dispatched one by one from Python they cost more than the
 kernels themselves. AOTInductor (``torch._inductor.aoti_compile_and_package``) compiles the whole
-exported program, fusing the small ops into generated loops and calling ``torch.ops.pysparse.*``
-through C entry points of pysparse's extension (``_c_shims``; AOTInductor's proxy executor, which
-boxes every argument of every call, is the fallback), with the KV cache updated in place and
-batch, prompt and cache length dynamic. Inductor's other route, ``torch.compile`` of the graph,
-still enters Python for every call and guards its inputs each step; this one is a shared library
-and a C++ runner.
+exported program, fusing the small ops into generated loops and reaching ``torch.ops.pysparse.*``
+through its proxy executor (C entry points instead measured 0.35 us a call less: ~0.04 ms a
+SmolLM2 token, not worth exporting the extension's symbols to global scope), with the KV cache
+updated in place and batch, prompt and cache length dynamic. Inductor's other route,
+``torch.compile`` of the graph, still enters Python for every call and guards its inputs each
+step; this one is a shared library and a C++ runner.
 
 The native code is built on the user's machine, the first time a graph is run natively there, and
 kept in a cache outside any artifact: ``PYSPARSE_CACHE_DIR`` (default ``$XDG_CACHE_HOME/pysparse``
@@ -26,10 +26,7 @@ shared libraries, and ``pysparse.load`` refuses any that does.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -72,48 +69,6 @@ def cache_dir() -> Path:
         return Path(os.environ[ENV_CACHE]).expanduser() / "native"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "pysparse" / "native"
-
-
-@functools.cache
-def _c_shims() -> dict[str, str]:
-    """op name -> C declaration of each pysparse op the generated code can call directly
-    (csrc/aten/aoti_shims.cpp): AOTInductor then calls it as it calls torch's own shims, where
-    its proxy executor would box every argument of every call (~3.5-4 us a call, 121 calls a
-    SmolLM2 token). The extension is loaded local to itself; it is promoted to global scope here
-    so a loaded package resolves the names, and a name that resolves elsewhere (another library
-    defining it first) is left to the proxy."""
-    try:
-        ext = importlib.import_module("pysparse._C")
-        table = ext.aoti_shims()
-        ctypes.CDLL(ext.__file__, mode=os.RTLD_NOLOAD | os.RTLD_GLOBAL)
-        scope = ctypes.CDLL(None)
-    except (ImportError, AttributeError, OSError) as exc:
-        _log.debug(
-            "no C entry points for the native code (%s): the proxy executor calls the ops", exc
-        )
-        return {}
-    found = {}
-    for op, declaration, address in table:
-        try:
-            fn = getattr(scope, f"aoti_torch_cpu_{op}")
-        except AttributeError:
-            continue
-        if ctypes.cast(fn, ctypes.c_void_p).value == address:
-            found[op] = declaration
-    return found
-
-
-def _configs(program: torch.export.ExportedProgram) -> dict[str, Any]:
-    """AOTInductor's settings for a program: the C entry points where every tensor it holds is on
-    the CPU (they are the CPU's: aoti_torch_cpu_*)."""
-    devices = {
-        t.device.type for t in _program_tensors(program).values() if isinstance(t, torch.Tensor)
-    }
-    shims = _c_shims() if devices <= {"cpu"} else {}
-    if not shims:
-        return dict(_CONFIGS)
-    table = {getattr(torch.ops.pysparse, op).default: [decl] for op, decl in shims.items()}
-    return {**_CONFIGS, "aot_inductor.custom_ops_to_c_shims": table}
 
 
 def _machine() -> dict[str, Any]:
@@ -176,10 +131,8 @@ def _attach(package: Any, program: torch.export.ExportedProgram) -> Runner:
     return Runner(package, held)
 
 
-def entry_key(digest: str, part: str, shims: list[str] | None = None) -> str:
+def entry_key(digest: str, part: str) -> str:
     record = {"graph": digest, "part": part, **_machine()}
-    if shims:  # code that calls the C entry points differs from code that calls the proxy
-        record["c_shims"] = sorted(shims)
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
@@ -207,9 +160,7 @@ def _load_entry(package: Path, record_path: Path) -> Any | None:
         return None
 
 
-def _compile_with_progress(
-    program: torch.export.ExportedProgram, package: Path, desc: str, configs: dict[str, Any]
-) -> None:
+def _compile_with_progress(program: torch.export.ExportedProgram, package: Path, desc: str) -> None:
     """``aoti_compile_and_package`` into ``package`` (atomically), with a bar that shows the
     seconds passing: the compile is one call that reports nothing while it runs."""
     done = threading.Event()
@@ -228,7 +179,7 @@ def _compile_with_progress(
                 out = tmp.with_name(f"{tmp.name}.build.pt2")
                 try:
                     torch._inductor.aoti_compile_and_package(
-                        program, package_path=str(out), inductor_configs=configs
+                        program, package_path=str(out), inductor_configs=_CONFIGS
                     )
                     out.replace(tmp)
                 finally:
@@ -252,9 +203,7 @@ def build(
             f"the {part} graph does not export ({type(exc).__name__}: {exc})"
         ) from exc
     root = cache_dir()
-    configs = _configs(program)
-    shims = [str(op) for op in configs.get("aot_inductor.custom_ops_to_c_shims", {})]
-    key = entry_key(digest, part, shims)
+    key = entry_key(digest, part)
     package, record_path = root / f"{key}.pt2", root / f"{key}.json"
     runner = _load_entry(package, record_path)
     if runner is not None:
@@ -266,13 +215,12 @@ def build(
     )
     try:
         root.mkdir(parents=True, exist_ok=True)
-        _compile_with_progress(program, package, desc, configs)
+        _compile_with_progress(program, package, desc)
         record = {
             "format": _RECORD_FORMAT,
             "part": part,
             "graph": digest,
             **_machine(),
-            "c_shims": sorted(shims),
             "bytes": package.stat().st_size,
             "sha256": sha256_file(package),
         }
