@@ -9,6 +9,7 @@
 #include "aten/routes.h"
 #include "core/kernel_trace.h"
 #include "core/launch_rules.h"
+#include "core/qlinear.h"
 #include "core/sparse24.h"
 #include "core/sparse_ffn.h"
 #ifdef PYSPARSE_WITH_CUDA
@@ -67,6 +68,7 @@ PYBIND11_MODULE(_C, m) {
     d["bf16_dot"] = pysparse::core::sparse24_bf16_dot();
     d["amx_min_rows"] = pysparse::core::kAmxMinRows;
     d["ffn_impl"] = pysparse::core::sparse_ffn_impl();
+    d["int8_impl"] = pysparse::core::int8_linear_impl();
     return d;
   }, "CPU features seen at run time and the 2:4 linear kernel that will be used.");
 

@@ -16,6 +16,14 @@ TORCH_LIBRARY(pysparse, m) {
   // model leaves dense (the lm_head): fp32 or bf16 on the core's kernel up to a few rows of x,
   // torch's linear otherwise (other dtypes, devices, more rows).
   m.def("dense_linear(Tensor x, Tensor weight, Tensor? bias=None) -> Tensor");
+  // Weight-only int8 (the quantize pass): y = (x @ qweight^T) * scale + bias, qweight int8
+  // [N, K], scale fp32 [N] (one per output row), x and bias fp32/bf16/fp16, y in x's dtype; fp32
+  // accumulation on the int8 values widened in registers (csrc/core/qlinear.h).
+  m.def("int8_linear(Tensor x, Tensor qweight, Tensor scale, Tensor? bias=None) -> Tensor");
+  // The same over a 2:4 int8 weight: values int8 [N, K/2] and meta uint8 [N, ceil(K/8)], the
+  // layout compress24 makes of the int8 weight.
+  m.def("sparse24_int8_linear(Tensor x, Tensor values, Tensor meta, Tensor scale, "
+        "Tensor? bias=None) -> Tensor");
   // Scaled dot-product attention (torch's arguments, no dropout): q [B, H, T, D], k/v [B, Hkv, L,
   // D(v)], attn_mask bool broadcastable to [B, H, T, L] (true: attend); grouped KV heads with
   // enable_gqa. On the CPU up to 4 query rows run the core's decode kernel (fp32/bf16), the rest

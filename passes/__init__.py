@@ -21,6 +21,7 @@ from .lower import Lower
 from .predictor import Predictor
 from .prosparse import ProSparse
 from .proxsparse import ProxSparse
+from .quantize import Quantize
 from .recover import Recover
 from .relu import ReluSubstitution
 
@@ -35,6 +36,7 @@ PASS_REGISTRY: dict[str, Callable[[], Pass]] = {
     "prosparse": ProSparse,
     "recover": Recover,
     "predictor": Predictor,
+    "quantize": Quantize,
 }
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "Predictor",
     "ProSparse",
     "ProxSparse",
+    "Quantize",
     "Recover",
     "ReluSubstitution",
     "SparseGPTPrune",

@@ -2,7 +2,9 @@
 compress24) and attach the packed tensors to the graph module as buffers. The graph itself is
 unchanged (Lower swaps the linears); a prunable weight that is not 2:4 is an error naming it.
 A down projection masked along out_features (a mask pass's ``down_along="d_model"``) is packed
-transposed, the by-row layout of the activation-sparse FFN kernels (``packed_by_row``)."""
+transposed, the by-row layout of the activation-sparse FFN kernels (``packed_by_row``).
+A weight the quantize pass made int8 is packed as int8 (values int8, the same metadata; its scale
+stays beside it): the ``int8_rows`` layout, which Lower puts on ``sparse24_int8_linear``."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from torch import fx
 
 from pysparse.compiler.base import MASK_PASSES, Pass, PassContext, PassError, PassResult
 from pysparse.kernels import ops
-from pysparse.kernels.formats import record_layout
+from pysparse.kernels.formats import compress24_int8, record_layout
 from pysparse.kernels.reference import is_24_sparse
 
 from .baselines import prunable_linears
@@ -24,7 +26,7 @@ def packed_names(weight_target: str) -> tuple[str, str]:
 
 class Compress24(Pass):
     name = "compress24"
-    after = ("recover",)
+    after = ("recover", "quantize")
     needs_one_of = MASK_PASSES
     preserves_numerics = True
 
@@ -42,15 +44,25 @@ class Compress24(Pass):
                     f"compress24: weight {info['weight']} (role {info['role']}, layer "
                     f"{info['layer']}) is not 2:4 sparse; run a mask pass over it first"
                 )
-            values, meta = ops.compress24(packed_w)
+            quant = info.get("quant")
+            if quant and not by_row:
+                values, meta = compress24_int8(gm.get_buffer(quant["qweight"]))
+            else:
+                quant = None  # (the by-row layout is the FFN kernels' only: they read fp32/bf16)
+                values, meta = ops.compress24(packed_w)
             info["packed_by_row"] = by_row
             vname, mname = packed_names(info["weight"])
             gm.register_buffer(vname, values)
             gm.register_buffer(mname, meta)
             info["packed"] = [vname, mname]
-            record_layout(
-                gm, info["weight"], "by_row" if by_row else "rows", values=vname, meta=mname
-            )
+            if quant:
+                record_layout(
+                    gm, info["weight"], "int8_rows", values=vname, meta=mname, scale=quant["scale"]
+                )
+            else:
+                record_layout(
+                    gm, info["weight"], "by_row" if by_row else "rows", values=vname, meta=mname
+                )
             packed += 1
             dense_bytes += w.numel() * w.element_size()
             packed_bytes += values.numel() * values.element_size() + meta.numel()

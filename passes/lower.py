@@ -82,7 +82,7 @@ class _Skip(Exception):
 
 class Lower(Pass):
     name = "lower"
-    after = ("compress24", "relu")
+    after = ("compress24", "relu", "quantize")
     last = True
     preserves_numerics = True
 
@@ -167,14 +167,19 @@ class Lower(Pass):
             vname, mname = info["packed"]
             x, weight = node.args[0], node.args[1]
             bias = node.args[2] if len(node.args) > 2 else None
+            quant = info.get("quant")
             with graph.inserting_before(node):
                 v = graph.get_attr(vname)
                 m = graph.get_attr(mname)
-                new = graph.call_function(
-                    torch.ops.pysparse.sparse24_linear.default, (x, v, m, bias)
-                )
+                if quant:
+                    op = torch.ops.pysparse.sparse24_int8_linear.default
+                    args = (x, v, m, graph.get_attr(quant["scale"]), bias)
+                else:
+                    op = torch.ops.pysparse.sparse24_linear.default
+                    args = (x, v, m, bias)
+                new = graph.call_function(op, args)
             new.meta = dict(node.meta)
-            new.meta["pysparse"] = {**info, "lowered": "sparse24_linear"}
+            new.meta["pysparse"] = {**info, "lowered": op.name().split("::")[1]}
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             lowered += 1
@@ -183,6 +188,9 @@ class Lower(Pass):
                 _drop_parameter(gm, weight.target)
                 dropped += 1
         report = {"linears_lowered": lowered, "dense_weights_dropped": dropped}
+        int8 = _lower_int8(gm)
+        if int8:
+            report["int8_linears_lowered"] = int8
         if self.dense:
             report["dense_linears_lowered"] = _lower_dense(graph)
         if self.fuse:
@@ -195,8 +203,44 @@ class Lower(Pass):
             report["ffns_lowered"] = ffn_ops
             if ffn_skipped:
                 report["ffns_not_lowered"] = ffn_skipped
-        changed = lowered > 0 or bool(ffn_ops) or bool(report.get("dense_linears_lowered"))
+        _drop_unused_int8(gm)
+        changed = (
+            lowered > 0 or bool(ffn_ops) or bool(report.get("dense_linears_lowered")) or int8 > 0
+        )
         return PassResult(gm, changed, report)
+
+
+def _lower_int8(gm: fx.GraphModule) -> int:
+    """Every linear the quantize pass made int8 and Compress24 did not pack becomes
+    ``pysparse::int8_linear`` over its int8 weight and scales; returns how many. Its float weight
+    goes when nothing else reads it (a tied embedding still does)."""
+    graph = gm.graph
+    count = 0
+    for node in list(graph.nodes):
+        info = node.meta.get("pysparse") or {}
+        quant = info.get("quant")
+        if node.op != "call_function" or node.target is not aten.linear.default or not quant:
+            continue
+        x, weight = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        with graph.inserting_before(node):
+            q, scale = graph.get_attr(quant["qweight"]), graph.get_attr(quant["scale"])
+            new = graph.call_function(torch.ops.pysparse.int8_linear.default, (x, q, scale, bias))
+        new.meta = dict(node.meta)
+        new.meta["pysparse"] = {**info, "lowered": "int8_linear"}
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        _drop_unused_attr(gm, weight)
+        count += 1
+    return count
+
+
+def _drop_unused_int8(gm: fx.GraphModule) -> None:
+    """The quantize pass's int8 weights that no op reads any more (Compress24 packed them)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_buffers()):
+        if name.startswith("pysparse__") and name.endswith("__qweight") and name not in used:
+            _drop_parameter(gm, name)
 
 
 def _lower_dense(graph: fx.Graph) -> int:
@@ -223,6 +267,8 @@ def _fusable() -> dict[Any, tuple[str, ...]]:
     return {
         torch.ops.pysparse.sparse24_linear.default: ("values", "meta"),
         torch.ops.pysparse.dense_linear.default: ("weight",),
+        torch.ops.pysparse.sparse24_int8_linear.default: ("values", "meta", "scale"),
+        torch.ops.pysparse.int8_linear.default: ("qweight", "scale"),
     }
 
 
@@ -299,12 +345,23 @@ def _fuse_group(
         fused.meta["val"] = torch.cat([n.meta["val"] for n in nodes], -1)
     r0 = 0
     for node, part, n_rows, weight in zip(nodes, parts, rows, weights):
+        rows_of = (r0, r0 + n_rows)
         if kinds == ("weight",):
-            record_layout(gm, weight, "dense", rows=(r0, r0 + n_rows), tensor=names[0])
-        else:
+            record_layout(gm, weight, "dense", rows=rows_of, tensor=names[0])
+        elif kinds == ("qweight", "scale"):
+            record_layout(gm, weight, "int8", rows=rows_of, tensor=names[0], scale=names[1])
+        elif kinds == ("values", "meta", "scale"):
             record_layout(
-                gm, weight, "rows", rows=(r0, r0 + n_rows), values=names[0], meta=names[1]
+                gm,
+                weight,
+                "int8_rows",
+                rows=rows_of,
+                values=names[0],
+                meta=names[1],
+                scale=names[2],
             )
+        else:
+            record_layout(gm, weight, "rows", rows=rows_of, values=names[0], meta=names[1])
         if has_bias:
             record_layout(gm, part[-1].target, "dense", rows=(r0, r0 + n_rows), tensor=names[-1])
         with graph.inserting_before(node):
@@ -419,6 +476,8 @@ def _match_ffn(gm: fx.GraphModule, block: dict, infos: dict) -> _FfnMatch:
     if w["down"].shape[0] != w["up"].shape[1]:  # the ops return d_model features
         raise _Skip("the down projection's out_features differ from the FFN's in_features")
     linears = {"down": down, "up": up, **({"gate": gate} if gated else {})}
+    if any(infos.get(n.name, {}).get("quant") for n in linears.values()):
+        raise _Skip("int8 weights (the FFN ops read fp32/bf16; Quantize(ffn=False) keeps them)")
     packed = {r: infos.get(n.name, {}).get("packed") for r, n in linears.items()}
     n_packed = sum(1 for v in packed.values() if v)
     if n_packed and (n_packed != len(packed) or w["up"].shape[1] % 4 or w["up"].shape[0] % 4):

@@ -102,6 +102,51 @@ def test_sparse24_linear_matches_reference(
 
 @FUZZ
 @given(
+    N=st.integers(1, 40),
+    groups=st.integers(1, 65),
+    M=st.integers(0, 40),
+    lead=st.sampled_from([(), (2,), (1, 3)]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    packed=st.booleans(),
+    strided=st.booleans(),
+    bias=st.booleans(),
+    route=st.sampled_from(["native", "avx2", "scalar"]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_int8_linears_match_reference(
+    set_route, N, groups, M, lead, dtype, packed, strided, bias, route, seed
+):
+    """int8_linear / sparse24_int8_linear: the kernels up to 16 rows, the dequantising route past."""
+    set_route(route)
+    K = 4 * groups
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=gen)
+    w = ops.prune24(w) if packed else w
+    q, scale = formats.quantize_int8(w)
+    if strided:
+        x = torch.randn(*lead, M, 2 * K, generator=gen).to(dtype)[..., ::2]
+    else:
+        x = torch.randn(*lead, M, K, generator=gen).to(dtype)
+    b = torch.randn(N, generator=gen).to(dtype) if bias else None
+    if packed:
+        values, meta = formats.compress24_int8(q)
+        y = ops.sparse24_int8_linear(x, values, meta, scale, b)
+    else:
+        y = ops.int8_linear(x, q, scale, b)
+    assert y.shape == (*lead, M, N) and y.dtype == dtype
+    x2 = x.reshape(-1, K)
+    ref = R.reference_int8_linear(x2, q, scale, b)
+    wd = formats.dequantize_int8(q, scale).double().abs()
+    mag = x2.double().abs() @ wd.T + (b.double().abs() if b is not None else 0)
+    tol = 4 * math.sqrt(K + 2) * torch.finfo(torch.float32).eps * mag + 1e-6
+    if dtype != torch.float32:  # the output's rounding, and the weight's on the dequantising route
+        tol = tol + (ref.abs() + mag) * torch.finfo(dtype).eps
+    err = (y.reshape(-1, N).double() - ref).abs()
+    assert (err <= tol).all(), f"route {route}: max err {float(err.max()):.3g}"
+
+
+@FUZZ
+@given(
     N=st.integers(1, 30),
     groups=st.integers(1, 40),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64]),

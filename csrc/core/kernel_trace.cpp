@@ -51,6 +51,7 @@ const char* route_name(Route r) {
     case Route::kFfnTail: return "ffn_tail";
     case Route::kDenseGemv: return "dense_gemv";
     case Route::kAttention: return "attention";
+    case Route::kInt8Linear: return "int8_linear";
     case Route::kCount: break;
   }
   return "?";

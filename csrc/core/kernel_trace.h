@@ -26,6 +26,7 @@ enum class Route : int {
   kFfnTail,         // activation-sparse FFN: up rows of the active neurons + down
   kDenseGemv,       // dense GEMV of a few rows of x (dense_gemv: the lm_head, dense linears)
   kAttention,       // decode attention over the KV cache (attention.h)
+  kInt8Linear,      // int8 weight-only linears, dense and 2:4 (qlinear.h)
   kCount
 };
 

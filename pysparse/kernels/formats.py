@@ -139,6 +139,54 @@ class Sparse24Weight:
         )
 
 
+# ---- int8 weights (the quantize pass) -------------------------------------------------------
+# Weight-only, symmetric, one fp32 scale per output row: W ~= q * scale[:, None], q int8 in
+# [-127, 127] (-128 unused, so that negation is exact and the grid symmetric). Zeros stay zeros,
+# so a 2:4 mask survives quantization and compress24 packs the int8 weight as it packs any other.
+INT8_QMAX = 127
+
+
+def int8_scale(w: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest's scale per output row: max |w| / 127 (1 for an all-zero row)."""
+    amax = w.detach().abs().amax(dim=1).to(torch.float32)
+    return torch.where(amax > 0, amax / INT8_QMAX, torch.ones_like(amax))
+
+
+def quantize_int8(
+    w: torch.Tensor, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q int8 [N, K], scale float32 [N])`` with ``q = clamp(round(w / scale), -127, 127)``;
+    ``scale`` defaults to ``int8_scale(w)`` (round to nearest)."""
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(
+            f"quantize_int8: expected a 2-D float weight [out_features, in_features], got "
+            f"{tuple(w.shape)} {w.dtype}"
+        )
+    scale = int8_scale(w) if scale is None else scale.to(torch.float32)
+    q = torch.round(w.detach().to(torch.float32) / scale[:, None]).clamp_(-INT8_QMAX, INT8_QMAX)
+    return q.to(torch.int8).contiguous(), scale.contiguous()
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 weight ``q * scale[:, None]`` an int8 weight stands for."""
+    return q.to(torch.float32) * scale.to(torch.float32)[:, None]
+
+
+def compress24_int8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """compress24 of a 2:4 int8 weight: ``(values int8 [N, K/2], meta)`` (packed through float32,
+    which holds every int8 exactly)."""
+    values, meta = ops.compress24(q.to(torch.float32))
+    return values.to(torch.int8), meta
+
+
+def decompress24_int8(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The int8 ``[N, K]`` weight ``compress24_int8`` packed."""
+    K = 2 * values.shape[1]
+    return ops.decompress24(values.to(torch.float32).contiguous(), meta.contiguous(), K).to(
+        torch.int8
+    )
+
+
 def pack_down24(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Regroups a compressed FFN down projection for ``sparse_ffn24`` / ``sparse_mlp24``.
 
@@ -206,9 +254,14 @@ def unpack_down24(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tenso
 #   "down24"      pack_down24's grouped (values, meta) of W         (the 2:4 FFN kernels)
 #   "transposed"  W^T as one dense tensor                           (tensors: tensor)
 #   "dense"       W as rows of a dense tensor it shares                (tensors: tensor)
+#   "int8"        quantize_int8's (q, scale) of W                      (tensors: tensor, scale)
+#   "int8_rows"   compress24's (values, meta) of the int8 W, and its scale
+#                                                                      (tensors: values, meta, scale)
 # A record with ``rows: [r0, r1]`` holds W in rows r0:r1 of its tensors (Lower's fused sibling
-# linears: q, k and v in one [q; k; v] weight); "rows" and "dense" only.
-WEIGHT_LAYOUTS = ("rows", "by_row", "down24", "transposed", "dense")
+# linears: q, k and v in one [q; k; v] weight); "rows", "dense", "int8" and "int8_rows" only.
+# int8 weights come back dequantised (float32).
+WEIGHT_LAYOUTS = ("rows", "by_row", "down24", "transposed", "dense", "int8", "int8_rows")
+_ROW_LAYOUTS = ("rows", "dense", "int8", "int8_rows")
 
 
 def record_layout(
@@ -223,7 +276,7 @@ def record_layout(
     given, so that reports and exports can give it back dense (``dense_weight``)."""
     if layout not in WEIGHT_LAYOUTS:
         raise ValueError(f"record_layout: unknown layout {layout!r}; one of {WEIGHT_LAYOUTS}")
-    if rows is not None and layout not in ("rows", "dense"):
+    if rows is not None and layout not in _ROW_LAYOUTS:
         raise ValueError(f"record_layout: a {layout!r} weight cannot be rows of a shared tensor")
     layouts = gm.meta.setdefault("pysparse", {}).setdefault("weight_layouts", {})
     layouts[weight] = {"layout": layout, **tensors, **({"rows": list(rows)} if rows else {})}
@@ -243,15 +296,22 @@ def dense_weight(
         return None
     layout = rec.get("layout")
     r0, r1 = rec.get("rows") or (None, None)
-    if layout in ("transposed", "dense"):
+    scale = tensors.get(rec.get("scale", ""))
+    if layout.startswith("int8") and scale is None:
+        return None
+    if layout in ("transposed", "dense", "int8"):
         t = tensors.get(rec.get("tensor", ""))
         if t is None:
             return None
+        if layout == "int8":
+            return dequantize_int8(t[r0:r1], scale[r0:r1])
         return t.T if layout == "transposed" else t[r0:r1]
     values, meta = tensors.get(rec.get("values", "")), tensors.get(rec.get("meta", ""))
     if values is None or meta is None:
         return None
     values, meta = values[r0:r1], meta[r0:r1]
+    if layout == "int8_rows":
+        return dequantize_int8(decompress24_int8(values, meta), scale[r0:r1])
     if layout == "down24":
         values, meta = unpack_down24(values, meta)
     elif layout not in ("rows", "by_row"):

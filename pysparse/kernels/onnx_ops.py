@@ -15,7 +15,8 @@ and the file keeps the packed weights (values at half size plus 1/16 byte of met
 not the dense ones. ``values`` and ``meta`` are initializers, so runtimes constant-fold the
 decode once at session creation (onnxruntime does); torch's exporter may already fold it for
 small weights. The multiply itself is then dense in the runtime: no standard ONNX op executes 2:4
-sparsity. Float32 is what onnxruntime's CPU provider runs for every op used here.
+sparsity. Float32 is what onnxruntime's CPU provider runs for every op used here. The int8
+linears become ``DequantizeLinear`` (per output row) + MatMul over the int8 initializers.
 """
 
 from __future__ import annotations
@@ -70,6 +71,17 @@ def sparse24_linear(x: Any, values: Any, meta: Any, bias: Any = None) -> Any:
 def dense_linear(x: Any, weight: Any, bias: Any = None) -> Any:
     y = op.MatMul(x, op.Transpose(weight, perm=[1, 0]))
     return y if bias is None else op.Add(y, bias)
+
+
+# int8 weights (the quantize pass): DequantizeLinear per output row (axis 0) rebuilds the float
+# weight from the int8 initializer and its scales, in x's type; the file keeps the int8 bytes.
+def int8_linear(x: Any, qweight: Any, scale: Any, bias: Any = None) -> Any:
+    w = op.CastLike(op.DequantizeLinear(qweight, scale, axis=0), x)
+    return dense_linear(x, w, bias)
+
+
+def sparse24_int8_linear(x: Any, values: Any, meta: Any, scale: Any, bias: Any = None) -> Any:
+    return int8_linear(x, _dense_from_packed(values, meta), scale, bias)
 
 
 def _dense_down_from_groups(values: Any, meta: Any) -> Any:
@@ -182,6 +194,8 @@ def translation_table() -> dict[Any, Any]:
     return {
         p.sparse24_linear.default: sparse24_linear,
         p.dense_linear.default: dense_linear,
+        p.int8_linear.default: int8_linear,
+        p.sparse24_int8_linear.default: sparse24_int8_linear,
         p.sparse_ffn.default: sparse_ffn,
         p.ffn_predict.default: ffn_predict,
         p.sparse_mlp.default: sparse_mlp,

@@ -26,6 +26,7 @@ __all__ = [
     "decompress24",
     "dense_linear",
     "ffn_predict",
+    "int8_linear",
     "last_cuda_route",
     "meta_cols",
     "obs24_sweep_",
@@ -33,6 +34,7 @@ __all__ = [
     "prox24_",
     "prune24",
     "reset_cuda_route_counts",
+    "sparse24_int8_linear",
     "sparse24_linear",
     "sparse_ffn",
     "sparse_ffn24",
@@ -123,6 +125,44 @@ def dense_linear(
     """
     extension.require_extension()
     return torch.ops.pysparse.dense_linear.default(x, weight, bias)
+
+
+def int8_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = (x @ qweight.T) * scale + bias``: a weight-only int8 linear (``formats.quantize_int8``).
+
+    Args:
+        x: ``[..., K]`` float32, bfloat16 or float16.
+        qweight: int8 ``[N, K]``.
+        scale: float32 ``[N]``, one per output row (the weight is ``qweight * scale[:, None]``).
+        bias: optional ``[N]`` in x's dtype.
+
+    Returns:
+        ``[..., N]`` in x's dtype. On the CPU up to 16 rows of x (``PYSPARSE_INT8_GEMV_MAX_ROWS``)
+        run the core's kernels: fp32 accumulation on the int8 values widened in registers, each
+        row of x the same bits alone or batched; more rows (and other devices) dequantise the
+        weight once and run torch's ``linear``.
+    """
+    extension.require_extension()
+    return torch.ops.pysparse.int8_linear.default(x, qweight, scale, bias)
+
+
+def sparse24_int8_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``int8_linear`` over a 2:4 int8 weight: ``values`` int8 ``[N, K/2]`` and ``meta`` as
+    ``compress24`` makes them from the int8 weight (this module's packed layout), ``scale`` float32
+    ``[N]``. More rows of x than the kernels take run the 2:4 linear on the dequantised values."""
+    extension.require_extension()
+    return torch.ops.pysparse.sparse24_int8_linear.default(x, values, meta, scale, bias)
 
 
 def attention(
@@ -385,6 +425,29 @@ def _register_linear_fakes() -> None:
             lambda: f"sparse24_linear: x is on {x.device} but the weight is on {values.device}",
         )
         return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+    def check_int8(op, x, w, n, k, scale, bias):
+        torch._check(w.dtype == torch.int8, lambda: f"{op}: the weight must be int8")
+        torch._check(x.shape[-1] == k, lambda: f"{op}: x.shape[-1] must equal in_features")
+        torch._check(scale.shape == (n,), lambda: f"{op}: scale must be [out_features]")
+        torch._check(scale.dtype == torch.float32, lambda: f"{op}: scale must be float32")
+        torch._check(
+            x.device == w.device,
+            lambda: f"{op}: x is on {x.device} but the weight is on {w.device}",
+        )
+        return x.new_empty((*x.shape[:-1], n))
+
+    @torch.library.register_fake("pysparse::int8_linear")
+    def _int8_linear_fake(x, qweight, scale, bias=None):
+        torch._check(qweight.dim() == 2, lambda: "int8_linear: qweight must be 2-D")
+        return check_int8("int8_linear", x, qweight, *qweight.shape, scale, bias)
+
+    @torch.library.register_fake("pysparse::sparse24_int8_linear")
+    def _sparse24_int8_linear_fake(x, values, meta, scale, bias=None):
+        torch._check(values.dim() == 2, lambda: "sparse24_int8_linear: values must be 2-D")
+        torch._check(meta.dtype == torch.uint8, lambda: "sparse24_int8_linear: meta must be uint8")
+        n, k = values.shape[0], values.shape[1] * 2
+        return check_int8("sparse24_int8_linear", x, values, n, k, scale, bias)
 
     @torch.library.register_fake("pysparse::attention")
     def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):

@@ -17,9 +17,11 @@ __all__ = [
     "reference_compress24",
     "reference_decompress24",
     "reference_dense_linear",
+    "reference_int8_linear",
     "reference_obs24_sweep",
     "reference_prox24",
     "reference_prune24",
+    "reference_sparse24_int8_linear",
     "reference_sparse24_linear",
     "reference_sparse_ffn",
     "reference_sparse_mlp",
@@ -125,6 +127,26 @@ def reference_dense_linear(
     """float64 ``x @ weight.T + bias`` (dense_linear's reference; inputs taken exactly)."""
     y = x.cpu().to(torch.float64) @ weight.cpu().to(torch.float64).T
     return y if bias is None else y + bias.cpu().to(torch.float64)
+
+
+def reference_int8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float64 ``x @ (qweight * scale[:, None]).T + bias`` (int8_linear's reference)."""
+    w = qweight.cpu().to(torch.float64) * scale.cpu().to(torch.float64)[:, None]
+    return reference_dense_linear(x, w, bias)
+
+
+def reference_sparse24_int8_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float64 ``int8_linear`` over the decompressed 2:4 int8 weight (sparse24_int8_linear's)."""
+    q = reference_decompress24(values.cpu(), meta.cpu(), values.shape[1] * 2)
+    return reference_int8_linear(x, q, scale, bias)
 
 
 def prox24_objective(w: torch.Tensor, z: torch.Tensor, lam: float) -> torch.Tensor:

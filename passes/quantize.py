@@ -1,0 +1,121 @@
+"""Quantize: weight-only int8 for the linears a decode step reads, composed with 2:4 sparsity.
+
+Batch-1 decode is bound by the bytes of the weights it reads; int8 values with one fp32 scale per
+output row read a quarter of fp32's bytes (half of bf16's), and under a 2:4 mask the packed int8
+values plus metadata read ~5/32 (``formats.quantize_int8``: symmetric, round to nearest, q in
+[-127, 127]). Zeros stay zeros, so the pass runs after any mask pass and before ``compress24``,
+which then packs the int8 weight; ``lower`` puts the linears on ``pysparse::int8_linear`` /
+``pysparse::sparse24_int8_linear``.
+
+What the pass does to the model: each chosen weight becomes its dequantised value ``q * scale``
+(in its own dtype), so every later pass and every export sees the quantised model, and the int8
+tensors are attached as buffers with the record ``info["quant"]``. A weight the lm_head shares
+with the input embeddings (SmolLM2's tied 49152 x 576) is quantised once for both: the lookup
+then reads the same dequantised rows the head multiplies by.
+
+``linears`` picks the weights by role (see pysparse.capture.trace): ``"all"`` (every linear with
+a 2-D weight: the projections and the lm_head), ``"prunable"`` (not the head), ``"head"``, or a
+tuple of roles (``qkv``, ``o``, ``gate``, ``up``, ``down``, ``head``). FFN blocks the
+activation-sparse kernels take (ReLU/FATReLU after ``relu`` / ``prosparse``) keep their weights
+unquantised unless ``ffn=True``: those kernels read fp32/bf16 weights, and an int8 FFN lowered as
+three linears would read every row the activation sparsity skips."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from pysparse.compiler.base import MASK_PASSES, Pass, PassContext, PassResult
+from pysparse.compiler.graph import module_tensor
+from pysparse.kernels.formats import dequantize_int8, quantize_int8, record_layout
+
+ROLES = ("qkv", "o", "gate", "up", "down", "gate_up", "head")
+_SELECTIONS = {
+    "all": ROLES,
+    "prunable": tuple(r for r in ROLES if r != "head"),
+    "head": ("head",),
+}
+
+
+def quant_names(weight_target: str) -> tuple[str, str]:
+    base = "pysparse__" + weight_target.replace(".", "__")
+    return base + "__qweight", base + "__scale"
+
+
+def _activation_sparse_linears(gm: fx.GraphModule) -> set[str]:
+    """Names of the linear nodes of FFN blocks whose activation is ReLU / FATReLU."""
+    out: set[str] = set()
+    for block in gm.meta["pysparse"]["ffns"]:
+        if block.get("act_op") in ("relu", "fatrelu"):
+            out |= {block.get(k) for k in ("gate", "up", "down", "gate_up")} - {None}
+    return out
+
+
+class Quantize(Pass):
+    name = "quantize"
+    after = (*MASK_PASSES, "recover", "relu", "prosparse", "predictor")
+    preserves_numerics = False
+
+    def __init__(self, bits: int = 8, linears: str | tuple[str, ...] = "all", ffn: bool = False):
+        if bits != 8:
+            raise ValueError(f"Quantize: bits={bits} is not supported yet; use bits=8")
+        roles = _SELECTIONS.get(linears) if isinstance(linears, str) else tuple(linears)
+        if roles is None or not set(roles) <= set(ROLES):
+            raise ValueError(
+                f"Quantize: linears={linears!r}; use one of {sorted(_SELECTIONS)} or a tuple of "
+                f"roles from {ROLES}"
+            )
+        self.bits = bits
+        self.linears = linears if isinstance(linears, str) else list(linears)
+        self.ffn = ffn
+        self._roles = roles
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        skip_ffn = set() if self.ffn else _activation_sparse_linears(gm)
+        done: dict[str, tuple[str, str]] = {}  # weight -> buffers (a weight several linears read)
+        counts: dict[str, int] = {}
+        before_bytes, after_bytes, err_num, err_den = 0, 0, 0.0, 0.0
+        left_for_ffn = 0
+        for node in gm.graph.nodes:
+            info = node.meta.get("pysparse")
+            if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
+                continue
+            if not info or not info.get("weight") or info.get("role") not in self._roles:
+                continue
+            if node.name in skip_ffn:
+                left_for_ffn += 1
+                continue
+            target = info["weight"]
+            w = module_tensor(gm, target)
+            if w.dim() != 2 or w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+                continue
+            if target not in done:
+                q, scale = quantize_int8(w)
+                deq = dequantize_int8(q, scale)
+                err_num += float((deq - w.detach().float()).pow(2).sum())
+                err_den += float(w.detach().float().pow(2).sum())
+                with torch.no_grad():
+                    w.copy_(deq.to(w.dtype))
+                qname, sname = quant_names(target)
+                gm.register_buffer(qname, q)
+                gm.register_buffer(sname, scale)
+                record_layout(gm, target, "int8", tensor=qname, scale=sname)
+                done[target] = (qname, sname)
+                before_bytes += w.numel() * w.element_size()
+                after_bytes += q.numel() + scale.numel() * 4
+            qname, sname = done[target]
+            info["quant"] = {"bits": 8, "qweight": qname, "scale": sname}
+            counts[info["role"]] = counts.get(info["role"], 0) + 1
+        report = {
+            "linears_quantized": sum(counts.values()),
+            "by_role": counts,
+            "weights_mb": round(before_bytes / 1e6, 2),
+            "int8_mb": round(after_bytes / 1e6, 2),
+            "relative_weight_error": round((err_num / err_den) ** 0.5, 5) if err_den else 0.0,
+        }
+        if left_for_ffn:
+            report["activation_sparse_ffn_linears_left"] = left_for_ffn
+        return PassResult(gm, bool(counts), report)
+
+    def settings(self):
+        return {"bits": self.bits, "linears": self.linears, "ffn": self.ffn}

@@ -1,0 +1,132 @@
+// googletests for the int8 linears of the core (qlinear.h): dense and 2:4, every route (AVX-512,
+// AVX2, scalar), against a float64 host reference on odd shapes, and a row's bits the same alone,
+// batched and at any thread count.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#include "qlinear.h"
+#include "sparse24.h"
+
+namespace core = pysparse::core;
+
+namespace {
+
+enum class QImpl { Native, Avx2, Scalar };
+
+class ScopedQImpl {
+ public:
+  explicit ScopedQImpl(QImpl impl) {
+    unsetenv("PYSPARSE_DISABLE_AVX512");
+    unsetenv("PYSPARSE_DISABLE_AVX2");
+    if (impl == QImpl::Avx2) setenv("PYSPARSE_DISABLE_AVX512", "1", 1);
+    if (impl == QImpl::Scalar) setenv("PYSPARSE_DISABLE_AVX2", "1", 1);
+  }
+  ~ScopedQImpl() {
+    unsetenv("PYSPARSE_DISABLE_AVX512");
+    unsetenv("PYSPARSE_DISABLE_AVX2");
+  }
+};
+
+// A random int8 weight, its 2:4 packing (values, meta: two kept indices per group, ascending)
+// and the dense int8 matrix both stand for; scales and x random.
+struct QCase {
+  int64_t M, N, K;
+  std::vector<int8_t> dense, values;
+  std::vector<uint8_t> meta;
+  std::vector<float> scale, bias, x;
+};
+
+QCase make_case(int64_t M, int64_t N, int64_t K, std::mt19937& rng) {
+  QCase c{M, N, K, {}, {}, {}, {}, {}, {}};
+  std::uniform_int_distribution<int> q(-127, 127), slot(0, 3);
+  std::uniform_real_distribution<float> u(-1.f, 1.f), s(0.001f, 0.1f);
+  c.dense.assign(N * K, 0);
+  c.values.assign(N * K / 2, 0);
+  c.meta.assign(N * core::meta_cols(K), 0);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < K / 4; ++g) {
+      int i0 = slot(rng), i1 = slot(rng);
+      while (i1 == i0) i1 = slot(rng);
+      if (i1 < i0) std::swap(i0, i1);
+      const int8_t v0 = static_cast<int8_t>(q(rng)), v1 = static_cast<int8_t>(q(rng));
+      c.values[n * K / 2 + 2 * g] = v0;
+      c.values[n * K / 2 + 2 * g + 1] = v1;
+      c.dense[n * K + 4 * g + i0] = v0;
+      c.dense[n * K + 4 * g + i1] = v1;
+      c.meta[n * core::meta_cols(K) + g / 2] |= static_cast<uint8_t>((i0 | (i1 << 2)) << ((g & 1) * 4));
+    }
+  for (int64_t n = 0; n < N; ++n) {
+    c.scale.push_back(s(rng));
+    c.bias.push_back(u(rng));
+  }
+  for (int64_t i = 0; i < M * K; ++i) c.x.push_back(u(rng));
+  return c;
+}
+
+std::vector<float> run(const QCase& c, bool packed, int64_t M, const float* x, int nthreads) {
+  std::vector<float> y(M * c.N, -1.f);
+  if (packed)
+    core::sparse24_int8_linear(x, M, c.values.data(), c.meta.data(), c.scale.data(),
+                               c.bias.data(), c.N, c.K, y.data(), nthreads);
+  else
+    core::int8_linear(x, M, c.dense.data(), c.scale.data(), c.bias.data(), c.N, c.K, y.data(),
+                      nthreads);
+  return y;
+}
+
+struct Shape {
+  int64_t M, N, K;
+};
+const Shape kShapes[] = {{1, 1, 4},   {1, 7, 12},  {3, 5, 36},   {4, 9, 100}, {5, 17, 388},
+                         {16, 13, 68}, {2, 130, 576}, {1, 67, 580}, {9, 3, 4100}};
+
+class QLinear : public ::testing::TestWithParam<std::tuple<QImpl, bool>> {};
+
+TEST_P(QLinear, MatchesFloat64ReferenceOnOddShapes) {
+  auto [impl, packed] = GetParam();
+  ScopedQImpl scoped(impl);
+  std::mt19937 rng(3);
+  for (auto [M, N, K] : kShapes) {
+    const QCase c = make_case(M, N, K, rng);
+    const auto y = run(c, packed, M, c.x.data(), 2);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        double s = 0, mag = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const double p = double(c.x[m * K + k]) * double(c.dense[n * K + k]);
+          s += p;
+          mag += std::fabs(p);
+        }
+        const double want = s * c.scale[n] + c.bias[n];
+        const double tol = (4 * std::sqrt(double(K) + 2) * 1.2e-7) * (mag * c.scale[n] + 1) + 1e-6;
+        ASSERT_NEAR(y[m * N + n], want, tol) << "M=" << M << " N=" << N << " K=" << K << " m=" << m
+                                              << " n=" << n;
+      }
+  }
+}
+
+TEST_P(QLinear, ARowIsTheSameBitsAloneBatchedAndAtAnyThreadCount) {
+  auto [impl, packed] = GetParam();
+  ScopedQImpl scoped(impl);
+  std::mt19937 rng(4);
+  for (int64_t K : {576, 580}) {
+    const QCase c = make_case(16, 261, K, rng);
+    const auto all = run(c, packed, 16, c.x.data(), 2);
+    EXPECT_EQ(run(c, packed, 16, c.x.data(), 1), all);
+    for (int64_t m0 : {0, 5, 15}) {
+      const auto one = run(c, packed, 1, c.x.data() + m0 * K, 2);
+      for (int64_t n = 0; n < c.N; ++n) ASSERT_EQ(one[n], all[m0 * c.N + n]) << "K=" << K << " m=" << m0;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Routes, QLinear,
+                         ::testing::Combine(::testing::Values(QImpl::Native, QImpl::Avx2,
+                                                              QImpl::Scalar),
+                                            ::testing::Bool()));
+
+}  // namespace

@@ -1,0 +1,203 @@
+"""pysparse::int8_linear and pysparse::sparse24_int8_linear (weight-only int8, dense and 2:4):
+against float64 on odd shapes (K with and without a remainder after the kernels' chunks), fp32 /
+bf16 / fp16 x, with and without bias, on every route (AVX-512, AVX2, scalar, the dequantising
+route of more rows); a row's bits the same alone, batched and at any thread count; opcheck; clear
+errors; the int8 formats' round trips."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from testutil import skip_unless_kernel, use_route
+from torch.library import opcheck
+
+import pysparse
+from pysparse.kernels import formats, ops
+from pysparse.kernels import reference as R
+
+ROUTES = {
+    "avx512": {},
+    "avx2": {"PYSPARSE_DISABLE_AVX512": "1"},
+    "scalar": {"PYSPARSE_DISABLE_AVX2": "1"},
+    "dequant": {"PYSPARSE_INT8_GEMV_MAX_ROWS": "0"},  # torch's GEMM / the 2:4 GEMM on dequantised W
+}
+
+
+@pytest.fixture(params=sorted(ROUTES))
+def route(request, monkeypatch):
+    name = use_route(request.param, ROUTES, monkeypatch)
+    if name == "avx512":
+        skip_unless_kernel("avx512", pysparse._C.cpu_info()["avx512f"])
+    return name
+
+
+def _weights(N: int, K: int, gen: torch.Generator, packed: bool):
+    w = torch.randn(N, K, generator=gen)
+    if packed:
+        w = ops.prune24(w)
+    q, scale = formats.quantize_int8(w)
+    if packed:
+        values, meta = formats.compress24_int8(q)
+        return (values, meta, scale), R.reference_sparse24_int8_linear, q, scale
+    return (q, scale), R.reference_int8_linear, q, scale
+
+
+def _call(packed: bool, x, weights, bias):
+    if packed:
+        return ops.sparse24_int8_linear(x, *weights, bias)
+    return ops.int8_linear(x, *weights, bias)
+
+
+def _check(y, x, q, scale, bias, ref, dequantised: bool):
+    """fp32 accumulation of K products, then the scale and the bias: the usual sqrt(K) eps bound
+    on the magnitudes. 16-bit x adds the output's rounding, and on the dequantising route (more
+    rows than the kernels take) the weight's rounding to x's dtype."""
+    N, K = q.shape
+    x2 = x.reshape(-1, K).double()
+    w = q.double() * scale.double()[:, None]
+    mag = x2.abs() @ w.abs().T + (bias.double().abs() if bias is not None else 0)
+    tol = 4 * math.sqrt(K + 2) * torch.finfo(torch.float32).eps * mag + 1e-6
+    if x.dtype != torch.float32:
+        tol = tol + ref.abs() * torch.finfo(x.dtype).eps
+        if dequantised:
+            tol = tol + mag * torch.finfo(x.dtype).eps
+    err = (y.reshape(-1, N).double() - ref).abs()
+    assert (err <= tol).all(), f"max err {float(err.max()):.3g} (bound {float(tol.max()):.3g})"
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "2:4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 3, 4, 5, 16, 17])
+@pytest.mark.parametrize(("N", "K"), [(1, 4), (7, 12), (9, 36), (33, 64), (13, 100), (258, 1028)])
+def test_matches_float64_reference(route, packed, dtype, M, N, K):
+    gen = torch.Generator().manual_seed(M * 1000 + N * 10 + K)
+    weights, reference, q, scale = _weights(N, K, gen, packed)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype) if N % 2 else None
+    y = _call(packed, x, weights, bias)
+    assert y.shape == (M, N) and y.dtype == dtype and y.is_contiguous()
+    ref = reference(x, *weights, bias)
+    _check(y, x, q, scale, bias, ref, dequantised=route == "dequant" or M > 16)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "2:4"])
+@pytest.mark.parametrize("route_name", ["avx512", "avx2", "scalar"])
+def test_a_row_gets_the_same_bits_alone_batched_and_at_any_thread_count(
+    packed, route_name, monkeypatch
+):
+    """What continuous batching needs: each (row of W, row of x) is one chain in one order."""
+    use_route(route_name, ROUTES, monkeypatch)
+    if route_name == "avx512":
+        skip_unless_kernel("avx512", pysparse._C.cpu_info()["avx512f"])
+    gen = torch.Generator().manual_seed(11)
+    for K in (576, 580):  # without and with groups past the kernels' last full chunk
+        weights, *_ = _weights(1031, K, gen, packed)
+        x = torch.randn(16, K, generator=gen)
+        before = torch.get_num_threads()
+        try:
+            outs = []
+            for nt in (1, 2):
+                torch.set_num_threads(nt)
+                outs.append(_call(packed, x, weights, None))
+        finally:
+            torch.set_num_threads(before)
+        assert torch.equal(outs[0], outs[1])
+        for m in (1, 3, 5, 9):
+            assert torch.equal(_call(packed, x[:m], weights, None), outs[0][:m])
+        assert torch.equal(_call(packed, x[7:8], weights, None), outs[0][7:8])
+
+
+def test_the_kernels_run_up_to_sixteen_rows(monkeypatch):
+    monkeypatch.delenv("PYSPARSE_INT8_GEMV_MAX_ROWS", raising=False)
+    gen = torch.Generator().manual_seed(3)
+    (q, scale), *_ = _weights(40, 32, gen, False)
+    ops.kernel_stats(reset=True)
+    for m in (1, 16, 17):
+        ops.int8_linear(torch.randn(m, 32), q, scale)
+    assert ops.kernel_stats(reset=True)["int8_linear"]["calls"] == 2
+
+
+def _opcheck_cases():
+    gen = torch.Generator().manual_seed(7)
+    (q, s), *_ = _weights(9, 20, gen, False)
+    (v, m, s24), *_ = _weights(9, 20, gen, True)
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        b = torch.randn(9, generator=gen).to(dtype)
+        for rows in ((1,), (2, 3), (20,)):  # the last: more rows than the kernels take
+            x = torch.randn(*rows, 20, generator=gen).to(dtype)
+            cases.append((torch.ops.pysparse.int8_linear.default, (x, q, s, b)))
+            cases.append((torch.ops.pysparse.sparse24_int8_linear.default, (x, v, m, s24, None)))
+    return cases
+
+
+@pytest.mark.parametrize("case", range(len(_opcheck_cases())))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    # no autograd: the int8 ops are inference-only (the weights are not trainable in this form)
+    opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def _bad_cases():
+    q = torch.zeros(6, 8, dtype=torch.int8)
+    s = torch.ones(6)
+    v, m = formats.compress24_int8(q)
+    x = torch.randn(2, 8)
+    return [
+        (ops.int8_linear, (x, q.float(), s), r"qweight must be int8, got Float"),
+        (ops.int8_linear, (torch.randn(2, 7), q, s), r"x.shape\[-1\] is 7 but the weight has in"),
+        (ops.int8_linear, (x, q, torch.ones(5)), r"scale must be \[out_features\] = \[6\]"),
+        (ops.int8_linear, (x, q, s.double()), r"scale must be float32"),
+        (ops.int8_linear, (x.double(), q, s), r"x must be float32, bfloat16 or float16"),
+        (ops.int8_linear, (x, q, s, torch.randn(6).bfloat16()), r"bias is BFloat16 but x is F"),
+        (ops.sparse24_int8_linear, (x, v.float(), m, s), r"values must be int8"),
+        (ops.sparse24_int8_linear, (x, v, m[:, :0], s), r"meta has 0 columns"),
+        (ops.sparse24_int8_linear, (torch.randn(2, 12), v, m, s), r"x.shape\[-1\] is 12"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_cases())))
+def test_bad_input_names_the_problem(case):
+    fn, args, pattern = _bad_cases()[case]
+    with pytest.raises(RuntimeError, match=pattern):
+        fn(*args)
+
+
+def test_quantize_int8_rounds_to_nearest_and_keeps_zeros():
+    gen = torch.Generator().manual_seed(5)
+    w = ops.prune24(torch.randn(37, 64, generator=gen))
+    w[3] = 0.0  # an all-zero row: scale 1, q 0
+    q, scale = formats.quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (37,)
+    assert int(q.abs().max()) == 127 and int(q.min()) >= -127
+    assert torch.equal(q == 0, (w == 0) | (w.abs() < scale[:, None] / 2))
+    deq = formats.dequantize_int8(q, scale)
+    assert ((deq - w).abs() <= scale[:, None] / 2 * (1 + 1e-6)).all()
+    assert scale[3] == 1 and not q[3].any()
+    assert R.is_24_sparse(q)
+    values, meta = formats.compress24_int8(q)
+    assert values.dtype == torch.int8 and values.shape == (37, 32)
+    assert torch.equal(formats.decompress24_int8(values, meta), q)
+    with pytest.raises(ValueError, match="2-D float weight"):
+        formats.quantize_int8(q)
+
+
+def test_dense_weight_reads_int8_layouts_back():
+    gen = torch.Generator().manual_seed(6)
+    w = ops.prune24(torch.randn(8, 16, generator=gen))
+    q, scale = formats.quantize_int8(w)
+    values, meta = formats.compress24_int8(q)
+    stacked_q = torch.cat([torch.zeros(2, 16, dtype=torch.int8), q])
+    stacked_s = torch.cat([torch.ones(2), scale])
+    tensors = {"q": stacked_q, "s": stacked_s, "v": values, "m": meta, "s1": scale}
+    layouts = {
+        "a": {"layout": "int8", "tensor": "q", "scale": "s", "rows": [2, 10]},
+        "b": {"layout": "int8_rows", "values": "v", "meta": "m", "scale": "s1"},
+        "c": {"layout": "int8", "tensor": "q"},  # no scale recorded: unreadable
+    }
+    want = formats.dequantize_int8(q, scale)
+    assert torch.equal(formats.dense_weight(tensors, "a", layouts), want)
+    assert torch.equal(formats.dense_weight(tensors, "b", layouts), want)
+    assert formats.dense_weight(tensors, "c", layouts) is None

@@ -1,0 +1,144 @@
+"""The quantize pass (weight-only int8) on tiny models: what it quantizes, how Compress24 and Lower
+carry the int8 weights onto pysparse::int8_linear / sparse24_int8_linear, that the lowered model
+computes what the quantized graph does (and generates the same tokens, loaded or native), and
+that exports give the dequantised model back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pysparse.passes import Quantize
+from tiny_models import llama_with_batches
+
+import pysparse
+from pysparse.kernels import formats
+
+P = torch.ops.pysparse
+
+
+def _targets(sm) -> list:
+    return [n.target for n in sm.gm.graph.nodes if n.op == "call_function"]
+
+
+def _logits(out) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out.logits
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return llama_with_batches()
+
+
+def _compile(llama, passes, **kw):
+    model, batches = llama
+    return pysparse.compile(model, passes, (batches[0][0][0][:1, :8],), calibration=batches, **kw)
+
+
+@pytest.mark.parametrize(
+    ("passes", "ops"),
+    [
+        (["quantize", "lower"], {P.int8_linear.default}),
+        (
+            ["magnitude", "quantize", "compress24", "lower"],
+            {P.int8_linear.default, P.sparse24_int8_linear.default},
+        ),
+    ],
+    ids=["int8", "2:4+int8"],
+)
+def test_lowered_model_computes_the_quantized_graph(llama, passes, ops):
+    model, batches = llama
+    ids = batches[1][0][0]
+    lowered = _compile(llama, passes, generation=False)
+    graph = _compile(
+        llama, [p for p in passes if p not in ("compress24", "lower")], generation=False
+    )
+    targets = _targets(lowered)
+    assert ops <= set(targets)
+    assert torch.ops.aten.linear.default not in targets
+    assert P.dense_linear.default not in targets and P.sparse24_linear.default not in targets
+    torch.testing.assert_close(_logits(lowered(ids)), _logits(graph(ids)), rtol=1e-4, atol=1e-4)
+    # the quantized model stays near the unquantized one (int8 per row: ~0.5% weight error)
+    report = next(r for r in lowered.report if r["pass"] == "quantize")
+    assert report["linears_quantized"] == 15 and 0 < report["relative_weight_error"] < 0.01
+    assert report["int8_mb"] < report["weights_mb"] / 3.5
+    unquantized = [p for p in passes if p not in ("quantize", "compress24", "lower")]
+    before = _compile(llama, unquantized, generation=False) if unquantized else model
+    with torch.no_grad():
+        err = (_logits(graph(ids)) - _logits(before(ids))).abs().max()
+    assert 0 < err < 0.1
+
+
+def test_activation_sparse_ffns_keep_their_kernels_unless_asked(llama):
+    sm = _compile(llama, ["relu", "magnitude", "quantize", "compress24", "lower"], generation=False)
+    targets = _targets(sm)
+    assert targets.count(P.sparse_ffn24.default) == 2  # the FFNs stay on the act-sparse kernels
+    assert P.sparse24_int8_linear.default in targets  # attention
+    report = next(r for r in sm.report if r["pass"] == "quantize")
+    assert report["activation_sparse_ffn_linears_left"] == 6
+    assert set(report["by_role"]) == {"qkv", "o", "head"}
+    forced = _compile(
+        llama, ["relu", "magnitude", Quantize(ffn=True), "compress24", "lower"], generation=False
+    )
+    lower = next(r for r in forced.report if r["pass"] == "lower")
+    assert any("int8 weights" in why for why in lower["ffns_not_lowered"])
+    assert P.sparse_ffn24.default not in _targets(forced)
+
+
+def test_which_linears(llama):
+    head = _compile(llama, [Quantize(linears="head"), "lower"], generation=False)
+    assert _targets(head).count(P.int8_linear.default) == 1
+    attn = _compile(llama, [Quantize(linears=("qkv", "o")), "lower"], generation=False)
+    report = next(r for r in attn.report if r["pass"] == "quantize")
+    assert report["by_role"] == {"qkv": 6, "o": 2}
+    with pytest.raises(ValueError, match="linears='everything'"):
+        Quantize(linears="everything")
+    with pytest.raises(ValueError, match="bits=4 is not supported yet"):
+        Quantize(bits=4)
+
+
+def test_quantize_runs_after_masks_and_before_packing(llama):
+    sm = _compile(llama, ["quantize", "compress24", "magnitude", "lower"], generation=False)
+    assert [r["pass"] for r in sm.report] == ["magnitude", "quantize", "compress24", "lower"]
+
+
+def test_save_load_generate_native_and_exports(llama, tmp_path):
+    """Loaded, the artifact generates the tokens the compiled model does, in the graph and
+    natively; its ONNX file runs in onnxruntime (DequantizeLinear over the int8 initializers); its
+    HF export is the dequantised model."""
+    _, batches = llama
+    ids = batches[1][0][0]
+    sm = _compile(llama, ["relu", "magnitude", "quantize", "compress24", "lower"])
+    pysparse.save(sm, tmp_path / "art")
+    loaded = pysparse.load(tmp_path / "art")
+    prompt = ids[:1, :5]
+    want = sm.generate(prompt, max_new_tokens=8, native=False)
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=8, native=False), want)
+    assert torch.equal(loaded.generate(prompt, max_new_tokens=8, native=True), want)
+    logits = _logits(sm(ids))
+    hf = pysparse.export(loaded, tmp_path / "hf", format="hf")
+    import transformers
+
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(hf)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, logits, rtol=1e-4, atol=1e-4)
+    ort = pytest.importorskip("onnxruntime")
+    path = pysparse.export(sm, tmp_path / "m.onnx", format="onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), logits, rtol=1e-4, atol=1e-4)
+
+
+def test_the_tied_lm_head_is_quantized_once_for_the_embedding_too():
+    model, batches = llama_with_batches()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    sm = pysparse.compile(
+        model, ["quantize", "lower"], (batches[0][0][0][:1, :8],), generation=False
+    )
+    table = next(t for n, t in sm.gm.named_parameters() if "embed" in n)
+    head = next(n for n in sm.gm.graph.nodes if n.meta.get("pysparse", {}).get("role") == "head")
+    record = sm.gm.meta["pysparse"]["weight_layouts"][head.meta["pysparse"]["weight"]]
+    assert record["layout"] == "int8"
+    q, scale = sm.gm.get_buffer(record["tensor"]), sm.gm.get_buffer(record["scale"])
+    assert q.shape == table.shape
+    torch.testing.assert_close(table, formats.dequantize_int8(q, scale), rtol=0, atol=0)
