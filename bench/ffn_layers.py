@@ -10,6 +10,10 @@ switch VAR at 1 and at 0 in alternating rounds (the kernels read their switches 
 
     python bench/ffn_layers.py
     python bench/ffn_layers.py --dtypes bfloat16 --ab-env PYSPARSE_DISABLE_BF16_DOT
+    python bench/ffn_layers.py --int8 --ab-env PYSPARSE_DISABLE_VNNI   # sparse_ffn24_int8
+
+``--int8``: the weights int8 (the quantize pass's form; x and y keep each dtype) on
+``sparse_ffn24_int8``; bytes counted at one a weight value.
 """
 
 from __future__ import annotations
@@ -36,13 +40,29 @@ def build_layers(args: argparse.Namespace, dtype: torch.dtype):
         wg = torch.randn(F, D, generator=g) / math.sqrt(D)
         wu = torch.randn(F, D, generator=g) / math.sqrt(D)
         wd = torch.randn(D, F, generator=g) / math.sqrt(F)
+        if args.int8:
+            (qg, sg), (qu, su), (qd, sd) = (
+                formats.quantize_int8(ops.prune24(w)) for w in (wg, wu, wd)
+            )
+            down = (*formats.pack_down24(*formats.compress24_int8(qd)), sd)
+            layers.append(
+                ((*formats.compress24_int8(qg), sg), (*formats.compress24_int8(qu), su), down)
+            )
+            continue
         wg, wu, wd = (w.to(dtype) for w in (wg, wu, wd))
         down = formats.pack_down24(*ops.compress24(ops.prune24(wd)))
         layers.append((ops.compress24(ops.prune24(wg)), ops.compress24(ops.prune24(wu)), down))
     x = torch.randn(1, D, generator=g).to(dtype)
-    gate = x.float() @ ops.decompress24(*layers[0][0], D).float().T
+    gate = x.float() @ gate_weight(layers[0][0], D).T
     threshold = float(torch.quantile(gate.flatten(), 1.0 - args.active))
     return layers, x, threshold
+
+
+def gate_weight(gate: tuple, D: int) -> torch.Tensor:
+    """The first layer's gate weight, dense fp32 (int8: dequantised)."""
+    if len(gate) == 3:
+        return formats.dequantize_int8(formats.decompress24_int8(gate[0], gate[1]), gate[2])
+    return ops.decompress24(*gate, D).float()
 
 
 def main() -> None:
@@ -55,6 +75,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=60, help="passes over the layers per round")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--ab-env", metavar="VAR", help="time each case with VAR=1 and VAR=0")
+    ap.add_argument("--int8", action="store_true", help="int8 weights (sparse_ffn24_int8)")
     args = ap.parse_args()
     pysparse.pin_threads()
     print(header())
@@ -65,11 +86,12 @@ def main() -> None:
         for dname in args.dtypes:
             dtype = getattr(torch, dname)
             layers, x, t = build_layers(args, dtype)
-            es = torch.tensor([], dtype=dtype).element_size()
+            es = 1 if args.int8 else torch.tensor([], dtype=dtype).element_size()
+            ffn = ops.sparse_ffn24_int8 if args.int8 else ops.sparse_ffn24
             D, F = args.d_model, args.d_ff
             gate_bytes = F * D // 2 * es + F * D // 8  # packed values + 4 bits a group
             down_group_bytes = 2 * D * es + (D + 1) // 2
-            h = (x.float() @ ops.decompress24(*layers[0][0], D).float().T).flatten()
+            h = (x.float() @ gate_weight(layers[0][0], D).T).flatten()
             fired = h >= t
             groups = int(fired.view(-1, 4).any(1).sum())
             tail_bytes = int(fired.sum()) * (D // 2 * es + D // 8) + groups * down_group_bytes
@@ -84,7 +106,7 @@ def main() -> None:
                         for _ in range(args.reps):
                             t0 = time.perf_counter()
                             for g24, u24, d24 in layers:
-                                ops.sparse_ffn24(x, g24, u24, d24, thr)
+                                ffn(x, g24, u24, d24, thr)
                             per.append((time.perf_counter() - t0) / args.layers)
                         times.setdefault((case, env), []).append(statistics.median(per))
             for env in envs:
@@ -93,10 +115,11 @@ def main() -> None:
                     s = statistics.median(times[(case, env)])
                     moved = gate_bytes + (tail_bytes if case != "gate only" else 0)
                     label = f"{args.ab_env}={env}" if env is not None else "-"
-                    print(f"| {dname} | {case} | {label} | {s * 1e6:.1f} | {moved / s / 1e9:.1f} |")
+                    name = f"{dname}{' / int8' if args.int8 else ''}"
+                    print(f"| {name} | {case} | {label} | {s * 1e6:.1f} | {moved / s / 1e9:.1f} |")
                 tail_s = statistics.median(times[(f"{args.active:.0%} active", env)]) - gate_s
                 print(
-                    f"| {dname} | tail (difference; {int(fired.sum())} neurons, {groups} down "
+                    f"| {name} | tail (difference; {int(fired.sum())} neurons, {groups} down "
                     f"groups) | {label} | {tail_s * 1e6:.1f} | {tail_bytes / max(tail_s, 1e-9) / 1e9:.1f} |"
                 )
 

@@ -14,13 +14,18 @@ Rows (one process, interleaved call by call so the machine's drift hits all alik
                      --calib-batches prompts of other random tokens; the FFNs compute only the
                      neurons they predict (gate included)
     2:4 + act + pred compile(relu[t], magnitude, predictor, compress24, lower)
+    int8             compile(quantize, lower): every linear and the lm_head weight-only int8
+    2:4 + int8       compile(magnitude, quantize, compress24, lower)
+    2:4 + act + int8 compile(relu[t], magnitude, quantize, compress24, lower): the attention
+                     projections and the lm_head int8, the FFNs on the 2:4 act-sparse kernels
     ..., native      each pysparse row's model again with generate(native=True): the step
                      graph as AOTInductor code (pysparse.runtime.native), no Python between its
                      ops; the rows without the suffix run the graph op by op (native=False). The
                      native build (or its cache hit) is paid in the warm-up call and printed
-    llama.cpp f32 / q8_0 / f16  (SmolLM2, when llama-cpp-python is installed; bench/llamacpp.py)
-                     the field's reference CPU runtime on the same weights dequantised to an F32
-                     GGUF and quantised to Q8_0 (in the float32 table), or F16 (bfloat16 table)
+    llama.cpp f32 / f16 / q8_0 / q4_0  (SmolLM2, when llama-cpp-python is installed;
+                     bench/llamacpp.py) the field's reference CPU runtime on the same weights
+                     dequantised to an F32 (float32 table) or F16 (bfloat16 table) GGUF, and
+                     quantised to Q8_0 and Q4_0 (both tables)
 
 Decode tokens/s: batch 1, a --prompt-len prompt, --new-tokens tokens; every row is timed the same
 way, by a streamer that stamps each token: decode = (new tokens - 1) / (last stamp - first new
@@ -50,7 +55,14 @@ import time
 from pathlib import Path
 
 import torch
-from pysparse.passes import Compress24, Lower, MagnitudePrune, Predictor, ReluSubstitution
+from pysparse.passes import (
+    Compress24,
+    Lower,
+    MagnitudePrune,
+    Predictor,
+    Quantize,
+    ReluSubstitution,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/'s helpers, however started
 import llamacpp
@@ -62,9 +74,22 @@ from timing import interleaved_times
 import pysparse
 
 NATIVE_SUFFIX = ", native"  # the same model, generate(native=True)
-BASE_ROWS = ["pysparse dense", "act-sparse", "act + pred", "2:4", "2:4 + act", "2:4 + act + pred"]
+BASE_ROWS = [
+    "pysparse dense",
+    "act-sparse",
+    "act + pred",
+    "2:4",
+    "2:4 + act",
+    "2:4 + act + pred",
+    "int8",
+    "2:4 + int8",
+    "2:4 + act + int8",
+]
 ROWS = ["HF dense", *(r + s for r in BASE_ROWS for s in ("", NATIVE_SUFFIX))]
-LLAMA_ROWS = {"float32": ["llama.cpp f32", "llama.cpp q8_0"], "bfloat16": ["llama.cpp f16"]}
+LLAMA_ROWS = {
+    "float32": ["llama.cpp f32", "llama.cpp q8_0", "llama.cpp q4_0"],
+    "bfloat16": ["llama.cpp f16", "llama.cpp q8_0", "llama.cpp q4_0"],
+}
 
 
 def load_model(name: str, layers: int, dtype: torch.dtype):
@@ -87,6 +112,15 @@ def passes_for(row: str, t: float) -> list:
             ReluSubstitution(t),
             MagnitudePrune(),
             Predictor(),
+            Compress24(),
+            Lower(),
+        ],
+        "int8": lambda: [Quantize(), Lower()],
+        "2:4 + int8": lambda: [MagnitudePrune(), Quantize(), Compress24(), Lower()],
+        "2:4 + act + int8": lambda: [
+            ReluSubstitution(t),
+            MagnitudePrune(),
+            Quantize(),
             Compress24(),
             Lower(),
         ],
@@ -263,10 +297,11 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
             prefill0[r].append(p)
     base = decode.get("HF dense")
     llama = decode.get(next((r for r in LLAMA_ROWS.get(dname, []) if r in decode), ""))
+    q8, q4 = decode.get("llama.cpp q8_0"), decode.get("llama.cpp q4_0")
     print(f"  decode, prompt {args.prompt_len}, {args.new_tokens} new tokens, batch 1:")
     print(
-        f"  {'row':<24} {'tok/s':>8} {'vs HF':>7} {'vs llama':>8}  {'TTFT ms':>8} "
-        f"{'weights MB':>10} {'GB/s':>6}"
+        f"  {'row':<24} {'tok/s':>8} {'vs HF':>7} {'vs llama':>8} {'vs q8_0':>7} {'vs q4_0':>7}"
+        f"  {'TTFT ms':>8} {'weights MB':>10} {'GB/s':>6}"
     )
 
     def ratio(r: str, ref: list | None) -> float:
@@ -277,6 +312,7 @@ def bench_dtype(args: argparse.Namespace, dtype: torch.dtype) -> None:
         mb = weight_bytes(compiled.get(r)) / 1e6 if r in compiled else float("nan")
         print(
             f"  {r:<24} {tps:>8.2f} {ratio(r, base):>6.2f}x {ratio(r, llama):>7.2f}x "
+            f"{ratio(r, q8):>6.2f}x {ratio(r, q4):>6.2f}x "
             f"{statistics.median(prefill0[r]) * 1e3:>8.0f} {mb:>10.0f} {mb * tps / 1e3:>6.1f}"
         )
     print(

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / MOSTLY_Q8_0
+# LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / MOSTLY_Q4_0 / MOSTLY_Q8_0
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}
 
 
 def available() -> bool:
@@ -32,8 +33,9 @@ def available() -> bool:
 
 
 def write_float_gguf(src: Path, dst: Path, kind: str) -> Path:
-    """An F32 (kind "f32"), F16 ("f16") or Q8_0 ("q8_0", quantised by the ``gguf`` package's own
-    quantiser from the dequantised weights) copy of the GGUF ``src`` at ``dst``; kept if present."""
+    """An F32 (kind "f32"), F16 ("f16"), Q8_0 ("q8_0") or Q4_0 ("q4_0") copy of the GGUF ``src``
+    at ``dst`` (quantised by the ``gguf`` package's own quantiser from the dequantised weights;
+    1-D tensors stay F32); kept if present."""
     import gguf
 
     if dst.exists():
@@ -51,13 +53,15 @@ def write_float_gguf(src: Path, dst: Path, kind: str) -> Path:
         writer.add_key_value(field.name, value, kind0, sub_type=sub)
     for t in reader.tensors:
         data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        q8 = gguf.GGMLQuantizationType.Q8_0
+        quant = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
         if kind == "f16" and data.ndim > 1:
             writer.add_tensor(
                 t.name, data.astype(np.float16), raw_dtype=gguf.GGMLQuantizationType.F16
             )
-        elif kind == "q8_0" and data.ndim > 1 and data.shape[-1] % 32 == 0:
-            writer.add_tensor(t.name, gguf.quants.quantize(data, q8), raw_dtype=q8)
+        elif kind in quant and data.ndim > 1 and data.shape[-1] % 32 == 0:
+            writer.add_tensor(
+                t.name, gguf.quants.quantize(data, quant[kind]), raw_dtype=quant[kind]
+            )
         else:
             writer.add_tensor(t.name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
     writer.write_header_to_file()
@@ -95,3 +99,34 @@ class LlamaCppRunner:
                 break
         decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else 0.0
         return stamps[0] - t0, decode
+
+
+class LlamaCppLM:
+    """A GGUF on llama.cpp called like a causal LM for ``pysparse.quality.evaluate.perplexity``:
+    ``lm(ids [1, T])`` evaluates the window from an empty cache and returns its logits [1, T, V]
+    (llama.cpp's own, with ``logits_all``), so its perplexity is scored on exactly the windows
+    and targets of every pysparse row."""
+
+    def __init__(self, path: Path, threads: int, n_ctx: int) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_batch=n_ctx,
+            logits_all=True,
+            verbose=False,
+        )
+
+    def forward(self, ids):
+        import torch
+
+        tokens = [int(t) for t in ids[0]]
+        self.llm.reset()
+        self.llm.eval(tokens)
+        scores = np.asarray(self.llm.scores[: len(tokens)], dtype=np.float32)
+        return (torch.from_numpy(scores.copy()).unsqueeze(0),)
+
+    __call__ = forward

@@ -23,6 +23,12 @@ window of ``pysparse eval`` (256 tokens, stride 128). Rows (``--only`` picks by 
   prosparse (staged + sweep)  ReLU, the sine-staged L1 schedule, FATReLU threshold sweep
   prosparse (fixed lambda)    ReLU, a constant lambda for the same steps
   both                        ProSparse (staged + sweep), then the best 2:4 method, lowered
+  int8                        Quantize(): every linear and the lm_head weight-only int8 (round to
+                              nearest, one scale per output row)
+  sparsegpt (+ update) + int8 SparseGPT with its update, then int8
+  llama.cpp f32 / q8_0 / q4_0 the same weights as GGUFs (bench/llamacpp.py; the gguf package's
+                              quantiser) scored through llama.cpp's own logits on the same windows
+                              (when llama-cpp-python is installed)
 
 Printed: perplexity, its ratio to dense, FFN activation sparsity (zeros of the FFN intermediate
 on the held-out text) and the wall time of the passes; per-layer sparsity for ProSparse rows; a
@@ -48,6 +54,7 @@ from pysparse.passes import (
     MagnitudePrune,
     ProSparse,
     ProxSparse,
+    Quantize,
     Recover,
     ReluSubstitution,
     SparseGPTPrune,
@@ -168,6 +175,11 @@ def main() -> None:
         "--monitor-every", type=int, default=25, help="ProSparse frontier: steps between points"
     )
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--gguf-dir",
+        default=str(Path.home() / ".cache" / "pysparse" / "gguf"),
+        help="where the llama.cpp rows' GGUFs are written (once)",
+    )
     p.add_argument("--out", default="bench-out/llm_quality", help="plots and reports")
     args = p.parse_args()
     os.environ.setdefault("PYSPARSE_PROGRESS", "0")
@@ -229,6 +241,19 @@ def main() -> None:
     def recover():
         return Recover(data=train, steps=args.recover, lr=args.recover_lr, teacher=model, **common)
 
+    def llama_lm(kind: str):
+        """The model as a llama.cpp GGUF of ``kind``, scored through llama.cpp's logits."""
+        import llamacpp
+        from pysparse.cli import models
+
+        if not llamacpp.available():
+            return None
+        src = models.resolve("smollm2")
+        dst = Path(args.gguf_dir) / f"SmolLM2-135M-Instruct.{kind.upper()}.gguf"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        path = llamacpp.write_float_gguf(src.folder / src.gguf_file, dst, kind)
+        return llamacpp.LlamaCppLM(path, torch.get_num_threads(), args.window + 8)
+
     rows_def = {
         "dense": list,
         "magnitude": lambda: [MagnitudePrune()],
@@ -268,6 +293,10 @@ def main() -> None:
             Lower(),
         ],
     }
+    rows_def["int8"] = lambda: [Quantize()]
+    rows_def["sparsegpt (+ update) + int8"] = lambda: [SparseGPTPrune(), Quantize()]
+    for kind in ("f32", "q8_0", "q4_0"):
+        rows_def[f"llama.cpp {kind}"] = lambda kind=kind: llama_lm(kind)
     if args.recover:
         rows_def[f"proxsparse + reconstruct + {args.recover} recovery{start}"] = lambda: [
             SparseGPTPrune(mask_from=kept["proxsparse"])
@@ -296,7 +325,12 @@ def main() -> None:
     for name, make in rows_def.items():
         passes = make()
         t0 = time.perf_counter()
-        if passes:
+        if name.startswith("llama.cpp"):
+            if passes is None:
+                print(f"| {name} | (llama-cpp-python not installed) | | | |")
+                continue
+            target, report = passes, []
+        elif passes:
             sm = pysparse.compile(model, passes, *example, calibration=calib, generation=False)
             target, report = sm, sm.report
         else:

@@ -62,6 +62,7 @@ PYBIND11_MODULE(_C, m) {
     d["avx512bw"] = f.avx512bw;
     d["avx512_bf16"] = f.avx512bf16;
     d["avx512_vbmi"] = f.avx512vbmi;
+    d["avx512_vnni"] = f.avx512vnni;
     d["linear_impl"] = pysparse::core::sparse24_linear_impl();
     d["gemv_max_rows"] = pysparse::core::sparse24_gemv_max_rows();
     d["bf16_amx"] = pysparse::core::sparse24_bf16_amx();

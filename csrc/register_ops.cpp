@@ -55,6 +55,12 @@ TORCH_LIBRARY(pysparse, m) {
   // meta uint8 [d_ff/4, ceil(d_model/2)] (csrc/core/sparse_ffn.h; pysparse.kernels.formats.pack_down24).
   m.def("sparse_ffn24(Tensor x, Tensor gate_values, Tensor gate_meta, Tensor up_values, Tensor up_meta, "
         "Tensor down_values, Tensor down_meta, float threshold=0.0, Tensor? predicted=None) -> Tensor");
+  // sparse_ffn24 over int8 weights (the quantize pass): the same layouts with int8 values, fp32
+  // scales per neuron for the gate and up weights [d_ff] and per output for the down projection
+  // [d_model] (neuron-group layout only); x fp32 or bf16, y in x's dtype (csrc/core/sparse_ffn.h).
+  m.def("sparse_ffn24_int8(Tensor x, Tensor gate_values, Tensor gate_meta, Tensor gate_scale, "
+        "Tensor up_values, Tensor up_meta, Tensor up_scale, Tensor down_values, Tensor down_meta, "
+        "Tensor down_scale, float threshold=0.0, Tensor? predicted=None) -> Tensor");
   // Activation predictors: predicted = (x @ a^T) @ b^T + c > 0, bool [..., d_ff]; a [rank, d_model],
   // b [d_ff, rank], c [d_ff] (the predictor pass's weights), fp32 or bf16 like x. The CPU computes
   // both products on the FFN kernels' streaming gate (x @ a^T kept in fp32).

@@ -418,6 +418,7 @@ class _FfnMatch:
     packed: dict[str, Any]  # role -> (values, meta) buffer names when 2:4-packed
     n_packed: int
     by_row: bool  # the 2:4 down projection is masked along d_model (packed by row)
+    quant: dict[str, dict] | None = None  # role -> the quantize pass's record (int8 weights)
 
 
 def _match_ffn(gm: fx.GraphModule, block: dict, infos: dict) -> _FfnMatch:
@@ -476,14 +477,31 @@ def _match_ffn(gm: fx.GraphModule, block: dict, infos: dict) -> _FfnMatch:
     if w["down"].shape[0] != w["up"].shape[1]:  # the ops return d_model features
         raise _Skip("the down projection's out_features differ from the FFN's in_features")
     linears = {"down": down, "up": up, **({"gate": gate} if gated else {})}
-    if any(infos.get(n.name, {}).get("quant") for n in linears.values()):
-        raise _Skip("int8 weights (the FFN ops read fp32/bf16; Quantize(ffn=False) keeps them)")
     packed = {r: infos.get(n.name, {}).get("packed") for r, n in linears.items()}
     n_packed = sum(1 for v in packed.values() if v)
     if n_packed and (n_packed != len(packed) or w["up"].shape[1] % 4 or w["up"].shape[0] % 4):
         raise _Skip("only some of the FFN's linears are 2:4 (or padded)")
     by_row = bool(infos.get(down.name, {}).get("packed_by_row"))
-    return _FfnMatch(down, gated, t, keep, parts, inner, w, packed, n_packed, by_row)
+    quant = {r: infos.get(n.name, {}).get("quant") for r, n in linears.items()}
+    if any(quant.values()):
+        if not (all(quant.values()) and gated and n_packed == len(packed) and not by_row):
+            raise _Skip(
+                "int8 weights: the int8 FFN op takes a gated FFN with all three linears 2:4 and "
+                "int8 (Quantize(ffn=False) keeps the others in float)"
+            )
+    return _FfnMatch(
+        down,
+        gated,
+        t,
+        keep,
+        parts,
+        inner,
+        w,
+        packed,
+        n_packed,
+        by_row,
+        quant if any(quant.values()) else None,
+    )
 
 
 def _ffn_op_args(
@@ -522,13 +540,19 @@ def _ffn_op_args(
             record_layout(
                 gm,
                 parts["down"][1].target,
-                "down24",
+                "int8_down24" if m.quant else "down24",
                 values=f"{prefix}_down24_values",
                 meta=f"{prefix}_down24_meta",
+                **({"scale": m.quant["down"]["scale"]} if m.quant else {}),
             )
         first = parts["gate" if gated else "up"]
         fv, fm = (graph.get_attr(n) for n in packed["gate" if gated else "up"])
-        if gated:
+        if m.quant:
+            uv, um = (graph.get_attr(n) for n in packed["up"])
+            gs, us, ds = (graph.get_attr(m.quant[r]["scale"]) for r in ("gate", "up", "down"))
+            op = torch.ops.pysparse.sparse_ffn24_int8.default
+            args = (x, fv, fm, gs, uv, um, us, down_args[0], down_args[1], ds, m.t)
+        elif gated:
             uv, um = (graph.get_attr(n) for n in packed["up"])
             op = torch.ops.pysparse.sparse_ffn24.default
             args = (x, fv, fm, uv, um, *down_args, m.t)

@@ -16,9 +16,11 @@ then reads the same dequantised rows the head multiplies by.
 ``linears`` picks the weights by role (see pysparse.capture.trace): ``"all"`` (every linear with
 a 2-D weight: the projections and the lm_head), ``"prunable"`` (not the head), ``"head"``, or a
 tuple of roles (``qkv``, ``o``, ``gate``, ``up``, ``down``, ``head``). FFN blocks the
-activation-sparse kernels take (ReLU/FATReLU after ``relu`` / ``prosparse``) keep their weights
-unquantised unless ``ffn=True``: those kernels read fp32/bf16 weights, and an int8 FFN lowered as
-three linears would read every row the activation sparsity skips."""
+activation-sparse kernels take (ReLU/FATReLU after ``relu`` / ``prosparse``): by default
+(``ffn=None``) the gated ones whose three weights are 2:4 are quantized, for
+``pysparse::sparse_ffn24_int8``; the others keep their weights in float, since their kernels read
+fp32/bf16 and an int8 FFN lowered as three linears would read every row the activation sparsity
+skips. ``ffn=True`` quantizes every FFN, ``ffn=False`` none of the activation-sparse ones."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from torch import fx
 from pysparse.compiler.base import MASK_PASSES, Pass, PassContext, PassResult
 from pysparse.compiler.graph import module_tensor
 from pysparse.kernels.formats import dequantize_int8, quantize_int8, record_layout
+from pysparse.kernels.reference import is_24_sparse
 
 ROLES = ("qkv", "o", "gate", "up", "down", "gate_up", "head")
 _SELECTIONS = {
@@ -42,12 +45,21 @@ def quant_names(weight_target: str) -> tuple[str, str]:
     return base + "__qweight", base + "__scale"
 
 
-def _activation_sparse_linears(gm: fx.GraphModule) -> set[str]:
-    """Names of the linear nodes of FFN blocks whose activation is ReLU / FATReLU."""
+def _activation_sparse_linears(gm: fx.GraphModule, int8_kernel_too: bool) -> set[str]:
+    """Names of the linear nodes of FFN blocks whose activation is ReLU / FATReLU; without those
+    of the blocks the int8 FFN op takes (gated, all three weights 2:4) unless ``int8_kernel_too``."""
+    nodes = {n.name: n for n in gm.graph.nodes}
     out: set[str] = set()
     for block in gm.meta["pysparse"]["ffns"]:
-        if block.get("act_op") in ("relu", "fatrelu"):
-            out |= {block.get(k) for k in ("gate", "up", "down", "gate_up")} - {None}
+        if block.get("act_op") not in ("relu", "fatrelu"):
+            continue
+        names = [block.get(k) for k in ("gate", "up", "down")]
+        if not int8_kernel_too and block.get("kind") == "gated" and all(names):
+            weights = [nodes[n].meta.get("pysparse", {}).get("weight") for n in names]
+            ws = [module_tensor(gm, w) if w else None for w in weights]
+            if all(w is not None and w.shape[-1] % 4 == 0 and is_24_sparse(w) for w in ws):
+                continue
+        out |= {block.get(k) for k in ("gate", "up", "down", "gate_up")} - {None}
     return out
 
 
@@ -56,7 +68,9 @@ class Quantize(Pass):
     after = (*MASK_PASSES, "recover", "relu", "prosparse", "predictor")
     preserves_numerics = False
 
-    def __init__(self, bits: int = 8, linears: str | tuple[str, ...] = "all", ffn: bool = False):
+    def __init__(
+        self, bits: int = 8, linears: str | tuple[str, ...] = "all", ffn: bool | None = None
+    ):
         if bits != 8:
             raise ValueError(f"Quantize: bits={bits} is not supported yet; use bits=8")
         roles = _SELECTIONS.get(linears) if isinstance(linears, str) else tuple(linears)
@@ -71,7 +85,7 @@ class Quantize(Pass):
         self._roles = roles
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        skip_ffn = set() if self.ffn else _activation_sparse_linears(gm)
+        skip_ffn = set() if self.ffn else _activation_sparse_linears(gm, self.ffn is False)
         done: dict[str, tuple[str, str]] = {}  # weight -> buffers (a weight several linears read)
         counts: dict[str, int] = {}
         before_bytes, after_bytes, err_num, err_den = 0, 0, 0.0, 0.0

@@ -1,6 +1,7 @@
-"""pysparse::int8_linear and pysparse::sparse24_int8_linear (weight-only int8, dense and 2:4):
-against float64 on odd shapes (K with and without a remainder after the kernels' chunks), fp32 /
-bf16 / fp16 x, with and without bias, on every route (AVX-512, AVX2, scalar, the dequantising
+"""pysparse::int8_linear and pysparse::sparse24_int8_linear (int8 weights, dense and 2:4): against
+float64 on odd shapes (K with and without a partial last chunk), fp32 / bf16 / fp16 x, with and
+without bias, on every route (AVX512-VNNI with x quantised per block, against a reference that
+quantises x the same way; the weight-only AVX-512, AVX2 and scalar kernels; the dequantising
 route of more rows); a row's bits the same alone, batched and at any thread count; opcheck; clear
 errors; the int8 formats' round trips."""
 
@@ -18,18 +19,26 @@ from pysparse.kernels import formats, ops
 from pysparse.kernels import reference as R
 
 ROUTES = {
-    "avx512": {},
+    "vnni": {},
+    "avx512": {"PYSPARSE_DISABLE_VNNI": "1"},
     "avx2": {"PYSPARSE_DISABLE_AVX512": "1"},
     "scalar": {"PYSPARSE_DISABLE_AVX2": "1"},
     "dequant": {"PYSPARSE_INT8_GEMV_MAX_ROWS": "0"},  # torch's GEMM / the 2:4 GEMM on dequantised W
 }
 
 
+def _skip_unless_route(name: str) -> None:
+    impl = pysparse._C.cpu_info()["int8_impl"]
+    if name == "vnni":
+        skip_unless_kernel("vnni", impl == "avx512_vnni")
+    if name == "avx512":
+        skip_unless_kernel("avx512", pysparse._C.cpu_info()["avx512f"])
+
+
 @pytest.fixture(params=sorted(ROUTES))
 def route(request, monkeypatch):
     name = use_route(request.param, ROUTES, monkeypatch)
-    if name == "avx512":
-        skip_unless_kernel("avx512", pysparse._C.cpu_info()["avx512f"])
+    _skip_unless_route(name)
     return name
 
 
@@ -59,10 +68,10 @@ def _check(y, x, q, scale, bias, ref, dequantised: bool):
     w = q.double() * scale.double()[:, None]
     mag = x2.abs() @ w.abs().T + (bias.double().abs() if bias is not None else 0)
     tol = 4 * math.sqrt(K + 2) * torch.finfo(torch.float32).eps * mag + 1e-6
-    if x.dtype != torch.float32:
-        tol = tol + ref.abs() * torch.finfo(x.dtype).eps
+    if y.dtype != torch.float32:
+        tol = tol + ref.abs() * torch.finfo(y.dtype).eps
         if dequantised:
-            tol = tol + mag * torch.finfo(x.dtype).eps
+            tol = tol + mag * torch.finfo(y.dtype).eps
     err = (y.reshape(-1, N).double() - ref).abs()
     assert (err <= tol).all(), f"max err {float(err.max()):.3g} (bound {float(tol.max()):.3g})"
 
@@ -78,21 +87,26 @@ def test_matches_float64_reference(route, packed, dtype, M, N, K):
     bias = torch.randn(N, generator=gen).to(dtype) if N % 2 else None
     y = _call(packed, x, weights, bias)
     assert y.shape == (M, N) and y.dtype == dtype and y.is_contiguous()
-    ref = reference(x, *weights, bias)
+    if route == "vnni" and M <= 16:  # x quantised per block of 32, exactly as the reference does
+        ref = R.reference_int8_linear_a8(x, q, scale, bias)
+        xq, xs = R.quantize_activations_a8(x)
+        x = (xq * xs).to(torch.float32)  # what the kernel multiplies (bounds its rounding)
+    else:
+        ref = reference(x, *weights, bias)
     _check(y, x, q, scale, bias, ref, dequantised=route == "dequant" or M > 16)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "2:4"])
-@pytest.mark.parametrize("route_name", ["avx512", "avx2", "scalar"])
+@pytest.mark.parametrize("route_name", ["vnni", "avx512", "avx2", "scalar"])
 def test_a_row_gets_the_same_bits_alone_batched_and_at_any_thread_count(
     packed, route_name, monkeypatch
 ):
-    """What continuous batching needs: each (row of W, row of x) is one chain in one order."""
+    """What continuous batching needs: each (row of W, row of x) is one chain in one order (and
+    on the VNNI route each row's x quantised on its own)."""
     use_route(route_name, ROUTES, monkeypatch)
-    if route_name == "avx512":
-        skip_unless_kernel("avx512", pysparse._C.cpu_info()["avx512f"])
+    _skip_unless_route(route_name)
     gen = torch.Generator().manual_seed(11)
-    for K in (576, 580):  # without and with groups past the kernels' last full chunk
+    for K in (512, 576, 580):  # whole chunks, and a partial last chunk (VNNI: 4.5 of 128)
         weights, *_ = _weights(1031, K, gen, packed)
         x = torch.randn(16, K, generator=gen)
         before = torch.get_num_threads()
@@ -165,6 +179,21 @@ def test_bad_input_names_the_problem(case):
         fn(*args)
 
 
+def test_activations_quantised_per_block_of_32():
+    """The VNNI route's x: blocks of 32 along K (the last partial), round half to even, an
+    all-zero block exact; one block's outlier does not coarsen the others."""
+    x = torch.zeros(2, 70)
+    x[0, :32] = torch.linspace(-1, 1, 32)
+    x[0, 32:64] = 100.0 * torch.linspace(-1, 1, 32)  # an outlier block
+    x[0, 64:] = torch.tensor([0.5, -0.25, 1.0, 0.0, 0.125, 2.0])
+    xq, xs = R.quantize_activations_a8(x)
+    assert torch.equal(xq[1], torch.zeros(70)) and torch.equal(xs[1], torch.zeros(70))
+    assert xq[0].abs().max() == 127 and torch.equal(xq[0], xq[0].round())
+    assert torch.allclose(xs[0, :32], torch.full((32,), 1 / 127, dtype=torch.float64))
+    assert torch.allclose(xs[0, 64:], torch.full((6,), 2 / 127, dtype=torch.float64))
+    assert ((xq * xs - x.double()).abs() <= xs / 2 + 1e-12).all()
+
+
 def test_quantize_int8_rounds_to_nearest_and_keeps_zeros():
     gen = torch.Generator().manual_seed(5)
     w = ops.prune24(torch.randn(37, 64, generator=gen))
@@ -201,3 +230,98 @@ def test_dense_weight_reads_int8_layouts_back():
     assert torch.equal(formats.dense_weight(tensors, "a", layouts), want)
     assert torch.equal(formats.dense_weight(tensors, "b", layouts), want)
     assert formats.dense_weight(tensors, "c", layouts) is None
+
+
+# ---- sparse_ffn24_int8: the 2:4 activation-sparse FFN over int8 weights ----------------------
+def _ffn_weights(F: int, D: int, gen: torch.Generator):
+    out = []
+    for shape in ((F, D), (F, D), (D, F)):
+        q, scale = formats.quantize_int8(ops.prune24(torch.randn(*shape, generator=gen)))
+        values, meta = formats.compress24_int8(q)
+        out.append((values, meta, scale))
+    out[2] = (*formats.pack_down24(out[2][0], out[2][1]), out[2][2])
+    return tuple(out)
+
+
+def _threshold_between(g: torch.Tensor, q: float) -> float:
+    """A FATReLU threshold near quantile q of the gate values, midway across the widest gap
+    there, so that no value sits within rounding of it (FATReLU jumps at its threshold)."""
+    v = g.flatten().sort().values
+    i = int(q * (len(v) - 1))
+    lo, hi = max(i - 8, 0), min(i + 8, len(v) - 1)
+    gaps = v[lo + 1 : hi + 1] - v[lo:hi]
+    j = lo + int(gaps.argmax())
+    return float((v[j] + v[j + 1]) / 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 3, 16, 17])
+@pytest.mark.parametrize(("F", "D"), [(64, 36), (96, 68), (256, 576)])
+@pytest.mark.parametrize("predicted", [False, True])
+def test_int8_ffn_matches_float64_reference(route, dtype, M, F, D, predicted):
+    gen = torch.Generator().manual_seed(M * 100 + F + D)
+    gate, up, down = _ffn_weights(F, D, gen)
+    x = torch.randn(M, D, generator=gen).to(dtype)
+    # the gate on the VNNI route quantises x as the reference does (the FFN op's own limit of 16
+    # rows does not follow PYSPARSE_INT8_GEMV_MAX_ROWS: the "dequant" route is native here)
+    vnni = pysparse._C.cpu_info()["int8_impl"] == "avx512_vnni"
+    a8 = route in ("vnni", "dequant") and M <= 16 and vnni
+    gq = formats.decompress24_int8(gate[0], gate[1])
+    gates = (
+        R.reference_int8_linear_a8(x, gq, gate[2])
+        if a8
+        else R.reference_int8_linear(x, gq, gate[2])
+    )
+    t = _threshold_between(gates, 0.8)
+    if dtype == torch.bfloat16 and M > 16:
+        t = 0.0  # torch's bf16 GEMM rounds each gate value to bf16: ReLU, continuous at t
+    pred = torch.rand(M, F, generator=gen) < 0.7 if predicted else None
+    y = ops.sparse_ffn24_int8(x, gate, up, down, max(t, 0.0), pred)
+    ref = R.reference_sparse_ffn24_int8(x, gate, up, down, max(t, 0.0), pred, gate_a8=a8)
+    assert y.shape == x.shape and y.dtype == dtype
+    err = (y.double() - ref).abs().max()
+    scale = ref.abs().max() + 1e-6
+    # fp32 sums over D and d_ff; bf16: x, the activations and y rounded to bf16 (y once)
+    tol = (1e-5 if dtype == torch.float32 else 2e-2) * scale
+    if M > 16:
+        tol = tol + (0 if dtype == torch.float32 else 2e-2 * scale)
+    assert err <= tol, f"max err {float(err):.3g} (scale {float(scale):.3g})"
+
+
+@pytest.mark.parametrize("route_name", ["vnni", "avx512", "avx2", "scalar"])
+def test_int8_ffn_bits_do_not_depend_on_the_thread_count(route_name, monkeypatch):
+    use_route(route_name, ROUTES, monkeypatch)
+    _skip_unless_route(route_name)
+    gen = torch.Generator().manual_seed(9)
+    gate, up, down = _ffn_weights(1536, 576, gen)
+    x = torch.randn(4, 576, generator=gen)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            outs.append(ops.sparse_ffn24_int8(x, gate, up, down, 0.1))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_int8_ffn_opcheck_and_errors():
+    gen = torch.Generator().manual_seed(10)
+    gate, up, down = _ffn_weights(32, 20, gen)
+    op = torch.ops.pysparse.sparse_ffn24_int8.default
+    for rows in ((1,), (2, 3), (20,)):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(*rows, 20, generator=gen).to(dtype)
+            opcheck(
+                op,
+                (x, *gate, *up, *down, 0.0, None),
+                test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"),
+            )
+    x = torch.randn(2, 20)
+    with pytest.raises(RuntimeError, match="gate_values must be int8"):
+        ops.sparse_ffn24_int8(x, (gate[0].float(), *gate[1:]), up, down)
+    with pytest.raises(RuntimeError, match=r"down_scale must be float32 \[20\]"):
+        ops.sparse_ffn24_int8(x, gate, up, (*down[:2], torch.ones(21)))
+    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16"):
+        ops.sparse_ffn24_int8(x.double(), gate, up, down)

@@ -16,6 +16,14 @@ from pysparse.kernels import formats
 P = torch.ops.pysparse
 
 
+@pytest.fixture(autouse=True)
+def weight_only(monkeypatch):
+    """The int8 linears weight-only (their VNNI route also quantises x: a kernel's arithmetic,
+    tested in test_qlinear.py; here the rewrites are, against graphs and exports that compute
+    with x as given). test_the_vnni_route_stays_near_the_weight_only_one lifts it."""
+    monkeypatch.setenv("PYSPARSE_DISABLE_VNNI", "1")
+
+
 def _targets(sm) -> list:
     return [n.target for n in sm.gm.graph.nodes if n.op == "call_function"]
 
@@ -68,20 +76,37 @@ def test_lowered_model_computes_the_quantized_graph(llama, passes, ops):
     assert 0 < err < 0.1
 
 
-def test_activation_sparse_ffns_keep_their_kernels_unless_asked(llama):
-    sm = _compile(llama, ["relu", "magnitude", "quantize", "compress24", "lower"], generation=False)
+def test_activation_sparse_ffns(llama):
+    """2:4 gated ReLU FFNs go int8 onto sparse_ffn24_int8 (computing what the quantized graph
+    does); FFNs without 2:4 keep float weights on their act-sparse kernels unless ffn=True, and
+    ffn=False keeps every FFN in float."""
+    _, batches = llama
+    ids = batches[1][0][0]
+    both = ["relu", "magnitude", "quantize", "compress24", "lower"]
+    sm = _compile(llama, both, generation=False)
     targets = _targets(sm)
-    assert targets.count(P.sparse_ffn24.default) == 2  # the FFNs stay on the act-sparse kernels
+    assert targets.count(P.sparse_ffn24_int8.default) == 2
     assert P.sparse24_int8_linear.default in targets  # attention
     report = next(r for r in sm.report if r["pass"] == "quantize")
-    assert report["activation_sparse_ffn_linears_left"] == 6
-    assert set(report["by_role"]) == {"qkv", "o", "head"}
-    forced = _compile(
-        llama, ["relu", "magnitude", Quantize(ffn=True), "compress24", "lower"], generation=False
+    assert set(report["by_role"]) == {"qkv", "o", "gate", "up", "down", "head"}
+    graph = _compile(llama, ["relu", "magnitude", "quantize"], generation=False)
+    torch.testing.assert_close(_logits(sm(ids)), _logits(graph(ids)), rtol=1e-4, atol=1e-4)
+    layouts = sm.gm.meta["pysparse"]["weight_layouts"]
+    assert sum(r["layout"] == "int8_down24" for r in layouts.values()) == 2
+
+    kept = _compile(
+        llama, ["relu", "magnitude", Quantize(ffn=False), "compress24", "lower"], generation=False
     )
+    assert _targets(kept).count(P.sparse_ffn24.default) == 2
+    report = next(r for r in kept.report if r["pass"] == "quantize")
+    assert report["activation_sparse_ffn_linears_left"] == 6
+
+    dense_ffn = _compile(llama, ["relu", "quantize", "lower"], generation=False)
+    assert _targets(dense_ffn).count(P.sparse_ffn.default) == 2
+    forced = _compile(llama, ["relu", Quantize(ffn=True), "lower"], generation=False)
     lower = next(r for r in forced.report if r["pass"] == "lower")
     assert any("int8 weights" in why for why in lower["ffns_not_lowered"])
-    assert P.sparse_ffn24.default not in _targets(forced)
+    assert P.sparse_ffn.default not in _targets(forced)
 
 
 def test_which_linears(llama):
@@ -142,3 +167,21 @@ def test_the_tied_lm_head_is_quantized_once_for_the_embedding_too():
     q, scale = sm.gm.get_buffer(record["tensor"]), sm.gm.get_buffer(record["scale"])
     assert q.shape == table.shape
     torch.testing.assert_close(table, formats.dequantize_int8(q, scale), rtol=0, atol=0)
+
+
+def test_the_vnni_route_stays_near_the_weight_only_one(llama, monkeypatch):
+    """Where the CPU has AVX512-VNNI the int8 ops quantise x per block of 32 too: the lowered
+    model's logits move by that rounding only (relative error well under 1%), and it generates
+    the same tokens in the graph and natively."""
+    _, batches = llama
+    ids = batches[1][0][0][:1, :8]  # up to 16 rows: the int8 kernels (more: dequantised weights)
+    sm = _compile(llama, ["relu", "magnitude", "quantize", "compress24", "lower"])
+    exact = _logits(sm(ids))
+    monkeypatch.delenv("PYSPARSE_DISABLE_VNNI")
+    if pysparse._C.cpu_info()["int8_impl"] != "avx512_vnni":
+        pytest.skip("this CPU has no VNNI route (the int8 ops are weight-only here)")
+    a8 = _logits(sm(ids))
+    assert 0 < (a8 - exact).abs().max() < 0.05 * exact.abs().max()
+    prompt = ids[:1, :5]
+    want = sm.generate(prompt, max_new_tokens=6, native=False)
+    assert torch.equal(sm.generate(prompt, max_new_tokens=6, native=True), want)

@@ -66,6 +66,7 @@ KERNEL_FLAGS = {
     "avx2": ("avx2", "fma"),
     "avx512": ("avx2", "fma", "avx512f"),
     "bf16dot": ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512vbmi"),
+    "vnni": ("avx2", "fma", "avx512f", "avx512bw", "avx512vbmi", "avx512_vnni"),
     "amx": (
         "avx2",
         "fma",

@@ -2,6 +2,8 @@
 // simplest statement of what the vector kernels compute, used where the CPU lacks AVX2/FMA.
 #include "qlinear.h"
 
+#include <cstdlib>
+
 #include "qlinear_internal.h"
 #include "sparse24_internal.h"
 
@@ -35,9 +37,17 @@ void qlinear_scalar(const float* x, int64_t M, const int8_t* w, const uint8_t* m
   trace.finish(Route::kInt8Linear);
 }
 
+bool use_vnni() {
+  static const CpuFeatures f = cpu_features();
+  const char* off = std::getenv("PYSPARSE_DISABLE_VNNI");
+  return detail::sparse24_use_avx512() && f.avx512bw && f.avx512vbmi && f.avx512vnni &&
+         detail::qlinear_vnni_built() && !(off && off[0] != '\0' && off[0] != '0');
+}
+
 }  // namespace
 
 const char* int8_linear_impl() {
+  if (use_vnni()) return "avx512_vnni";
   return detail::sparse24_use_avx512() ? "avx512"
                                        : (detail::sparse24_use_avx2() ? "avx2" : "scalar");
 }
@@ -46,7 +56,9 @@ void int8_linear(const float* x, int64_t M, const int8_t* q, const float* scale,
                  const float* bias, int64_t N, int64_t K, float* y, int nthreads) {
   if (M <= 0 || N <= 0) return;
   const int nt = resolve_threads(nthreads);
-  if (detail::sparse24_use_avx512())
+  if (use_vnni())
+    detail::int8_linear_vnni(x, M, q, scale, bias, N, K, y, nt);
+  else if (detail::sparse24_use_avx512())
     detail::int8_linear_avx512(x, M, q, scale, bias, N, K, y, nt);
   else if (detail::sparse24_use_avx2())
     detail::int8_linear_avx2(x, M, q, scale, bias, N, K, y, nt);
@@ -59,7 +71,9 @@ void sparse24_int8_linear(const float* x, int64_t M, const int8_t* values, const
                           int nthreads) {
   if (M <= 0 || N <= 0) return;
   const int nt = resolve_threads(nthreads);
-  if (detail::sparse24_use_avx512())
+  if (use_vnni())
+    detail::sparse24_int8_linear_vnni(x, M, values, meta, scale, bias, N, K, y, nt);
+  else if (detail::sparse24_use_avx512())
     detail::sparse24_int8_linear_avx512(x, M, values, meta, scale, bias, N, K, y, nt);
   else if (detail::sparse24_use_avx2())
     detail::sparse24_int8_linear_avx2(x, M, values, meta, scale, bias, N, K, y, nt);

@@ -30,8 +30,11 @@ void sparse24_int8_linear(const float* x, int64_t M, const int8_t* values, const
                           const float* scale, const float* bias, int64_t N, int64_t K, float* y,
                           int nthreads);
 
-// "avx512", "avx2" or "scalar": the route these kernels take on this CPU (PYSPARSE_DISABLE_AVX512
-// and PYSPARSE_DISABLE_AVX2 turn routes off, as for the other linear kernels).
+// "avx512_vnni", "avx512", "avx2" or "scalar": the route these kernels take on this CPU
+// (PYSPARSE_DISABLE_VNNI, PYSPARSE_DISABLE_AVX512 and PYSPARSE_DISABLE_AVX2 turn routes off).
+// avx512_vnni computes with x quantised too (int8 per row and block of 32 columns, see
+// qlinear_vnni.cpp): y[m][n] = scale[n] * sum over blocks b of sx[m][b] * (xq[m] . q[n]) over
+// the block, + bias[n]; every other route is weight-only (x used as given).
 const char* int8_linear_impl();
 
 }  // namespace pysparse::core

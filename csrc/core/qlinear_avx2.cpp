@@ -20,12 +20,9 @@ namespace {
 
 constexpr Route kQRoute = Route::kInt8Linear;
 
-inline __m256 widen8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
 template <int RB, int MT>
-inline void q_dense(const float* x, int64_t K, const int8_t* w, float (*out)[RB]) {
+inline void q_dense(const FloatRows& xs, int64_t K, const int8_t* w, float (*out)[RB]) {
+  const float* x = xs.p;
   const int64_t chunks = K / 8;
   __m256 acc[MT][RB];
   for (int m = 0; m < MT; ++m)
@@ -37,7 +34,7 @@ inline void q_dense(const float* x, int64_t K, const int8_t* w, float (*out)[RB]
     __m256 xv[MT];
     for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(x + m * K + 8 * j);
     for (int r = 0; r < RB; ++r) {
-      const __m256 wv = widen8(w + r * K + 8 * j);
+      const __m256 wv = load8(w + r * K + 8 * j);
       for (int m = 0; m < MT; ++m) acc[m][r] = _mm256_fmadd_ps(wv, xv[m], acc[m][r]);
     }
   }
@@ -51,8 +48,9 @@ inline void q_dense(const float* x, int64_t K, const int8_t* w, float (*out)[RB]
 }
 
 template <int RB, int MT>
-inline void q_packed(const float* x, int64_t K, const int8_t* v, const uint8_t* meta,
+inline void q_packed(const FloatRows& xs, int64_t K, const int8_t* v, const uint8_t* meta,
                      float (*out)[RB]) {
+  const float* x = xs.p;
   const int64_t half = K / 2;
   const int64_t mcols = meta_cols(K);
   const int64_t chunks = K / 16;  // 4 groups, 8 kept weights, 2 meta bytes
@@ -72,7 +70,7 @@ inline void q_packed(const float* x, int64_t K, const int8_t* v, const uint8_t* 
     for (int r = 0; r < RB; ++r) {
       const uint8_t* mr = meta + r * mcols + 2 * j;
       const __m256i p0 = perm_index(mr[0]), p1 = perm_index(mr[1]);
-      const __m256 wv = widen8(v + r * half + 8 * j);
+      const __m256 wv = load8(v + r * half + 8 * j);
       for (int m = 0; m < MT; ++m) {
         const __m256 xg = _mm256_blend_ps(_mm256_permutevar8x32_ps(xlo[m], p0),
                                           _mm256_permutevar8x32_ps(xhi[m], p1), 0xF0);
@@ -87,7 +85,7 @@ inline void q_packed(const float* x, int64_t K, const int8_t* v, const uint8_t* 
 }
 
 template <int RB, int MT, bool kPacked>
-inline void q_rows(const float* x, int64_t K, const int8_t* w, const uint8_t* meta,
+inline void q_rows(const FloatRows& x, int64_t K, const int8_t* w, const uint8_t* meta,
                    float (*out)[RB]) {
   if constexpr (kPacked)
     q_packed<RB, MT>(x, K, w, meta, out);
@@ -101,13 +99,13 @@ inline void q_rows(const float* x, int64_t K, const int8_t* w, const uint8_t* me
 
 void int8_linear_avx2(const float* x, int64_t M, const int8_t* q, const float* scale,
                       const float* bias, int64_t N, int64_t K, float* y, int nt) {
-  qlinear_run<false>(x, M, q, nullptr, scale, bias, N, K, y, nt);
+  qlinear_run<false>(FloatRows{x, K}, M, q, nullptr, scale, bias, N, K, y, nt);
 }
 
 void sparse24_int8_linear_avx2(const float* x, int64_t M, const int8_t* values,
                                const uint8_t* meta, const float* scale, const float* bias,
                                int64_t N, int64_t K, float* y, int nt) {
-  qlinear_run<true>(x, M, values, meta, scale, bias, N, K, y, nt);
+  qlinear_run<true>(FloatRows{x, K}, M, values, meta, scale, bias, N, K, y, nt);
 }
 
 }  // namespace pysparse::core::detail

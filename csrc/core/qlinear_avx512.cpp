@@ -23,7 +23,8 @@ inline __m512 widen16(const int8_t* p) {
 }
 
 template <int RB, int MT>
-inline void q_dense(const float* x, int64_t K, const int8_t* w, float (*out)[RB]) {
+inline void q_dense(const FloatRows& xs, int64_t K, const int8_t* w, float (*out)[RB]) {
+  const float* x = xs.p;
   const int64_t chunks = K / 16;
   __m512 acc[MT][RB];
   for (int m = 0; m < MT; ++m)
@@ -50,8 +51,9 @@ inline void q_dense(const float* x, int64_t K, const int8_t* w, float (*out)[RB]
 }
 
 template <int RB, int MT>
-inline void q_packed(const float* x, int64_t K, const int8_t* v, const uint8_t* meta,
+inline void q_packed(const FloatRows& xs, int64_t K, const int8_t* v, const uint8_t* meta,
                      float (*out)[RB]) {
+  const float* x = xs.p;
   const int64_t half = K / 2;
   const int64_t mcols = meta_cols(K);
   const int64_t chunks = K / 32;  // 8 groups, 16 kept weights, 4 meta bytes
@@ -91,7 +93,7 @@ inline void q_packed(const float* x, int64_t K, const int8_t* v, const uint8_t* 
 }
 
 template <int RB, int MT, bool kPacked>
-inline void q_rows(const float* x, int64_t K, const int8_t* w, const uint8_t* meta,
+inline void q_rows(const FloatRows& x, int64_t K, const int8_t* w, const uint8_t* meta,
                    float (*out)[RB]) {
   if constexpr (kPacked)
     q_packed<RB, MT>(x, K, w, meta, out);
@@ -105,13 +107,13 @@ inline void q_rows(const float* x, int64_t K, const int8_t* w, const uint8_t* me
 
 void int8_linear_avx512(const float* x, int64_t M, const int8_t* q, const float* scale,
                         const float* bias, int64_t N, int64_t K, float* y, int nt) {
-  qlinear_run<false>(x, M, q, nullptr, scale, bias, N, K, y, nt);
+  qlinear_run<false>(FloatRows{x, K}, M, q, nullptr, scale, bias, N, K, y, nt);
 }
 
 void sparse24_int8_linear_avx512(const float* x, int64_t M, const int8_t* values,
                                  const uint8_t* meta, const float* scale, const float* bias,
                                  int64_t N, int64_t K, float* y, int nt) {
-  qlinear_run<true>(x, M, values, meta, scale, bias, N, K, y, nt);
+  qlinear_run<true>(FloatRows{x, K}, M, values, meta, scale, bias, N, K, y, nt);
 }
 
 }  // namespace pysparse::core::detail

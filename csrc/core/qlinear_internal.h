@@ -1,6 +1,7 @@
 // Declarations shared by the int8 linear translation units (not part of the public header).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -8,6 +9,13 @@
 #include "sparse24.h"
 
 namespace pysparse::core::detail {
+
+// x as fp32 rows of K (the weight-only kernels' form of x; qlinear_driver.inc).
+struct FloatRows {
+  const float* p;
+  int64_t K;
+  FloatRows at(int64_t m) const { return {p + m * K, K}; }
+};
 
 // s plus the kept weights of groups [g0, K/4) of one 2:4 int8 row against x, in ascending k:
 // the remainder after a kernel's full chunks (and, from g0 = 0, the whole scalar route).
@@ -20,6 +28,33 @@ inline float q_packed_tail(float s, const float* x, const int8_t* v, const uint8
   }
   return s;
 }
+
+// ---- the VNNI route (qlinear_vnni.cpp): x quantised per row and per block of kQBlock columns ----
+constexpr int64_t kQBlock = 32;
+
+struct QuantStep {
+  float scale;  // x ~ xq * scale
+  float inv;    // 127 / max|x| (0 for an all-zero block)
+};
+
+inline QuantStep quant_step(const float* x, int64_t n) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(x[k]));
+  return {amax / 127.f, amax > 0.f ? 127.f / amax : 0.f};
+}
+
+// rint(v * inv) in [-127, 127] (round to nearest even, the default rounding mode)
+inline int quantize_one(float v, const QuantStep& st) {
+  const float r = std::nearbyint(v * st.inv);
+  return static_cast<int>(std::min(127.f, std::max(-127.f, r)));
+}
+
+bool qlinear_vnni_built();
+void int8_linear_vnni(const float* x, int64_t M, const int8_t* q, const float* scale,
+                      const float* bias, int64_t N, int64_t K, float* y, int nt);
+void sparse24_int8_linear_vnni(const float* x, int64_t M, const int8_t* values,
+                               const uint8_t* meta, const float* scale, const float* bias,
+                               int64_t N, int64_t K, float* y, int nt);
 
 // In qlinear_avx2.cpp / qlinear_avx512.cpp (compiled for those ISAs; called only where the CPU
 // has them). nt: resolved thread count.

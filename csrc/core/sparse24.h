@@ -78,6 +78,7 @@ struct CpuFeatures {
   bool avx512bw = false;
   bool avx512bf16 = false;  // vdpbf16ps
   bool avx512vbmi = false;  // vpmultishiftqb (with BW: vpermt2w)
+  bool avx512vnni = false;  // vpdpbusd (the int8 linears' VNNI route)
 };
 CpuFeatures cpu_features();
 

@@ -117,6 +117,7 @@ CpuFeatures cpu_features() {
   f.avx512bw = __builtin_cpu_supports("avx512bw");
   f.avx512bf16 = __builtin_cpu_supports("avx512bf16");
   f.avx512vbmi = __builtin_cpu_supports("avx512vbmi");
+  f.avx512vnni = __builtin_cpu_supports("avx512vnni");
 #endif
   return f;
 }

@@ -12,6 +12,7 @@
 #include <omp.h>
 #endif
 
+#include "qlinear.h"
 #include "sparse24_internal.h"
 #include "sparse_ffn_internal.h"
 
@@ -20,6 +21,7 @@ namespace {
 
 inline float load1(const float* p) { return *p; }
 inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
+inline float load1(const int8_t* p) { return static_cast<float>(*p); }
 
 #include "sparse_ffn_groups_scalar.inc"
 inline void store1(float* p, float v) { *p = v; }

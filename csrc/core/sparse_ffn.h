@@ -60,6 +60,16 @@ struct FfnProblem {
   bool down_by_row = false;         // down.meta set: the by-row 2:4 layout (else neuron groups)
   const void* down_bias = nullptr;  // plain: b2 or null
   float threshold = 0.f;
+  // int8 weights (the quantize pass; qlinear.h): every FFN matrix holds int8 values in the layouts
+  // above, with fp32 scales per row of the gate and up weights [F] and per output column of the
+  // down projection [D]; x, a, h and y keep `dtype`. No biases. The gate takes the int8 linears'
+  // kernels (their VNNI route where the CPU has it: x quantised per block, qlinear.h), up rows and
+  // down rows are widened in registers: a = gate . x * gate_scale, h = a * (up . x * up_scale),
+  // y = (sum of h * down) * down_scale.
+  bool int8 = false;
+  const float* gate_scale = nullptr;
+  const float* up_scale = nullptr;
+  const float* down_scale = nullptr;
   // Activation predictors: [M, F] bytes, nonzero where the predictor says neuron f fires for row m,
   // or null (exact). Given, ffn_gate reads the gate row of a neuron only when it is predicted for
   // some row, and a[m][f] is the exact activation where predicted for row m, else 0: the result is

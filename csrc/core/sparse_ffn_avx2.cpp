@@ -21,6 +21,7 @@
 #include <omp.h>
 #endif
 
+#include "qlinear.h"
 #include "sparse24_internal.h"
 #include "sparse_ffn_internal.h"
 
@@ -141,6 +142,11 @@ struct ScatterTables {
 constexpr ScatterTables kScatter{};
 
 inline __m128 load4f(const float* p) { return _mm_loadu_ps(p); }
+inline __m128 load4f(const int8_t* p) {
+  int32_t four;
+  std::memcpy(&four, p, sizeof(four));
+  return _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(four)));
+}
 inline __m128 load4f(const uint16_t* p) {
   __m128i w = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   return _mm_castsi128_ps(_mm_slli_epi32(w, 16));

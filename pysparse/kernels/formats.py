@@ -257,10 +257,20 @@ def unpack_down24(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tenso
 #   "int8"        quantize_int8's (q, scale) of W                      (tensors: tensor, scale)
 #   "int8_rows"   compress24's (values, meta) of the int8 W, and its scale
 #                                                                      (tensors: values, meta, scale)
+#   "int8_down24" pack_down24's grouped (values, meta) of the int8 W, and its scale (the same)
 # A record with ``rows: [r0, r1]`` holds W in rows r0:r1 of its tensors (Lower's fused sibling
 # linears: q, k and v in one [q; k; v] weight); "rows", "dense", "int8" and "int8_rows" only.
 # int8 weights come back dequantised (float32).
-WEIGHT_LAYOUTS = ("rows", "by_row", "down24", "transposed", "dense", "int8", "int8_rows")
+WEIGHT_LAYOUTS = (
+    "rows",
+    "by_row",
+    "down24",
+    "transposed",
+    "dense",
+    "int8",
+    "int8_rows",
+    "int8_down24",
+)
 _ROW_LAYOUTS = ("rows", "dense", "int8", "int8_rows")
 
 
@@ -310,7 +320,9 @@ def dense_weight(
     if values is None or meta is None:
         return None
     values, meta = values[r0:r1], meta[r0:r1]
-    if layout == "int8_rows":
+    if layout == "int8_down24":
+        values, meta = unpack_down24(values, meta)
+    if layout in ("int8_rows", "int8_down24"):
         return dequantize_int8(decompress24_int8(values, meta), scale[r0:r1])
     if layout == "down24":
         values, meta = unpack_down24(values, meta)

@@ -173,6 +173,28 @@ def sparse_ffn24(
     return sparse_ffn(x, gate, up, _dense_down(dv, dm), threshold, predicted)
 
 
+def sparse_ffn24_int8(
+    x: Any,
+    gv: Any,
+    gm: Any,
+    gs: Any,
+    uv: Any,
+    um: Any,
+    us: Any,
+    dv: Any,
+    dm: Any,
+    ds: Any,
+    threshold: float = 0.0,
+    predicted: Any = None,
+) -> Any:
+    """The float FFN over the int8 weights dequantised (per neuron for gate/up; per output, the
+    columns of W_down^T, for down)."""
+    gate = op.CastLike(op.DequantizeLinear(_dense_from_packed(gv, gm), gs, axis=0), x)
+    up = op.CastLike(op.DequantizeLinear(_dense_from_packed(uv, um), us, axis=0), x)
+    down_t = op.CastLike(op.DequantizeLinear(_dense_down_from_groups(dv, dm), ds, axis=1), x)
+    return sparse_ffn(x, gate, up, down_t, threshold, predicted)
+
+
 def sparse_mlp24(
     x: Any,
     w1v: Any,
@@ -200,5 +222,6 @@ def translation_table() -> dict[Any, Any]:
         p.ffn_predict.default: ffn_predict,
         p.sparse_mlp.default: sparse_mlp,
         p.sparse_ffn24.default: sparse_ffn24,
+        p.sparse_ffn24_int8.default: sparse_ffn24_int8,
         p.sparse_mlp24.default: sparse_mlp24,
     }

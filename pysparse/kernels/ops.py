@@ -38,6 +38,7 @@ __all__ = [
     "sparse24_linear",
     "sparse_ffn",
     "sparse_ffn24",
+    "sparse_ffn24_int8",
     "sparse_mlp",
     "sparse_mlp24",
 ]
@@ -340,6 +341,24 @@ def sparse_ffn24(
     return torch.ops.pysparse.sparse_ffn24.default(x, *gate, *up, *down, threshold, predicted)
 
 
+def sparse_ffn24_int8(
+    x: torch.Tensor,
+    gate: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    up: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    down: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    threshold: float = 0.0,
+    predicted: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``sparse_ffn24`` over int8 weights (the quantize pass): each of ``gate``, ``up``, ``down`` is
+    ``(values int8, meta, scale float32)`` in sparse_ffn24's layouts (``formats.compress24_int8``
+    for gate and up, ``formats.pack_down24`` of the compressed int8 down weight), the scales per
+    neuron (``[d_ff]``) for gate and up and per output (``[d_model]``) for down. ``x`` float32 or
+    bfloat16; the result in x's dtype. The gate runs on the int8 linears' kernels (see
+    ``int8_linear``), the up and down rows of the active neurons widened in registers."""
+    extension.require_extension()
+    return torch.ops.pysparse.sparse_ffn24_int8.default(x, *gate, *up, *down, threshold, predicted)
+
+
 def sparse_mlp24(
     x: torch.Tensor,
     w1: tuple[torch.Tensor, torch.Tensor],
@@ -559,6 +578,21 @@ def _register_fakes() -> None:
         torch._check(uv.shape == gv.shape, lambda: "sparse_ffn24: up_values must match gate")
         _down24_check("sparse_ffn24", dv, dm, F, D)
         return _ffn_out("sparse_ffn24", x, gv.dtype, gv.device, D, F, predicted)
+
+    @torch.library.register_fake("pysparse::sparse_ffn24_int8")
+    def _sparse_ffn24_int8_fake(
+        x, gv, gm, gs, uv, um, us, dv, dm, ds, threshold=0.0, predicted=None
+    ):
+        op = "sparse_ffn24_int8"
+        torch._check(gv.dim() == 2, lambda: f"{op}: gate_values must be 2-D")
+        F, D = gv.shape[0], gv.shape[1] * 2
+        torch._check(uv.shape == gv.shape, lambda: f"{op}: up_values must match gate")
+        torch._check(dv.dim() == 3, lambda: f"{op}: down_values must be [d_ff/4, 2, d_model]")
+        _down24_check(op, dv, dm, F, D)
+        torch._check(gv.dtype == torch.int8, lambda: f"{op}: the weights must be int8")
+        torch._check(gs.shape == (F,) and us.shape == (F,), lambda: f"{op}: scales must be [d_ff]")
+        torch._check(ds.shape == (D,), lambda: f"{op}: down_scale must be [d_model]")
+        return _ffn_out(op, x, x.dtype, gv.device, D, F, predicted)
 
     @torch.library.register_fake("pysparse::sparse_mlp24")
     def _sparse_mlp24_fake(x, w1v, w1m, b1, w2v, w2m, b2, threshold=0.0, predicted=None):

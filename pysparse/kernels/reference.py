@@ -18,12 +18,14 @@ __all__ = [
     "reference_decompress24",
     "reference_dense_linear",
     "reference_int8_linear",
+    "reference_int8_linear_a8",
     "reference_obs24_sweep",
     "reference_prox24",
     "reference_prune24",
     "reference_sparse24_int8_linear",
     "reference_sparse24_linear",
     "reference_sparse_ffn",
+    "reference_sparse_ffn24_int8",
     "reference_sparse_mlp",
     "reference_unpack_down24",
 ]
@@ -135,6 +137,42 @@ def reference_int8_linear(
     """float64 ``x @ (qweight * scale[:, None]).T + bias`` (int8_linear's reference)."""
     w = qweight.cpu().to(torch.float64) * scale.cpu().to(torch.float64)[:, None]
     return reference_dense_linear(x, w, bias)
+
+
+def quantize_activations_a8(x: torch.Tensor, block: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 linears' VNNI route's x (csrc/core/qlinear_vnni.cpp): per row and block of
+    ``block`` columns (the last one partial), ``xq = rint(x * (127 / amax))`` in fp32 arithmetic,
+    round half to even, and the block's scale ``amax / 127``. Returns (xq [M, K] float64 integers,
+    per-column scales [M, K] float64)."""
+    x = x.cpu().to(torch.float32).reshape(-1, x.shape[-1])
+    M, K = x.shape
+    pad = (-K) % block
+    xp = torch.nn.functional.pad(x, (0, pad)).reshape(M, (K + pad) // block, block)
+    amax = xp.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    xq = torch.round(xp * inv).clamp(-127, 127)
+    scale = (amax / torch.tensor(127.0)).expand_as(xp)
+    unpad = lambda t: t.reshape(M, K + pad)[:, :K].to(torch.float64)  # noqa: E731
+    return unpad(xq), unpad(scale)
+
+
+def reference_int8_linear_a8(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float64 int8_linear as the VNNI route computes it: x quantised (quantize_activations_a8),
+    each block's integer dot product exact, times the block's scale, summed, times the row's
+    scale, plus the bias."""
+    xq, xs = quantize_activations_a8(x)
+    M, K = xq.shape
+    q = qweight.cpu().to(torch.float64)
+    block = 32
+    nb = (K + block - 1) // block
+    y = torch.zeros(M, q.shape[0], dtype=torch.float64)
+    for b in range(nb):
+        cols = slice(b * block, min(K, (b + 1) * block))
+        y += (xq[:, cols] @ q[:, cols].T) * xs[:, b * block : b * block + 1]
+    y = y * scale.cpu().to(torch.float64)
+    return y if bias is None else y + bias.cpu().to(torch.float64)
 
 
 def reference_sparse24_int8_linear(
@@ -265,6 +303,32 @@ def reference_sparse_ffn(
     x = x.cpu().double()
     g = _restrict(reference_fatrelu(x @ _dense(w_gate).T, threshold), predicted)
     return (g * (x @ _dense(w_up).T)) @ _dense(w_down_t)
+
+
+def reference_sparse_ffn24_int8(
+    x, gate, up, down, threshold: float = 0.0, predicted=None, gate_a8: bool = False
+) -> torch.Tensor:
+    """float64 sparse_ffn24_int8: each of gate/up/down ``(values int8, meta, scale)`` dequantised
+    (scales per neuron for gate/up, per output for down) and the float FFN of
+    ``reference_sparse_ffn``. ``gate_a8``: the gate as the int8 linears' VNNI route computes it
+    (x quantised per block, ``reference_int8_linear_a8``), which the op's gate takes on CPUs with
+    that route."""
+    (gv, gm, gs), (uv, um, us), (dv, dm, ds) = gate, up, down
+    K = gv.shape[1] * 2
+    g_q = reference_decompress24(gv.cpu(), gm.cpu(), K)
+    w_up = reference_decompress24(uv.cpu(), um.cpu(), K).double() * us.cpu().double()[:, None]
+    w_down_t = reference_unpack_down24(dv.cpu(), dm.cpu()).double() * ds.cpu().double()[None, :]
+    x2 = x.cpu().double().reshape(-1, K)
+    if gate_a8:
+        g = reference_int8_linear_a8(x.reshape(-1, K), g_q, gs)
+    else:
+        g = x2 @ (g_q.double() * gs.cpu().double()[:, None]).T
+    a = _restrict(
+        reference_fatrelu(g, threshold),
+        None if predicted is None else predicted.reshape(-1, g.shape[-1]),
+    )
+    y = (a * (x2 @ w_up.T)) @ w_down_t
+    return y.reshape(*x.shape[:-1], -1)
 
 
 def reference_sparse_mlp(

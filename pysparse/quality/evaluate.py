@@ -93,6 +93,7 @@ _FFN_OPS = (
     "pysparse::sparse_mlp",
     "pysparse::sparse_ffn24",
     "pysparse::sparse_mlp24",
+    "pysparse::sparse_ffn24_int8",
 )
 
 
@@ -113,6 +114,10 @@ def lowered_ffn_x1(op: str, args: Sequence[Any]) -> torch.Tensor:
     elif op == "pysparse::sparse_ffn24":
         g, u = linear24(x, args[1], args[2]), linear24(x, args[3], args[4])
         t = args[7] if len(args) > 7 else 0.0
+    elif op == "pysparse::sparse_ffn24_int8":
+        int8 = torch.ops.pysparse.sparse24_int8_linear.default
+        g, u = int8(x, args[1], args[2], args[3]), int8(x, args[4], args[5], args[6])
+        t = args[10] if len(args) > 10 else 0.0
     elif op == "pysparse::sparse_mlp":
         g = x @ args[1].T + (args[2] if args[2] is not None else 0)
         u, t = None, args[5] if len(args) > 5 else 0.0
@@ -128,6 +133,7 @@ def lowered_ffn_x1(op: str, args: Sequence[Any]) -> torch.Tensor:
 
 # Where the FFN ops take ``predicted`` (see csrc/register_ops.cpp).
 _PREDICTED_ARG = {
+    "pysparse::sparse_ffn24_int8": 11,
     "pysparse::sparse_ffn": 5,
     "pysparse::sparse_mlp": 6,
     "pysparse::sparse_ffn24": 8,
