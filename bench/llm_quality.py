@@ -244,6 +244,7 @@ def main() -> None:
     def llama_lm(kind: str):
         """The model as a llama.cpp GGUF of ``kind``, scored through llama.cpp's logits."""
         import llamacpp
+
         from pysparse.cli import models
 
         if not llamacpp.available():

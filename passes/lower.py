@@ -483,12 +483,12 @@ def _match_ffn(gm: fx.GraphModule, block: dict, infos: dict) -> _FfnMatch:
         raise _Skip("only some of the FFN's linears are 2:4 (or padded)")
     by_row = bool(infos.get(down.name, {}).get("packed_by_row"))
     quant = {r: infos.get(n.name, {}).get("quant") for r, n in linears.items()}
-    if any(quant.values()):
-        if not (all(quant.values()) and gated and n_packed == len(packed) and not by_row):
-            raise _Skip(
-                "int8 weights: the int8 FFN op takes a gated FFN with all three linears 2:4 and "
-                "int8 (Quantize(ffn=False) keeps the others in float)"
-            )
+    int8_ok = all(quant.values()) and gated and n_packed == len(packed) and not by_row
+    if any(quant.values()) and not int8_ok:
+        raise _Skip(
+            "int8 weights: the int8 FFN op takes a gated FFN with all three linears 2:4 and "
+            "int8 (Quantize(ffn=False) keeps the others in float)"
+        )
     return _FfnMatch(
         down,
         gated,

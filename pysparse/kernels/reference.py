@@ -152,7 +152,7 @@ def quantize_activations_a8(x: torch.Tensor, block: int = 32) -> tuple[torch.Ten
     inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
     xq = torch.round(xp * inv).clamp(-127, 127)
     scale = (amax / torch.tensor(127.0)).expand_as(xp)
-    unpad = lambda t: t.reshape(M, K + pad)[:, :K].to(torch.float64)  # noqa: E731
+    unpad = lambda t: t.reshape(M, K + pad)[:, :K].to(torch.float64)
     return unpad(xq), unpad(scale)
 
 
