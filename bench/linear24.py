@@ -10,6 +10,10 @@ read of a buffer of the same size timed in the same run (torch.sum over it), and
     python bench/linear24.py --quick         # fewer shapes and repeats
     python bench/linear24.py --shapes 11008x4096 --batches 1 --dtypes float32
     python bench/linear24.py --routes --dtypes bfloat16 --batches 4 8 16 64
+    python bench/linear24.py --int8 --shapes 4096x4096 11008x4096 4096x11008 --batches 1 4 16
+
+--int8 times the 2:4 int8 linear (``sparse24_int8_linear``: int8 values, meta and one fp32 scale
+a row; x in each --dtype) against torch dense on the same weight in that dtype.
 
 --routes compares the CPU routes the dispatcher chooses between instead (each forced per call
 through its environment switch, all interleaved with torch dense in one loop): the AMX tile kernel,
@@ -26,7 +30,7 @@ import torch
 from timing import interleaved_times, paired_times, stream_read_gbs
 
 import pysparse
-from pysparse.kernels import ops
+from pysparse.kernels import formats, ops
 
 DEFAULT_SHAPES = ["4096x4096", "11008x4096", "4096x11008", "1536x384"]
 DEFAULT_BATCHES = [1, 8, 64, 512]
@@ -106,10 +110,14 @@ def main() -> None:
     ap.add_argument(
         "--routes", action="store_true", help="compare the CPU routes (tiles / FMA / chunks)"
     )
+    ap.add_argument(
+        "--int8", action="store_true", help="the 2:4 int8 linear (sparse24_int8_linear)"
+    )
     args = ap.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    pysparse.pin_threads()  # team threads one per CPU (see its docstring), as the other benches
     repeats, min_s = (3, 0.2) if args.quick else (7, 0.5)
     if args.routes:
         routes_table(args, repeats=9 if args.quick else 21)
@@ -118,6 +126,7 @@ def main() -> None:
     print(
         f"# pysparse {info['version']} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
         f"cpu kernel {info['cpu']['linear_impl']} (gemv for M <= {info['cpu']['gemv_max_rows']})"
+        + (f" | int8 {info['cpu']['int8_impl']}" if args.int8 else "")
     )
     print(
         "| dtype | N x K | M | dense ms | 2:4 ms | speed-up | 2:4 GB/s | stream GB/s | % of stream |"
@@ -130,23 +139,30 @@ def main() -> None:
             N, K = (int(s) for s in shape.lower().split("x"))
             w = ops.prune24(torch.randn(N, K, dtype=torch.float32)).to(dtype)
             sw = pysparse.Sparse24Weight.from_dense(w)
+            sparse, nbytes = (
+                (lambda x, sw=sw: torch.ops.pysparse.sparse24_linear(x, sw.values, sw.meta)),
+                sw.nbytes(),
+            )
+            if args.int8:
+                q, scale = formats.quantize_int8(w.float())
+                values, meta = formats.compress24_int8(q)
+                sparse = lambda x, v=values, m=meta, s=scale: ops.sparse24_int8_linear(x, v, m, s)
+                nbytes = values.numel() + meta.numel() + 4 * scale.numel()
             stream = None
             for M in args.batches:
                 x = torch.randn(M, K, dtype=torch.float32).to(dtype)
                 with torch.inference_mode():
                     t_dense, t_sparse, ratio = paired_times(
                         lambda x=x, w=w: torch.nn.functional.linear(x, w),
-                        lambda x=x, sw=sw: torch.ops.pysparse.sparse24_linear(
-                            x, sw.values, sw.meta
-                        ),
+                        lambda x=x, f=sparse: f(x),
                         repeats,
                         min_s,
                     )
                 cols = ["", "", ""]
                 if M == 1:
                     if stream is None:
-                        stream = stream_read_gbs(sw.nbytes(), repeats, min_s)
-                    gbs = sw.nbytes() / t_sparse / 1e9
+                        stream = stream_read_gbs(nbytes, repeats, min_s)
+                    gbs = nbytes / t_sparse / 1e9
                     cols = [f"{gbs:.1f}", f"{stream:.1f}", f"{100 * gbs / stream:.0f}%"]
                 print(
                     f"| {dtype_name} | {N}x{K} | {M} | {t_dense * 1e3:.3f} | {t_sparse * 1e3:.3f} | "

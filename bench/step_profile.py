@@ -8,6 +8,7 @@ writes, the calls into the ops).
     python bench/step_profile.py --rows dense "2:4 + act" --dtypes bfloat16
     python bench/step_profile.py --ab-env PYSPARSE_DISABLE_BF16_DOT --dtypes bfloat16
     python bench/step_profile.py --ab-fuse                # sibling linears fused vs apart
+    python bench/step_profile.py --rows "2:4 + act + int8" --ab-env PYSPARSE_DISABLE_VNNI
 
 The A/B modes time two variants of the same step in one process, in alternating rounds (this
 machine drifts by 10-20% over a minute; alternation cancels most of it), and print each round's
@@ -42,7 +43,15 @@ from timing import restored_env
 import pysparse
 from pysparse.runtime.generate import _mask
 
-ROWS = {"dense": "pysparse dense", "act": "act-sparse", "2:4": "2:4", "2:4 + act": "2:4 + act"}
+ROWS = {
+    "dense": "pysparse dense",
+    "act": "act-sparse",
+    "2:4": "2:4",
+    "2:4 + act": "2:4 + act",
+    "int8": "int8",
+    "2:4 + int8": "2:4 + int8",
+    "2:4 + act + int8": "2:4 + act + int8",
+}
 
 
 def compiled(row: str, dtype: torch.dtype, args: argparse.Namespace, fuse: bool = True):

@@ -96,14 +96,44 @@ at::Tensor run_core(const at::Tensor& x, int64_t M, int64_t N, int64_t K,
   return y.view(linear_out_shape(x, N));
 }
 
+// More rows than the kernels take (a prefill): torch's GEMM over the weight dequantised a
+// cache-sized chunk of rows at a time (linear_by_dense_chunks), never the whole float weight at
+// once (SmolLM2's lm_head would be a 113 MB fp32 copy per call). float16 x: one dequantised copy.
+at::Tensor int8_by_dense_chunks(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
+                                const c10::optional<at::Tensor>& bias) {
+  const int64_t N = q.size(0), K = q.size(1);
+  const auto st = x.scalar_type();
+  if (st == at::kHalf || K == 0)
+    return at::linear(x, dequantize(q, scale, st), bias_or_undefined(bias)).contiguous();
+  at::Tensor qc = q.contiguous(), sc = scale.contiguous();
+  const int8_t* qp = qc.data_ptr<int8_t>();
+  const float* sp = sc.data_ptr<float>();
+  at::Tensor b = bias.has_value() && bias->defined() ? bias->contiguous() : at::Tensor();
+  at::Tensor y = linear_by_dense_chunks(
+      as_rows(x, K).contiguous(), N, K, st, b, [&](int64_t n0, int64_t nc, void* dst) {
+        at::parallel_for(0, nc, 16, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int8_t* row = qp + (n0 + r) * K;
+            const float s = sp[n0 + r];
+            if (st == at::kFloat) {
+              float* out = static_cast<float*>(dst) + r * K;
+              for (int64_t k = 0; k < K; ++k) out[k] = static_cast<float>(row[k]) * s;
+            } else {
+              uint16_t* out = static_cast<uint16_t*>(dst) + r * K;
+              for (int64_t k = 0; k < K; ++k) out[k] = core::float_to_bf16(static_cast<float>(row[k]) * s);
+            }
+          }
+        });
+      });
+  return y.view(linear_out_shape(x, N));
+}
+
 at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
                            const c10::optional<at::Tensor>& bias) {
   check_int8(x, q, scale, bias);
   const int64_t N = q.size(0), K = q.size(1);
   const int64_t M = kernel_rows(x, K);
-  if (M == 0)
-    return at::linear(x, dequantize(q, scale, x.scalar_type()), bias_or_undefined(bias))
-        .contiguous();
+  if (M == 0) return int8_by_dense_chunks(x, q, scale, bias);
   at::Tensor qc = q.contiguous(), sc = scale.contiguous();
   return run_core(x, M, N, K, bias, [&](const float* xp, const float* bp, float* yp) {
     core::int8_linear(xp, M, qc.data_ptr<int8_t>(), sc.data_ptr<float>(), bp, N, K, yp,
