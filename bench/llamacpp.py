@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -72,20 +73,25 @@ def write_float_gguf(src: Path, dst: Path, kind: str) -> Path:
     return dst
 
 
+def _llama(path: Path, threads: int, n_ctx: int, **kwargs: Any) -> Any:
+    """A llama_cpp.Llama on ``threads`` threads (decode and batch), quiet."""
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+        **kwargs,
+    )
+
+
 class LlamaCppRunner:
     """generate(ids, n) -> (prefill s, decode tokens/s) on llama.cpp, greedy, batch 1."""
 
     def __init__(self, path: Path, threads: int, n_ctx: int) -> None:
-        import llama_cpp
-
-        self.llm = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_batch=512,
-            verbose=False,
-        )
+        self.llm = _llama(path, threads, n_ctx, n_batch=512)
 
     def __call__(self, ids, n: int) -> tuple[float, float]:
         self.llm.reset()
@@ -108,17 +114,7 @@ class LlamaCppLM:
     and targets of every pysparse row."""
 
     def __init__(self, path: Path, threads: int, n_ctx: int) -> None:
-        import llama_cpp
-
-        self.llm = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
-            n_batch=n_ctx,
-            logits_all=True,
-            verbose=False,
-        )
+        self.llm = _llama(path, threads, n_ctx, n_batch=n_ctx, logits_all=True)
 
     def forward(self, ids):
         import torch

@@ -84,15 +84,6 @@ inline void q_packed(const FloatRows& xs, int64_t K, const int8_t* v, const uint
                                 chunks * 4, K);
 }
 
-template <int RB, int MT, bool kPacked>
-inline void q_rows(const FloatRows& x, int64_t K, const int8_t* w, const uint8_t* meta,
-                   float (*out)[RB]) {
-  if constexpr (kPacked)
-    q_packed<RB, MT>(x, K, w, meta, out);
-  else
-    q_dense<RB, MT>(x, K, w, out);
-}
-
 #include "qlinear_driver.inc"
 
 }  // namespace

@@ -186,15 +186,6 @@ inline void q_packed(const QuantRows& x, int64_t K, const int8_t* v, const uint8
     for (int r = 0; r < RB; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
-template <int RB, int MT, bool kPacked>
-inline void q_rows(const QuantRows& x, int64_t K, const int8_t* w, const uint8_t* meta,
-                   float (*out)[RB]) {
-  if constexpr (kPacked)
-    q_packed<RB, MT>(x, K, w, meta, out);
-  else
-    q_dense<RB, MT>(x, K, w, out);
-}
-
 #include "qlinear_driver.inc"
 
 }  // namespace
