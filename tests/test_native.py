@@ -59,6 +59,30 @@ def test_native_step_generates_what_the_graph_does(case):
         att = _mask(mask.bool(), torch.arange(12))
         outs.append(step(ids, pos, torch.arange(12), att, keys, values))
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)  # fp32 summation orders
+    assert runner._direct  # the step's calls went straight to the loader (checked once)
+
+
+def test_runner_takes_the_package_call_for_other_arguments():
+    """Keyword arguments, or containers other than lists/tuples of tensors, go through the
+    package's own call (pytree); so does a package without a loader."""
+
+    class Package:
+        def __init__(self):
+            self.calls = []
+
+        def __call__(self, *args, **kwargs):
+            self.calls.append((args, kwargs))
+            return "package"
+
+    pkg = Package()
+    runner = native.Runner(pkg, {})
+    x = torch.zeros(2)
+    assert runner(x, [x, x]) == "package"  # no loader: checked once, then the package's call
+    assert runner._direct is False
+    assert runner(x, y=x) == "package" and runner({"a": x}) == "package"
+    assert len(pkg.calls) == 3
+    assert native._tensor_leaves((x, [x, x], (x,))) == [x, x, x, x]
+    assert native._tensor_leaves((x, {"a": x})) is None and native._tensor_leaves((x, [1])) is None
 
 
 def test_cache_hit_miss_and_damaged_entry(caplog, tmp_path):

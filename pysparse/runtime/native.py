@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from pysparse.kernels.extension import build_info
 from pysparse.util.files import atomic_path, atomic_write, sha256_file
@@ -107,13 +108,54 @@ def graph_digest(program: torch.export.ExportedProgram) -> str:
 class Runner:
     """A loaded native package and the tensors it computes with. The package reads them in place
     (user-managed constants), so they are held here for as long as it lives: the program's lifted
-    constants belong to no module and would otherwise be freed under it."""
+    constants belong to no module and would otherwise be freed under it.
+
+    A call whose arguments are tensors and lists of tensors (the decode step: the token, its
+    position, the mask, 2 x layers cache tensors) goes straight to the loader with the tensors in
+    order: the package's own call parses its input and output specs from JSON and flattens the
+    arguments with pytree on every call, ~0.2 ms of a ~4.5 ms SmolLM2 step. The first such call
+    checks that order against pytree's; anything else takes the package's call."""
 
     def __init__(self, package: Any, tensors: dict[str, torch.Tensor]):
         self.package, self.tensors = package, tensors
+        self._out_spec: Any = None
+        self._direct: bool | None = None  # None: not checked yet
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.package(*args, **kwargs)
+        flat = None if kwargs or self._direct is False else _tensor_leaves(args)
+        if flat is None:
+            return self.package(*args, **kwargs)
+        if self._direct is None:
+            self._direct = self._check_direct(args, flat)
+            if not self._direct:
+                return self.package(*args)
+        return pytree.tree_unflatten(self.package.loader.boxed_run(flat), self._out_spec)
+
+    def _check_direct(self, args: tuple, flat: list[torch.Tensor]) -> bool:
+        loader = getattr(self.package, "loader", None)
+        if loader is None or not hasattr(loader, "boxed_run"):
+            return False
+        in_spec, out_spec = (pytree.treespec_loads(s) for s in loader.get_call_spec())
+        leaves = pytree.tree_flatten((args, {}))[0]
+        same = len(leaves) == len(flat) and all(a is b for a, b in zip(leaves, flat))
+        if not same or in_spec != pytree.tree_flatten((args, {}))[1]:
+            return False
+        self._out_spec = out_spec
+        return True
+
+
+def _tensor_leaves(args: tuple) -> list[torch.Tensor] | None:
+    """The tensors of ``args`` in order when each is a tensor or a list/tuple of tensors, else
+    None."""
+    flat: list[torch.Tensor] = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            flat.append(a)
+        elif isinstance(a, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in a):
+            flat.extend(a)
+        else:
+            return None
+    return flat
 
 
 def _attach(package: Any, program: torch.export.ExportedProgram) -> Runner:
