@@ -32,23 +32,6 @@ inline float q_packed_tail(float s, const float* x, const int8_t* v, const uint8
 // ---- the VNNI route (qlinear_vnni.cpp): x quantised per row and per block of kQBlock columns ----
 constexpr int64_t kQBlock = 32;
 
-struct QuantStep {
-  float scale;  // x ~ xq * scale
-  float inv;    // 127 / max|x| (0 for an all-zero block)
-};
-
-inline QuantStep quant_step(const float* x, int64_t n) {
-  float amax = 0.f;
-  for (int64_t k = 0; k < n; ++k) amax = std::max(amax, std::fabs(x[k]));
-  return {amax / 127.f, amax > 0.f ? 127.f / amax : 0.f};
-}
-
-// rint(v * inv) in [-127, 127] (round to nearest even, the default rounding mode)
-inline int quantize_one(float v, const QuantStep& st) {
-  const float r = std::nearbyint(v * st.inv);
-  return static_cast<int>(std::min(127.f, std::max(-127.f, r)));
-}
-
 bool qlinear_vnni_built();
 void int8_linear_vnni(const float* x, int64_t M, const int8_t* q, const float* scale,
                       const float* bias, int64_t N, int64_t K, float* y, int nt);

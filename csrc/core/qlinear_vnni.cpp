@@ -58,6 +58,27 @@ struct QuantBuffer {
   QuantRows rows;
 };
 
+// One block of n <= 32 values: xq + 128 into q, the block's scale (max |x| / 127) returned, with
+// xq = x * (127 / max |x|) in fp32 rounded to nearest even (vcvtps2dq under the default rounding
+// mode) and clamped to +-127; 0 for an all-zero block. The tests' reference
+// (pysparse.kernels.reference.quantize_activations_a8, the gtests' quantised_x) does the same
+// fp32 operations.
+inline float quantize_block(const float* x, int64_t n, uint8_t* q) {
+  const __mmask16 m0 = static_cast<__mmask16>(n >= 16 ? 0xFFFF : (1u << n) - 1);
+  const __mmask16 m1 = static_cast<__mmask16>(n >= 32 ? 0xFFFF : (n > 16 ? (1u << (n - 16)) - 1 : 0));
+  const __m512 a = _mm512_maskz_loadu_ps(m0, x), b = _mm512_maskz_loadu_ps(m1, x + 16);
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+  const __m512 inv = _mm512_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+  const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127), off = _mm512_set1_epi32(128);
+  auto quant = [&](__m512 v) {
+    const __m512i r = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));
+    return _mm512_add_epi32(_mm512_min_epi32(_mm512_max_epi32(r, lo), hi), off);
+  };
+  _mm512_mask_cvtepi32_storeu_epi8(q, m0, quant(a));
+  _mm512_mask_cvtepi32_storeu_epi8(q + 16, m1, quant(b));
+  return amax / 127.f;
+}
+
 QuantBuffer quantize_rows(const float* x, int64_t M, int64_t K, bool packed) {
   QuantBuffer b;
   const int64_t nblocks = (K + kQBlock - 1) / kQBlock;
@@ -70,9 +91,7 @@ QuantBuffer quantize_rows(const float* x, int64_t M, int64_t K, bool packed) {
     const float* xr = x + m * K;
     for (int64_t blk = 0; blk < nblocks; ++blk) {
       const int64_t k0 = blk * kQBlock, k1 = std::min(K, k0 + kQBlock);
-      const QuantStep st = quant_step(xr + k0, k1 - k0);
-      b.block[m * nblocks + blk] = st.scale;
-      for (int64_t k = k0; k < k1; ++k) b.q[m * K + k] = static_cast<uint8_t>(quantize_one(xr[k], st) + 128);
+      b.block[m * nblocks + blk] = quantize_block(xr + k0, k1 - k0, b.q.data() + m * K + k0);
     }
     for (int64_t l = 0; l < nlanes; ++l) {
       // lane l of chunk j covers columns chunk*j + (chunk/16)*(l%16) onward, all in one block
