@@ -70,6 +70,7 @@ PYBIND11_MODULE(_C, m) {
     d["amx_min_rows"] = pysparse::core::kAmxMinRows;
     d["ffn_impl"] = pysparse::core::sparse_ffn_impl();
     d["int8_impl"] = pysparse::core::int8_linear_impl();
+    d["int4_impl"] = pysparse::core::int4_linear_impl();
     return d;
   }, "CPU features seen at run time and the 2:4 linear kernel that will be used.");
 

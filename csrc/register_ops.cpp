@@ -24,6 +24,12 @@ TORCH_LIBRARY(pysparse, m) {
   // layout compress24 makes of the int8 weight.
   m.def("sparse24_int8_linear(Tensor x, Tensor values, Tensor meta, Tensor scale, "
         "Tensor? bias=None) -> Tensor");
+  // Weight-only int4 (the quantize pass's bits=4): qweight uint8 [N, ceil(K/32)*16], two values a
+  // byte per block of 32 (csrc/core/qlinear.h), scale float16 [N, ceil(K/group)], group 32 or 64.
+  m.def("int4_linear(Tensor x, Tensor qweight, Tensor scale, int group, Tensor? bias=None) -> Tensor");
+  // The same over a 2:4 int4 weight: the K/2 kept values packed so, compress24's meta.
+  m.def("sparse24_int4_linear(Tensor x, Tensor values, Tensor meta, Tensor scale, int group, "
+        "Tensor? bias=None) -> Tensor");
   // Scaled dot-product attention (torch's arguments, no dropout): q [B, H, T, D], k/v [B, Hkv, L,
   // D(v)], attn_mask bool broadcastable to [B, H, T, L] (true: attend); grouped KV heads with
   // enable_gqa. On the CPU up to 4 query rows run the core's decode kernel (fp32/bf16), the rest

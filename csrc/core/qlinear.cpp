@@ -10,12 +10,13 @@
 namespace pysparse::core {
 namespace {
 
-template <bool kPacked>
-void qlinear_scalar(const float* x, int64_t M, const int8_t* w, const uint8_t* meta,
-                    const float* scale, const float* bias, int64_t N, int64_t K, float* y,
-                    int nt) {
-  const int64_t wstride = kPacked ? K / 2 : K;
-  const int64_t mstride = meta_cols(K);
+using detail::QWeight;
+using detail::int4_weight;
+using detail::int8_weight;
+
+template <int kL>
+void qlinear_scalar(const float* x, int64_t M, const QWeight& w, const float* bias, int64_t N,
+                    int64_t K, float* y, int nt) {
   RegionTrace trace(nt);
 #pragma omp parallel num_threads(nt)
   {
@@ -24,14 +25,17 @@ void qlinear_scalar(const float* x, int64_t M, const int8_t* w, const uint8_t* m
     for (int64_t m = 0; m < M; ++m)
       for (int64_t n = 0; n < N; ++n) {
         const float* xr = x + m * K;
-        const int8_t* wr = w + n * wstride;
+        const QWeight wn = w.row(n);
+        const int8_t* w8 = reinterpret_cast<const int8_t*>(wn.w);
         float s = 0.f;
-        if constexpr (kPacked) {
-          s = detail::q_packed_tail(0.f, xr, wr, meta + n * mstride, 0, K);
+        if constexpr (kL == detail::kDense8) {
+          for (int64_t k = 0; k < K; ++k) s = std::fma(static_cast<float>(w8[k]), xr[k], s);
+        } else if constexpr (kL == detail::kPacked8) {
+          s = detail::q_packed_tail(0.f, xr, w8, wn.meta, 0, K);
         } else {
-          for (int64_t k = 0; k < K; ++k) s = std::fma(static_cast<float>(wr[k]), xr[k], s);
+          s = detail::q4_tail(0.f, xr, wn, K, kL == detail::kPacked4, 0);
         }
-        y[m * N + n] = s * scale[n] + (bias ? bias[n] : 0.f);
+        y[m * N + n] = s * (w.scale ? w.scale[n] : 1.f) + (bias ? bias[n] : 0.f);
       }
   }
   trace.finish(Route::kInt8Linear);
@@ -63,7 +67,7 @@ void int8_linear(const float* x, int64_t M, const int8_t* q, const float* scale,
   else if (detail::sparse24_use_avx2())
     detail::int8_linear_avx2(x, M, q, scale, bias, N, K, y, nt);
   else
-    qlinear_scalar<false>(x, M, q, nullptr, scale, bias, N, K, y, nt);
+    qlinear_scalar<detail::kDense8>(x, M, int8_weight(q, nullptr, scale, K), bias, N, K, y, nt);
 }
 
 void sparse24_int8_linear(const float* x, int64_t M, const int8_t* values, const uint8_t* meta,
@@ -78,7 +82,52 @@ void sparse24_int8_linear(const float* x, int64_t M, const int8_t* values, const
   else if (detail::sparse24_use_avx2())
     detail::sparse24_int8_linear_avx2(x, M, values, meta, scale, bias, N, K, y, nt);
   else
-    qlinear_scalar<true>(x, M, values, meta, scale, bias, N, K, y, nt);
+    qlinear_scalar<detail::kPacked8>(x, M, int8_weight(values, meta, scale, K), bias, N, K, y, nt);
+}
+
+namespace {
+
+void int4_run(const float* x, int64_t M, const QWeight& w, const float* bias, int64_t N,
+              int64_t K, float* y, int nthreads) {
+  if (M <= 0 || N <= 0) return;
+  const int nt = resolve_threads(nthreads);
+  if (use_vnni())
+    detail::int4_linear_vnni(x, M, w, bias, N, K, y, nt);
+  else if (detail::sparse24_use_avx2())
+    detail::int4_linear_avx2(x, M, w, bias, N, K, y, nt);
+  else if (w.meta)
+    qlinear_scalar<detail::kPacked4>(x, M, w, bias, N, K, y, nt);
+  else
+    qlinear_scalar<detail::kDense4>(x, M, w, bias, N, K, y, nt);
+}
+
+}  // namespace
+
+const char* int4_linear_impl() {
+  if (use_vnni()) return "avx512_vnni";
+  return detail::sparse24_use_avx2() ? "avx2" : "scalar";
+}
+
+void int4_linear(const float* x, int64_t M, const uint8_t* q, const uint16_t* scale, int group,
+                 const float* bias, int64_t N, int64_t K, float* y, int nthreads) {
+  int4_run(x, M, int4_weight(q, nullptr, scale, group, K), bias, N, K, y, nthreads);
+}
+
+void sparse24_int4_linear(const float* x, int64_t M, const uint8_t* values, const uint8_t* meta,
+                          const uint16_t* scale, int group, const float* bias, int64_t N,
+                          int64_t K, float* y, int nthreads) {
+  int4_run(x, M, int4_weight(values, meta, scale, group, K), bias, N, K, y, nthreads);
+}
+
+void int4_dequantize_rows(const uint8_t* q, const uint16_t* scale, int group, int64_t K,
+                          int64_t n0, int64_t rows, float* dst) {
+  const QWeight w = int4_weight(q, nullptr, scale, group, K);
+  for (int64_t r = 0; r < rows; ++r) {
+    const QWeight wr = w.row(n0 + r);
+    for (int64_t k = 0; k < K; ++k)
+      dst[r * K + k] = static_cast<float>(detail::int4_value(wr.w, k)) *
+                       detail::half_to_float(wr.gscale[k / group]);
+  }
 }
 
 }  // namespace pysparse::core

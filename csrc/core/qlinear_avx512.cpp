@@ -23,8 +23,9 @@ inline __m512 widen16(const int8_t* p) {
 }
 
 template <int RB, int MT>
-inline void q_dense(const FloatRows& xs, int64_t K, const int8_t* w, float (*out)[RB]) {
+inline void q_dense(const FloatRows& xs, int64_t K, const QWeight& qw, float (*out)[RB]) {
   const float* x = xs.p;
+  const int8_t* w = reinterpret_cast<const int8_t*>(qw.w);
   const int64_t chunks = K / 16;
   __m512 acc[MT][RB];
   for (int m = 0; m < MT; ++m)
@@ -51,9 +52,10 @@ inline void q_dense(const FloatRows& xs, int64_t K, const int8_t* w, float (*out
 }
 
 template <int RB, int MT>
-inline void q_packed(const FloatRows& xs, int64_t K, const int8_t* v, const uint8_t* meta,
-                     float (*out)[RB]) {
+inline void q_packed(const FloatRows& xs, int64_t K, const QWeight& qw, float (*out)[RB]) {
   const float* x = xs.p;
+  const int8_t* v = reinterpret_cast<const int8_t*>(qw.w);
+  const uint8_t* meta = qw.meta;
   const int64_t half = K / 2;
   const int64_t mcols = meta_cols(K);
   const int64_t chunks = K / 32;  // 8 groups, 16 kept weights, 4 meta bytes
@@ -92,19 +94,26 @@ inline void q_packed(const FloatRows& xs, int64_t K, const int8_t* v, const uint
     }
 }
 
+// int4 takes the AVX2 or VNNI builds (qlinear.cpp), never this one.
+template <int RB, int MT, bool kPacked>
+inline void q_int4(const FloatRows&, int64_t, const QWeight&, float (*)[RB]) {
+  static_assert(RB < 0, "the AVX-512 widening build has no int4 kernels");
+}
+
 #include "qlinear_driver.inc"
 
 }  // namespace
 
 void int8_linear_avx512(const float* x, int64_t M, const int8_t* q, const float* scale,
                         const float* bias, int64_t N, int64_t K, float* y, int nt) {
-  qlinear_run<false>(FloatRows{x, K}, M, q, nullptr, scale, bias, N, K, y, nt);
+  qlinear_run<kDense8>(FloatRows{x, K}, M, int8_weight(q, nullptr, scale, K), bias, N, K, y, nt);
 }
 
 void sparse24_int8_linear_avx512(const float* x, int64_t M, const int8_t* values,
                                  const uint8_t* meta, const float* scale, const float* bias,
                                  int64_t N, int64_t K, float* y, int nt) {
-  qlinear_run<true>(FloatRows{x, K}, M, values, meta, scale, bias, N, K, y, nt);
+  qlinear_run<kPacked8>(FloatRows{x, K}, M, int8_weight(values, meta, scale, K), bias, N, K, y,
+                        nt);
 }
 
 }  // namespace pysparse::core::detail

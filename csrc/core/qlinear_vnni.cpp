@@ -35,6 +35,8 @@ void int8_linear_vnni(const float*, int64_t, const int8_t*, const float*, const 
                       int64_t, float*, int) {}
 void sparse24_int8_linear_vnni(const float*, int64_t, const int8_t*, const uint8_t*, const float*,
                                const float*, int64_t, int64_t, float*, int) {}
+void int4_linear_vnni(const float*, int64_t, const QWeight&, const float*, int64_t, int64_t,
+                      float*, int) {}
 
 #else
 
@@ -52,10 +54,11 @@ struct QuantRows {
   QuantRows at(int64_t m) const { return {q + m * K, lane + m * nlanes, K, nlanes}; }
 };
 
+// The calling thread's buffers for x quantised (grown, never shrunk: a decode step calls these
+// kernels ~200 times with the same few shapes, and three allocations each were measurable).
 struct QuantBuffer {
   std::vector<uint8_t> q;
   std::vector<float> block, lane;
-  QuantRows rows;
 };
 
 // One block of n <= 32 values: xq + 128 into q, the block's scale (max |x| / 127) returned, with
@@ -79,14 +82,17 @@ inline float quantize_block(const float* x, int64_t n, uint8_t* q) {
   return amax / 127.f;
 }
 
-QuantBuffer quantize_rows(const float* x, int64_t M, int64_t K, bool packed) {
-  QuantBuffer b;
+QuantRows quantize_rows(const float* x, int64_t M, int64_t K, bool packed) {
+  thread_local QuantBuffer b;
   const int64_t nblocks = (K + kQBlock - 1) / kQBlock;
   const int64_t chunk = packed ? 128 : 64;
   const int64_t nlanes = (K + chunk - 1) / chunk * 16;  // the last chunk may be partial
-  b.q.resize(static_cast<size_t>(M * K));
-  b.block.resize(static_cast<size_t>(M * nblocks));
-  b.lane.resize(static_cast<size_t>(std::max<int64_t>(M * nlanes, 1)));
+  auto grow = [](auto& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
+  };
+  grow(b.q, M * K);
+  grow(b.block, M * nblocks);
+  grow(b.lane, std::max<int64_t>(M * nlanes, 1));
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * K;
     for (int64_t blk = 0; blk < nblocks; ++blk) {
@@ -99,8 +105,7 @@ QuantBuffer quantize_rows(const float* x, int64_t M, int64_t K, bool packed) {
       b.lane[m * nlanes + l] = b.block[m * nblocks + col / kQBlock];
     }
   }
-  b.rows = {b.q.data(), b.lane.data(), K, nlanes};
-  return b;
+  return {b.q.data(), b.lane.data(), K, nlanes};
 }
 
 // -128 * sum(w) per lane of 4 bytes: what xq + 128 adds to every lane's dot product.
@@ -112,49 +117,40 @@ inline __m512i minus_offset(__m512i w) {
 // Bytes [0, n) of a 64-byte load (n <= 64), zeros past them: a chunk's part inside the row.
 inline __mmask64 first_bytes(int64_t n) { return n >= 64 ? ~0ULL : ((1ULL << n) - 1); }
 
-template <int RB, int MT>
-inline void q_dense(const QuantRows& x, int64_t K, const int8_t* w, float (*out)[RB]) {
-  // 64 columns a chunk, the last one partial: its loads are masked to the row (x and w zero past
-  // it, so those lanes add exact zeros: 0 * w, and no offset since w = 0).
-  const int64_t chunks = (K + 63) / 64;
-  __m512 acc[MT][RB];
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
-  const char* ahead = reinterpret_cast<const char*>(w) + kStreamAheadBytes;
-  for (int64_t j = 0; j < chunks; ++j) {
-    for (int r = 0; r < RB; ++r) _mm_prefetch(ahead + RB * 64 * j + 64 * r, _MM_HINT_T0);
-    const __mmask64 live = first_bytes(K - 64 * j);
-    __m512i xq[MT];
-    __m512 ls[MT];
-    for (int m = 0; m < MT; ++m) {
-      xq[m] = _mm512_maskz_loadu_epi8(live, x.q + m * x.K + 64 * j);
-      ls[m] = _mm512_loadu_ps(x.lane + m * x.nlanes + 16 * j);
-    }
-    for (int r = 0; r < RB; ++r) {
-      const __m512i wv = _mm512_maskz_loadu_epi8(live, w + r * K + 64 * j);
-      const __m512i base = minus_offset(wv);
-      for (int m = 0; m < MT; ++m) {
-        const __m512i d = _mm512_dpbusd_epi32(base, xq[m], wv);
-        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), ls[m], acc[m][r]);
-      }
-    }
-  }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < RB; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+// 64 stored int4 values (32 bytes, of which `bytes` lie inside the row) as signed bytes, in the
+// order of the columns they multiply: the two blocks of 32 as [lo A, hi A, lo B, hi B] (qlinear.h's
+// layout), values past the row zero.
+inline __m512i int4_chunk(const uint8_t* p, int64_t bytes) {
+  const __mmask32 in_row = bytes >= 32 ? ~0u : ((1u << bytes) - 1u);
+  const __m512i z = _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(in_row, p));
+  const __m512i d = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(1, 1, 0, 0));
+  const __m512i nib = _mm512_and_si512(_mm512_mask_blend_epi64(0xCC, d, _mm512_srli_epi16(d, 4)),
+                                       _mm512_set1_epi8(0x0F));
+  return _mm512_maskz_sub_epi8(first_bytes(2 * bytes), nib, _mm512_set1_epi8(8));
 }
 
-template <int RB, int MT>
-inline void q_packed(const QuantRows& x, int64_t K, const int8_t* v, const uint8_t* meta,
-                     float (*out)[RB]) {
-  const int64_t half = K / 2;
-  const int64_t mcols = meta_cols(K);
-  // 128 columns a chunk (32 groups, 64 kept weights, 16 meta bytes), the last one partial: its
-  // values, meta and x loads masked to the row (values zero past it: those lanes add nothing,
-  // whatever index a zero meta nibble points at).
-  const int64_t chunks = (K + 127) / 128;
-  // Kept weight t of a chunk (group t/2) has its index at bits 2t..2t+1 of the chunk's 128 meta
-  // bits: byte t of the selection takes bits from offset 2t mod 64 of meta qword t/32 (the meta
-  // spread so that output qword q reads meta qword q/4), then idx = (bits & 3) | 4 * (t / 2).
+// The scales of chunk j's stored values 0-31 (lanes 0-7) and 32-63 (lanes 8-15) of one int4 row.
+inline __m512 int4_scale_lanes(const QWeight& w, int64_t j) {
+  const int64_t g0 = j * 64 / w.group;
+  const int64_t n = std::min<int64_t>(64 / w.group, w.sstride - g0);
+  const __m128i h = _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1u), w.gscale + g0);
+  const __m512 f = _mm512_cvtph_ps(_mm256_zextsi128_si256(h));
+  const __m512i two = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  return _mm512_permutexvar_ps(w.group == 32 ? two : _mm512_setzero_si512(), f);
+}
+
+// Every layout in one body: a chunk is 64 columns (dense) or 128 (2:4: 64 kept weights), 64
+// stored values in either case (int8: 64 bytes; int4: 32), the last chunk partial: its loads
+// masked to the row (values zero past it, so those lanes add exact zeros: 0 * x, and no offset
+// since w = 0; in 2:4 whatever index a zero meta nibble points at).
+template <int RB, int MT, bool kPacked, bool kInt4>
+inline void q_vnni(const QuantRows& x, int64_t K, const QWeight& w, float (*out)[RB]) {
+  constexpr int64_t kCols = kPacked ? 128 : 64;
+  constexpr int64_t kBytes = kInt4 ? 32 : 64;  // of W per row and chunk
+  const int64_t chunks = (K + kCols - 1) / kCols;
+  // 2:4: kept weight t of a chunk (group t/2) has its index at bits 2t..2t+1 of the chunk's 128
+  // meta bits: byte t of the selection takes bits from offset 2t mod 64 of meta qword t/32 (the
+  // meta spread so that output qword q reads meta qword q/4), then idx = (bits & 3) | 4 * (t / 2).
   alignas(64) static constexpr struct Consts {
     uint8_t shift[64], base[64];
     constexpr Consts() : shift(), base() {
@@ -171,38 +167,68 @@ inline void q_packed(const QuantRows& x, int64_t K, const int8_t* v, const uint8
   __m512 acc[MT][RB];
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
-  const char* vahead = reinterpret_cast<const char*>(v) + kStreamAheadBytes;
-  const char* mahead = reinterpret_cast<const char*>(meta) + kStreamAheadBytes / 4;
+  const char* ahead = reinterpret_cast<const char*>(w.w) + kStreamAheadBytes;
+  const char* mahead = reinterpret_cast<const char*>(w.meta) + kStreamAheadBytes / 4;
   for (int64_t j = 0; j < chunks; ++j) {
-    for (int r = 0; r < RB; ++r) _mm_prefetch(vahead + RB * 64 * j + 64 * r, _MM_HINT_T0);
-    if ((j & 3) == 0) _mm_prefetch(mahead + RB * 16 * j, _MM_HINT_T0);
-    const int64_t cols = K - 128 * j;  // >= 128 but in the last chunk
-    const __mmask64 xa_live = first_bytes(cols), xb_live = first_bytes(std::max<int64_t>(cols - 64, 0));
-    const __mmask64 v_live = first_bytes(cols / 2);
-    const __mmask16 m_live = static_cast<__mmask16>(first_bytes((cols + 7) / 8));
+    // The RB rows are contiguous: RB * kBytes bytes of one stream per chunk.
+    for (int l = 0; l < (RB * kBytes + 63) / 64; ++l)
+      _mm_prefetch(ahead + RB * kBytes * j + 64 * l, _MM_HINT_T0);
+    if (kPacked && (j & 3) == 0) _mm_prefetch(mahead + RB * 16 * j, _MM_HINT_T0);
+    const int64_t cols = K - kCols * j;  // >= kCols but in the last chunk
     __m512i xa[MT], xb[MT];
     __m512 ls[MT];
     for (int m = 0; m < MT; ++m) {
-      xa[m] = _mm512_maskz_loadu_epi8(xa_live, x.q + m * x.K + 128 * j);
-      xb[m] = _mm512_maskz_loadu_epi8(xb_live, x.q + m * x.K + 128 * j + 64);
+      xa[m] = _mm512_maskz_loadu_epi8(first_bytes(cols), x.q + m * x.K + kCols * j);
+      if constexpr (kPacked)
+        xb[m] = _mm512_maskz_loadu_epi8(first_bytes(std::max<int64_t>(cols - 64, 0)),
+                                        x.q + m * x.K + kCols * j + 64);
       ls[m] = _mm512_loadu_ps(x.lane + m * x.nlanes + 16 * j);
     }
+    __mmask16 m_live = 0;
+    if constexpr (kPacked) m_live = static_cast<__mmask16>(first_bytes((cols + 7) / 8));
     for (int r = 0; r < RB; ++r) {
-      const __m128i m16 = _mm_maskz_loadu_epi8(m_live, meta + r * mcols + 16 * j);
-      const __m512i bits = _mm512_multishift_epi64_epi8(
-          shift, _mm512_permutexvar_epi64(spread, _mm512_castsi128_si512(m16)));
-      const __m512i idx = _mm512_ternarylogic_epi32(bits, three, base, 0xEA);  // (a & b) | c
-      const __m512i wv = _mm512_maskz_loadu_epi8(v_live, v + r * half + 64 * j);
+      const uint8_t* wr = w.w + r * w.wstride;
+      __m512i wv;
+      __m512 sc;
+      if constexpr (kInt4) {
+        wv = int4_chunk(wr + 32 * j, std::min<int64_t>(32, w.wstride - 32 * j));
+        sc = int4_scale_lanes(w.row(r), j);
+      } else {
+        wv = _mm512_maskz_loadu_epi8(first_bytes(kPacked ? cols / 2 : cols), wr + 64 * j);
+      }
       const __m512i off = minus_offset(wv);
+      __m512i idx = _mm512_setzero_si512();
+      if constexpr (kPacked) {
+        const __m128i m16 = _mm_maskz_loadu_epi8(m_live, w.meta + r * w.mstride + 16 * j);
+        const __m512i bits = _mm512_multishift_epi64_epi8(
+            shift, _mm512_permutexvar_epi64(spread, _mm512_castsi128_si512(m16)));
+        idx = _mm512_ternarylogic_epi32(bits, three, base, 0xEA);  // (a & b) | c
+      }
       for (int m = 0; m < MT; ++m) {
-        const __m512i xs = _mm512_permutex2var_epi8(xa[m], idx, xb[m]);
+        const __m512i xs = kPacked ? _mm512_permutex2var_epi8(xa[m], idx, xb[m]) : xa[m];
         const __m512i d = _mm512_dpbusd_epi32(off, xs, wv);
-        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), ls[m], acc[m][r]);
+        const __m512 s = kInt4 ? _mm512_mul_ps(ls[m], sc) : ls[m];
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[m][r]);
       }
     }
   }
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < RB; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+template <int RB, int MT>
+inline void q_dense(const QuantRows& x, int64_t K, const QWeight& w, float (*out)[RB]) {
+  q_vnni<RB, MT, false, false>(x, K, w, out);
+}
+
+template <int RB, int MT>
+inline void q_packed(const QuantRows& x, int64_t K, const QWeight& w, float (*out)[RB]) {
+  q_vnni<RB, MT, true, false>(x, K, w, out);
+}
+
+template <int RB, int MT, bool kPacked>
+inline void q_int4(const QuantRows& x, int64_t K, const QWeight& w, float (*out)[RB]) {
+  q_vnni<RB, MT, kPacked, true>(x, K, w, out);
 }
 
 #include "qlinear_driver.inc"
@@ -213,15 +239,23 @@ bool qlinear_vnni_built() { return true; }
 
 void int8_linear_vnni(const float* x, int64_t M, const int8_t* q, const float* scale,
                       const float* bias, int64_t N, int64_t K, float* y, int nt) {
-  const QuantBuffer xq = quantize_rows(x, M, K, false);
-  qlinear_run<false>(xq.rows, M, q, nullptr, scale, bias, N, K, y, nt);
+  qlinear_run<kDense8>(quantize_rows(x, M, K, false), M, int8_weight(q, nullptr, scale, K), bias,
+                       N, K, y, nt);
 }
 
 void sparse24_int8_linear_vnni(const float* x, int64_t M, const int8_t* values,
                                const uint8_t* meta, const float* scale, const float* bias,
                                int64_t N, int64_t K, float* y, int nt) {
-  const QuantBuffer xq = quantize_rows(x, M, K, true);
-  qlinear_run<true>(xq.rows, M, values, meta, scale, bias, N, K, y, nt);
+  qlinear_run<kPacked8>(quantize_rows(x, M, K, true), M, int8_weight(values, meta, scale, K),
+                        bias, N, K, y, nt);
+}
+
+void int4_linear_vnni(const float* x, int64_t M, const QWeight& w, const float* bias, int64_t N,
+                      int64_t K, float* y, int nt) {
+  if (w.meta)
+    qlinear_run<kPacked4>(quantize_rows(x, M, K, true), M, w, bias, N, K, y, nt);
+  else
+    qlinear_run<kDense4>(quantize_rows(x, M, K, false), M, w, bias, N, K, y, nt);
 }
 
 #endif  // PYSPARSE_NO_VNNI

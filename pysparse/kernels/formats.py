@@ -187,6 +187,106 @@ def decompress24_int8(values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     )
 
 
+# ---- int4 weights (the quantize pass's bits=4) ----------------------------------------------
+# Weight-only, symmetric, one float16 scale per group of 32 or 64 stored values of a row: W ~= q *
+# scale, q in [-8, 7]. The scale of a group is its value of largest magnitude divided by -8, so
+# that value lands exactly on -8 and the grid's 16 levels are all used (a ±7 grid leaves one
+# unused); zeros stay zeros. Packed two to a byte per block of 32 values (csrc/core/qlinear.h):
+# byte i of a block holds value i + 8 (low nibble) and value i + 16 + 8 (high nibble); a row of V
+# values is ceil(V / 32) * 16 bytes. A 2:4 weight is quantised with groups of 2 * group columns
+# (``group`` kept values each) and its kept values packed, so its scales count stored values.
+INT4_GROUPS = (32, 64)
+
+
+def _check_group(group: int, who: str) -> None:
+    if group not in INT4_GROUPS:
+        raise ValueError(f"{who}: group={group}; int4 scales are per 32 or 64 values")
+
+
+def int4_scale(w: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """Round-to-nearest's float16 scales ``[N, ceil(K / group)]``: each group's signed value of
+    largest magnitude over -8, rounded to float16 (1 for an all-zero group; a group whose scale
+    underflows float16 gets the smallest subnormal)."""
+    N, K = w.shape
+    pad = (-K) % group
+    wg = torch.nn.functional.pad(w.detach().to(torch.float32), (0, pad)).reshape(N, -1, group)
+    idx = wg.abs().argmax(-1, keepdim=True)
+    d = (torch.gather(wg, -1, idx) / -8.0).squeeze(-1).to(torch.float16)
+    tiny = torch.tensor(2.0**-24, dtype=torch.float16)
+    return torch.where(
+        (wg.abs().amax(-1) == 0),
+        torch.ones_like(d),
+        torch.where(d == 0, torch.where(wg.gather(-1, idx).squeeze(-1) > 0, -tiny, tiny), d),
+    )
+
+
+def quantize_int4(
+    w: torch.Tensor,
+    group: int = 32,
+    scale: torch.Tensor | None = None,
+    sparse24: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q int8 [N, K] in [-8, 7], scale float16 [N, ceil(K / cols)])`` with ``q = clamp(
+    round(w / scale), -8, 7)`` per group of ``cols`` columns: ``group``, or with ``sparse24`` (a
+    2:4 weight, whose kept values are what is stored) ``2 * group`` columns, i.e. ``group`` kept
+    values. ``scale`` defaults to round-to-nearest's ``int4_scale``."""
+    _check_group(group, "quantize_int4")
+    if sparse24 and (w.dim() != 2 or w.shape[-1] % 4):
+        raise ValueError(f"quantize_int4: a 2:4 weight needs in_features % 4 == 0, got {tuple(w.shape)}")
+    group = 2 * group if sparse24 else group
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(
+            f"quantize_int4: expected a 2-D float weight [out_features, in_features], got "
+            f"{tuple(w.shape)} {w.dtype}"
+        )
+    scale = int4_scale(w, group) if scale is None else scale.to(torch.float16)
+    s = scale.to(torch.float32).repeat_interleave(group, dim=1)[:, : w.shape[1]]
+    q = torch.round(w.detach().to(torch.float32) / s).clamp_(-8, 7)
+    return q.to(torch.int8).contiguous(), scale.contiguous()
+
+
+def dequantize_int4(
+    q: torch.Tensor, scale: torch.Tensor, group: int, sparse24: bool = False
+) -> torch.Tensor:
+    """The float32 weight an int4 ``(q, scale)`` stands for (exact: 4-bit times float16); ``q``
+    dense [N, K], with ``sparse24`` its groups ``2 * group`` columns (see quantize_int4)."""
+    group = 2 * group if sparse24 else group
+    s = scale.to(torch.float32).repeat_interleave(group, dim=1)[:, : q.shape[1]]
+    return q.to(torch.float32) * s
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int4 values ``[N, V]`` (int8 in [-8, 7]) packed as the kernels read them: uint8
+    ``[N, ceil(V / 32) * 16]`` (see above)."""
+    if q.dim() != 2 or q.dtype != torch.int8:
+        raise ValueError(f"pack_int4: expected int8 [N, V], got {tuple(q.shape)} {q.dtype}")
+    if q.numel() and (int(q.min()) < -8 or int(q.max()) > 7):
+        raise ValueError("pack_int4: values must lie in [-8, 7] (quantize_int4 makes them so)")
+    N, V = q.shape
+    u = torch.nn.functional.pad(q.to(torch.int16) + 8, (0, (-V) % 32), value=8).reshape(N, -1, 32)
+    return (u[..., :16] | (u[..., 16:] << 4)).to(torch.uint8).reshape(N, -1).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor, V: int) -> torch.Tensor:
+    """The int8 values ``[N, V]`` ``pack_int4`` packed."""
+    N = packed.shape[0]
+    b = packed.to(torch.int16).reshape(N, -1, 16)
+    u = torch.cat([b & 15, b >> 4], dim=-1).reshape(N, -1)[:, :V]
+    return (u - 8).to(torch.int8).contiguous()
+
+
+def compress24_int4(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2:4 int4 weight (``q`` int8 [N, K] in [-8, 7], two nonzeros at most per group of 4)
+    compressed: ``(pack_int4 of its K/2 kept values, meta)``."""
+    values, meta = compress24_int8(q)
+    return pack_int4(values), meta
+
+
+def decompress24_int4(values: torch.Tensor, meta: torch.Tensor, K: int) -> torch.Tensor:
+    """The int8 ``[N, K]`` weight ``compress24_int4`` packed."""
+    return decompress24_int8(unpack_int4(values, K // 2), meta)
+
+
 def pack_down24(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Regroups a compressed FFN down projection for ``sparse_ffn24`` / ``sparse_mlp24``.
 
@@ -258,9 +358,13 @@ def unpack_down24(values: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tenso
 #   "int8_rows"   compress24's (values, meta) of the int8 W, and its scale
 #                                                                      (tensors: values, meta, scale)
 #   "int8_down24" pack_down24's grouped (values, meta) of the int8 W, and its scale (the same)
+#   "int4"        pack_int4 of quantize_int4's q, its float16 scale       (tensor, scale; group,
+#                                                                      in_features)
+#   "int4_rows"   compress24_int4's (values, meta) of the int4 W, and its scale
+#                                                      (values, meta, scale; group, in_features)
 # A record with ``rows: [r0, r1]`` holds W in rows r0:r1 of its tensors (Lower's fused sibling
-# linears: q, k and v in one [q; k; v] weight); "rows", "dense", "int8" and "int8_rows" only.
-# int8 weights come back dequantised (float32).
+# linears: q, k and v in one [q; k; v] weight); "rows", "dense", "int8", "int8_rows", "int4" and
+# "int4_rows" only. int8 and int4 weights come back dequantised (float32).
 WEIGHT_LAYOUTS = (
     "rows",
     "by_row",
@@ -270,8 +374,10 @@ WEIGHT_LAYOUTS = (
     "int8",
     "int8_rows",
     "int8_down24",
+    "int4",
+    "int4_rows",
 )
-_ROW_LAYOUTS = ("rows", "dense", "int8", "int8_rows")
+_ROW_LAYOUTS = ("rows", "dense", "int8", "int8_rows", "int4", "int4_rows")
 
 
 def record_layout(
@@ -279,6 +385,8 @@ def record_layout(
     weight: str,
     layout: str,
     rows: tuple[int, int] | None = None,
+    group: int | None = None,
+    in_features: int | None = None,
     **tensors: str,
 ) -> None:
     """Records that ``weight`` (its name in the traced model) now lives in ``tensors`` (buffer
@@ -289,7 +397,15 @@ def record_layout(
     if rows is not None and layout not in _ROW_LAYOUTS:
         raise ValueError(f"record_layout: a {layout!r} weight cannot be rows of a shared tensor")
     layouts = gm.meta.setdefault("pysparse", {}).setdefault("weight_layouts", {})
-    layouts[weight] = {"layout": layout, **tensors, **({"rows": list(rows)} if rows else {})}
+    if layout.startswith("int4") and (group is None or in_features is None):
+        raise ValueError(f"record_layout: an {layout!r} weight needs its group and in_features")
+    extra = {"group": group, "in_features": in_features} if layout.startswith("int4") else {}
+    layouts[weight] = {
+        "layout": layout,
+        **tensors,
+        **extra,
+        **({"rows": list(rows)} if rows else {}),
+    }
 
 
 def dense_weight(
@@ -307,8 +423,21 @@ def dense_weight(
     layout = rec.get("layout")
     r0, r1 = rec.get("rows") or (None, None)
     scale = tensors.get(rec.get("scale", ""))
-    if layout.startswith("int8") and scale is None:
+    if layout.startswith(("int8", "int4")) and scale is None:
         return None
+    if layout.startswith("int4"):
+        group, K = int(rec["group"]), int(rec["in_features"])
+        packed = tensors.get(rec.get("tensor" if layout == "int4" else "values", ""))
+        if packed is None:
+            return None
+        packed, scale = packed[r0:r1], scale[r0:r1]
+        if layout == "int4":
+            return dequantize_int4(unpack_int4(packed, K), scale, group)
+        meta = tensors.get(rec.get("meta", ""))
+        if meta is None:
+            return None
+        values = dequantize_int4(unpack_int4(packed, K // 2), scale, group)
+        return ops.decompress24(values.contiguous(), meta[r0:r1].contiguous(), K)
     if layout in ("transposed", "dense", "int8"):
         t = tensors.get(rec.get("tensor", ""))
         if t is None:

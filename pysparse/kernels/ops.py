@@ -35,6 +35,8 @@ __all__ = [
     "prune24",
     "reset_cuda_route_counts",
     "sparse24_int8_linear",
+    "int4_linear",
+    "sparse24_int4_linear",
     "sparse24_linear",
     "sparse_ffn",
     "sparse_ffn24",
@@ -164,6 +166,49 @@ def sparse24_int8_linear(
     ``[N]``. More rows of x than the kernels take run the 2:4 linear on the dequantised values."""
     extension.require_extension()
     return torch.ops.pysparse.sparse24_int8_linear.default(x, values, meta, scale, bias)
+
+
+def int4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    group: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x @ W.T + bias`` over a weight-only int4 weight (``formats.quantize_int4`` /
+    ``formats.pack_int4``): ``W[n, k] = q[n, k] * scale[n, k // group]``.
+
+    Args:
+        x: ``[..., K]`` float32, bfloat16 or float16.
+        qweight: uint8 ``[N, ceil(K / 32) * 16]``: values in [-8, 7] plus 8, two a byte per block
+            of 32 (``formats.pack_int4``).
+        scale: float16 ``[N, ceil(K / group)]``.
+        group: values per scale, 32 or 64.
+        bias: optional ``[N]`` in x's dtype.
+
+    Returns:
+        ``[..., N]`` in x's dtype. On the CPU up to 16 rows of x run the core's kernels (AVX512-VNNI:
+        x quantised per block of 32 as for int8; AVX2: nibbles dequantised in registers); more
+        rows dequantise the weight a cache-sized chunk at a time into torch's GEMM.
+    """
+    extension.require_extension()
+    return torch.ops.pysparse.int4_linear.default(x, qweight, scale, group, bias)
+
+
+def sparse24_int4_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    scale: torch.Tensor,
+    group: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``int4_linear`` over a 2:4 int4 weight: the ``K/2`` kept values packed as ``pack_int4``
+    packs them (``values`` uint8 ``[N, ceil(K / 64) * 16]``), ``meta`` as ``compress24`` makes it,
+    ``scale`` float16 ``[N, ceil(K / 2 / group)]`` (a group is ``group`` kept values, i.e.
+    ``2 * group`` columns)."""
+    extension.require_extension()
+    return torch.ops.pysparse.sparse24_int4_linear.default(x, values, meta, scale, group, bias)
 
 
 def attention(
@@ -467,6 +512,38 @@ def _register_linear_fakes() -> None:
         torch._check(meta.dtype == torch.uint8, lambda: "sparse24_int8_linear: meta must be uint8")
         n, k = values.shape[0], values.shape[1] * 2
         return check_int8("sparse24_int8_linear", x, values, n, k, scale, bias)
+
+    def check_int4(op, x, w, scale, group, stored, bias):
+        torch._check(group in (32, 64), lambda: f"{op}: group must be 32 or 64")
+        torch._check(w.dtype == torch.uint8, lambda: f"{op}: the int4 weight must be uint8")
+        torch._check(
+            w.shape[1] == (stored + 31) // 32 * 16,
+            lambda: f"{op}: the int4 weight's bytes a row do not match x.shape[-1]",
+        )
+        torch._check(
+            scale.shape == (w.shape[0], (stored + group - 1) // group),
+            lambda: f"{op}: scale must be [out_features, groups]",
+        )
+        torch._check(scale.dtype == torch.float16, lambda: f"{op}: scale must be float16")
+        torch._check(
+            x.device == w.device,
+            lambda: f"{op}: x is on {x.device} but the weight is on {w.device}",
+        )
+        return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+    @torch.library.register_fake("pysparse::int4_linear")
+    def _int4_linear_fake(x, qweight, scale, group, bias=None):
+        torch._check(qweight.dim() == 2, lambda: "int4_linear: qweight must be 2-D")
+        return check_int4("int4_linear", x, qweight, scale, group, x.shape[-1], bias)
+
+    @torch.library.register_fake("pysparse::sparse24_int4_linear")
+    def _sparse24_int4_linear_fake(x, values, meta, scale, group, bias=None):
+        torch._check(values.dim() == 2, lambda: "sparse24_int4_linear: values must be 2-D")
+        torch._check(meta.dtype == torch.uint8, lambda: "sparse24_int4_linear: meta must be uint8")
+        torch._check(x.shape[-1] % 4 == 0, lambda: "sparse24_int4_linear: K % 4 != 0")
+        return check_int4(
+            "sparse24_int4_linear", x, values, scale, group, x.shape[-1] // 2, bias
+        )
 
     @torch.library.register_fake("pysparse::attention")
     def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):

@@ -19,6 +19,8 @@ __all__ = [
     "reference_dense_linear",
     "reference_int8_linear",
     "reference_int8_linear_a8",
+    "reference_int4_linear",
+    "reference_sparse24_int4_linear",
     "reference_obs24_sweep",
     "reference_prox24",
     "reference_prune24",
@@ -156,23 +158,67 @@ def quantize_activations_a8(x: torch.Tensor, block: int = 32) -> tuple[torch.Ten
     return unpad(xq), unpad(scale)
 
 
+def _a8_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """float64 ``x @ w.T + bias`` with x quantised as the VNNI routes quantise it
+    (quantize_activations_a8): each block's dot product over xq exact, times the block's scale."""
+    xq, xs = quantize_activations_a8(x)
+    M, K = xq.shape
+    block = 32
+    y = torch.zeros(M, w.shape[0], dtype=torch.float64)
+    for b in range((K + block - 1) // block):
+        cols = slice(b * block, min(K, (b + 1) * block))
+        y += (xq[:, cols] @ w[:, cols].T) * xs[:, b * block : b * block + 1]
+    return y if bias is None else y + bias.cpu().to(torch.float64)
+
+
 def reference_int8_linear_a8(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """float64 int8_linear as the VNNI route computes it: x quantised (quantize_activations_a8),
     each block's integer dot product exact, times the block's scale, summed, times the row's
     scale, plus the bias."""
-    xq, xs = quantize_activations_a8(x)
-    M, K = xq.shape
-    q = qweight.cpu().to(torch.float64)
-    block = 32
-    nb = (K + block - 1) // block
-    y = torch.zeros(M, q.shape[0], dtype=torch.float64)
-    for b in range(nb):
-        cols = slice(b * block, min(K, (b + 1) * block))
-        y += (xq[:, cols] @ q[:, cols].T) * xs[:, b * block : b * block + 1]
-    y = y * scale.cpu().to(torch.float64)
-    return y if bias is None else y + bias.cpu().to(torch.float64)
+    w = qweight.cpu().to(torch.float64) * scale.cpu().to(torch.float64)[:, None]
+    return _a8_linear(x, w, bias)
+
+
+def _int4_dense(qweight: torch.Tensor, scale: torch.Tensor, group: int, V: int) -> torch.Tensor:
+    """The float64 ``[N, V]`` values of a packed int4 weight (csrc/core/qlinear.h's layout),
+    unpacked here independently of pysparse.kernels.formats."""
+    b = qweight.cpu().to(torch.int64)
+    i = torch.arange(V)
+    byte = b[:, (i // 32) * 16 + (i % 32) % 16]
+    q = ((byte >> torch.where(i % 32 < 16, 0, 4)) & 15).to(torch.float64) - 8
+    s = scale.cpu().to(torch.float64).repeat_interleave(group, dim=1)[:, :V]
+    return q * s
+
+
+def reference_int4_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    group: int,
+    bias: torch.Tensor | None = None,
+    a8: bool = False,
+) -> torch.Tensor:
+    """float64 int4_linear: the dequantised weight; ``a8``: with x quantised as the VNNI route
+    quantises it (``reference_int8_linear_a8``'s arithmetic)."""
+    w = _int4_dense(qweight, scale, group, x.shape[-1])
+    return _a8_linear(x, w, bias) if a8 else reference_dense_linear(x, w, bias)
+
+
+def reference_sparse24_int4_linear(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    scale: torch.Tensor,
+    group: int,
+    bias: torch.Tensor | None = None,
+    a8: bool = False,
+) -> torch.Tensor:
+    """float64 sparse24_int4_linear: the kept values dequantised and decompressed."""
+    K = x.shape[-1]
+    w = reference_decompress24(_int4_dense(values, scale, group, K // 2), meta.cpu(), K)
+    return _a8_linear(x, w, bias) if a8 else reference_dense_linear(x, w, bias)
 
 
 def reference_sparse24_int8_linear(
