@@ -167,11 +167,14 @@ class Lower(Pass):
             vname, mname = info["packed"]
             x, weight = node.args[0], node.args[1]
             bias = node.args[2] if len(node.args) > 2 else None
-            quant = info.get("quant")
+            quant = info.get("packed_quant", info.get("quant"))
             with graph.inserting_before(node):
                 v = graph.get_attr(vname)
                 m = graph.get_attr(mname)
-                if quant:
+                if quant and quant["bits"] == 4:
+                    op = torch.ops.pysparse.sparse24_int4_linear.default
+                    args = (x, v, m, graph.get_attr(quant["scale"]), quant["group"], bias)
+                elif quant:
                     op = torch.ops.pysparse.sparse24_int8_linear.default
                     args = (x, v, m, graph.get_attr(quant["scale"]), bias)
                 else:
@@ -188,9 +191,9 @@ class Lower(Pass):
                 _drop_parameter(gm, weight.target)
                 dropped += 1
         report = {"linears_lowered": lowered, "dense_weights_dropped": dropped}
-        int8 = _lower_int8(gm)
-        if int8:
-            report["int8_linears_lowered"] = int8
+        quantized = _lower_quantized(gm)
+        if quantized:
+            report["quantized_linears_lowered"] = quantized
         if self.dense:
             report["dense_linears_lowered"] = _lower_dense(graph)
         if self.fuse:
@@ -203,17 +206,22 @@ class Lower(Pass):
             report["ffns_lowered"] = ffn_ops
             if ffn_skipped:
                 report["ffns_not_lowered"] = ffn_skipped
-        _drop_unused_int8(gm)
+        _drop_unused_quantized(gm)
         changed = (
-            lowered > 0 or bool(ffn_ops) or bool(report.get("dense_linears_lowered")) or int8 > 0
+            lowered > 0
+            or bool(ffn_ops)
+            or bool(report.get("dense_linears_lowered"))
+            or quantized > 0
         )
         return PassResult(gm, changed, report)
 
 
-def _lower_int8(gm: fx.GraphModule) -> int:
-    """Every linear the quantize pass made int8 and Compress24 did not pack becomes
-    ``pysparse::int8_linear`` over its int8 weight and scales; returns how many. Its float weight
-    goes when nothing else reads it (a tied embedding still does)."""
+def _lower_quantized(gm: fx.GraphModule) -> int:
+    """Every linear the quantize pass made int8 or int4 and Compress24 did not pack becomes
+    ``pysparse::int8_linear`` / ``pysparse::int4_linear`` over its quantised weight and scales;
+    returns how many. Its float weight goes when nothing else reads it. (An int4 weight grouped
+    over 2:4 kept values, left unpacked, has groups of ``2 * group`` columns: the kernels take 64
+    at most, so a g64 one stays a float linear over its dequantised weight.)"""
     graph = gm.graph
     count = 0
     for node in list(graph.nodes):
@@ -223,11 +231,19 @@ def _lower_int8(gm: fx.GraphModule) -> int:
             continue
         x, weight = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if quant["bits"] == 4:
+            group = quant["group"] * (2 if quant.get("sparse24") else 1)
+            if group > 64:
+                continue
+            op = torch.ops.pysparse.int4_linear.default
+        else:
+            op = torch.ops.pysparse.int8_linear.default
         with graph.inserting_before(node):
             q, scale = graph.get_attr(quant["qweight"]), graph.get_attr(quant["scale"])
-            new = graph.call_function(torch.ops.pysparse.int8_linear.default, (x, q, scale, bias))
+            args = (x, q, scale, group, bias) if quant["bits"] == 4 else (x, q, scale, bias)
+            new = graph.call_function(op, args)
         new.meta = dict(node.meta)
-        new.meta["pysparse"] = {**info, "lowered": "int8_linear"}
+        new.meta["pysparse"] = {**info, "lowered": op.name().split("::")[1]}
         node.replace_all_uses_with(new)
         graph.erase_node(node)
         _drop_unused_attr(gm, weight)
@@ -235,8 +251,9 @@ def _lower_int8(gm: fx.GraphModule) -> int:
     return count
 
 
-def _drop_unused_int8(gm: fx.GraphModule) -> None:
-    """The quantize pass's int8 weights that no op reads any more (Compress24 packed them)."""
+def _drop_unused_quantized(gm: fx.GraphModule) -> None:
+    """The quantize pass's int8/int4 weights that no op reads any more (Compress24 packed
+    them)."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_buffers()):
         if name.startswith("pysparse__") and name.endswith("__qweight") and name not in used:
@@ -269,12 +286,16 @@ def _fusable() -> dict[Any, tuple[str, ...]]:
         torch.ops.pysparse.dense_linear.default: ("weight",),
         torch.ops.pysparse.sparse24_int8_linear.default: ("values", "meta", "scale"),
         torch.ops.pysparse.int8_linear.default: ("qweight", "scale"),
+        torch.ops.pysparse.sparse24_int4_linear.default: ("values", "meta", "scale", "group"),
+        torch.ops.pysparse.int4_linear.default: ("qweight", "scale", "group"),
     }
 
 
 def _linear_args(node: fx.Node, kinds: tuple[str, ...]) -> tuple[list[Any], Any]:
-    """(weight tensors' nodes, bias node or None) of a linear op call taking ``kinds`` tensors."""
-    weights = list(node.args[1 : 1 + len(kinds)])
+    """(weight tensors' nodes, bias node or None) of a linear op call taking ``kinds`` arguments
+    after x (tensors, then an int4 op's group, which is not returned), then the bias."""
+    tensors = [k for k in kinds if k != "group"]
+    weights = list(node.args[1 : 1 + len(tensors)])
     bias = node.args[1 + len(kinds)] if len(node.args) > 1 + len(kinds) else None
     return weights, bias
 
@@ -298,7 +319,16 @@ def _fuse_siblings(gm: fx.GraphModule, reuse: dict[str, torch.Tensor]) -> int:
         if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
             continue
         t = [module_tensor(gm, w.target) for w in weights]
-        key = (node.target, node.args[0], t[0].dtype, t[0].device, t[0].shape[1], bias is None)
+        group = node.args[1 + len(weights)] if "group" in kinds else None
+        key = (
+            node.target,
+            node.args[0],
+            t[0].dtype,
+            t[0].device,
+            t[0].shape[1],
+            bias is None,
+            group,
+        )
         groups.setdefault(key, []).append(node)
     merged = 0
     for (op, *_), nodes in groups.items():
@@ -328,9 +358,13 @@ def _fuse_group(
     ]
     digest = hashlib.sha256("|".join(weights).encode()).hexdigest()[:8]
     base = f"pysparse__fused__{weights[0].replace('.', '__')}__{digest}"
-    names = [base if k == "weight" else f"{base}__{k}" for k in kinds]
+    tensor_kinds = [k for k in kinds if k != "group"]
+    group = nodes[0].args[1 + len(tensor_kinds)] if "group" in kinds else None
+    names = [base if k == "weight" else f"{base}__{k}" for k in tensor_kinds]
     names += [f"{base}__bias"] if has_bias else []
     rows = [module_tensor(gm, p[0].target).shape[0] for p in parts]
+    x_val = nodes[0].args[0].meta.get("val") if isinstance(nodes[0].args[0], fx.Node) else None
+    in_features = int(x_val.shape[-1]) if x_val is not None else None
     with graph.inserting_before(nodes[0]):
         attrs = []
         for i, name in enumerate(names):
@@ -339,7 +373,11 @@ def _fuse_group(
                 made = torch.cat([module_tensor(gm, p[i].target) for p in parts]).contiguous()
             gm.register_buffer(name, made)
             attrs.append(graph.get_attr(name))
-        fused = graph.call_function(op, (nodes[0].args[0], *attrs, *([] if has_bias else [None])))
+        consts = [group] if group is not None else []
+        nt = len(tensor_kinds)
+        fused = graph.call_function(
+            op, (nodes[0].args[0], *attrs[:nt], *consts, *(attrs[nt:] if has_bias else [None]))
+        )
     fused.meta = {"pysparse": {"lowered": op.name(), "fused": [n.name for n in nodes]}}
     if all("val" in n.meta for n in nodes):
         fused.meta["val"] = torch.cat([n.meta["val"] for n in nodes], -1)
@@ -350,6 +388,23 @@ def _fuse_group(
             record_layout(gm, weight, "dense", rows=rows_of, tensor=names[0])
         elif kinds == ("qweight", "scale"):
             record_layout(gm, weight, "int8", rows=rows_of, tensor=names[0], scale=names[1])
+        elif kinds in (("qweight", "scale", "group"), ("values", "meta", "scale", "group")):
+            dense4 = kinds[0] == "qweight"
+            tensors = (
+                {"tensor": names[0], "scale": names[1]}
+                if dense4
+                else {"values": names[0], "meta": names[1], "scale": names[2]}
+            )
+            record_layout(
+                gm,
+                weight,
+                "int4" if dense4 else "int4_rows",
+                rows=rows_of,
+                group=group,
+                in_features=in_features
+                or gm.meta["pysparse"]["weight_layouts"].get(weight, {}).get("in_features"),
+                **tensors,
+            )
         elif kinds == ("values", "meta", "scale"):
             record_layout(
                 gm,
@@ -483,7 +538,12 @@ def _match_ffn(gm: fx.GraphModule, block: dict, infos: dict) -> _FfnMatch:
         raise _Skip("only some of the FFN's linears are 2:4 (or padded)")
     by_row = bool(infos.get(down.name, {}).get("packed_by_row"))
     quant = {r: infos.get(n.name, {}).get("quant") for r, n in linears.items()}
-    int8_ok = all(quant.values()) and gated and n_packed == len(packed) and not by_row
+    int8_ok = (
+        all(q and q["bits"] == 8 for q in quant.values())
+        and gated
+        and n_packed == len(packed)
+        and not by_row
+    )
     if any(quant.values()) and not int8_ok:
         raise _Skip(
             "int8 weights: the int8 FFN op takes a gated FFN with all three linears 2:4 and "

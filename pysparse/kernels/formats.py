@@ -232,7 +232,9 @@ def quantize_int4(
     values. ``scale`` defaults to round-to-nearest's ``int4_scale``."""
     _check_group(group, "quantize_int4")
     if sparse24 and (w.dim() != 2 or w.shape[-1] % 4):
-        raise ValueError(f"quantize_int4: a 2:4 weight needs in_features % 4 == 0, got {tuple(w.shape)}")
+        raise ValueError(
+            f"quantize_int4: a 2:4 weight needs in_features % 4 == 0, got {tuple(w.shape)}"
+        )
     group = 2 * group if sparse24 else group
     if w.dim() != 2 or not w.is_floating_point():
         raise ValueError(

@@ -16,7 +16,10 @@ not the dense ones. ``values`` and ``meta`` are initializers, so runtimes consta
 decode once at session creation (onnxruntime does); torch's exporter may already fold it for
 small weights. The multiply itself is then dense in the runtime: no standard ONNX op executes 2:4
 sparsity. Float32 is what onnxruntime's CPU provider runs for every op used here. The int8
-linears become ``DequantizeLinear`` (per output row) + MatMul over the int8 initializers.
+linears become ``DequantizeLinear`` (per output row) + MatMul over the int8 initializers; the int4
+ones unpack their nibble initializers (BitwiseAnd / Div by 16, minus 8) and multiply by the
+float16 scales expanded over their groups (portable opset-18 ops: the file keeps 4.5 bits a
+weight, the runtime folds the float weight once).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from onnxscript import opset18 as op
 
 _INT64 = 7  # onnx.TensorProto.INT64
+_FLOAT = 1  # onnx.TensorProto.FLOAT
 
 
 def _onnx_dtype(value: Any) -> int:
@@ -36,7 +40,7 @@ def _onnx_dtype(value: Any) -> int:
     return int(dtype)
 
 
-def _dense_from_packed(values: Any, meta: Any) -> Any:
+def _dense_from_packed(values: Any, meta: Any, dtype: int | None = None) -> Any:
     shape = op.Shape(values)  # [N, K/2]
     n = op.Slice(shape, [0], [1])
     half_k = op.Slice(shape, [1], [2])
@@ -58,7 +62,10 @@ def _dense_from_packed(values: Any, meta: Any) -> Any:
     k = op.Mul(half_k, op.Constant(value_ints=[2]))
     # Zeros of values' dtype from a plain Cast (onnxruntime cannot constant-fold CastLike, which
     # would leave the decode running on every inference).
-    zeros = op.Cast(op.ConstantOfShape(op.Concat(n, k, axis=0)), to=_onnx_dtype(values))
+    zeros = op.Cast(
+        op.ConstantOfShape(op.Concat(n, k, axis=0)),
+        to=_onnx_dtype(values) if dtype is None else dtype,
+    )
     return op.ScatterElements(zeros, cols, values, axis=1)
 
 
@@ -82,6 +89,44 @@ def int8_linear(x: Any, qweight: Any, scale: Any, bias: Any = None) -> Any:
 
 def sparse24_int8_linear(x: Any, values: Any, meta: Any, scale: Any, bias: Any = None) -> Any:
     return int8_linear(x, _dense_from_packed(values, meta), scale, bias)
+
+
+def _int4_values(packed: Any, scale: Any, group: int, stored: Any) -> Any:
+    """The float32 ``[N, stored]`` values of a packed int4 weight (formats.pack_int4: per block of
+    16 bytes, low nibbles are values 0-15, high ones 16-31, each plus 8) times their scales."""
+    n = op.Slice(op.Shape(packed), [0], [1])
+    b = op.Reshape(
+        op.Cast(packed, to=_INT64), op.Concat(n, op.Constant(value_ints=[-1, 16]), axis=0)
+    )
+    u = op.Concat(
+        op.BitwiseAnd(b, op.Constant(value_int=15)), op.Div(b, op.Constant(value_int=16)), axis=-1
+    )
+    u = op.Slice(
+        op.Reshape(u, op.Concat(n, op.Constant(value_ints=[-1]), axis=0)), [0], stored, [1]
+    )
+    q = op.Cast(op.Sub(u, op.Constant(value_int=8)), to=_FLOAT)
+    groups = op.Slice(op.Shape(scale), [1], [2])
+    s = op.Unsqueeze(op.Cast(scale, to=_FLOAT), [-1])
+    s = op.Expand(s, op.Concat(n, groups, op.Constant(value_ints=[group]), axis=0))
+    s = op.Slice(
+        op.Reshape(s, op.Concat(n, op.Constant(value_ints=[-1]), axis=0)), [0], stored, [1]
+    )
+    return op.Mul(q, s)
+
+
+def int4_linear(x: Any, qweight: Any, scale: Any, group: int, bias: Any = None) -> Any:
+    k = op.Slice(op.Shape(x), [-1], [2**62])
+    w = op.CastLike(_int4_values(qweight, scale, group, k), x)
+    return dense_linear(x, w, bias)
+
+
+def sparse24_int4_linear(
+    x: Any, values: Any, meta: Any, scale: Any, group: int, bias: Any = None
+) -> Any:
+    half_k = op.Div(op.Slice(op.Shape(x), [-1], [2**62]), op.Constant(value_ints=[2]))
+    kept = _int4_values(values, scale, group, half_k)
+    w = op.CastLike(_dense_from_packed(kept, meta, dtype=_FLOAT), x)
+    return dense_linear(x, w, bias)
 
 
 def _dense_down_from_groups(values: Any, meta: Any) -> Any:
@@ -218,6 +263,8 @@ def translation_table() -> dict[Any, Any]:
         p.dense_linear.default: dense_linear,
         p.int8_linear.default: int8_linear,
         p.sparse24_int8_linear.default: sparse24_int8_linear,
+        p.int4_linear.default: int4_linear,
+        p.sparse24_int4_linear.default: sparse24_int4_linear,
         p.sparse_ffn.default: sparse_ffn,
         p.ffn_predict.default: ffn_predict,
         p.sparse_mlp.default: sparse_mlp,

@@ -26,6 +26,7 @@ __all__ = [
     "decompress24",
     "dense_linear",
     "ffn_predict",
+    "int4_linear",
     "int8_linear",
     "last_cuda_route",
     "meta_cols",
@@ -34,9 +35,8 @@ __all__ = [
     "prox24_",
     "prune24",
     "reset_cuda_route_counts",
-    "sparse24_int8_linear",
-    "int4_linear",
     "sparse24_int4_linear",
+    "sparse24_int8_linear",
     "sparse24_linear",
     "sparse_ffn",
     "sparse_ffn24",
@@ -541,9 +541,7 @@ def _register_linear_fakes() -> None:
         torch._check(values.dim() == 2, lambda: "sparse24_int4_linear: values must be 2-D")
         torch._check(meta.dtype == torch.uint8, lambda: "sparse24_int4_linear: meta must be uint8")
         torch._check(x.shape[-1] % 4 == 0, lambda: "sparse24_int4_linear: K % 4 != 0")
-        return check_int4(
-            "sparse24_int4_linear", x, values, scale, group, x.shape[-1] // 2, bias
-        )
+        return check_int4("sparse24_int4_linear", x, values, scale, group, x.shape[-1] // 2, bias)
 
     @torch.library.register_fake("pysparse::attention")
     def _attention_fake(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
