@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 # LLAMA_FTYPE_ALL_F32 / MOSTLY_F16 / MOSTLY_Q4_0 / MOSTLY_Q8_0
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, "q4_k_m": 15}
 
 
 def available() -> bool:
@@ -36,10 +36,29 @@ def available() -> bool:
 def write_float_gguf(src: Path, dst: Path, kind: str) -> Path:
     """An F32 (kind "f32"), F16 ("f16"), Q8_0 ("q8_0") or Q4_0 ("q4_0") copy of the GGUF ``src``
     at ``dst`` (quantised by the ``gguf`` package's own quantiser from the dequantised weights;
-    1-D tensors stay F32); kept if present."""
+    1-D tensors stay F32); kept if present. "q4_k_m": llama.cpp's own quantiser (through
+    llama-cpp-python) from the F32 copy, its mixes and fallbacks as a user's ``llama-quantize``
+    makes them (the ``gguf`` package has no K-quant quantiser)."""
     import gguf
 
     if dst.exists():
+        return dst
+    if kind == "q4_k_m":
+        import ctypes
+
+        import llama_cpp
+
+        f32 = write_float_gguf(src, dst.with_name(dst.name.replace("Q4_K_M", "F32")), "f32")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+        params.nthread = 2
+        tmp = dst.with_suffix(".partial")
+        rc = llama_cpp.llama_model_quantize(
+            str(f32).encode(), str(tmp).encode(), ctypes.byref(params)
+        )
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp's quantiser failed ({rc}) making {dst}")
+        tmp.rename(dst)
         return dst
     reader = gguf.GGUFReader(str(src))
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()

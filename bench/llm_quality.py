@@ -25,10 +25,18 @@ window of ``pysparse eval`` (256 tokens, stride 128). Rows (``--only`` picks by 
   both                        ProSparse (staged + sweep), then the best 2:4 method, lowered
   int8                        Quantize(): every linear and the lm_head weight-only int8 (round to
                               nearest, one scale per output row)
-  sparsegpt (+ update) + int8 SparseGPT with its update, then int8
+  int4 g32 / g64              Quantize(bits=4[, group=64]): int4 with a float16 scale per 32 / 64
+                              values (round to nearest), the lm_head int8 (its default)
+  int4 g32 everywhere         ... with the lm_head (tied embeddings) int4 too
+  int4 g32 / g64 gptq         Quantize(bits=4, method="gptq"): GPTQ on the calibration set
+  sparsegpt (+ update) + int8 / + int4 g32 [gptq]
+                              SparseGPT with its update, then int8 / int4 (RTN or GPTQ under the
+                              mask: one sweep that keeps the zeros and quantises the rest)
   llama.cpp f32 / q8_0 / q4_0 the same weights as GGUFs (bench/llamacpp.py; the gguf package's
                               quantiser) scored through llama.cpp's own logits on the same windows
                               (when llama-cpp-python is installed)
+  llama.cpp q4_k_m            llama.cpp's own quantiser's Q4_K_M (SmolLM2's 576-wide rows are not
+                              K-quant blocks of 256: most tensors fall back to Q5_0 / Q8_0)
 
 Printed: perplexity, its ratio to dense, FFN activation sparsity (zeros of the FFN intermediate
 on the held-out text) and the wall time of the passes; per-layer sparsity for ProSparse rows; a
@@ -295,8 +303,18 @@ def main() -> None:
         ],
     }
     rows_def["int8"] = lambda: [Quantize()]
+    rows_def["int4 g32"] = lambda: [Quantize(bits=4)]
+    rows_def["int4 g64"] = lambda: [Quantize(bits=4, group=64)]
+    rows_def["int4 g32 everywhere (head too)"] = lambda: [Quantize(bits=4, head_bits=4)]
+    rows_def["int4 g32 gptq"] = lambda: [Quantize(bits=4, method="gptq")]
+    rows_def["int4 g64 gptq"] = lambda: [Quantize(bits=4, group=64, method="gptq")]
     rows_def["sparsegpt (+ update) + int8"] = lambda: [SparseGPTPrune(), Quantize()]
-    for kind in ("f32", "q8_0", "q4_0"):
+    rows_def["sparsegpt (+ update) + int4 g32"] = lambda: [SparseGPTPrune(), Quantize(bits=4)]
+    rows_def["sparsegpt (+ update) + int4 g32 gptq"] = lambda: [
+        SparseGPTPrune(),
+        Quantize(bits=4, method="gptq"),
+    ]
+    for kind in ("f32", "q8_0", "q4_0", "q4_k_m"):
         rows_def[f"llama.cpp {kind}"] = lambda kind=kind: llama_lm(kind)
     if args.recover:
         rows_def[f"proxsparse + reconstruct + {args.recover} recovery{start}"] = lambda: [

@@ -35,6 +35,8 @@ is no int4 FFN kernel yet)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import fx
 
@@ -44,12 +46,16 @@ from pysparse.kernels.formats import (
     INT4_GROUPS,
     dequantize_int4,
     dequantize_int8,
+    int4_scale,
+    int8_scale,
     pack_int4,
     quantize_int4,
     quantize_int8,
     record_layout,
 )
 from pysparse.kernels.reference import is_24_sparse
+
+from .baselines import _gram, obs_inverse, prune_by_groups
 
 ROLES = ("qkv", "o", "gate", "up", "down", "gate_up", "head")
 _SELECTIONS = {
@@ -94,7 +100,11 @@ class Quantize(Pass):
         ffn: bool | None = None,
         group: int = 32,
         head_bits: int | None = None,
+        method: str = "rtn",
+        damp: float = 0.01,
     ):
+        if method not in ("rtn", "gptq"):
+            raise ValueError(f"Quantize: method={method!r}; use 'rtn' or 'gptq'")
         head_bits = (8 if bits == 4 else bits) if head_bits is None else head_bits
         if bits not in (8, 4) or head_bits not in (8, 4):
             raise ValueError(
@@ -111,28 +121,25 @@ class Quantize(Pass):
         self.bits = bits
         self.group = group
         self.head_bits = head_bits
+        self.method = method
+        self.damp = damp
         self.linears = linears if isinstance(linears, str) else list(linears)
         self.ffn = ffn
         self._roles = roles
 
     def _quantize(self, w: torch.Tensor, bits: int, sparse24: bool):
-        """(stored tensors (q or packed q), scale, dequantised float32 weight, record)."""
+        """Round to nearest: (stored (q or packed q), scale, dequantised float32, record)."""
         if bits == 8:
-            q, scale = quantize_int8(w)
-            return q, scale, dequantize_int8(q, scale), {"bits": 8}
-        q, scale = quantize_int4(w, self.group, sparse24=sparse24)
-        deq = dequantize_int4(q, scale, self.group, sparse24=sparse24)
-        return pack_int4(q), scale, deq, {"bits": 4, "group": self.group, "sparse24": sparse24}
+            return self._finish(*quantize_int8(w), 8, sparse24)
+        return self._finish(*quantize_int4(w, self.group, sparse24=sparse24), 4, sparse24)
 
-    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    def _selected(self, gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, dict, int]], int]:
+        """(node, info, bits) of every linear the pass quantizes, in graph order, and how many
+        activation-sparse FFN linears it leaves in float."""
         skip_ffn = set() if self.ffn else _activation_sparse_linears(gm, self.ffn is False)
         # the linears of FFNs the int8 FFN op takes: int8 whatever ``bits`` is
         int8_ffn = _activation_sparse_linears(gm, True) - _activation_sparse_linears(gm, False)
-        done: dict[str, tuple[str, str]] = {}  # weight -> buffers (a weight several linears read)
-        counts: dict[str, int] = {}
-        by_bits: dict[int, int] = {}
-        before_bytes, after_bytes, err_num, err_den = 0, 0, 0.0, 0.0
-        left_for_ffn = 0
+        out, left_for_ffn = [], 0
         for node in gm.graph.nodes:
             info = node.meta.get("pysparse")
             if node.op != "call_function" or node.target is not torch.ops.aten.linear.default:
@@ -142,20 +149,82 @@ class Quantize(Pass):
             if node.name in skip_ffn:
                 left_for_ffn += 1
                 continue
-            target = info["weight"]
-            w = module_tensor(gm, target)
+            w = module_tensor(gm, info["weight"])
             if w.dim() != 2 or w.dtype not in (torch.float32, torch.bfloat16, torch.float16):
                 continue
-            bits = (
-                self.head_bits
-                if info["role"] == "head"
-                else (8 if node.name in int8_ffn else self.bits)
-            )
+            head = info["role"] == "head"
+            bits = self.head_bits if head else (8 if node.name in int8_ffn else self.bits)
+            out.append((node, info, bits))
+        return out, left_for_ffn
+
+    def _gptq(self, gm: fx.GraphModule, ctx: PassContext, selected: list) -> dict[str, Any]:
+        """GPTQ over the selected linears but the head, layer by layer on the calibration stream
+        (each layer's Hessians with the earlier layers already quantised): weight -> (stored,
+        scale, dequantised, record). The head (tied to the embeddings on the decoders pysparse
+        serves: an update would move the table the lookups read) keeps round to nearest."""
+        solved: dict[str, Any] = {}
+        bits_of = {node.name: bits for node, _, bits in selected}
+        targets = [(n, i) for n, i, _ in selected if i["role"] != "head"]
+
+        def solve(group: list, stats: dict) -> None:
+            sweeps: dict[tuple, list] = {}
+            for node, info in group:
+                if info["weight"] in solved:
+                    continue
+                w = module_tensor(gm, info["weight"])
+                sparse24 = w.shape[-1] % 4 == 0 and is_24_sparse(w)
+                key = (id(stats[node.name]), bits_of[node.name], sparse24)
+                sweeps.setdefault(key, []).append((node, info, w))
+            for (_, bits, sparse24), items in sweeps.items():
+                ws = [w for _, _, w in items]
+                stacked = torch.cat([w.detach() for w in ws]) if len(ws) > 1 else ws[0].detach()
+                q, scale = gptq_quantize(
+                    stacked,
+                    stats[items[0][0].name],
+                    bits=bits,
+                    group=self.group,
+                    sparse24=sparse24,
+                    damp=self.damp,
+                )
+                rows = [w.shape[0] for w in ws]
+                for (_, info, w), qi, si in zip(items, q.split(rows), scale.split(rows)):
+                    solved[info["weight"]] = self._finish(qi, si, bits, sparse24)
+                    with torch.no_grad():
+                        w.copy_(solved[info["weight"]][2].to(w.dtype))
+
+        prune_by_groups(gm, ctx, targets, _gram, solve, "quantize (gptq)")
+        return solved
+
+    def _finish(self, q: torch.Tensor, scale: torch.Tensor, bits: int, sparse24: bool):
+        """(stored, scale, dequantised float32, record) of a solved int8 q or int4 q."""
+        if bits == 8:
+            return q, scale, dequantize_int8(q, scale), {"bits": 8}
+        deq = dequantize_int4(q, scale, self.group, sparse24=sparse24)
+        return pack_int4(q), scale, deq, {"bits": 4, "group": self.group, "sparse24": sparse24}
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        selected, left_for_ffn = self._selected(gm)
+        original = {
+            i["weight"]: module_tensor(gm, i["weight"]).detach().float().clone()
+            for _, i, _ in selected
+        }
+        solved = self._gptq(gm, ctx, selected) if self.method == "gptq" else {}
+        done: dict[str, tuple[str, str, dict]] = {}  # weight -> buffers (several linears read)
+        counts: dict[str, int] = {}
+        by_bits: dict[int, int] = {}
+        before_bytes, after_bytes, err_num, err_den = 0, 0, 0.0, 0.0
+        for node, info, bits in selected:
+            target = info["weight"]
+            w = module_tensor(gm, target)
             if target not in done:
-                sparse24 = info["role"] != "head" and w.shape[-1] % 4 == 0 and is_24_sparse(w)
-                q, scale, deq, rec = self._quantize(w, bits, sparse24)
-                err_num += float((deq - w.detach().float()).pow(2).sum())
-                err_den += float(w.detach().float().pow(2).sum())
+                if target in solved:
+                    q, scale, deq, rec = solved[target]
+                else:
+                    sparse24 = info["role"] != "head" and w.shape[-1] % 4 == 0 and is_24_sparse(w)
+                    q, scale, deq, rec = self._quantize(w, bits, sparse24)
+                w0 = original[target]
+                err_num += float((deq - w0).pow(2).sum())
+                err_den += float(w0.pow(2).sum())
                 with torch.no_grad():
                     w.copy_(deq.to(w.dtype))
                 qname, sname = quant_names(target)
@@ -185,6 +254,7 @@ class Quantize(Pass):
             "linears_quantized": sum(counts.values()),
             "by_role": counts,
             "by_bits": {str(b): n for b, n in sorted(by_bits.items())},
+            "method": self.method,
             "weights_mb": round(before_bytes / 1e6, 2),
             "quantized_mb": round(after_bytes / 1e6, 2),
             "relative_weight_error": round((err_num / err_den) ** 0.5, 5) if err_den else 0.0,
@@ -200,4 +270,65 @@ class Quantize(Pass):
             "ffn": self.ffn,
             "group": self.group,
             "head_bits": self.head_bits,
+            "method": self.method,
         }
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    bits: int,
+    group: int = 32,
+    sparse24: bool = False,
+    damp: float = 0.01,
+    block: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ for one weight (arXiv 2210.17323; SparseGPT's sweep with a quantiser): the columns
+    are quantised in order, each one's error ``(w - q) / [H^-1]_jj`` spread over the columns not
+    yet visited through the upper Cholesky factor of H^-1 (``obs_inverse``; lazy blocks of
+    ``block`` columns). int4: a group's scale is taken (``int4_scale``) from its weights as the
+    sweep reaches it, already updated by the earlier columns' errors, as GPTQ does; int8: one
+    scale per row from the original weight. ``sparse24``: the weight's zeros are its 2:4 mask,
+    kept at zero (their "quantised" value is 0: the sweep that prunes and quantises at once of
+    SparseGPT, under a fixed mask), and the int4 groups span ``2 * group`` columns.
+
+    Returns ``(q int8 [N, K], scale)`` as ``quantize_int8`` / ``quantize_int4`` return them."""
+    N, K = w.shape
+    hinv, dead = obs_inverse(hessian, damp)
+    W = w.detach().to(torch.float64).clone()
+    W[:, dead] = 0.0
+    keep = (w.detach() != 0).to(torch.float64) if sparse24 else None
+    cols = (2 * group if sparse24 else group) if bits == 4 else K
+    qmin, qmax = (-8, 7) if bits == 4 else (-127, 127)
+    Q = torch.zeros(N, K, dtype=torch.int8)
+    scales = []
+    if bits == 8:
+        scales.append(int8_scale(w).to(torch.float64))
+    s = scales[0] if bits == 8 else None
+    block = max(cols, block // cols * cols) if bits == 4 else block
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1 = W[:, i1:i2].clone()
+        err = torch.zeros(N, i2 - i1, dtype=torch.float64)
+        hb = hinv[i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            c = i1 + j
+            if bits == 4 and c % cols == 0:
+                g = W1[:, j : j + cols]
+                if keep is not None:
+                    g = g * keep[:, c : c + cols]
+                s16 = int4_scale(g.to(torch.float32), g.shape[1])
+                scales.append(s16)
+                s = s16.to(torch.float64)[:, 0]
+            q = torch.round(W1[:, j] / s).clamp_(qmin, qmax)
+            if keep is not None:
+                q = q * keep[:, c]
+            Q[:, c] = q.to(torch.int8)
+            e = (W1[:, j] - q * s) / hb[j, j]
+            W1[:, j:] -= e[:, None] * hb[j, j:][None, :]
+            err[:, j] = e
+        W[:, i2:] -= err @ hinv[i1:i2, i2:]
+    if bits == 8:
+        return Q, scales[0].to(torch.float32)
+    return Q, torch.cat(scales, dim=1)

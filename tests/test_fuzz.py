@@ -109,42 +109,56 @@ def test_sparse24_linear_matches_reference(
     lead=st.sampled_from([(), (2,), (1, 3)]),
     dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
     packed=st.booleans(),
+    bits=st.sampled_from([(8, 0), (4, 32), (4, 64)]),
     strided=st.booleans(),
     bias=st.booleans(),
     route=st.sampled_from(["native", "avx2", "scalar"]),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_int8_linears_match_reference(
-    set_route, N, groups, M, lead, dtype, packed, strided, bias, route, seed
+def test_quantized_linears_match_reference(
+    set_route, N, groups, M, lead, dtype, packed, bits, strided, bias, route, seed
 ):
-    """int8_linear / sparse24_int8_linear: the kernels up to 16 rows, the dequantising route past."""
+    """int8_linear / sparse24_int8_linear and int4_linear / sparse24_int4_linear (group 32, 64):
+    the kernels up to 16 rows, the dequantising route past."""
     set_route(route)
-    K = 4 * groups
+    (nbits, group), K = bits, 4 * groups
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=gen)
     w = ops.prune24(w) if packed else w
-    q, scale = formats.quantize_int8(w)
     if strided:
         x = torch.randn(*lead, M, 2 * K, generator=gen).to(dtype)[..., ::2]
     else:
         x = torch.randn(*lead, M, K, generator=gen).to(dtype)
     b = torch.randn(N, generator=gen).to(dtype) if bias else None
-    if packed:
-        values, meta = formats.compress24_int8(q)
-        y = ops.sparse24_int8_linear(x, values, meta, scale, b)
+    if nbits == 8:
+        q, scale = formats.quantize_int8(w)
+        wd = formats.dequantize_int8(q, scale).double()
+        weights = (*formats.compress24_int8(q), scale) if packed else (q, scale)
+        impl = "int8_impl"
     else:
-        y = ops.int8_linear(x, q, scale, b)
+        q, scale = formats.quantize_int4(w, group, sparse24=packed)
+        wd = formats.dequantize_int4(q, scale, group, sparse24=packed).double()
+        weights = (
+            (*formats.compress24_int4(q), scale, group)
+            if packed
+            else (formats.pack_int4(q), scale, group)
+        )
+        impl = "int4_impl"
+    op = {
+        (8, False): ops.int8_linear,
+        (8, True): ops.sparse24_int8_linear,
+        (4, False): ops.int4_linear,
+        (4, True): ops.sparse24_int4_linear,
+    }[nbits, packed]
+    y = op(x, *weights, b)
     assert y.shape == (*lead, M, N) and y.dtype == dtype
     x2 = x.reshape(-1, K)
-    vnni = route == "native" and pysparse._C.cpu_info()["int8_impl"] == "avx512_vnni"
+    vnni = route == "native" and pysparse._C.cpu_info()[impl] == "avx512_vnni"
     if vnni and x2.shape[0] <= 16:  # x quantised per block of 32, as the reference does
-        ref = R.reference_int8_linear_a8(x2, q, scale, b)
         xq, xs = R.quantize_activations_a8(x2)
         x2 = xq * xs
-    else:
-        ref = R.reference_int8_linear(x2, q, scale, b)
-    wd = formats.dequantize_int8(q, scale).double().abs()
-    mag = x2.double().abs() @ wd.T + (b.double().abs() if b is not None else 0)
+    ref = R.reference_dense_linear(x2, wd, b)
+    mag = x2.double().abs() @ wd.abs().T + (b.double().abs() if b is not None else 0)
     tol = 4 * math.sqrt(K + 2) * torch.finfo(torch.float32).eps * mag + 1e-6
     if dtype != torch.float32:  # the output's rounding, and the weight's on the dequantising route
         tol = tol + (ref.abs() + mag) * torch.finfo(dtype).eps
