@@ -18,6 +18,11 @@ Rows (one process, interleaved call by call so the machine's drift hits all alik
     2:4 + int8       compile(magnitude, quantize, compress24, lower)
     2:4 + act + int8 compile(relu[t], magnitude, quantize, compress24, lower): the attention
                      projections and the lm_head int8, the FFNs on the 2:4 act-sparse kernels
+    int4             compile(quantize(bits=4), lower): the projections int4 g32, the lm_head int8
+    2:4 + int4       compile(magnitude, quantize(bits=4), compress24, lower)
+    2:4 + act + int4 compile(relu[t], magnitude, quantize(bits=4), compress24, lower): the
+                     attention projections 2:4 int4, the lm_head int8, the FFNs int8 on their
+                     2:4 act-sparse op (there is no int4 FFN kernel yet)
     ..., native      each pysparse row's model again with generate(native=True): the step
                      graph as AOTInductor code (pysparse.runtime.native), no Python between its
                      ops; the rows without the suffix run the graph op by op (native=False). The
@@ -84,6 +89,9 @@ BASE_ROWS = [
     "int8",
     "2:4 + int8",
     "2:4 + act + int8",
+    "int4",
+    "2:4 + int4",
+    "2:4 + act + int4",
 ]
 ROWS = ["HF dense", *(r + s for r in BASE_ROWS for s in ("", NATIVE_SUFFIX))]
 LLAMA_ROWS = {
@@ -121,6 +129,15 @@ def passes_for(row: str, t: float) -> list:
             ReluSubstitution(t),
             MagnitudePrune(),
             Quantize(),
+            Compress24(),
+            Lower(),
+        ],
+        "int4": lambda: [Quantize(bits=4), Lower()],
+        "2:4 + int4": lambda: [MagnitudePrune(), Quantize(bits=4), Compress24(), Lower()],
+        "2:4 + act + int4": lambda: [
+            ReluSubstitution(t),
+            MagnitudePrune(),
+            Quantize(bits=4),
             Compress24(),
             Lower(),
         ],

@@ -13,7 +13,9 @@ read of a buffer of the same size timed in the same run (torch.sum over it), and
     python bench/linear24.py --int8 --shapes 4096x4096 11008x4096 4096x11008 --batches 1 4 16
 
 --int8 times the 2:4 int8 linear (``sparse24_int8_linear``: int8 values, meta and one fp32 scale
-a row; x in each --dtype) against torch dense on the same weight in that dtype.
+a row; x in each --dtype) against torch dense on the same weight in that dtype; --int4 the 2:4
+int4 linear (``sparse24_int4_linear``: kept values two a byte, meta, a float16 scale per 32 kept
+values).
 
 --routes compares the CPU routes the dispatcher chooses between instead (each forced per call
 through its environment switch, all interleaved with torch dense in one loop): the AMX tile kernel,
@@ -113,6 +115,9 @@ def main() -> None:
     ap.add_argument(
         "--int8", action="store_true", help="the 2:4 int8 linear (sparse24_int8_linear)"
     )
+    ap.add_argument(
+        "--int4", action="store_true", help="the 2:4 int4 linear (sparse24_int4_linear, g32)"
+    )
     args = ap.parse_args()
 
     if args.threads:
@@ -127,6 +132,7 @@ def main() -> None:
         f"# pysparse {info['version']} | torch {torch.__version__} | threads {torch.get_num_threads()} | "
         f"cpu kernel {info['cpu']['linear_impl']} (gemv for M <= {info['cpu']['gemv_max_rows']})"
         + (f" | int8 {info['cpu']['int8_impl']}" if args.int8 else "")
+        + (f" | int4 {info['cpu']['int4_impl']}" if args.int4 else "")
     )
     print(
         "| dtype | N x K | M | dense ms | 2:4 ms | speed-up | 2:4 GB/s | stream GB/s | % of stream |"
@@ -148,6 +154,13 @@ def main() -> None:
                 values, meta = formats.compress24_int8(q)
                 sparse = lambda x, v=values, m=meta, s=scale: ops.sparse24_int8_linear(x, v, m, s)
                 nbytes = values.numel() + meta.numel() + 4 * scale.numel()
+            if args.int4:
+                q, scale = formats.quantize_int4(w.float(), 32, sparse24=True)
+                values, meta = formats.compress24_int4(q)
+                sparse = lambda x, v=values, m=meta, s=scale: ops.sparse24_int4_linear(
+                    x, v, m, s, 32
+                )
+                nbytes = values.numel() + meta.numel() + 2 * scale.numel()
             stream = None
             for M in args.batches:
                 x = torch.randn(M, K, dtype=torch.float32).to(dtype)

@@ -207,8 +207,8 @@ def test_int4_lowered_model_computes_the_quantized_graph(llama, passes, ops, gro
     or ~3.3 (2:4) a weight."""
     _, batches = llama
     ids = batches[1][0][0]
-    q4 = lambda: Quantize(bits=4, group=group)  # noqa: E731
-    mk = lambda ps: [q4() if p == "quantize" else p for p in ps]  # noqa: E731
+    q4 = lambda: Quantize(bits=4, group=group)
+    mk = lambda ps: [q4() if p == "quantize" else p for p in ps]
     lowered = _compile(llama, mk(passes), generation=False)
     graph = _compile(
         llama, mk([p for p in passes if p not in ("compress24", "lower")]), generation=False
@@ -284,3 +284,63 @@ def test_int4_save_load_generate_native_and_exports(llama, tmp_path):
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         got = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
         torch.testing.assert_close(torch.from_numpy(got), _logits(m(ids)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "passes",
+    [
+        [Quantize(bits=4), "lower"],
+        ["relu", "magnitude", Quantize(bits=4), "compress24", "lower"],
+        ["magnitude", Quantize(), "compress24", "lower"],
+    ],
+    ids=["int4", "2:4+act+int4", "2:4+int8"],
+)
+def test_compressed_tensors_export_loads_in_transformers(llama, tmp_path, passes):
+    """The compressed-tensors folder: the quantized linears stored as compressed-tensors' own
+    unpacker reads them (pack-quantized int4 / int-quantized int8), and transformers' loader
+    (which decompresses through compressed-tensors) gives pysparse's logits."""
+    ct = pytest.importorskip("compressed_tensors")
+    import json
+
+    import transformers
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file
+
+    _, batches = llama
+    ids = batches[1][0][0]
+    sm = _compile(llama, passes, generation=False)
+    out = pysparse.export(sm, tmp_path / "ct", format="compressed-tensors")
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["ignore"][0] == "lm_head"
+    state = load_file(str(out / "model.safetensors"))
+    layouts = sm.gm.meta["pysparse"]["weight_layouts"]
+    tensors = {**dict(sm.gm.named_parameters()), **dict(sm.gm.named_buffers())}
+    checked = 0
+    for group in qc["config_groups"].values():
+        bits, gs = group["weights"]["num_bits"], group["weights"]["group_size"]
+        for module in group["targets"]:
+            want = formats.dense_weight(tensors, module + ".weight", layouts)
+            scale = state[module + ".weight_scale"]
+            if bits == 4:
+                shape = torch.Size(state[module + ".weight_shape"].tolist())
+                q = unpack_from_int32(state[module + ".weight_packed"], 4, shape)
+                got = q.float() * scale.repeat_interleave(gs, dim=1)
+            else:
+                got = state[module + ".weight"].float() * scale
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            checked += 1
+    assert checked >= 8
+    if "magnitude" in passes:
+        assert len(cfg["pysparse_sparsity"]["modules"]) >= 8
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, _logits(sm(ids)), rtol=1e-4, atol=1e-4)
+    assert ct.__version__
+
+
+def test_compressed_tensors_export_needs_quantized_weights(llama, tmp_path):
+    sm = _compile(llama, ["magnitude", "compress24", "lower"], generation=False)
+    with pytest.raises(ValueError, match="no quantized linears"):
+        pysparse.export(sm, tmp_path / "ct", format="compressed-tensors")
+    assert not (tmp_path / "ct").exists()

@@ -17,6 +17,9 @@
   * ``"hf"``:           a Hugging Face folder (``path`` is a directory) that ``transformers``
                         loads without pysparse: the weights dense, 2:4 layers masked, the
                         activation in the config (``pysparse.artifacts.hf``).
+  * ``"compressed-tensors"``: the Hugging Face folder with the quantize pass's int8 / int4
+                        weights stored quantized, as vLLM and llm-compressor read them
+                        (``pysparse.artifacts.compressed``).
 The three file formats take their inputs positionally: the positional example inputs, then the keyword
 ones in their example order (e.g. ``m(input_ids, attention_mask)``; ONNX names them ``input0``,
 ``kw_attention_mask``). pt2 and TorchScript keep the pysparse ops, so both run on the sparse
@@ -136,14 +139,21 @@ def export(model: Any, path: str | os.PathLike, format: str = "pt2", part: str =
     graph instead: ``torch.export.load(path).module()(input_ids, position_ids, cache_position,
     attention_mask, keys, values)`` with the KV cache as two lists of [B, kv_heads, S, head_dim]
     tensors updated in place (pysparse.runtime.generate describes the inputs)."""
-    if format == "hf":
+    if format in ("hf", "compressed-tensors"):
         if part != "forward":
             raise ValueError("export: a Hugging Face folder holds the model, not its step graph")
+        if format == "compressed-tensors":
+            from pysparse.artifacts.compressed import export_compressed_tensors
+
+            return export_compressed_tensors(model, path)
         from pysparse.artifacts.hf import export_hf
 
         return export_hf(model, path)
     if format not in FORMATS:
-        raise ValueError(f"export: unknown format {format!r}; choose one of {[*FORMATS, 'hf']}")
+        raise ValueError(
+            f"export: unknown format {format!r}; choose one of "
+            f"{[*FORMATS, 'hf', 'compressed-tensors']}"
+        )
     if part not in ("forward", "step"):
         raise ValueError(f"export: unknown part {part!r}; choose 'forward' or 'step'")
     if part == "step":

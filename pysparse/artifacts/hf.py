@@ -117,9 +117,9 @@ def _model_class(record: dict[str, Any]) -> type:
         ) from exc
 
 
-def export_hf(model: Any, directory: str | os.PathLike) -> Path:
-    """Writes ``model`` (from ``pysparse.compile`` or ``pysparse.load``) as a Hugging Face folder
-    (see the module docstring); returns its path."""
+def _dense_hf(model: Any) -> tuple[torch.nn.Module, Any, dict, dict]:
+    """(the source class's model holding the compiled model's weights dense, its tokenizer, the
+    compiled tensors by graph name, their layouts)."""
     tensors, layouts, record, report, tokenizer = _source(model)
     cls = _model_class(record)
     config = cls.config_class.from_dict(
@@ -163,15 +163,19 @@ def export_hf(model: Any, directory: str | os.PathLike) -> Path:
         hf = hf.to(max(set(floats), key=floats.count))
     hf.load_state_dict(state, strict=False)
     hf.tie_weights()
+    return hf, tokenizer, tensors, layouts
+
+
+def _write_folder(directory: str | os.PathLike, write: Any) -> Path:
+    """Calls ``write(tmp)`` on a fresh temporary folder beside ``directory``, then renames it into
+    place (a folder that is not a model folder is never replaced; nothing half-written stays)."""
     target = Path(directory)
     if target.exists() and any(target.iterdir()) and not (target / "config.json").exists():
-        raise ValueError(f"export_hf: {target} exists and is not a model folder; choose another")
+        raise ValueError(f"export: {target} exists and is not a model folder; choose another")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        hf.save_pretrained(str(tmp))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
+        write(tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
@@ -179,3 +183,16 @@ def export_hf(model: Any, directory: str | os.PathLike) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def export_hf(model: Any, directory: str | os.PathLike) -> Path:
+    """Writes ``model`` (from ``pysparse.compile`` or ``pysparse.load``) as a Hugging Face folder
+    (see the module docstring); returns its path."""
+    hf, tokenizer, _, _ = _dense_hf(model)
+
+    def write(tmp: Path) -> None:
+        hf.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    return _write_folder(directory, write)

@@ -1,4 +1,5 @@
-"""``pysparse export DIR --format pt2|torchscript|onnx|hf [--out FILE] [--part forward|step]``:
+"""``pysparse export DIR --format pt2|torchscript|onnx|hf|compressed-tensors [--out FILE]
+[--part forward|step]``:
 write a saved artifact in a format other tools load."""
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("dir", help="artifact directory from `pysparse compile`")
     p.add_argument(
         "--format",
-        choices=["pt2", "torchscript", "onnx", "hf"],
+        choices=["pt2", "torchscript", "onnx", "hf", "compressed-tensors"],
         default="pt2",
         help="hf: a Hugging Face folder transformers loads without pysparse (dense weights, 2:4 "
-        "layers masked; see pysparse.artifacts.hf)",
+        "layers masked; see pysparse.artifacts.hf); compressed-tensors: the same with the int8 / "
+        "int4 weights quantized as vLLM and llm-compressor read them (pysparse.artifacts.compressed)",
     )
     p.add_argument(
         "--out", default=None, help="output file (default: DIR/model.pt2|.ts|.onnx, DIR/hf)"
@@ -55,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _output_path(args: argparse.Namespace) -> Path:
     """``--out``, else DIR/hf or DIR/model[-step].pt2|.ts|.onnx by format and part."""
-    if args.format == "hf":
-        return Path(args.out) if args.out else Path(args.dir) / "hf"
+    if args.format in ("hf", "compressed-tensors"):
+        return Path(args.out) if args.out else Path(args.dir) / args.format
     suffix = {"pt2": ".pt2", "torchscript": ".ts", "onnx": ".onnx"}[args.format]
     stem = "model" if args.part == "forward" else "model-step"
     return Path(args.out) if args.out else Path(args.dir) / f"{stem}{suffix}"
