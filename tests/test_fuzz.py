@@ -12,6 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from testutil import assert_quantized_close
 
 import pysparse
 from pysparse.kernels import formats, ops
@@ -158,12 +159,7 @@ def test_quantized_linears_match_reference(
         xq, xs = R.quantize_activations_a8(x2)
         x2 = xq * xs
     ref = R.reference_dense_linear(x2, wd, b)
-    mag = x2.double().abs() @ wd.abs().T + (b.double().abs() if b is not None else 0)
-    tol = 4 * math.sqrt(K + 2) * torch.finfo(torch.float32).eps * mag + 1e-6
-    if dtype != torch.float32:  # the output's rounding, and the weight's on the dequantising route
-        tol = tol + (ref.abs() + mag) * torch.finfo(dtype).eps
-    err = (y.reshape(-1, N).double() - ref).abs()
-    assert (err <= tol).all(), f"route {route}: max err {float(err.max()):.3g}"
+    assert_quantized_close(y, x2, wd, b, ref, dequantised=True)
 
 
 @FUZZ

@@ -7,11 +7,9 @@ errors; the int8 formats' round trips."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from testutil import skip_unless_kernel, use_route
+from testutil import assert_quantized_close, assert_rows_invariant, skip_unless_kernel, use_route
 from torch.library import opcheck
 
 import pysparse
@@ -59,23 +57,6 @@ def _call(packed: bool, x, weights, bias):
     return ops.int8_linear(x, *weights, bias)
 
 
-def _check(y, x, q, scale, bias, ref, dequantised: bool):
-    """fp32 accumulation of K products, then the scale and the bias: the usual sqrt(K) eps bound
-    on the magnitudes. 16-bit x adds the output's rounding, and on the dequantising route (more
-    rows than the kernels take) the weight's rounding to x's dtype."""
-    N, K = q.shape
-    x2 = x.reshape(-1, K).double()
-    w = q.double() * scale.double()[:, None]
-    mag = x2.abs() @ w.abs().T + (bias.double().abs() if bias is not None else 0)
-    tol = 4 * math.sqrt(K + 2) * torch.finfo(torch.float32).eps * mag + 1e-6
-    if y.dtype != torch.float32:
-        tol = tol + ref.abs() * torch.finfo(y.dtype).eps
-        if dequantised:
-            tol = tol + mag * torch.finfo(y.dtype).eps
-    err = (y.reshape(-1, N).double() - ref).abs()
-    assert (err <= tol).all(), f"max err {float(err.max()):.3g} (bound {float(tol.max()):.3g})"
-
-
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "2:4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 3, 4, 5, 16, 17])
@@ -93,7 +74,8 @@ def test_matches_float64_reference(route, packed, dtype, M, N, K):
         x = (xq * xs).to(torch.float32)  # what the kernel multiplies (bounds its rounding)
     else:
         ref = reference(x, *weights, bias)
-    _check(y, x, q, scale, bias, ref, dequantised=route == "dequant" or M > 16)
+    w = q.double() * scale.double()[:, None]
+    assert_quantized_close(y, x, w, bias, ref, dequantised=route == "dequant" or M > 16)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "2:4"])
@@ -109,18 +91,7 @@ def test_a_row_gets_the_same_bits_alone_batched_and_at_any_thread_count(
     for K in (512, 576, 580):  # whole chunks, and a partial last chunk (VNNI: 4.5 of 128)
         weights, *_ = _weights(1031, K, gen, packed)
         x = torch.randn(16, K, generator=gen)
-        before = torch.get_num_threads()
-        try:
-            outs = []
-            for nt in (1, 2):
-                torch.set_num_threads(nt)
-                outs.append(_call(packed, x, weights, None))
-        finally:
-            torch.set_num_threads(before)
-        assert torch.equal(outs[0], outs[1])
-        for m in (1, 3, 5, 9):
-            assert torch.equal(_call(packed, x[:m], weights, None), outs[0][:m])
-        assert torch.equal(_call(packed, x[7:8], weights, None), outs[0][7:8])
+        assert_rows_invariant(lambda x, w=weights: _call(packed, x, w, None), x)
 
 
 def test_the_kernels_run_up_to_sixteen_rows(monkeypatch):

@@ -7,11 +7,9 @@ batched and at any thread count; opcheck; clear errors; the int4 formats' round 
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from testutil import skip_unless_kernel, use_route
+from testutil import assert_quantized_close, assert_rows_invariant, skip_unless_kernel, use_route
 from torch.library import opcheck
 
 import pysparse
@@ -64,21 +62,6 @@ def _reference(packed: bool, x, weights, bias, a8: bool):
     return fn(x, *weights, bias, a8=a8)
 
 
-def _check(y, x, w, bias, ref, dequantised: bool):
-    """fp32 accumulation of K products (VNNI: per block, then scaled): the sqrt(K) eps bound on
-    the magnitudes; 16-bit x adds the output's rounding, the dequantising route the weight's."""
-    N, K = w.shape
-    x2 = x.reshape(-1, K).double()
-    mag = x2.abs() @ w.abs().T + (bias.double().abs() if bias is not None else 0)
-    tol = 4 * math.sqrt(K + 2) * torch.finfo(torch.float32).eps * mag + 1e-6
-    if y.dtype != torch.float32:
-        tol = tol + ref.abs() * torch.finfo(y.dtype).eps
-        if dequantised:
-            tol = tol + mag * torch.finfo(y.dtype).eps
-    err = (y.reshape(-1, N).double() - ref).abs()
-    assert (err <= tol).all(), f"max err {float(err.max()):.3g} (bound {float(tol.max()):.3g})"
-
-
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "2:4"])
 @pytest.mark.parametrize("group", [32, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -98,7 +81,7 @@ def test_matches_float64_reference(route, packed, group, dtype, M, N, K):
     if kernels and route == "vnni":
         xq, xs = R.quantize_activations_a8(x)
         x = (xq * xs).to(torch.float32)  # what the kernel multiplies (bounds its rounding)
-    _check(y, x, w, bias, ref, dequantised=not kernels)
+    assert_quantized_close(y, x, w, bias, ref, dequantised=not kernels)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "2:4"])
@@ -111,18 +94,7 @@ def test_a_row_gets_the_same_bits_alone_batched_and_at_any_thread_count(
     for K in (512, 576, 580):
         weights, _ = _weights(1031, K, 32, gen, packed)
         x = torch.randn(16, K, generator=gen)
-        before = torch.get_num_threads()
-        try:
-            outs = []
-            for nt in (1, 2):
-                torch.set_num_threads(nt)
-                outs.append(_call(packed, x, weights, None))
-        finally:
-            torch.set_num_threads(before)
-        assert torch.equal(outs[0], outs[1])
-        for m in (1, 3, 5, 9):
-            assert torch.equal(_call(packed, x[:m], weights, None), outs[0][:m])
-        assert torch.equal(_call(packed, x[7:8], weights, None), outs[0][7:8])
+        assert_rows_invariant(lambda x, w=weights: _call(packed, x, w, None), x)
 
 
 def _opcheck_cases():

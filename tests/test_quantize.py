@@ -128,13 +128,18 @@ def test_quantize_runs_after_masks_and_before_packing(llama):
     assert [r["pass"] for r in sm.report] == ["magnitude", "quantize", "compress24", "lower"]
 
 
-def test_save_load_generate_native_and_exports(llama, tmp_path):
-    """Loaded, the artifact generates the tokens the compiled model does, in the graph and
-    natively; its ONNX file runs in onnxruntime (DequantizeLinear over the int8 initializers); its
-    HF export is the dequantised model."""
+@pytest.mark.parametrize("bits", [8, 4])
+def test_save_load_generate_native_and_exports(llama, tmp_path, bits):
+    """2:4 + int8 / int4 + activation sparsity (the FFNs int8 on their op): loaded, the artifact
+    generates the tokens the compiled model does, in the graph and natively; its ONNX file runs in
+    onnxruntime (int8: DequantizeLinear over the int8 initializers; int4: nibbles unpacked by
+    standard ops, the dense int4 linear too); its HF export is the dequantised model."""
     _, batches = llama
     ids = batches[1][0][0]
-    sm = _compile(llama, ["relu", "magnitude", "quantize", "compress24", "lower"])
+    sm = _compile(llama, ["relu", "magnitude", Quantize(bits=bits), "compress24", "lower"])
+    targets = _targets(sm)
+    assert targets.count(P.sparse_ffn24_int8.default) == 2
+    assert (P.sparse24_int4_linear if bits == 4 else P.sparse24_int8_linear).default in targets
     pysparse.save(sm, tmp_path / "art")
     loaded = pysparse.load(tmp_path / "art")
     prompt = ids[:1, :5]
@@ -149,10 +154,12 @@ def test_save_load_generate_native_and_exports(llama, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, logits, rtol=1e-4, atol=1e-4)
     ort = pytest.importorskip("onnxruntime")
-    path = pysparse.export(sm, tmp_path / "m.onnx", format="onnx")
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(got), logits, rtol=1e-4, atol=1e-4)
+    dense = _compile(llama, [Quantize(bits=bits), "lower"], generation=False)
+    for name, m in (("sparse", sm), ("dense", dense)):
+        path = pysparse.export(m, tmp_path / f"{name}.onnx", format="onnx")
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
+        torch.testing.assert_close(torch.from_numpy(got), _logits(m(ids)), rtol=1e-4, atol=1e-4)
 
 
 def test_the_tied_lm_head_is_quantized_once_for_the_embedding_too():
@@ -252,38 +259,6 @@ def test_int4_everywhere_and_the_tied_head():
     packed, scale = sm.gm.get_buffer(record["tensor"]), sm.gm.get_buffer(record["scale"])
     q = formats.unpack_int4(packed, table.shape[1])
     torch.testing.assert_close(table, formats.dequantize_int4(q, scale, 32), rtol=0, atol=0)
-
-
-def test_int4_save_load_generate_native_and_exports(llama, tmp_path):
-    """2:4 + int4 + activation sparsity (the FFNs int8 on their op): loaded, graph and native
-    generate the same tokens; ONNX (nibbles unpacked by standard ops) runs in onnxruntime; the HF
-    export is the dequantised model."""
-    _, batches = llama
-    ids = batches[1][0][0]
-    sm = _compile(llama, ["relu", "magnitude", Quantize(bits=4), "compress24", "lower"])
-    targets = _targets(sm)
-    assert targets.count(P.sparse_ffn24_int8.default) == 2
-    assert P.sparse24_int4_linear.default in targets
-    pysparse.save(sm, tmp_path / "art")
-    loaded = pysparse.load(tmp_path / "art")
-    prompt = ids[:1, :5]
-    want = sm.generate(prompt, max_new_tokens=8, native=False)
-    assert torch.equal(loaded.generate(prompt, max_new_tokens=8, native=False), want)
-    assert torch.equal(loaded.generate(prompt, max_new_tokens=8, native=True), want)
-    logits = _logits(sm(ids))
-    hf = pysparse.export(loaded, tmp_path / "hf", format="hf")
-    import transformers
-
-    back = transformers.AutoModelForCausalLM.from_pretrained(str(hf)).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(back(ids).logits, logits, rtol=1e-4, atol=1e-4)
-    ort = pytest.importorskip("onnxruntime")
-    dense = _compile(llama, [Quantize(bits=4), "lower"], generation=False)
-    for m in (sm, dense):
-        path = pysparse.export(m, tmp_path / f"m{id(m)}.onnx", format="onnx")
-        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        got = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})[0]
-        torch.testing.assert_close(torch.from_numpy(got), _logits(m(ids)), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -123,3 +123,45 @@ def use_route(name: str, routes: dict[str, dict[str, str]], monkeypatch) -> str:
     if name == "avx2":
         skip_unless_kernel("avx2", pysparse._C.cpu_info()["avx2"])
     return name
+
+
+def assert_rows_invariant(call, x) -> None:
+    """What continuous batching needs of a kernel: ``call(x)``'s rows the same bits at 1 and 2
+    threads, and for the first 1, 3, 5, 9 rows and row 7 alone as in the whole batch."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2):
+            torch.set_num_threads(nt)
+            outs.append(call(x))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])
+    for m in (1, 3, 5, 9):
+        assert torch.equal(call(x[:m]), outs[0][:m])
+    assert torch.equal(call(x[7:8]), outs[0][7:8])
+
+
+def assert_quantized_close(y, x, w, bias, ref, dequantised: bool) -> None:
+    """A quantized linear's output ``y`` [..., N] against its float64 reference ``ref`` [M, N],
+    given the x it multiplied [.., K] and the dense weight ``w`` [N, K] it stands for: fp32
+    accumulation of K products, the usual sqrt(K) eps bound on the magnitudes; 16-bit outputs add
+    their rounding, and with ``dequantised`` (the route past the kernels' rows) the weight's
+    rounding to x's dtype."""
+    import math
+
+    import torch
+
+    N, K = w.shape
+    x2 = x.reshape(-1, K).double()
+    w = w.double()
+    mag = x2.abs() @ w.abs().T + (bias.double().abs() if bias is not None else 0)
+    tol = 4 * math.sqrt(K + 2) * torch.finfo(torch.float32).eps * mag + 1e-6
+    if y.dtype != torch.float32:
+        tol = tol + ref.abs() * torch.finfo(y.dtype).eps
+        if dequantised:
+            tol = tol + mag * torch.finfo(y.dtype).eps
+    err = (y.reshape(-1, N).double() - ref).abs()
+    assert (err <= tol).all(), f"max err {float(err.max()):.3g} (bound {float(tol.max()):.3g})"

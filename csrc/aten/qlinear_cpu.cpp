@@ -23,6 +23,18 @@ namespace {
 // PYSPARSE_INT8_GEMV_MAX_ROWS overrides.
 constexpr int64_t kMaxRows = 16;
 
+// bias: optional [N] in x's dtype `st`, on the weight's device.
+void check_bias(const char* op, at::ScalarType st, const at::Tensor& w, int64_t N,
+                const c10::optional<at::Tensor>& bias) {
+  if (!bias.has_value() || !bias->defined()) return;
+  TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [", N, "], got shape ",
+              bias->sizes());
+  TORCH_CHECK(bias->scalar_type() == st, op, ": bias is ", bias->scalar_type(), " but x is ", st,
+              "; cast the bias");
+  TORCH_CHECK(bias->device() == w.device(), op, ": bias is on ", bias->device(),
+              " but the weight is on ", w.device());
+}
+
 void check_common(const char* op, const at::Tensor& x, const at::Tensor& w, int64_t N, int64_t K,
                   const at::Tensor& scale, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension, got a scalar");
@@ -38,14 +50,7 @@ void check_common(const char* op, const at::Tensor& x, const at::Tensor& w, int6
   TORCH_CHECK(x.device() == w.device() && scale.device() == w.device(), op, ": x (", x.device(),
               "), the weight (", w.device(), ") and scale (", scale.device(),
               ") must be on one device; move them");
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [", N,
-                "], got shape ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == st, op, ": bias is ", bias->scalar_type(), " but x is ", st,
-                "; cast the bias");
-    TORCH_CHECK(bias->device() == w.device(), op, ": bias is on ", bias->device(),
-                " but the weight is on ", w.device());
-  }
+  check_bias(op, st, w, N, bias);
 }
 
 void check_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
@@ -214,14 +219,7 @@ int64_t check_int4(const char* op, const at::Tensor& x, const at::Tensor& q, con
   const auto st = x.scalar_type();
   TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op,
               ": x must be float32, bfloat16 or float16, got ", st);
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [", N,
-                "], got shape ", bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == st, op, ": bias is ", bias->scalar_type(), " but x is ", st,
-                "; cast the bias");
-    TORCH_CHECK(bias->device() == q.device(), op, ": bias is on ", bias->device(),
-                " but the weight is on ", q.device());
-  }
+  check_bias(op, st, q, N, bias);
   return N;
 }
 

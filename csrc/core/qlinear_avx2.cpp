@@ -1,9 +1,8 @@
 // AVX2/FMA build of the int8 linears (qlinear.h); the dispatcher (qlinear.cpp) calls it only on
 // CPUs with AVX2 and FMA.
 //
-// int8 weights are widened in registers (vpmovsxbd + vcvtdq2ps per 8). 2:4: per 16 columns of x
-// (two meta bytes, 8 kept weights) the kept x values come from two vpermps with the index table
-// of the fp32 kernels (sparse24_simd_common.inc) and one blend. int4: per block of 32 values one
+// int8 weights are widened in registers (vpmovsxbd + vcvtdq2ps per 8): qlinear_widen.inc, shared
+// with the AVX-512 build. int4: per block of 32 values one
 // 16-byte load, each piece of 8 values unpacked (nibble mask/shift, -8), widened and multiplied by
 // its group's scale (q * scale is exact in fp32: the dequantised weight), then the same FMA and,
 // for 2:4, the same x selection as int8.
@@ -23,71 +22,27 @@ namespace {
 
 constexpr Route kQRoute = Route::kInt8Linear;
 
-template <int RB, int MT>
-inline void q_dense(const FloatRows& xs, int64_t K, const QWeight& qw, float (*out)[RB]) {
-  const float* x = xs.p;
-  const int8_t* w = reinterpret_cast<const int8_t*>(qw.w);
-  const int64_t chunks = K / 8;
-  __m256 acc[MT][RB];
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < RB; ++r) acc[m][r] = _mm256_setzero_ps();
-  // RB contiguous rows: one stream, asked for kStreamAheadBytes ahead, a line per 64 bytes.
-  const char* ahead = reinterpret_cast<const char*>(w) + kStreamAheadBytes;
-  for (int64_t j = 0; j < chunks; ++j) {
-    if ((j * RB * 8) % 64 < RB * 8) _mm_prefetch(ahead + RB * 8 * j, _MM_HINT_T0);
-    __m256 xv[MT];
-    for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(x + m * K + 8 * j);
-    for (int r = 0; r < RB; ++r) {
-      const __m256 wv = load8(w + r * K + 8 * j);
-      for (int m = 0; m < MT; ++m) acc[m][r] = _mm256_fmadd_ps(wv, xv[m], acc[m][r]);
-    }
+// The widening int8 kernels (qlinear_widen.inc) on 8 lanes: 2:4 picks the 8 kept x values of 16
+// columns with two vpermps (the fp32 kernels' index table) and one blend.
+struct QVec {
+  using T = __m256;
+  struct Sel {
+    __m256i lo, hi;
+  };
+  static constexpr int kWidth = 8;
+  static T zero() { return _mm256_setzero_ps(); }
+  static T loadu(const float* p) { return _mm256_loadu_ps(p); }
+  static T widen(const int8_t* p) { return load8(p); }
+  static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
+  static float hsum(T v) { return ::pysparse::core::detail::hsum(v); }
+  static Sel select(const uint8_t* meta) { return {perm_index(meta[0]), perm_index(meta[1])}; }
+  static T kept(T lo, T hi, Sel s) {
+    return _mm256_blend_ps(_mm256_permutevar8x32_ps(lo, s.lo), _mm256_permutevar8x32_ps(hi, s.hi),
+                           0xF0);
   }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < RB; ++r) {
-      float s = hsum(acc[m][r]);
-      for (int64_t k = chunks * 8; k < K; ++k)
-        s = std::fma(static_cast<float>(w[r * K + k]), x[m * K + k], s);
-      out[m][r] = s;
-    }
-}
+};
 
-template <int RB, int MT>
-inline void q_packed(const FloatRows& xs, int64_t K, const QWeight& qw, float (*out)[RB]) {
-  const float* x = xs.p;
-  const int8_t* v = reinterpret_cast<const int8_t*>(qw.w);
-  const uint8_t* meta = qw.meta;
-  const int64_t half = K / 2;
-  const int64_t mcols = meta_cols(K);
-  const int64_t chunks = K / 16;  // 4 groups, 8 kept weights, 2 meta bytes
-  __m256 acc[MT][RB];
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < RB; ++r) acc[m][r] = _mm256_setzero_ps();
-  const char* vahead = reinterpret_cast<const char*>(v) + kStreamAheadBytes;
-  const char* mahead = reinterpret_cast<const char*>(meta) + kStreamAheadBytes / 4;
-  for (int64_t j = 0; j < chunks; ++j) {
-    if ((j & 1) == 0) _mm_prefetch(vahead + RB * 8 * j, _MM_HINT_T0);
-    if ((j & 7) == 0) _mm_prefetch(mahead + RB * 2 * j, _MM_HINT_T0);
-    __m256 xlo[MT], xhi[MT];
-    for (int m = 0; m < MT; ++m) {
-      xlo[m] = _mm256_loadu_ps(x + m * K + 16 * j);
-      xhi[m] = _mm256_loadu_ps(x + m * K + 16 * j + 8);
-    }
-    for (int r = 0; r < RB; ++r) {
-      const uint8_t* mr = meta + r * mcols + 2 * j;
-      const __m256i p0 = perm_index(mr[0]), p1 = perm_index(mr[1]);
-      const __m256 wv = load8(v + r * half + 8 * j);
-      for (int m = 0; m < MT; ++m) {
-        const __m256 xg = _mm256_blend_ps(_mm256_permutevar8x32_ps(xlo[m], p0),
-                                          _mm256_permutevar8x32_ps(xhi[m], p1), 0xF0);
-        acc[m][r] = _mm256_fmadd_ps(wv, xg, acc[m][r]);
-      }
-    }
-  }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < RB; ++r)
-      out[m][r] = q_packed_tail(hsum(acc[m][r]), x + m * K, v + r * half, meta + r * mcols,
-                                chunks * 4, K);
-}
+#include "qlinear_widen.inc"
 
 // Piece p (0-3: 8 values each) of a block of 32 packed int4 values, dequantised: lo nibbles of
 // bytes 0-7 / 8-15, then hi nibbles of bytes 0-7 / 8-15 (qlinear.h's layout), times the scale.
