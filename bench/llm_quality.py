@@ -25,10 +25,10 @@ window of ``pysparse eval`` (256 tokens, stride 128). Rows (``--only`` picks by 
   both                        ProSparse (staged + sweep), then the best 2:4 method, lowered
   int8                        Quantize(): every linear and the lm_head weight-only int8 (round to
                               nearest, one scale per output row)
-  int4 g32 / g64              Quantize(bits=4[, group=64]): int4 with a float16 scale per 32 / 64
-                              values (round to nearest), the lm_head int8 (its default)
+  int4 g32 / g64              Quantize(bits=4[, group=64], method="rtn"): int4 with a float16
+                              scale per 32 / 64 values (round to nearest), the lm_head int8
   int4 g32 everywhere         ... with the lm_head (tied embeddings) int4 too
-  int4 g32 / g64 gptq         Quantize(bits=4, method="gptq"): GPTQ on the calibration set
+  int4 g32 / g64 gptq         Quantize(bits=4): GPTQ on the calibration set (bits=4's default)
   sparsegpt (+ update) + int8 / + int4 g32 [gptq]
                               SparseGPT with its update, then int8 / int4 (RTN or GPTQ under the
                               mask: one sweep that keeps the zeros and quantises the rest)
@@ -303,13 +303,18 @@ def main() -> None:
         ],
     }
     rows_def["int8"] = lambda: [Quantize()]
-    rows_def["int4 g32"] = lambda: [Quantize(bits=4)]
-    rows_def["int4 g64"] = lambda: [Quantize(bits=4, group=64)]
-    rows_def["int4 g32 everywhere (head too)"] = lambda: [Quantize(bits=4, head_bits=4)]
+    rows_def["int4 g32"] = lambda: [Quantize(bits=4, method="rtn")]
+    rows_def["int4 g64"] = lambda: [Quantize(bits=4, group=64, method="rtn")]
+    rows_def["int4 g32 everywhere (head too)"] = lambda: [
+        Quantize(bits=4, head_bits=4, method="rtn")
+    ]
     rows_def["int4 g32 gptq"] = lambda: [Quantize(bits=4, method="gptq")]
     rows_def["int4 g64 gptq"] = lambda: [Quantize(bits=4, group=64, method="gptq")]
     rows_def["sparsegpt (+ update) + int8"] = lambda: [SparseGPTPrune(), Quantize()]
-    rows_def["sparsegpt (+ update) + int4 g32"] = lambda: [SparseGPTPrune(), Quantize(bits=4)]
+    rows_def["sparsegpt (+ update) + int4 g32"] = lambda: [
+        SparseGPTPrune(),
+        Quantize(bits=4, method="rtn"),
+    ]
     rows_def["sparsegpt (+ update) + int4 g32 gptq"] = lambda: [
         SparseGPTPrune(),
         Quantize(bits=4, method="gptq"),

@@ -23,6 +23,11 @@ activation-sparse kernels take (ReLU/FATReLU after ``relu`` / ``prosparse``): by
 fp32/bf16 and an int8 FFN lowered as three linears would read every row the activation sparsity
 skips. ``ffn=True`` quantizes every FFN, ``ffn=False`` none of the activation-sparse ones.
 
+``method``: ``"rtn"`` (round to nearest) or ``"gptq"`` (GPTQ on the calibration batches, layer by
+layer; see ``gptq_quantize``); by default GPTQ at ``bits=4`` (SmolLM2-135M int4 g32, head int8:
+held-out perplexity 15.97 against 17.06 round to nearest, dense 14.86, llama.cpp Q4_0 18.39) and
+round to nearest at ``bits=8`` (+0.5% already).
+
 ``bits=4``: int4 with one float16 scale per ``group`` (32 or 64) stored values
 (``formats.quantize_int4``: the group's largest-magnitude value over -8, round to nearest; a 2:4
 weight is grouped over its kept values, ``2 * group`` columns, since those are what is stored),
@@ -100,9 +105,10 @@ class Quantize(Pass):
         ffn: bool | None = None,
         group: int = 32,
         head_bits: int | None = None,
-        method: str = "rtn",
+        method: str | None = None,
         damp: float = 0.01,
     ):
+        method = ("gptq" if bits == 4 else "rtn") if method is None else method
         if method not in ("rtn", "gptq"):
             raise ValueError(f"Quantize: method={method!r}; use 'rtn' or 'gptq'")
         head_bits = (8 if bits == 4 else bits) if head_bits is None else head_bits

@@ -86,6 +86,19 @@ calibration: {lines: 512, batch_size: 32}
 passes: [relu, prosparse, sparsegpt, recover, quantize, compress24, lower]
 calibration: {lines: 768, batch_size: 32}
 """,
+        "int4": """\
+# Weight-only int4 (a float16 scale per 32 values, GPTQ on the calibration text) on every
+# projection, the lm_head int8: 4.5 bits a weight, llama.cpp Q4_0's budget. SmolLM2: held-out
+# perplexity 15.97 (dense 14.86, llama.cpp Q4_0 18.39); a couple of minutes (docs/quantization.md).
+passes: [{quantize: {bits: 4}}, lower]
+calibration: {lines: 256, batch_size: 32}
+""",
+        "learned24-int4": """\
+# learned24 (SparseGPT 2:4 + recovery), then int4 by GPTQ under the 2:4 mask (the zeros kept in
+# the same sweep): the 2:4 int4 values + metadata read 13/32 of a byte a weight.
+passes: [sparsegpt, recover, {quantize: {bits: 4}}, compress24, lower]
+calibration: {lines: 512, batch_size: 32}
+""",
     }
 )
 DEFAULT = "activation"
