@@ -29,7 +29,7 @@ def header() -> str:
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     isa = "AMX-BF16" if cpu["bf16_amx"] else cpu["linear_impl"].upper()
     return (
-        f"{cpu_model()} ({isa}; 2:4 linear {cpu['linear_impl']}, FFN {cpu['ffn_impl']}, int8 {cpu.get('int8_impl', '-')}) | "
+        f"{cpu_model()} ({isa}; 2:4 linear {cpu['linear_impl']}, FFN {cpu['ffn_impl']}, int8 {cpu.get('int8_impl', '-')}, int4 {cpu.get('int4_impl', '-')}) | "
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"this thread may run on {len(os.sched_getaffinity(0))} CPU(s) | load avg {load}"
     )

@@ -28,6 +28,9 @@ layer; see ``gptq_quantize``); by default GPTQ at ``bits=4`` (SmolLM2-135M int4 
 held-out perplexity 15.97 against 17.06 round to nearest, dense 14.86, llama.cpp Q4_0 18.39) and
 round to nearest at ``bits=8`` (+0.5% already).
 
+``gptq_head``: GPTQ the lm_head too (off by default: it keeps round to nearest; a head tied to
+the embeddings then has its update read by the lookups as well).
+
 ``bits=4``: int4 with one float16 scale per ``group`` (32 or 64) stored values
 (``formats.quantize_int4``: the group's largest-magnitude value over -8, round to nearest; a 2:4
 weight is grouped over its kept values, ``2 * group`` columns, since those are what is stored),
@@ -107,6 +110,7 @@ class Quantize(Pass):
         head_bits: int | None = None,
         method: str | None = None,
         damp: float = 0.01,
+        gptq_head: bool = False,
     ):
         method = ("gptq" if bits == 4 else "rtn") if method is None else method
         if method not in ("rtn", "gptq"):
@@ -129,6 +133,7 @@ class Quantize(Pass):
         self.head_bits = head_bits
         self.method = method
         self.damp = damp
+        self.gptq_head = gptq_head
         self.linears = linears if isinstance(linears, str) else list(linears)
         self.ffn = ffn
         self._roles = roles
@@ -170,7 +175,7 @@ class Quantize(Pass):
         serves: an update would move the table the lookups read) keeps round to nearest."""
         solved: dict[str, Any] = {}
         bits_of = {node.name: bits for node, _, bits in selected}
-        targets = [(n, i) for n, i, _ in selected if i["role"] != "head"]
+        targets = [(n, i) for n, i, _ in selected if i["role"] != "head" or self.gptq_head]
 
         def solve(group: list, stats: dict) -> None:
             sweeps: dict[tuple, list] = {}
@@ -178,7 +183,8 @@ class Quantize(Pass):
                 if info["weight"] in solved:
                     continue
                 w = module_tensor(gm, info["weight"])
-                sparse24 = w.shape[-1] % 4 == 0 and is_24_sparse(w)
+                head = info["role"] == "head"
+                sparse24 = not head and w.shape[-1] % 4 == 0 and is_24_sparse(w)
                 key = (id(stats[node.name]), bits_of[node.name], sparse24)
                 sweeps.setdefault(key, []).append((node, info, w))
             for (_, bits, sparse24), items in sweeps.items():
@@ -277,6 +283,7 @@ class Quantize(Pass):
             "group": self.group,
             "head_bits": self.head_bits,
             "method": self.method,
+            "gptq_head": self.gptq_head,
         }
 
 

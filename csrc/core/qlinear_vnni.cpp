@@ -50,8 +50,11 @@ constexpr Route kQRoute = Route::kInt8Linear;
 struct QuantRows {
   const uint8_t* q;
   const float* lane;
-  int64_t K, nlanes;
-  QuantRows at(int64_t m) const { return {q + m * K, lane + m * nlanes, K, nlanes}; }
+  const float* block;  // the per-block scales themselves (the int4 kernels' lanes)
+  int64_t K, nlanes, nblocks;
+  QuantRows at(int64_t m) const {
+    return {q + m * K, lane + m * nlanes, block + m * nblocks, K, nlanes, nblocks};
+  }
 };
 
 // The calling thread's buffers for x quantised (grown, never shrunk: a decode step calls these
@@ -105,7 +108,7 @@ QuantRows quantize_rows(const float* x, int64_t M, int64_t K, bool packed) {
       b.lane[m * nlanes + l] = b.block[m * nblocks + col / kQBlock];
     }
   }
-  return {b.q.data(), b.lane.data(), K, nlanes};
+  return {b.q.data(), b.lane.data(), b.block.data(), K, nlanes, nblocks};
 }
 
 // -128 * sum(w) per lane of 4 bytes: what xq + 128 adds to every lane's dot product.
@@ -117,36 +120,14 @@ inline __m512i minus_offset(__m512i w) {
 // Bytes [0, n) of a 64-byte load (n <= 64), zeros past them: a chunk's part inside the row.
 inline __mmask64 first_bytes(int64_t n) { return n >= 64 ? ~0ULL : ((1ULL << n) - 1); }
 
-// 64 stored int4 values (32 bytes, of which `bytes` lie inside the row) as signed bytes, in the
-// order of the columns they multiply: the two blocks of 32 as [lo A, hi A, lo B, hi B] (qlinear.h's
-// layout), values past the row zero.
-inline __m512i int4_chunk(const uint8_t* p, int64_t bytes) {
-  const __mmask32 in_row = bytes >= 32 ? ~0u : ((1u << bytes) - 1u);
-  const __m512i z = _mm512_castsi256_si512(_mm256_maskz_loadu_epi8(in_row, p));
-  const __m512i d = _mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(1, 1, 0, 0));
-  const __m512i nib = _mm512_and_si512(_mm512_mask_blend_epi64(0xCC, d, _mm512_srli_epi16(d, 4)),
-                                       _mm512_set1_epi8(0x0F));
-  return _mm512_maskz_sub_epi8(first_bytes(2 * bytes), nib, _mm512_set1_epi8(8));
-}
-
-// The scales of chunk j's stored values 0-31 (lanes 0-7) and 32-63 (lanes 8-15) of one int4 row.
-inline __m512 int4_scale_lanes(const QWeight& w, int64_t j) {
-  const int64_t g0 = j * 64 / w.group;
-  const int64_t n = std::min<int64_t>(64 / w.group, w.sstride - g0);
-  const __m128i h = _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1u), w.gscale + g0);
-  const __m512 f = _mm512_cvtph_ps(_mm256_zextsi128_si256(h));
-  const __m512i two = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-  return _mm512_permutexvar_ps(w.group == 32 ? two : _mm512_setzero_si512(), f);
-}
-
-// Every layout in one body: a chunk is 64 columns (dense) or 128 (2:4: 64 kept weights), 64
-// stored values in either case (int8: 64 bytes; int4: 32), the last chunk partial: its loads
+// Both int8 layouts in one body: a chunk is 64 columns (dense) or 128 (2:4: 64 kept weights),
+// 64 stored values in either case, the last chunk partial: its loads
 // masked to the row (values zero past it, so those lanes add exact zeros: 0 * x, and no offset
 // since w = 0; in 2:4 whatever index a zero meta nibble points at).
-template <int RB, int MT, bool kPacked, bool kInt4>
+template <int RB, int MT, bool kPacked>
 inline void q_vnni(const QuantRows& x, int64_t K, const QWeight& w, float (*out)[RB]) {
   constexpr int64_t kCols = kPacked ? 128 : 64;
-  constexpr int64_t kBytes = kInt4 ? 32 : 64;  // of W per row and chunk
+  constexpr int64_t kBytes = 64;  // of W per row and chunk
   const int64_t chunks = (K + kCols - 1) / kCols;
   // 2:4: kept weight t of a chunk (group t/2) has its index at bits 2t..2t+1 of the chunk's 128
   // meta bits: byte t of the selection takes bits from offset 2t mod 64 of meta qword t/32 (the
@@ -188,14 +169,8 @@ inline void q_vnni(const QuantRows& x, int64_t K, const QWeight& w, float (*out)
     if constexpr (kPacked) m_live = static_cast<__mmask16>(first_bytes((cols + 7) / 8));
     for (int r = 0; r < RB; ++r) {
       const uint8_t* wr = w.w + r * w.wstride;
-      __m512i wv;
-      __m512 sc;
-      if constexpr (kInt4) {
-        wv = int4_chunk(wr + 32 * j, std::min<int64_t>(32, w.wstride - 32 * j));
-        sc = int4_scale_lanes(w.row(r), j);
-      } else {
-        wv = _mm512_maskz_loadu_epi8(first_bytes(kPacked ? cols / 2 : cols), wr + 64 * j);
-      }
+      const __m512i wv =
+          _mm512_maskz_loadu_epi8(first_bytes(kPacked ? cols / 2 : cols), wr + 64 * j);
       const __m512i off = minus_offset(wv);
       __m512i idx = _mm512_setzero_si512();
       if constexpr (kPacked) {
@@ -207,8 +182,7 @@ inline void q_vnni(const QuantRows& x, int64_t K, const QWeight& w, float (*out)
       for (int m = 0; m < MT; ++m) {
         const __m512i xs = kPacked ? _mm512_permutex2var_epi8(xa[m], idx, xb[m]) : xa[m];
         const __m512i d = _mm512_dpbusd_epi32(off, xs, wv);
-        const __m512 s = kInt4 ? _mm512_mul_ps(ls[m], sc) : ls[m];
-        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s, acc[m][r]);
+        acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), ls[m], acc[m][r]);
       }
     }
   }
@@ -218,17 +192,158 @@ inline void q_vnni(const QuantRows& x, int64_t K, const QWeight& w, float (*out)
 
 template <int RB, int MT>
 inline void q_dense(const QuantRows& x, int64_t K, const QWeight& w, float (*out)[RB]) {
-  q_vnni<RB, MT, false, false>(x, K, w, out);
+  q_vnni<RB, MT, false>(x, K, w, out);
 }
 
 template <int RB, int MT>
 inline void q_packed(const QuantRows& x, int64_t K, const QWeight& w, float (*out)[RB]) {
-  q_vnni<RB, MT, true, false>(x, K, w, out);
+  q_vnni<RB, MT, true>(x, K, w, out);
+}
+
+// ---- int4 ----
+// A chunk is 128 stored values: 64 bytes of nibbles a row, four blocks of 32 (qlinear.h's
+// layout: byte i of a block holds values i and i + 16). One load gives two vectors with no
+// shuffle: the low nibbles, values 0-15 of each block, and the high ones, values 16-31; x is
+// arranged to match once per chunk and row of x (shared by the RB rows of W). Dense: 128
+// columns; 2:4: 256 columns, the kept values' x bytes picked per row as in q_vnni. Each dword lane
+// of either vector holds 4 values of one block, so one block scale of x (dense: the same for the
+// low and high vector; 2:4: the block of 32 columns of each) and one group scale of W apply.
+// 2:4: the weights enter vpdpbusd signed (nibble - 8), x unsigned (xq + 128), as for int8; dense:
+// the nibbles unsigned as they are (value + 8) and x signed, the + 8 taken back once per row of x
+// (-8 * the lane's sum of xq), which saves each row of W its subtractions and offset sums.
+
+// The group scales of chunk j's 4 blocks of one int4 row, one per dword lane (4 lanes a block).
+inline __m512 int4_group_lanes(const QWeight& w, int64_t j) {
+  const int per = 128 / w.group;  // groups in a chunk: 4 (g32) or 2 (g64)
+  const int64_t g0 = j * per;
+  const int64_t n = std::min<int64_t>(per, w.sstride - g0);
+  const __m128i h = _mm_maskz_loadu_epi16(static_cast<__mmask8>((1u << n) - 1u), w.gscale + g0);
+  const __m512 f = _mm512_cvtph_ps(_mm256_zextsi128_si256(h));
+  const __m512i by32 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i by64 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  return _mm512_permutexvar_ps(w.group == 32 ? by32 : by64, f);
+}
+
+// x's block scales for a chunk's dword lanes, 4 lanes a block: dense, blocks b0 .. b0 + 3;
+// 2:4, the low vector's blocks b0, b0 + 2, b0 + 4, b0 + 6 (hi: true, the odd ones). Past the
+// row: 0 (those lanes multiply zeros anyway).
+template <bool kPacked>
+inline __m512 x_block_lanes(const QuantRows& x, int64_t b0, bool hi) {
+  constexpr int n = kPacked ? 8 : 4;
+  const int64_t left = std::min<int64_t>(n, x.nblocks - b0);
+  const __m512 b = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << left) - 1u), x.block + b0);
+  const __m512i dense = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  const __m512i even = _mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6);
+  const __m512i odd = _mm512_setr_epi32(1, 1, 1, 1, 3, 3, 3, 3, 5, 5, 5, 5, 7, 7, 7, 7);
+  return _mm512_permutexvar_ps(kPacked ? (hi ? odd : even) : dense, b);
 }
 
 template <int RB, int MT, bool kPacked>
 inline void q_int4(const QuantRows& x, int64_t K, const QWeight& w, float (*out)[RB]) {
-  q_vnni<RB, MT, kPacked, true>(x, K, w, out);
+  constexpr int64_t kCols = kPacked ? 256 : 128;
+  const int64_t chunks = (K + kCols - 1) / kCols;
+  const __m512i low4 = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+  const __m512i k128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  // dense: byte t of the low vector multiplies column 32 (t / 16) + t % 16, of the high one
+  // column 32 (t / 16) + 16 + t % 16 (of the chunk's 128, in two 64-byte halves of x).
+  // 2:4: kept weight t of either vector (group t / 2 of its 32-column segments) sits at index
+  // 4 (t / 2) + its 2-bit slot, read from the meta as in q_vnni.
+  alignas(64) static constexpr struct Consts {
+    uint8_t lo[64], hi[64], shift[64], base[64];
+    constexpr Consts() : lo(), hi(), shift(), base() {
+      for (int t = 0; t < 64; ++t) {
+        lo[t] = static_cast<uint8_t>(32 * (t / 16) + t % 16);
+        hi[t] = static_cast<uint8_t>(32 * (t / 16) + 16 + t % 16);
+        shift[t] = static_cast<uint8_t>((2 * t) & 63);
+        base[t] = static_cast<uint8_t>(4 * (t / 2));
+      }
+    }
+  } kC{};
+  const __m512i three = _mm512_set1_epi8(3);
+  const __m512i spread = _mm512_setr_epi64(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m256i split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  __m512 acc[MT][RB];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < RB; ++r) acc[m][r] = _mm512_setzero_ps();
+  const char* ahead = reinterpret_cast<const char*>(w.w) + kStreamAheadBytes;
+  const char* mahead = reinterpret_cast<const char*>(w.meta) + kStreamAheadBytes / 4;
+  for (int64_t j = 0; j < chunks; ++j) {
+    for (int r = 0; r < RB; ++r) _mm_prefetch(ahead + RB * 64 * j + 64 * r, _MM_HINT_T0);
+    if (kPacked && (j & 1) == 0) _mm_prefetch(mahead + RB * 32 * j, _MM_HINT_T0);
+    const int64_t cols = K - kCols * j;
+    // x: dense, the low and high vectors' bytes; 2:4, each vector's 128 candidate bytes (its
+    // 32-column segments of the 256) as two halves.
+    __m512i xl[MT], xh[MT], xl2[MT], xh2[MT];
+    __m512 sl[MT], sh[MT];
+    for (int m = 0; m < MT; ++m) {
+      const QuantRows xm = x.at(m);
+      const uint8_t* xp = xm.q + kCols * j;
+      const __m512i xa = _mm512_maskz_loadu_epi8(first_bytes(cols), xp);
+      const __m512i xb = _mm512_maskz_loadu_epi8(first_bytes(std::max<int64_t>(cols - 64, 0)), xp + 64);
+      if constexpr (kPacked) {
+        const __m512i xc = _mm512_maskz_loadu_epi8(first_bytes(std::max<int64_t>(cols - 128, 0)), xp + 128);
+        const __m512i xd = _mm512_maskz_loadu_epi8(first_bytes(std::max<int64_t>(cols - 192, 0)), xp + 192);
+        xl[m] = _mm512_shuffle_i64x2(xa, xb, _MM_SHUFFLE(1, 0, 1, 0));   // columns 0-31, 64-95
+        xl2[m] = _mm512_shuffle_i64x2(xc, xd, _MM_SHUFFLE(1, 0, 1, 0));  // 128-159, 192-223
+        xh[m] = _mm512_shuffle_i64x2(xa, xb, _MM_SHUFFLE(3, 2, 3, 2));   // 32-63, 96-127
+        xh2[m] = _mm512_shuffle_i64x2(xc, xd, _MM_SHUFFLE(3, 2, 3, 2));  // 160-191, 224-255
+        sl[m] = x_block_lanes<true>(xm, 8 * j, false);
+        sh[m] = x_block_lanes<true>(xm, 8 * j, true);
+      } else {
+        // dense: x signed (xq + 128 back to xq; zero past the row) and the weights' nibbles
+        // unsigned (0-15, i.e. value + 8): the + 8 is taken back per lane as -8 * sum(xq), once
+        // per row of x for all RB rows of W
+        const __m512i sa = _mm512_maskz_mov_epi8(first_bytes(cols), _mm512_xor_si512(xa, k128));
+        const __m512i sb = _mm512_maskz_mov_epi8(first_bytes(std::max<int64_t>(cols - 64, 0)),
+                                                 _mm512_xor_si512(xb, k128));
+        xl[m] = _mm512_permutex2var_epi8(sa, _mm512_load_si512(kC.lo), sb);
+        xh[m] = _mm512_permutex2var_epi8(sa, _mm512_load_si512(kC.hi), sb);
+        const __m512i sum8 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, xl[m]), eight, xh[m]);
+        xl2[m] = _mm512_sub_epi32(_mm512_setzero_si512(), sum8);  // -8 * sum(xq) per lane
+        sl[m] = x_block_lanes<false>(xm, 4 * j, false);
+      }
+    }
+    const int64_t bytes = std::min<int64_t>(64, w.wstride - 64 * j);  // whole blocks of 16
+    const __mmask64 live = first_bytes(bytes);
+    for (int r = 0; r < RB; ++r) {
+      const QWeight wr = w.row(r);
+      const __m512i v = _mm512_maskz_loadu_epi8(live, wr.w + 64 * j);
+      const __m512i ul = _mm512_and_si512(v, low4);                         // value + 8
+      const __m512i uh = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);  // (0 past the row)
+      const __m512 sw = int4_group_lanes(wr, j);
+      if constexpr (kPacked) {
+        // the low vector's kept weights have their meta in dwords 0, 2, 4, 6 of the chunk's 32
+        // meta bytes, the high vector's in 1, 3, 5, 7
+        const __m256i m32 = _mm256_maskz_loadu_epi8(
+            static_cast<__mmask32>(first_bytes((cols + 7) / 8)), wr.meta + 32 * j);
+        const __m256i mm = _mm256_permutevar8x32_epi32(m32, split);
+        auto idx_of = [&](__m128i m16) {
+          const __m512i bits = _mm512_multishift_epi64_epi8(
+              _mm512_load_si512(kC.shift),
+              _mm512_permutexvar_epi64(spread, _mm512_castsi128_si512(m16)));
+          return _mm512_ternarylogic_epi32(bits, three, _mm512_load_si512(kC.base), 0xEA);
+        };
+        const __m512i il = idx_of(_mm256_castsi256_si128(mm));
+        const __m512i ih = idx_of(_mm256_extracti128_si256(mm, 1));
+        const __m512i wl = _mm512_maskz_sub_epi8(live, ul, eight);  // signed values
+        const __m512i wh = _mm512_maskz_sub_epi8(live, uh, eight);
+        const __m512i offl = minus_offset(wl), offh = minus_offset(wh);
+        for (int m = 0; m < MT; ++m) {
+          const __m512i dl = _mm512_dpbusd_epi32(offl, _mm512_permutex2var_epi8(xl[m], il, xl2[m]), wl);
+          const __m512i dh = _mm512_dpbusd_epi32(offh, _mm512_permutex2var_epi8(xh[m], ih, xh2[m]), wh);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dl), _mm512_mul_ps(sl[m], sw), acc[m][r]);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dh), _mm512_mul_ps(sh[m], sw), acc[m][r]);
+        }
+      } else {
+        for (int m = 0; m < MT; ++m) {  // xl2: the -8 * sum(xq) lanes
+          const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(xl2[m], ul, xl[m]), uh, xh[m]);
+          acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(sl[m], sw), acc[m][r]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < RB; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
 #include "qlinear_driver.inc"
