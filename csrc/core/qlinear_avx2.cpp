@@ -116,6 +116,17 @@ void sparse24_int8_linear_avx2(const float* x, int64_t M, const int8_t* values,
                         nt);
 }
 
+void int4_dequantize_row_avx2(const QWeight& w, int64_t K, float* out) {
+  const int64_t full = K / 32;
+  for (int64_t b = 0; b < full; ++b) {
+    const __m256 s = _mm256_set1_ps(_cvtsh_ss(w.gscale[b * 32 / w.group]));
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.w + 16 * b));
+    for (int p = 0; p < 4; ++p) _mm256_storeu_ps(out + 32 * b + 8 * p, int4_piece(raw, p, s));
+  }
+  for (int64_t k = full * 32; k < K; ++k)
+    out[k] = static_cast<float>(int4_value(w.w, k)) * half_to_float(w.gscale[k / w.group]);
+}
+
 void int4_linear_avx2(const float* x, int64_t M, const QWeight& w, const float* bias, int64_t N,
                       int64_t K, float* y, int nt) {
   if (w.meta)

@@ -145,6 +145,8 @@ void int4_linear_vnni(const float* x, int64_t M, const QWeight& w, const float* 
                       int64_t K, float* y, int nt);
 void int4_linear_avx2(const float* x, int64_t M, const QWeight& w, const float* bias, int64_t N,
                       int64_t K, float* y, int nt);
+// One dense int4 row (w from its row) dequantised into out [K] (the prefill route's chunks).
+void int4_dequantize_row_avx2(const QWeight& w, int64_t K, float* out);
 
 // In qlinear_avx2.cpp / qlinear_avx512.cpp (compiled for those ISAs; called only where the CPU
 // has them). nt: resolved thread count.
