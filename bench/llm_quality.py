@@ -29,7 +29,7 @@ window of ``pysparse eval`` (256 tokens, stride 128). Rows (``--only`` picks by 
                               scale per 32 / 64 values (round to nearest), the lm_head int8
   int4 g32 everywhere         ... with the lm_head (tied embeddings) int4 too
   int4 g32 / g64 gptq         Quantize(bits=4): GPTQ on the calibration set (bits=4's default)
-  ..., head int4 / int8 gptq  the lm_head (tied: the embeddings too) by GPTQ as well
+  ... + head int4 / int8 gptq the lm_head (tied: the embeddings too) by GPTQ as well
   sparsegpt (+ update) + int8 / + int4 g32 [gptq]
                               SparseGPT with its update, then int8 / int4 (RTN or GPTQ under the
                               mask: one sweep that keeps the zeros and quantises the rest)
@@ -311,10 +311,10 @@ def main() -> None:
     ]
     rows_def["int4 g32 gptq"] = lambda: [Quantize(bits=4, method="gptq")]
     rows_def["int4 g64 gptq"] = lambda: [Quantize(bits=4, group=64, method="gptq")]
-    rows_def["int4 g32 gptq, head int4 gptq"] = lambda: [
+    rows_def["int4 g32 gptq + head int4 gptq"] = lambda: [
         Quantize(bits=4, head_bits=4, gptq_head=True)
     ]
-    rows_def["int4 g32 gptq, head int8 gptq"] = lambda: [Quantize(bits=4, gptq_head=True)]
+    rows_def["int4 g32 gptq + head int8 gptq"] = lambda: [Quantize(bits=4, gptq_head=True)]
     rows_def["sparsegpt (+ update) + int8"] = lambda: [SparseGPTPrune(), Quantize()]
     rows_def["sparsegpt (+ update) + int4 g32"] = lambda: [
         SparseGPTPrune(),
