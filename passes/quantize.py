@@ -144,8 +144,9 @@ class Quantize(Pass):
             return self._finish(*quantize_int8(w), 8, sparse24)
         return self._finish(*quantize_int4(w, self.group, sparse24=sparse24), 4, sparse24)
 
-    def _selected(self, gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, dict, int]], int]:
-        """(node, info, bits) of every linear the pass quantizes, in graph order, and how many
+    def _selected(self, gm: fx.GraphModule) -> tuple[list[tuple[fx.Node, dict, int, bool]], int]:
+        """(node, info, bits, sparse24) of every linear the pass quantizes, in graph order
+        (sparse24: a 2:4 weight other than the head, grouped over its kept values), and how many
         activation-sparse FFN linears it leaves in float."""
         skip_ffn = set() if self.ffn else _activation_sparse_linears(gm, self.ffn is False)
         # the linears of FFNs the int8 FFN op takes: int8 whatever ``bits`` is
@@ -165,7 +166,8 @@ class Quantize(Pass):
                 continue
             head = info["role"] == "head"
             bits = self.head_bits if head else (8 if node.name in int8_ffn else self.bits)
-            out.append((node, info, bits))
+            sparse24 = not head and w.shape[-1] % 4 == 0 and is_24_sparse(w)
+            out.append((node, info, bits, sparse24))
         return out, left_for_ffn
 
     def _gptq(self, gm: fx.GraphModule, ctx: PassContext, selected: list) -> dict[str, Any]:
@@ -174,8 +176,8 @@ class Quantize(Pass):
         scale, dequantised, record). The head (tied to the embeddings on the decoders pysparse
         serves: an update would move the table the lookups read) keeps round to nearest."""
         solved: dict[str, Any] = {}
-        bits_of = {node.name: bits for node, _, bits in selected}
-        targets = [(n, i) for n, i, _ in selected if i["role"] != "head" or self.gptq_head]
+        of = {node.name: (bits, sparse24) for node, _, bits, sparse24 in selected}
+        targets = [(n, i) for n, i, _, _ in selected if i["role"] != "head" or self.gptq_head]
 
         def solve(group: list, stats: dict) -> None:
             sweeps: dict[tuple, list] = {}
@@ -183,9 +185,7 @@ class Quantize(Pass):
                 if info["weight"] in solved:
                     continue
                 w = module_tensor(gm, info["weight"])
-                head = info["role"] == "head"
-                sparse24 = not head and w.shape[-1] % 4 == 0 and is_24_sparse(w)
-                key = (id(stats[node.name]), bits_of[node.name], sparse24)
+                key = (id(stats[node.name]), *of[node.name])
                 sweeps.setdefault(key, []).append((node, info, w))
             for (_, bits, sparse24), items in sweeps.items():
                 ws = [w for _, _, w in items]
@@ -216,25 +216,26 @@ class Quantize(Pass):
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         selected, left_for_ffn = self._selected(gm)
+        # the weights GPTQ will update, as they were (the error metric's reference)
         original = {
             i["weight"]: module_tensor(gm, i["weight"]).detach().float().clone()
-            for _, i, _ in selected
+            for _, i, _, _ in selected
+            if self.method == "gptq" and (i["role"] != "head" or self.gptq_head)
         }
         solved = self._gptq(gm, ctx, selected) if self.method == "gptq" else {}
         done: dict[str, tuple[str, str, dict]] = {}  # weight -> buffers (several linears read)
         counts: dict[str, int] = {}
         by_bits: dict[int, int] = {}
         before_bytes, after_bytes, err_num, err_den = 0, 0, 0.0, 0.0
-        for node, info, bits in selected:
+        for node, info, bits, sparse24 in selected:
             target = info["weight"]
             w = module_tensor(gm, target)
             if target not in done:
                 if target in solved:
                     q, scale, deq, rec = solved[target]
                 else:
-                    sparse24 = info["role"] != "head" and w.shape[-1] % 4 == 0 and is_24_sparse(w)
                     q, scale, deq, rec = self._quantize(w, bits, sparse24)
-                w0 = original[target]
+                w0 = original.get(target, w.detach().float())
                 err_num += float((deq - w0).pow(2).sum())
                 err_den += float(w0.pow(2).sum())
                 with torch.no_grad():

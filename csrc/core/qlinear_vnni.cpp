@@ -85,11 +85,12 @@ inline float quantize_block(const float* x, int64_t n, uint8_t* q) {
   return amax / 127.f;
 }
 
-QuantRows quantize_rows(const float* x, int64_t M, int64_t K, bool packed) {
+// lanes: the int8 kernels' per-lane scale table (the int4 kernels read the block scales).
+QuantRows quantize_rows(const float* x, int64_t M, int64_t K, bool packed, bool lanes = true) {
   thread_local QuantBuffer b;
   const int64_t nblocks = (K + kQBlock - 1) / kQBlock;
   const int64_t chunk = packed ? 128 : 64;
-  const int64_t nlanes = (K + chunk - 1) / chunk * 16;  // the last chunk may be partial
+  const int64_t nlanes = lanes ? (K + chunk - 1) / chunk * 16 : 0;  // last chunk may be partial
   auto grow = [](auto& v, int64_t n) {
     if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
   };
@@ -368,9 +369,9 @@ void sparse24_int8_linear_vnni(const float* x, int64_t M, const int8_t* values,
 void int4_linear_vnni(const float* x, int64_t M, const QWeight& w, const float* bias, int64_t N,
                       int64_t K, float* y, int nt) {
   if (w.meta)
-    qlinear_run<kPacked4>(quantize_rows(x, M, K, true), M, w, bias, N, K, y, nt);
+    qlinear_run<kPacked4>(quantize_rows(x, M, K, true, false), M, w, bias, N, K, y, nt);
   else
-    qlinear_run<kDense4>(quantize_rows(x, M, K, false), M, w, bias, N, K, y, nt);
+    qlinear_run<kDense4>(quantize_rows(x, M, K, false, false), M, w, bias, N, K, y, nt);
 }
 
 #endif  // PYSPARSE_NO_VNNI
