@@ -139,6 +139,12 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "Process-wide number of CUDA op calls per route since the start (or the last reset).");
   m.def("reset_cuda_route_counts", []() { pysparse::routes::reset_counts(); });
+  m.def("batch_invariant", []() { return pysparse::routes::batch_invariant(); },
+        "Whether batch-invariant mode is on (pysparse.kernels.batch_invariant).");
+  m.def("set_batch_invariant", [](bool on) { pysparse::routes::set_batch_invariant(on); },
+        py::arg("on"),
+        "Turns batch-invariant mode on or off, process-wide: while on, each row of a CPU op's x is "
+        "computed the same whatever the other rows (pysparse.kernels.batch_invariant).");
   m.def("strict_cusparselt", []() { return pysparse::routes::strict_cusparselt(); },
         "Whether PYSPARSE_STRICT_CUSPARSELT is set: a failed cuSPARSELt call then raises instead of "
         "falling back to decompress + cuBLAS.");

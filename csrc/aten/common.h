@@ -13,6 +13,7 @@
 
 #include "../core/launch_rules.h"
 #include "../core/sparse24.h"
+#include "routes.h"
 
 namespace pysparse::aten {
 
@@ -103,6 +104,19 @@ inline at::Tensor as_rows(const at::Tensor& x, int64_t K) {
   if (x2.size(0) > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
   if (x2.size(0) <= 1 && !x2.is_contiguous()) x2 = x2.contiguous();
   return x2;
+}
+
+// Batch-invariant mode (routes.h): op(chunk) over consecutive chunks of at most `rows` rows of
+// x [..., K] (each chunk a [m, K] view), the results [m, N] concatenated into [..., N]. An op
+// whose one-row route is row-invariant up to `rows` rows calls itself this way past them.
+template <typename Op>
+at::Tensor by_row_chunks(const at::Tensor& x, int64_t K, int64_t rows, Op op) {
+  at::Tensor x2 = x.reshape({-1, K});
+  const int64_t M = x2.size(0);
+  std::vector<at::Tensor> parts;
+  for (int64_t i = 0; i < M; i += rows) parts.push_back(op(x2.narrow(0, i, std::min(rows, M - i))));
+  at::Tensor y = at::cat(parts, 0);
+  return y.view(linear_out_shape(x, y.size(1)));
 }
 
 // The float32 contiguous score prune24 ranks by: the caller's (checked against w) or |w|.

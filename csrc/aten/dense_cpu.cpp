@@ -56,10 +56,17 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& w,
   const auto st = w.scalar_type();
   const int64_t N = w.size(0), K = w.size(1);
   const int64_t M = K > 0 ? x.numel() / K : 0;
+  // Batch-invariant mode: the GEMV (each row of x dotted with each row of W on its own) for
+  // every dtype it takes, 16 rows at a time.
+  const bool invariant = routes::batch_invariant();
   const int64_t max_rows =
-      env_int("PYSPARSE_DENSE_GEMV_MAX_ROWS", st == at::kFloat ? kMaxRowsF32 : kMaxRowsBf16);
-  const bool kernel = (st == at::kFloat || st == at::kBFloat16) && w.is_contiguous() && K > 0 &&
-                      M >= 1 && M <= max_rows;
+      invariant ? kMaxRowsF32
+                : env_int("PYSPARSE_DENSE_GEMV_MAX_ROWS", st == at::kFloat ? kMaxRowsF32 : kMaxRowsBf16);
+  const bool core_dtype = (st == at::kFloat || st == at::kBFloat16) && w.is_contiguous() && K > 0;
+  if (invariant && core_dtype && M > max_rows)
+    return by_row_chunks(x, K, max_rows,
+                         [&](const at::Tensor& rows) { return dense_linear_cpu(rows, w, bias); });
+  const bool kernel = core_dtype && M >= 1 && M <= max_rows;
   if (!kernel) return torch_linear(x, w, bias);
   at::Tensor x32 = x.reshape({M, K}).to(at::kFloat).contiguous();
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));

@@ -328,7 +328,9 @@ inline PredictorWeights prepare_ffn_predict(const at::Tensor& x, const at::Tenso
 inline at::Tensor ffn_predict_capped(const at::Tensor& x, const PredictorWeights& p,
                                      int64_t max_rows) {
   TORCH_CHECK(max_rows >= -1, "ffn_predict: max_rows must be -1 (no cap) or >= 0, got ", max_rows);
-  if (max_rows < 0 || x.numel() / p.D <= max_rows) return at::Tensor();
+  // batch-invariant mode: the cap applies as it would to each row alone
+  const int64_t rows = routes::batch_invariant() ? std::min<int64_t>(1, x.numel() / p.D) : x.numel() / p.D;
+  if (max_rows < 0 || rows <= max_rows) return at::Tensor();
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = p.F;
   return at::ones(shape, x.options().dtype(at::kBool));

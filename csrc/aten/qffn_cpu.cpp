@@ -87,6 +87,17 @@ at::Tensor sparse_ffn24_int8_cpu(const at::Tensor& x, const at::Tensor& gv, cons
   at::Tensor x2 = as_rows(x, w.D);
   const int64_t M = x2.size(0);
   if (M == 0) return at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (M > kMaxRows && routes::batch_invariant()) {  // the kernels, kMaxRows rows at a time
+    std::vector<at::Tensor> parts;
+    for (int64_t i = 0; i < M; i += kMaxRows) {
+      const int64_t m = std::min(kMaxRows, M - i);
+      c10::optional<at::Tensor> pred;
+      if (w.pred.defined()) pred = w.pred.view({M, w.F}).narrow(0, i, m);
+      parts.push_back(sparse_ffn24_int8_cpu(x2.narrow(0, i, m), gv, gm, gs, uv, um, us, dv, dm, ds,
+                                            t, pred));
+    }
+    return at::cat(parts, 0).view(x.sizes());
+  }
   if (M > kMaxRows) return dequantised(x, w, t);
   at::Tensor xf = x2.to(at::kFloat).contiguous();
   core::FfnProblem p;

@@ -88,7 +88,14 @@ at::Tensor dequantize(const at::Tensor& q, const at::Tensor& scale, at::ScalarTy
 // Rows of x the core takes, or 0 where the dequantising route runs.
 int64_t kernel_rows(const at::Tensor& x, int64_t K) {
   const int64_t M = K > 0 ? x.numel() / K : 0;
-  return M >= 1 && M <= env_int("PYSPARSE_INT8_GEMV_MAX_ROWS", kMaxRows) ? M : 0;
+  const int64_t max_rows =
+      routes::batch_invariant() ? kMaxRows : env_int("PYSPARSE_INT8_GEMV_MAX_ROWS", kMaxRows);
+  return M >= 1 && M <= max_rows ? M : 0;
+}
+
+// Batch-invariant mode (routes.h): the kernels take every row alike, kMaxRows rows at a time.
+bool chunk_rows(const at::Tensor& x, int64_t K) {
+  return routes::batch_invariant() && x.device().is_cpu() && K > 0 && x.numel() / K > kMaxRows;
 }
 
 // Runs fn(x fp32 [M, K], bias fp32 or null, y fp32 [M, N]) and returns y in x's dtype and shape.
@@ -151,6 +158,9 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at::T
                            const c10::optional<at::Tensor>& bias) {
   check_int8(x, q, scale, bias);
   const int64_t N = q.size(0), K = q.size(1);
+  if (chunk_rows(x, K))
+    return by_row_chunks(x, K, kMaxRows,
+                         [&](const at::Tensor& c) { return int8_linear_cpu(c, q, scale, bias); });
   const int64_t M = kernel_rows(x, K);
   if (M == 0) return int8_by_dense_chunks(x, q, scale, bias);
   at::Tensor qc = q.contiguous(), sc = scale.contiguous();
@@ -185,6 +195,10 @@ at::Tensor sparse24_int8_linear_cpu(const at::Tensor& x, const at::Tensor& value
                                     const c10::optional<at::Tensor>& bias) {
   const int64_t K = check_sparse24_int8(x, values, meta, scale, bias);
   const int64_t N = values.size(0);
+  if (chunk_rows(x, K))
+    return by_row_chunks(x, K, kMaxRows, [&](const at::Tensor& c) {
+      return sparse24_int8_linear_cpu(c, values, meta, scale, bias);
+    });
   const int64_t M = kernel_rows(x, K);
   if (M == 0) return sparse24_dequantized(x, values, meta, scale, bias);
   at::Tensor vc = values.contiguous(), mc = meta.contiguous(), sc = scale.contiguous();
@@ -248,6 +262,10 @@ at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& q, const at::T
   constexpr const char* op = "int4_linear";
   const int64_t K = int4_in_features(op, x);
   const int64_t N = check_int4(op, x, q, scale, group, K, bias);
+  if (chunk_rows(x, K))
+    return by_row_chunks(x, K, kMaxRows, [&](const at::Tensor& c) {
+      return int4_linear_cpu(c, q, scale, group, bias);
+    });
   at::Tensor qc = q.contiguous(), sc = scale.contiguous();
   const uint8_t* qp = qc.data_ptr<uint8_t>();
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(sc.data_ptr<at::Half>());
@@ -289,6 +307,10 @@ at::Tensor sparse24_int4_linear_any(const at::Tensor& x, const at::Tensor& value
                                     int64_t group, const c10::optional<at::Tensor>& bias) {
   const int64_t K = check_sparse24_int4(x, values, meta, scale, group, bias);
   const int64_t N = values.size(0);
+  if (chunk_rows(x, K))
+    return by_row_chunks(x, K, kMaxRows, [&](const at::Tensor& c) {
+      return sparse24_int4_linear_any(c, values, meta, scale, group, bias);
+    });
   const int64_t M = x.device().is_cpu() ? kernel_rows(x, K) : 0;
   if (M == 0) {  // a prefill, or another device: the 2:4 linear over the dequantised values
     const auto st = x.scalar_type() == at::kHalf ? at::kFloat : x.scalar_type();

@@ -42,10 +42,19 @@ void reset_counts() {
   for (auto& c : g_counts) c.store(0, std::memory_order_relaxed);
 }
 
-bool strict_cusparselt() {
-  const char* v = std::getenv("PYSPARSE_STRICT_CUSPARSELT");
+namespace {
+bool env_on(const char* name) {
+  const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0') return false;
   return std::strcmp(v, "0") != 0 && strcasecmp(v, "false") != 0 && strcasecmp(v, "off") != 0;
 }
+std::atomic<bool> g_batch_invariant{env_on("PYSPARSE_BATCH_INVARIANT")};
+}  // namespace
+
+bool strict_cusparselt() { return env_on("PYSPARSE_STRICT_CUSPARSELT"); }
+
+bool batch_invariant() { return g_batch_invariant.load(std::memory_order_relaxed); }
+
+void set_batch_invariant(bool on) { g_batch_invariant.store(on, std::memory_order_relaxed); }
 
 }  // namespace pysparse::routes

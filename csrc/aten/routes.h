@@ -33,4 +33,14 @@ void reset_counts();
 // cannot then raises instead of falling back to decompress + cuBLAS.
 bool strict_cusparselt();
 
+// Batch-invariant mode: while on, every CPU op a decode step runs computes each row of x with the
+// same arithmetic whatever the other rows are and however many (the route one row alone takes,
+// over row chunks of at most its rows; no switch to torch's GEMM or the AMX tiles by batch size,
+// no FFN route chosen by how many neurons fire across rows). The serving scheduler turns it on
+// for its batched decode steps, so that a request's greedy tokens do not depend on what else is
+// served. One row alone runs the same routes either way. Process-wide; starts on when
+// PYSPARSE_BATCH_INVARIANT is set to anything but "", "0", "false" or "off".
+bool batch_invariant();
+void set_batch_invariant(bool on);
+
 }  // namespace pysparse::routes

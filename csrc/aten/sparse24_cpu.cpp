@@ -126,6 +126,19 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   at::Tensor m = meta.contiguous();
   at::Tensor x2 = as_rows(x, K);
   const int64_t M = x2.size(0);
+  // Batch-invariant mode: the GEMV routes (each row of x on its own against W decoded once per
+  // pass) over chunks of the rows they take; never the AMX tiles (bf16 from kAmxMinRows rows,
+  // pairwise dot products) nor torch's GEMM.
+  const bool invariant = routes::batch_invariant();
+  if (invariant) {
+    int64_t rows = core::sparse24_gemv_max_rows() > 0 ? core::sparse24_gemv_max_rows() : 16;
+    if (v.scalar_type() == at::kBFloat16 && core::sparse24_bf16_amx())
+      rows = std::min<int64_t>(rows, core::kAmxMinRows - 1);
+    if (M > rows)
+      return by_row_chunks(x, K, rows, [&](const at::Tensor& chunk) {
+        return sparse24_linear_cpu(chunk, values, meta, bias);
+      });
+  }
   const int64_t ldx = M > 1 ? x2.stride(0) : K;
   at::Tensor b;
   if (bias.has_value() && bias->defined()) b = bias->contiguous();
@@ -144,14 +157,14 @@ at::Tensor sparse24_linear_cpu(const at::Tensor& x, const at::Tensor& values,
   // PYSPARSE_BF16_DENSE_MIN_ROWS overrides it (read per call, so tests can take either route).
   const int64_t bf16_min_rows =
       env_int("PYSPARSE_BF16_DENSE_MIN_ROWS", core::sparse24_bf16_amx() ? 192 : 17);
-  if (v.scalar_type() == at::kBFloat16 && M >= bf16_min_rows && bf16_matmul_native())
+  if (!invariant && v.scalar_type() == at::kBFloat16 && M >= bf16_min_rows && bf16_matmul_native())
     return linear_via_dense_chunks(x2, v, m, b, N, K).view(linear_out_shape(x, N));
   // fp32, small weights (MiniLM-sized, <= 1M elements), many rows: the decompressed weight fits in
   // L2 and MKL's GEMM beats ours there (bench, 1536x384 M=512: 0.83x torch vs 0.59x; 384x1536:
   // 0.90x vs 0.65x; at 64-128 rows ours is ahead or even). Overridable like the bf16 crossover.
   const int64_t f32_dense_max = env_int("PYSPARSE_F32_DENSE_MAX_WEIGHTS", int64_t(1) << 20);
   const int64_t f32_dense_min_rows = env_int("PYSPARSE_F32_DENSE_MIN_ROWS", 256);
-  if (v.scalar_type() == at::kFloat && N * K <= f32_dense_max && M >= f32_dense_min_rows)
+  if (!invariant && v.scalar_type() == at::kFloat && N * K <= f32_dense_max && M >= f32_dense_min_rows)
     return linear_via_dense_chunks(x2, v, m, b, N, K).view(linear_out_shape(x, N));
   at::Tensor y = at::empty({M, N}, x.options());
   const int nt = at::get_num_threads();

@@ -285,8 +285,12 @@ at::Tensor ffn_predicted_kernels(const at::Tensor& x, const at::Tensor& x2, cons
   const auto st = w.gv.scalar_type();
   const bool packed = w.gm.defined();
   const Crossover cross = crossover(M, st, F * D);
-  if (M > 1 && (M > kSparseMaxRows || amx_route(w, st, M) ||
-                (packed ? M > predicted_packed_max_rows() : M > cross.own_gate_max_rows)))
+  // (batch-invariant mode: always these kernels, which take each row alike; ffn_cpu chunks past
+  // kSparseMaxRows rows)
+  const bool invariant = routes::batch_invariant();
+  if (M > 1 && !invariant &&
+      (M > kSparseMaxRows || amx_route(w, st, M) ||
+       (packed ? M > predicted_packed_max_rows() : M > cross.own_gate_max_rows)))
     return at::Tensor();
   const uint8_t* pred = pred_ptr(w);
   std::vector<int32_t> cand;
@@ -301,7 +305,7 @@ at::Tensor ffn_predicted_kernels(const at::Tensor& x, const at::Tensor& x2, cons
       if (any[f]) cand.push_back(static_cast<int32_t>(f));
   }
   const int64_t n = static_cast<int64_t>(cand.size());
-  if (M > 1 && static_cast<double>(n) > cross.dense_tail_above * static_cast<double>(F))
+  if (M > 1 && !invariant && static_cast<double>(n) > cross.dense_tail_above * static_cast<double>(F))
     return at::Tensor();
   at::Tensor xf = x2.to(at::kFloat).contiguous();
   core::FfnProblem p = ffn_problem(w, xf, t, D, F);
@@ -321,12 +325,26 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   at::Tensor x2 = as_rows(x, D);
   const int64_t M = x2.size(0);
   if (M == 0) return at::empty_like(x, at::MemoryFormat::Contiguous);
+  // Batch-invariant mode (routes.h): the FFN kernels with their own gate for every row count
+  // (kSparseMaxRows rows at a time), whatever fires: a neuron that fires for another row adds an
+  // exact zero to this one's down sum. Never torch's GEMMs or the AMX tiles.
+  const bool invariant = routes::batch_invariant();
+  if (invariant && M > kSparseMaxRows) {
+    std::vector<at::Tensor> parts;
+    for (int64_t i = 0; i < M; i += kSparseMaxRows) {
+      const int64_t m = std::min(kSparseMaxRows, M - i);
+      Weights part = w;
+      if (w.pred.defined()) part.pred = w.pred.view({M, F}).narrow(0, i, m).contiguous();
+      parts.push_back(ffn_cpu(x2.narrow(0, i, m), part, t, D, F));
+    }
+    return at::cat(parts, 0).view(x.sizes());
+  }
   if (w.pred.defined()) {
     at::Tensor y = ffn_predicted_kernels(x, x2, w, t, D, F);
     if (y.defined()) return y;
   }
   const uint8_t* pred = pred_ptr(w);
-  if (amx_route(w, st, M)) return ffn24_amx(x, x2, w, t, D, F);
+  if (!invariant && amx_route(w, st, M)) return ffn24_amx(x, x2, w, t, D, F);
   // A small FFN (up to PYSPARSE_FFN_SMALL_MAX_WEIGHTS weights) from 2 rows: torch's kernels
   // outright. Off by default: measured on Intel Xeon (bench/ffn.py, 384x1536) our route's extra
   // steps cost 10-30% of a 0.3 ms FFN there, but on AMD EPYC torch's BLAS runs MiniLM's 14-row
@@ -336,7 +354,7 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   // of 9-16 independent rows is most neurons (1B shape, 16 rows: 0.90-0.93x with the union test).
   const bool small = F * D <= env_int("PYSPARSE_FFN_SMALL_MAX_WEIGHTS", 0);
   const bool amx_rows = st == at::kBFloat16 && M > 8 && bf16_matmul_has_amx();
-  if ((M > kSparseMaxRows || (small && M > 1) || amx_rows) && !w.gm.defined()) {
+  if (!invariant && (M > kSparseMaxRows || (small && M > 1) || amx_rows) && !w.gm.defined()) {
     at::Tensor h = linear_any(x2, w.gv, w.gm, w.b1).contiguous();
     fatrelu_count_(h, t, pred);
     if (w.uv.defined()) h = h * call_dense_linear(x2, w.uv, at::Tensor());
@@ -351,8 +369,9 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   at::Tensor a, active;
   int64_t n = 0;
   const Crossover cross = crossover(M, st, F * D);
-  const double limit = cross.dense_tail_above * static_cast<double>(F);
-  if (packed || M <= cross.own_gate_max_rows) {
+  const double limit = invariant ? std::numeric_limits<double>::infinity()
+                                 : cross.dense_tail_above * static_cast<double>(F);
+  if (packed || M <= cross.own_gate_max_rows || invariant) {
     a = at::empty({M, F}, xf.options());
     active = at::empty({F}, xf.options().dtype(at::kInt));
     n = core::ffn_gate(p, a.data_ptr<float>(), active.data_ptr<int32_t>());
@@ -401,8 +420,12 @@ at::Tensor ffn_predict_cpu(const at::Tensor& x, const at::Tensor& a, const at::T
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = w.F;
   if (M == 0) return at::empty(shape, x.options().dtype(at::kBool));
-  if (M > crossover(M, w.a.scalar_type(), w.r * w.D + w.F * w.r).own_gate_max_rows)
-    return ffn_predict_dense(x, w);
+  const int64_t own_rows = crossover(M, w.a.scalar_type(), w.r * w.D + w.F * w.r).own_gate_max_rows;
+  if (M > own_rows && routes::batch_invariant())  // the kernels, which take each row alike
+    return by_row_chunks(x, w.D, own_rows, [&](const at::Tensor& chunk) {
+      return ffn_predict_cpu(chunk, a, b, c, max_rows);
+    });
+  if (M > own_rows) return ffn_predict_dense(x, w);
   at::Tensor xf = x2.to(at::kFloat).contiguous();
   at::Tensor low = at::empty({M, w.r}, xf.options());
   at::Tensor logits = at::empty({M, w.F}, xf.options());

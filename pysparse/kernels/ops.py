@@ -13,6 +13,9 @@ Packed 2:4 layout (every op here, CPU and CUDA):
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from pysparse.kernels import extension
@@ -20,6 +23,7 @@ from pysparse.kernels import extension
 __all__ = [
     "STRICT_CUSPARSELT_ENV",
     "attention",
+    "batch_invariant",
     "compress24",
     "cuda_route_counts",
     "cusparselt_cache_info",
@@ -440,6 +444,24 @@ def kernel_stats(reset: bool = False) -> dict[str, dict[str, int]]:
 #: on cuSPARSELt, and raises (naming the failing step) instead of quietly running decompress +
 #: cuBLAS. Read on every call. Tests and bench/gpu_linear24.py set it.
 STRICT_CUSPARSELT_ENV = "PYSPARSE_STRICT_CUSPARSELT"
+
+
+@contextlib.contextmanager
+def batch_invariant(enabled: bool = True) -> Iterator[None]:
+    """Batch-invariant mode inside the block (process-wide; restored on exit): every CPU op
+    computes each row of its input with the same arithmetic whatever the other rows are and
+    however many (the route one row alone takes, over row chunks of at most the rows it takes:
+    no switch to torch's GEMM or the AMX tiles by batch size, no FFN route chosen by how many
+    neurons fire across rows). What continuous batching needs for a request's greedy tokens not
+    to depend on what else is decoded with it; one row alone runs the same routes either way.
+    ``PYSPARSE_BATCH_INVARIANT=1`` starts a process in it."""
+    extension.require_extension()
+    before = extension._C.batch_invariant()
+    extension._C.set_batch_invariant(bool(enabled))
+    try:
+        yield
+    finally:
+        extension._C.set_batch_invariant(before)
 
 
 def last_cuda_route(op: str = "sparse24_linear") -> str:
