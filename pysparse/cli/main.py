@@ -11,6 +11,9 @@
     pysparse generate DIR "PROMPT" [--max-new-tokens N] [--chat]
                              stream a compiled decoder's continuation (KV cache on the sparse
                              kernels), then prefill and decode tokens/s
+    pysparse serve DIR [--port 8000] [--max-batch 8] [--api-key KEY]
+                             an OpenAI-compatible server (completions, chat, streaming, /metrics)
+                             with continuous batching on the sparse kernels
     pysparse report DIR      measure quality and speed-up here again and rewrite DIR/report.html
                              (every artifact has report.html, report.md, report.json)
     pysparse eval DIR        held-out quality vs the dense original (encoders: embedding cosine
@@ -30,11 +33,11 @@ import logging
 import sys
 
 from pysparse.cli import compile as compile_command
-from pysparse.cli import demo, export, generate, info, report
+from pysparse.cli import demo, export, generate, info, report, serve
 from pysparse.cli import eval as eval_command
 
 # the subcommands in the order --help lists them; each adds its parser and runs its args
-COMMANDS = (info, demo, compile_command, export, eval_command, report, generate)
+COMMANDS = (info, demo, compile_command, export, eval_command, report, generate, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

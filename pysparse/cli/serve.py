@@ -1,0 +1,127 @@
+"""``pysparse serve DIR``: an OpenAI-compatible server (completions, chat, streaming) on a compiled
+decoder, with continuous batching (pysparse.serving)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from pysparse.cli.common import artifact_tokenizer
+
+_log = logging.getLogger("pysparse.serve")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve a compiled decoder over the OpenAI API (continuous batching)"
+    )
+    p.add_argument("dir", help="artifact directory from `pysparse compile` of a decoder")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--max-batch", type=int, default=8, help="sequences decoded together (KV-cache slots)"
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting for a slot before 429"
+    )
+    p.add_argument(
+        "--max-cache-len",
+        type=int,
+        default=None,
+        help="tokens a request may hold, prompt + max_tokens (default: the model's context, "
+        "at most 2048); the cache is --max-batch times this",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("PYSPARSE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $PYSPARSE_API_KEY, else none)",
+    )
+    p.add_argument(
+        "--model-name", default=None, help="the model id clients send (default: DIR's name)"
+    )
+    p.add_argument(
+        "--no-native",
+        dest="native",
+        action="store_false",
+        help="run the step graph op by op instead of as native code",
+    )
+    p.add_argument(
+        "--no-batch-invariant",
+        dest="invariant",
+        action="store_false",
+        help="let batched decode steps take the fastest route for their batch size (a request's "
+        "tokens may then depend on what else is served)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from pysparse.serving.app import Server
+        from pysparse.serving.engine import Engine
+    except ImportError as exc:
+        raise RuntimeError(
+            f"pysparse serve needs the server packages ({exc.name} is missing): "
+            "pip install 'pysparse[serve]'"
+        ) from exc
+    from pysparse.artifacts.store import load
+
+    loaded = load(args.dir)
+    if not loaded.can_generate:
+        raise RuntimeError(
+            f"{args.dir} holds no generation step graph (it is not a decoder, or its capture "
+            "failed at compile time); recompile a *ForCausalLM model"
+        )
+    source = loaded.manifest.get("model", {}).get("source")
+    tok = artifact_tokenizer(loaded, args.dir, source, "recompile it with its tokenizer")
+    engine = Engine(
+        loaded,
+        max_batch=args.max_batch,
+        max_cache_len=args.max_cache_len,
+        max_queue=args.max_queue,
+        native=None if args.native else False,
+        invariant=args.invariant,
+    )
+    name = args.model_name or Path(args.dir).resolve().name
+    server = Server(engine, tok, name, api_key=args.api_key)
+    print(
+        f"pysparse serve: model '{name}' ({'native' if engine.native else 'graph'} step), "
+        f"{args.max_batch} slots x {engine.max_cache_len} tokens "
+        f"({engine.cache_bytes / 2**20:.0f} MiB KV cache), "
+        f"batch-invariant {'on' if args.invariant else 'off'}; "
+        f"http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+        flush=True,
+    )
+    # uvicorn drains on SIGTERM / Ctrl-C: no new connections, in-flight requests finish, then the
+    # app's shutdown stops the engine.
+    config = uvicorn.Config(server.app, host=args.host, port=args.port, log_level="warning")
+    _draining_server_class()(config).run()
+    print("pysparse serve: drained, exiting", file=sys.stderr, flush=True)
+    return 0
+
+
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, exiting 0 after a drain: uvicorn raises the signal that stopped it
+        again once it has shut down (the process then dies of SIGTERM, status -15), but a server
+        that finished every request it had was stopped as asked."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    self._captured_signals.clear()
+
+    return DrainingServer
