@@ -23,6 +23,7 @@ without [DONE], other than the disconnects) and the server's RSS after warm-up a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -32,7 +33,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -107,23 +107,35 @@ class Proc:
         self.log.close()
 
 
-def stream(proc: Proc, prompt: str, max_tokens: int, disconnect_after: int | None = None) -> dict:
-    """One streaming completion: token stamps, and how it ended."""
+EOS_BIAS: dict[str, float] = {}  # token id -> -100 for the model's end-of-sequence ids (main)
+
+
+async def stream(
+    client: httpx.AsyncClient,
+    proc: Proc,
+    prompt: str,
+    max_tokens: int,
+    disconnect_after: int | None = None,
+) -> dict:
+    """One streaming completion: token stamps, and how it ended. The end-of-sequence ids get a
+    -100 logit bias on both servers, so every request generates max_tokens tokens (the dense
+    model ends some of these prompts at once; the sparse one never does)."""
     body = {
         "model": proc.model,
         "prompt": prompt,
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": True,
+        "logit_bias": EOS_BIAS,
     }
     t0 = time.perf_counter()
     stamps: list[float] = []
     usage = None
     done = False
-    with httpx.stream("POST", proc.url + "/v1/completions", json=body, timeout=600) as r:
+    async with client.stream("POST", proc.url + "/v1/completions", json=body, timeout=600) as r:
         if r.status_code != 200:
             return {"status": r.status_code, "stamps": [], "t0": t0, "done": False, "tokens": 0}
-        for line in r.iter_lines():
+        async for line in r.aiter_lines():
             if not line.startswith("data:"):
                 continue
             data = line[5:].strip()
@@ -144,30 +156,31 @@ def stream(proc: Proc, prompt: str, max_tokens: int, disconnect_after: int | Non
 
 
 def round_of(proc: Proc, n: int, max_tokens: int) -> dict:
-    results: list[dict] = [{}] * n
-    barrier = threading.Barrier(n)
+    """N clients on one event loop (one thread: the client's own CPU use stays small on a
+    2-core machine that also runs the server), started together."""
 
-    def client(i: int) -> None:
-        barrier.wait()
-        results[i] = stream(proc, PROMPTS[i % len(PROMPTS)], max_tokens)
+    async def go() -> tuple[list[dict], float]:
+        limits = httpx.Limits(max_connections=n + 4)
+        async with httpx.AsyncClient(limits=limits) as client:
+            start = time.perf_counter()
+            results = await asyncio.gather(
+                *(stream(client, proc, PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(n))
+            )
+            return list(results), time.perf_counter() - start
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(n)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    results, wall = asyncio.run(go())
     ttft = [r["stamps"][0] - r["t0"] for r in results if r["stamps"]]
     gaps = [b - a for r in results for a, b in zip(r["stamps"], r["stamps"][1:])]
     tokens = sum(r["tokens"] for r in results)
     failed = sum(1 for r in results if r["status"] != 200 or not r["done"])
+    short = sum(1 for r in results if r["tokens"] < max_tokens)
     return {
         "tok_s": tokens / wall,
         "tokens": tokens,
         "ttft": ttft,
         "gaps": gaps,
         "failed": failed,
+        "short": short,
     }
 
 
@@ -179,7 +192,7 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def run_server(proc: Proc, clients: list[int], max_tokens: int, repeats: int) -> dict[int, dict]:
-    stream(proc, PROMPTS[0], 8)  # warm-up
+    round_of(proc, 1, 8)  # warm-up
     out = {}
     for n in clients:
         rounds = [round_of(proc, n, max_tokens) for _ in range(repeats)]
@@ -188,54 +201,56 @@ def run_server(proc: Proc, clients: list[int], max_tokens: int, repeats: int) ->
         r["ttft"] = [x for rr in rounds for x in rr["ttft"]]
         r["gaps"] = [x for rr in rounds for x in rr["gaps"]]
         r["failed"] = sum(rr["failed"] for rr in rounds)
+        r["short"] = sum(rr["short"] for rr in rounds)
         out[n] = r
         print(
             f"  {proc.name:<28} N={n:<3} {r['tok_s']:8.1f} tok/s  ({r['tokens']} tokens)  "
             f"TTFT p50 {pct(r['ttft'], 0.5) * 1e3:7.1f} ms p99 {pct(r['ttft'], 0.99) * 1e3:7.1f} ms  "
             f"token p50 {pct(r['gaps'], 0.5) * 1e3:6.1f} ms p99 {pct(r['gaps'], 0.99) * 1e3:6.1f} ms"
-            + (f"  FAILED {r['failed']}" if r["failed"] else ""),
+            + (f"  FAILED {r['failed']}" if r["failed"] else "")
+            + (f"  ({r['short']} requests ended early)" if r["short"] else ""),
             flush=True,
         )
     return out
 
 
 def soak(proc: Proc, seconds: float, max_tokens: int) -> None:
-    rng = random.Random(0)
-    stop = time.time() + seconds
+    """8 concurrent client loops for ``seconds``: random prompts and lengths, a fifth of the
+    requests disconnecting after 1-6 tokens."""
     counts = {"ok": 0, "disconnected": 0, "failed": 0}
-    lock = threading.Lock()
     rss0 = rss_mib(proc.p.pid)
 
-    def worker(seed: int) -> None:
+    async def worker(client: httpx.AsyncClient, seed: int, stop: float) -> None:
         r = random.Random(seed)
+        await asyncio.sleep(r.random() * 2)
         while time.time() < stop:
             cut = r.randint(1, 6) if r.random() < 0.2 else None
             try:
-                res = stream(proc, r.choice(PROMPTS), r.randint(4, max_tokens), cut)
+                res = await stream(client, proc, r.choice(PROMPTS), r.randint(4, max_tokens), cut)
             except httpx.HTTPError:
                 res = {"status": 0, "done": False}
-            with lock:
-                if cut is not None and res["status"] == 200:
-                    counts["disconnected"] += 1
-                elif res["status"] == 200 and res["done"]:
-                    counts["ok"] += 1
-                else:
-                    counts["failed"] += 1
-            time.sleep(r.random() * 0.5)
+            if cut is not None and res["status"] == 200:
+                counts["disconnected"] += 1
+            elif res["status"] == 200 and res["done"]:
+                counts["ok"] += 1
+            else:
+                counts["failed"] += 1
+            await asyncio.sleep(r.random() * 0.5)
 
-    threads = [threading.Thread(target=worker, args=(rng.randint(0, 10**9),)) for _ in range(8)]
-    for i, t in enumerate(threads):
-        t.start()
-        time.sleep(0.3 * i)
-    for t in threads:
-        t.join()
+    async def go() -> None:
+        stop = time.time() + seconds
+        async with httpx.AsyncClient(limits=httpx.Limits(max_connections=16)) as client:
+            await asyncio.gather(*(worker(client, i, stop) for i in range(8)))
+
+    asyncio.run(go())
     time.sleep(1)
     rss1 = rss_mib(proc.p.pid)
     print(
         f"\nsoak {seconds:.0f} s, 8 clients (random prompts, 4-{max_tokens} tokens, a fifth "
         f"disconnecting): {counts['ok']} completed, {counts['disconnected']} disconnected on "
         f"purpose, {counts['failed']} failed; server RSS {rss0:.0f} MiB after warm-up -> "
-        f"{rss1:.0f} MiB at the end ({(rss1 / rss0 - 1) * 100:+.1f}%)"
+        f"{rss1:.0f} MiB at the end ({(rss1 / rss0 - 1) * 100:+.1f}%)",
+        flush=True,
     )
 
 
@@ -252,7 +267,9 @@ def main() -> None:
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--no-invariant-row", action="store_true")
     ap.add_argument("--soak", type=float, default=0.0, help="seconds of soak after the table")
+    ap.add_argument("--eos-ids", default="0,2", help="ids given a -100 logit bias (SmolLM2's)")
     args = ap.parse_args()
+    EOS_BIAS.update({i: -100.0 for i in args.eos_ids.split(",") if i})
     clients = [int(c) for c in args.clients.split(",")]
     print(runinfo.header(), flush=True)
     print(
@@ -331,6 +348,10 @@ def main() -> None:
                 "2048",
                 "--port",
                 str(port),
+                # serve every request to its end (by default a new request interrupts the one
+                # running: concurrent clients would get truncated outputs)
+                "--interrupt_requests",
+                "False",
             ]
             proc = Proc(f"llama.cpp server {kind.upper()}", cmd, port, "m")
             try:

@@ -195,6 +195,25 @@ def test_seeded_sampling_is_reproducible(served):
     assert client.completions.create(seed=7, **kw).choices[0].text == a
 
 
+def test_logit_bias_steers_the_choice_and_is_checked(served, tok):
+    client = served.client()
+    target = _ids(tok, " sparse")[0]
+    r = client.completions.create(
+        model="tiny", prompt="Hi", max_tokens=5, temperature=0, logit_bias={str(target): 100}
+    )
+    assert r.choices[0].text == " sparse" * 5
+    r = _post(served, "/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"x": 1}})
+    assert r.status_code == 400 and _error(r)["param"] == "logit_bias"
+    r = _post(
+        served, "/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"7": 500}}
+    )
+    assert r.status_code == 400 and "[-100, 100]" in _error(r)["message"]
+    r = _post(
+        served, "/v1/completions", {"model": "tiny", "prompt": "hi", "logit_bias": {"999999": 1}}
+    )
+    assert r.status_code == 400 and "outside the vocabulary" in _error(r)["message"]
+
+
 def test_stop_strings_end_the_text_where_they_first_appear(served, model, tok):
     client = served.client()
     full = client.completions.create(model="tiny", prompt=PROMPTS[2], max_tokens=30, temperature=0)

@@ -4,11 +4,12 @@ decoder, with continuous batching (pysparse.serving)."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Iterator
+import threading
+import time
 from pathlib import Path
 
 from pysparse.cli.common import artifact_tokenizer
@@ -90,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         invariant=args.invariant,
     )
     name = args.model_name or Path(args.dir).resolve().name
-    server = Server(engine, tok, name, api_key=args.api_key)
+    server = Server(engine, tok, name, api_key=args.api_key, start_engine=False)
     print(
         f"pysparse serve: model '{name}' ({'native' if engine.native else 'graph'} step), "
         f"{args.max_batch} slots x {engine.max_cache_len} tokens "
@@ -100,28 +101,27 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
-    # uvicorn drains on SIGTERM / Ctrl-C: no new connections, in-flight requests finish, then the
-    # app's shutdown stops the engine.
+    # The engine runs on this (the main) thread, uvicorn on another (Engine.run says why).
+    # SIGTERM / Ctrl-C drain: uvicorn stops taking connections and lets the requests in flight
+    # finish; its shutdown then stops the engine, whose loop returns here.
     config = uvicorn.Config(server.app, host=args.host, port=args.port, log_level="warning")
-    _draining_server_class()(config).run()
+    web = uvicorn.Server(config)
+    thread = threading.Thread(target=web.run, name="pysparse-http", daemon=True)
+
+    def on_signal(signum: int, frame: object) -> None:
+        if web.should_exit:  # a second Ctrl-C: stop now
+            web.force_exit = True
+            engine.stop(drain=False)
+        web.should_exit = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    thread.start()
+    while not web.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"the HTTP server did not start on {args.host}:{args.port}")
+        time.sleep(0.05)
+    engine.run()
+    thread.join()
     print("pysparse serve: drained, exiting", file=sys.stderr, flush=True)
     return 0
-
-
-def _draining_server_class():
-    import uvicorn
-
-    class DrainingServer(uvicorn.Server):
-        """uvicorn's server, exiting 0 after a drain: uvicorn raises the signal that stopped it
-        again once it has shut down (the process then dies of SIGTERM, status -15), but a server
-        that finished every request it had was stopped as asked."""
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            with super().capture_signals():
-                try:
-                    yield
-                finally:
-                    self._captured_signals.clear()
-
-    return DrainingServer

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -41,7 +42,6 @@ _UNSUPPORTED = {
     "echo",
     "best_of",
     "suffix",
-    "logit_bias",
     "presence_penalty",
     "frequency_penalty",
     "tools",
@@ -99,6 +99,17 @@ class _Common(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None
+    logit_bias: dict[str, float] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for k, v in (bias or {}).items():
+            if not k.lstrip("-").isdigit():
+                raise ValueError(f"keys are token ids; got {k!r}")
+            if not -100 <= v <= 100:
+                raise ValueError(f"biases are in [-100, 100]; got {v} for token {k}")
+        return bias
 
     @field_validator("n")
     @classmethod
@@ -189,6 +200,7 @@ class Server:
         model_name: str,
         api_key: str | None = None,
         metrics: Metrics | None = None,
+        start_engine: bool = True,
     ):
         self.engine, self.tok, self.model_name, self.api_key = (
             engine,
@@ -201,6 +213,7 @@ class Server:
             engine.observer = self.metrics
         self.metrics.engine_state = lambda: (engine.queue_depth, len(engine.active))
         self.draining = False
+        self.start_engine = start_engine  # False: the caller runs engine.run() itself
         self.app = self._build()
 
     # ---- the app --------------------------------------------------------------------------
@@ -208,7 +221,8 @@ class Server:
     def _build(self) -> FastAPI:
         @contextlib.asynccontextmanager
         async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-            self.engine.start()
+            if self.start_engine:
+                self.engine.start()
             try:
                 yield
             finally:  # uvicorn ends the lifespan after in-flight requests (SIGTERM: drain)
@@ -285,6 +299,33 @@ class Server:
 
         return app
 
+    def _mailbox(self, loop: asyncio.AbstractEventLoop) -> Any:
+        """``post(queue, item)`` for the engine's thread: items wait in one list and a single
+        callback on the event loop hands them all to their queues, so a decode step of B
+        sequences wakes the loop once, not B times (each wake-up is a write to the loop's
+        self-pipe and a pass of its scheduler, and on 2 cores those compete with the step)."""
+        if getattr(self, "_box", None) is not None and self._box[0] is loop:
+            return self._box[1]
+        pending: list[tuple[asyncio.Queue, Any]] = []
+        lock = threading.Lock()
+
+        def drain() -> None:
+            with lock:
+                items = pending[:]
+                pending.clear()
+            for queue, item in items:
+                queue.put_nowait(item)
+
+        def post(queue: asyncio.Queue, item: Any) -> None:
+            with lock:
+                pending.append((queue, item))
+                first = len(pending) == 1
+            if first:
+                loop.call_soon_threadsafe(drain)
+
+        self._box = (loop, post)
+        return post
+
     def _model_card(self) -> dict[str, Any]:
         return {"id": self.model_name, "object": "model", "created": 0, "owned_by": "pysparse"}
 
@@ -325,8 +366,8 @@ class Server:
         except GenerationError as exc:
             raise ApiError(400, str(exc), "max_tokens" if ids else "prompt") from exc
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        post = self._mailbox(asyncio.get_running_loop())
         seq = Sequence(
             list(ids),
             Sampling(
@@ -334,9 +375,12 @@ class Server:
                 temperature=body.temperature,
                 top_p=body.top_p,
                 seed=body.seed,
+                logit_bias={int(k): v for k, v in body.logit_bias.items()}
+                if body.logit_bias
+                else None,
             ),
-            on_token=lambda s, t: loop.call_soon_threadsafe(events.put_nowait, ("token", t)),
-            on_finish=lambda s: loop.call_soon_threadsafe(events.put_nowait, ("done", s)),
+            on_token=lambda s, t: post(events, ("token", t)),
+            on_finish=lambda s: post(events, ("done", s)),
         )
         try:
             self.engine.submit(seq)
@@ -358,11 +402,23 @@ class Server:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        text, finish = [], None
-        try:
-            async for delta, reason in self._until_disconnect(request, seq, pieces):
+        text: list[str] = []
+        finish: list[str | None] = [None]
+
+        async def collect() -> None:
+            async for delta, reason in pieces:
                 text.append(delta)
-                finish = reason or finish
+                finish[0] = reason or finish[0]
+
+        task = asyncio.ensure_future(collect())
+        try:  # a client that goes away cancels its sequence (checked twice a second)
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.5)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()
+                    break
+            if not task.cancelled():
+                task.result()
         finally:
             self.engine.cancel(seq)  # (no-op when it finished)
         if seq.finish_reason == "error":
@@ -370,7 +426,7 @@ class Server:
             raise ApiError(500, f"generation failed: {seq.error}")
         self.metrics.requests.labels(endpoint, "200").inc()
         out = "".join(text)
-        choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish[0], "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": out}
         else:
@@ -417,27 +473,6 @@ class Server:
                 )
                 yield out, None
 
-    async def _until_disconnect(
-        self, request: Request, seq: Sequence, pieces: AsyncIterator
-    ) -> AsyncIterator:
-        """``pieces``, cancelling the sequence when the client goes away."""
-        it = pieces.__aiter__()
-        while True:
-            nxt = asyncio.ensure_future(it.__anext__())
-            while True:
-                done, _ = await asyncio.wait({nxt}, timeout=0.5)
-                if done:
-                    break
-                if await request.is_disconnected():
-                    nxt.cancel()
-                    self.engine.cancel(seq)
-                    return
-            try:
-                item = nxt.result()
-            except StopAsyncIteration:
-                return
-            yield item
-
     async def _sse(
         self,
         request: Request,
@@ -480,7 +515,9 @@ class Server:
         try:
             if chat:
                 yield event("", None, first=True)
-            async for delta, finish in self._until_disconnect(request, seq, pieces):
+            # (a client that goes away: Starlette cancels this generator, the finally below
+            # cancels the sequence)
+            async for delta, finish in pieces:
                 if seq.finish_reason == "error":
                     err = ApiError(500, f"generation failed: {seq.error}")
                     yield f"data: {json.dumps(err.body())}\n\n".encode()
