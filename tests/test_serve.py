@@ -512,3 +512,15 @@ def test_sigterm_drains_in_flight_requests_then_exits(model, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_engine_settings_are_checked(model):
+    from pysparse.runtime.generate import GenerationError
+
+    with pytest.raises(GenerationError, match=r"max_cache_len must be in \[2, 256\]"):
+        Engine(model, max_cache_len=10**6, native=False)
+    with pytest.raises(GenerationError, match="max_batch must be >= 1"):
+        Engine(model, max_batch=0, native=False)
+    encoder = type("Encoder", (), {"can_generate": False})()
+    with pytest.raises(GenerationError, match="no generation step graph"):
+        Engine(encoder)

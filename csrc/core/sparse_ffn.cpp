@@ -136,6 +136,9 @@ void ffn_tail(const FfnProblem& p, const float* a, const int32_t* active, int64_
 void dense_gemv(const float* x, int64_t M, const void* w, FfnDtype dtype, int64_t N, int64_t K,
                 float* y, int nthreads) {
   if (M == 0 || N == 0) return;
+  // (2+ rows with AVX-512: the AVX2 kernel's ymm code in twice the registers, the same bits)
+  if (M > 1 && detail::sparse24_use_avx512())
+    return detail::dense_gemm_rows_avx512(x, M, w, dtype, N, K, y, nthreads);
   if (use_avx2()) return detail::dense_gemv_avx2(x, M, w, dtype, N, K, y, nthreads);
   dense_gemv_entry(x, M, w, dtype, N, K, y, nthreads);
 }

@@ -210,63 +210,8 @@ void axpy_group_rows(const float* const* h4, const W* const* v0, const W* const*
 #include "sparse_ffn_driver.inc"
 #include "sparse_ffn_unpack_down.inc"
 
-// The dense linear for 2 or more rows of x (dense_gemv with M > 1): one row of W against MT rows
-// of x at once, so each W vector loaded feeds MT FMAs, where the one-row GEMV does one FMA per two
-// loads. Each (row of W, row of x) keeps dense_dot_stream's four chains and order, so a row of x
-// gets the same bits alone (the GEMV) or in a batch. MiniLM's linears, weights in cache (AMD EPYC,
-// 2 threads, the two kernels and torch alternated call by call, us): 1152x384 M=14 140 -> 110
-// (torch 141), 384x384 M=8 33 -> 25 (35), 1536x384 M=2 44 -> 31 (122); 10-25% at 2-16 rows.
-template <int MT, typename W>
-inline void dense_rows_x(const float* x, int64_t K, const W* w, float* out, int64_t N) {
-  const int64_t body = K / 32 * 32;
-  __m256 acc[MT][4];
-  for (int m = 0; m < MT; ++m)
-    for (int c = 0; c < 4; ++c) acc[m][c] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < body; k += 32)
-    for (int c = 0; c < 4; ++c) {
-      const __m256 wv = load8(w + k + 8 * c);
-      for (int m = 0; m < MT; ++m)
-        acc[m][c] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * c), acc[m][c]);
-    }
-  for (int m = 0; m < MT; ++m) {
-    const float* xm = x + m * K;
-    int64_t k = body;
-    for (; k + 8 <= K; k += 8)
-      acc[m][0] = _mm256_fmadd_ps(load8(w + k), _mm256_loadu_ps(xm + k), acc[m][0]);
-    float s = hsum(_mm256_add_ps(_mm256_add_ps(acc[m][0], acc[m][1]),
-                                 _mm256_add_ps(acc[m][2], acc[m][3])));
-    for (; k < K; ++k) s = std::fma(load1(w + k), xm[k], s);
-    out[m * N] = s;
-  }
-}
-
-template <int MT, typename W>
-inline void dense_rows_x_upto(int mt, const float* x, int64_t K, const W* w, float* out,
-                              int64_t N) {
-  if (mt == MT)
-    dense_rows_x<MT>(x, K, w, out, N);
-  else if constexpr (MT > 1)
-    dense_rows_x_upto<MT - 1>(mt, x, K, w, out, N);
-}
-
-template <typename W>
-void dense_gemm_small(const float* x, int64_t M, const W* w, int64_t N, int64_t K, float* y,
-                      int nt) {
-  constexpr int MT = 3;  // 12 accumulators + a W vector: within the 16 registers
-  const bool parallel = N * K * M >= (1 << 16);
-  RegionTrace trace(parallel ? nt : 1);
-#pragma omp parallel num_threads(nt) if (parallel)
-  {
-    trace.mark();
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t m0 = 0; m0 < M; m0 += MT) {
-        const int mt = static_cast<int>(std::min<int64_t>(MT, M - m0));
-        dense_rows_x_upto<MT>(mt, x + m0 * K, K, w + n * K, y + m0 * N + n, N);
-      }
-  }
-  trace.finish(Route::kDenseGemv);
-}
+constexpr int kDenseXRows = 3;  // 12 accumulators + a W vector: within the 16 ymm registers
+#include "dense_rows.inc"
 
 }  // namespace
 

@@ -142,13 +142,13 @@ class Engine:
                 "(pysparse compile MODEL with a *ForCausalLM model)"
             )
         if max_batch < 1 or max_queue < 0:
-            raise ValueError(
+            raise GenerationError(
                 f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}"
             )
         spec: CacheSpec = model.cache_spec
         limit = min(spec.max_cache_len, 2048) if max_cache_len is None else int(max_cache_len)
         if limit < 2 or limit > spec.max_cache_len:
-            raise ValueError(
+            raise GenerationError(
                 f"max_cache_len must be in [2, {spec.max_cache_len}] (the model's context), "
                 f"got {limit}"
             )
