@@ -185,10 +185,13 @@ Firing fatrelu_count_(at::Tensor& g, double t, const uint8_t* pred = nullptr) {
   return r;
 }
 
-// The FFN kernels' problem for x already widened to fp32 ([M, D] contiguous).
-core::FfnProblem ffn_problem(const Weights& w, const at::Tensor& xf, double t, int64_t D,
-                             int64_t F) {
+// The FFN kernels' problem for x2 (the op's rows) and xf, x2 widened to fp32 ([M, D]
+// contiguous); x2 itself rides along when it is bf16 and contiguous (FfnProblem::x_bf16).
+core::FfnProblem ffn_problem(const Weights& w, const at::Tensor& x2, const at::Tensor& xf, double t,
+                             int64_t D, int64_t F) {
   core::FfnProblem p;
+  if (x2.scalar_type() == at::kBFloat16 && x2.is_contiguous())
+    p.x_bf16 = reinterpret_cast<const uint16_t*>(x2.data_ptr<at::BFloat16>());
   p.dtype = w.gv.scalar_type() == at::kFloat ? core::FfnDtype::f32 : core::FfnDtype::bf16;
   p.M = xf.size(0);
   p.D = D;
@@ -231,7 +234,7 @@ at::Tensor ffn24_amx(const at::Tensor& x, const at::Tensor& x2, const Weights& w
   at::Tensor xf = xb.to(at::kFloat).contiguous();
   at::Tensor active = fires.active();
   const int64_t n = fires.neurons;
-  const core::FfnProblem p = ffn_problem(w, xf, t, D, F);
+  const core::FfnProblem p = ffn_problem(w, x2, xf, t, D, F);
   core::ffn_tail(p, a.data_ptr<float>(), active.data_ptr<int32_t>(), n, y.data_ptr(), D);
   return y.view(x.sizes());
 }
@@ -308,7 +311,7 @@ at::Tensor ffn_predicted_kernels(const at::Tensor& x, const at::Tensor& x2, cons
   if (M > 1 && !invariant && static_cast<double>(n) > cross.dense_tail_above * static_cast<double>(F))
     return at::Tensor();
   at::Tensor xf = x2.to(at::kFloat).contiguous();
-  core::FfnProblem p = ffn_problem(w, xf, t, D, F);
+  core::FfnProblem p = ffn_problem(w, x2, xf, t, D, F);
   p.predicted = pred;
   p.predicted_union = cand.data();
   p.npredicted_union = n;
@@ -362,7 +365,7 @@ at::Tensor ffn_cpu(const at::Tensor& x, const Weights& w, double t, int64_t D, i
   }
   if (M > kSparseMaxRows) return ffn_dense_route_cpu(x2, w, t, D, F).view(x.sizes());
   at::Tensor xf = x2.to(at::kFloat).contiguous();
-  core::FfnProblem p = ffn_problem(w, xf, t, D, F);
+  core::FfnProblem p = ffn_problem(w, x2, xf, t, D, F);
   p.predicted = pred;  // applied after the exact gate (see ffn_predicted_kernels)
   p.predicted_after_gate = true;
   const bool packed = w.gm.defined();

@@ -29,10 +29,7 @@ constexpr int kDenseXRows = 6;  // 24 accumulators + a W vector and x: within th
 void dense_gemm_rows_avx512(const float* x, int64_t M, const void* w, FfnDtype dtype, int64_t N,
                             int64_t K, float* y, int nthreads) {
   const int nt = resolve_threads(nthreads);
-  if (dtype == FfnDtype::f32)
-    dense_gemm_small<float>(x, M, static_cast<const float*>(w), N, K, y, nt);
-  else
-    dense_gemm_small<uint16_t>(x, M, static_cast<const uint16_t*>(w), N, K, y, nt);
+  by_weight_type(dtype, w, [&](const auto* wt) { dense_gemm_small(x, M, wt, N, K, y, nt); });
 }
 
 }  // namespace pysparse::core::detail

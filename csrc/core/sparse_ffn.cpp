@@ -69,8 +69,8 @@ void packed_rows_dot(const float* x, const W* const* v, const uint8_t* const* mt
 }
 
 template <typename W>
-void packed_gate(const float* x, int64_t M, const W* values, const uint8_t* meta, const W* bias,
-                 int64_t F, int64_t D, float* a, int nt) {
+void packed_gate(const float* x, const uint16_t* /*xb*/, int64_t M, const W* values,
+                 const uint8_t* meta, const W* bias, int64_t F, int64_t D, float* a, int nt) {
 #pragma omp parallel for schedule(static) num_threads(nt) if (F * D * M >= (1 << 16))
   for (int64_t f = 0; f < F; ++f) {
     const W* v = values + f * (D / 2);

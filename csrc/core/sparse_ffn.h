@@ -53,6 +53,9 @@ struct FfnProblem {
   int64_t D = 0;  // d_model
   int64_t F = 0;  // d_ff
   const float* x = nullptr;  // [M, D] fp32, contiguous (bf16 inputs are widened by the caller)
+  // The same x as the caller's bf16 [M, D] (contiguous) when the input was bf16, else null: the
+  // bf16 gate's dot-product GEMV reads it as it is (no rounding x back to bf16 per call).
+  const uint16_t* x_bf16 = nullptr;
   FfnMatrix gate;            // gated: gate; plain: w1
   const void* gate_bias = nullptr;  // plain: b1 (weight dtype) or null
   FfnMatrix up;                     // gated: up; plain: values == nullptr

@@ -80,24 +80,15 @@ float dense_dot_stream(const float* x, const W* row, int64_t D) {
 }
 
 template <typename W>
-void packed_gate(const float* x, int64_t M, const W* values, const uint8_t* meta, const W* bias,
-                 int64_t F, int64_t D, float* a, int nt) {
+void packed_gate(const float* x, const uint16_t* xb, int64_t M, const W* values,
+                 const uint8_t* meta, const W* bias, int64_t F, int64_t D, float* a, int nt) {
   // The AVX-512 GEMV (one permute per 16 kept weights instead of four) streams the packed gate
   // nearer the memory's speed (bench/ffn.py, bench/ffn_layers.py).
   if constexpr (std::is_same_v<W, uint16_t>) {
-    // bf16 weights: x came from bf16 (the caller widened it), so it rounds back exactly and the
-    // dot-product GEMV can take it; checked, in case a caller ever passes wider values.
-    if (M <= kGemvMaxRowsAvx512 && sparse24_use_bf16_dot()) {
-      std::vector<uint16_t> xb(static_cast<size_t>(M * D));
-      bool exact = true;
-      for (int64_t i = 0; i < M * D; ++i) {
-        xb[i] = float_to_bf16(x[i]);
-        exact &= bf16_to_float(xb[i]) == x[i];
-      }
-      if (exact) {
-        sparse24_gemv_bf16dot_f32out(xb.data(), M, D, values, meta, F, D, bias, a, F, nt);
-        return;
-      }
+    // bf16 weights and the caller's bf16 x: the dot-product GEMV takes them as they are
+    if (xb != nullptr && M <= kGemvMaxRowsAvx512 && sparse24_use_bf16_dot()) {
+      sparse24_gemv_bf16dot_f32out(xb, M, D, values, meta, F, D, bias, a, F, nt);
+      return;
     }
   }
   if (sparse24_use_avx512() && M <= kGemvMaxRowsAvx512)
@@ -228,10 +219,7 @@ void dense_gemv_avx2(const float* x, int64_t M, const void* w, FfnDtype dtype, i
                      int64_t K, float* y, int nthreads) {
   if (M == 1) return dense_gemv_entry(x, M, w, dtype, N, K, y, nthreads);
   const int nt = resolve_threads(nthreads);
-  if (dtype == FfnDtype::f32)
-    dense_gemm_small<float>(x, M, static_cast<const float*>(w), N, K, y, nt);
-  else
-    dense_gemm_small<uint16_t>(x, M, static_cast<const uint16_t*>(w), N, K, y, nt);
+  by_weight_type(dtype, w, [&](const auto* wt) { dense_gemm_small(x, M, wt, N, K, y, nt); });
 }
 
 void unpack_down24_avx2(const void* values, const uint8_t* meta, int64_t F, int64_t D, int64_t n0,

@@ -5,6 +5,16 @@
 
 namespace pysparse::core::detail {
 
+// fn(const float*) or fn(const uint16_t*) for a dense weight of `dtype` (fp32 or bf16 bits): the
+// one place the dense kernels turn an FfnDtype into a weight type.
+template <typename Fn>
+inline void by_weight_type(FfnDtype dtype, const void* w, Fn&& fn) {
+  if (dtype == FfnDtype::f32)
+    fn(static_cast<const float*>(w));
+  else
+    fn(static_cast<const uint16_t*>(w));
+}
+
 int64_t ffn_gate_avx2(const FfnProblem& p, float* a, int32_t* active);
 void ffn_tail_avx2(const FfnProblem& p, const float* a, const int32_t* active, int64_t nactive,
                    void* y, int64_t ldy);
