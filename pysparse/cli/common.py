@@ -61,6 +61,32 @@ def artifact_tokenizer(loaded, directory: str, source: str | None, fix: str):
     return models.load_tokenizer(source)
 
 
+def load_decoder(directory: str) -> tuple[Any, Any]:
+    """(the loaded artifact, its tokenizer) for the commands that generate from a compiled
+    decoder (generate, serve); a RuntimeError saying what to do when it holds no step graph."""
+    from pysparse.artifacts.store import load
+
+    loaded = load(directory)
+    if not loaded.can_generate:
+        raise RuntimeError(
+            f"{directory} holds no generation step graph (it is not a decoder, or its capture "
+            "failed at compile time; see that log); recompile a *ForCausalLM model"
+        )
+    source = loaded.manifest.get("model", {}).get("source")
+    return loaded, artifact_tokenizer(loaded, directory, source, "recompile it with its tokenizer")
+
+
+def add_native_argument(p: Any) -> None:
+    """``--no-native`` (``args.native``), for the commands that run a step graph."""
+    p.add_argument(
+        "--no-native",
+        dest="native",
+        action="store_false",
+        help="run the step graph op by op instead of as native code (by default it is compiled "
+        "natively the first time on this machine, then taken from the cache)",
+    )
+
+
 def reference_of(
     loaded: Any, directory: str, reference: str | None, fix: str, with_model: bool = True
 ) -> tuple[Any, Any]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from pysparse.cli.common import artifact_tokenizer
+from pysparse.cli.common import add_native_argument, load_decoder
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,30 +30,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="KV-cache limit, prompt + new tokens (default: the model's context length)",
     )
-    p.add_argument(
-        "--no-native",
-        dest="native",
-        action="store_false",
-        help="run the step graph op by op instead of as native code (by default it is compiled "
-        "natively the first time on this machine, then taken from the cache)",
-    )
+    add_native_argument(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    from pysparse.artifacts.store import load
     from pysparse.runtime.native import enabled as native_enabled
 
-    loaded = load(args.dir)
-    if not loaded.can_generate:
-        raise RuntimeError(
-            f"{args.dir} holds no generation step graph (it is not a decoder, or its capture "
-            "failed at compile time; see that log); recompile a *ForCausalLM model"
-        )
-    source = loaded.manifest.get("model", {}).get("source")
-    tok = artifact_tokenizer(loaded, args.dir, source, "recompile it with its tokenizer")
+    loaded, tok = load_decoder(args.dir)
     enc = _encode_prompt(args, tok)
     if args.native and native_enabled():  # before the prompt: a first build logs, then text
         loaded.native_step()

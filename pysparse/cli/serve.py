@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from pysparse.cli.common import artifact_tokenizer
+from pysparse.cli.common import add_native_argument, load_decoder
 
 _log = logging.getLogger("pysparse.serve")
 
@@ -45,12 +45,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model-name", default=None, help="the model id clients send (default: DIR's name)"
     )
-    p.add_argument(
-        "--no-native",
-        dest="native",
-        action="store_false",
-        help="run the step graph op by op instead of as native code",
-    )
+    add_native_argument(p)
     p.add_argument(
         "--no-batch-invariant",
         dest="invariant",
@@ -72,16 +67,7 @@ def run(args: argparse.Namespace) -> int:
             f"pysparse serve needs the server packages ({exc.name} is missing): "
             "pip install 'pysparse[serve]'"
         ) from exc
-    from pysparse.artifacts.store import load
-
-    loaded = load(args.dir)
-    if not loaded.can_generate:
-        raise RuntimeError(
-            f"{args.dir} holds no generation step graph (it is not a decoder, or its capture "
-            "failed at compile time); recompile a *ForCausalLM model"
-        )
-    source = loaded.manifest.get("model", {}).get("source")
-    tok = artifact_tokenizer(loaded, args.dir, source, "recompile it with its tokenizer")
+    loaded, tok = load_decoder(args.dir)
     engine = Engine(
         loaded,
         max_batch=args.max_batch,
