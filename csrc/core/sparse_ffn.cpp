@@ -28,12 +28,19 @@ inline void store1(float* p, float v) { *p = v; }
 inline void store1(uint16_t* p, float v) { *p = float_to_bf16(v); }
 
 template <int RB, typename W>
-void dense_dot_rows(const float* x, const W* const* rows, int64_t D, float* out) {
+void dense_pairs_dot(const float* const* x, const W* const* rows, int64_t D, float* out) {
   for (int r = 0; r < RB; ++r) {
     float s = 0.f;
-    for (int64_t k = 0; k < D; ++k) s = std::fma(load1(rows[r] + k), x[k], s);
+    for (int64_t k = 0; k < D; ++k) s = std::fma(load1(rows[r] + k), x[r][k], s);
     out[r] = s;
   }
+}
+
+template <int RB, typename W>
+void dense_dot_rows(const float* x, const W* const* rows, int64_t D, float* out) {
+  const float* xs[RB];
+  for (int r = 0; r < RB; ++r) xs[r] = x;
+  dense_pairs_dot<RB>(xs, rows, D, out);
 }
 
 // The dense GEMV's dot (see sparse_ffn_avx2.cpp): the same four chains of 8 lanes, in scalar.
@@ -55,17 +62,25 @@ float dense_dot_stream(const float* x, const W* row, int64_t D) {
 }
 
 template <int RB, typename W>
-void packed_rows_dot(const float* x, const W* const* v, const uint8_t* const* mt, int64_t D,
-                     float* out) {
+void packed_pairs_dot(const float* const* x, const W* const* v, const uint8_t* const* mt,
+                      int64_t D, float* out) {
   for (int r = 0; r < RB; ++r) {
     float s = 0.f;
     for (int64_t g = 0; g < D / 4; ++g) {
       const unsigned nib = (mt[r][g / 2] >> ((g & 1) * 4)) & 0xFu;
-      s = std::fma(load1(v[r] + 2 * g), x[4 * g + (nib & 3u)], s);
-      s = std::fma(load1(v[r] + 2 * g + 1), x[4 * g + (nib >> 2)], s);
+      s = std::fma(load1(v[r] + 2 * g), x[r][4 * g + (nib & 3u)], s);
+      s = std::fma(load1(v[r] + 2 * g + 1), x[r][4 * g + (nib >> 2)], s);
     }
     out[r] = s;
   }
+}
+
+template <int RB, typename W>
+void packed_rows_dot(const float* x, const W* const* v, const uint8_t* const* mt, int64_t D,
+                     float* out) {
+  const float* xs[RB];
+  for (int r = 0; r < RB; ++r) xs[r] = x;
+  packed_pairs_dot<RB>(xs, v, mt, D, out);
 }
 
 template <typename W>
@@ -99,17 +114,9 @@ void axpy_packed_rows(const float* h, const W* const* v, const uint8_t* const* m
 }
 
 template <int R, typename W>
-void axpy_group_rows(const float* const* h4, const W* const* v0, const W* const* v1,
-                     const uint8_t* const* meta, float* acc, int64_t len) {
-  for (int64_t i = 0; i < len; ++i) {
-    float s = acc[i];
-    for (int r = 0; r < R; ++r) {
-      const unsigned nib = (meta[r][i / 2] >> ((i & 1) * 4)) & 0xFu;
-      s = std::fma(load1(v0[r] + i), h4[r][nib & 3u], s);
-      s = std::fma(load1(v1[r] + i), h4[r][nib >> 2], s);
-    }
-    acc[i] = s;
-  }
+void axpy_group_rows(int n, const float* const* h4, float* const* acc, const W* const* v0,
+                     const W* const* v1, const uint8_t* const* meta, int64_t len) {
+  axpy_group_rows_scalar<R>(n, h4, acc, v0, v1, meta, 0, len);
 }
 
 #include "sparse_ffn_driver.inc"

@@ -37,21 +37,31 @@ constexpr Route kGemvRoute = Route::kGemvAvx2;  // the FFN's packed gate on the 
 #include "sparse_ffn_groups_scalar.inc"
 
 // One accumulator chain per row whatever RB is (see the driver): RB = 8 for the gate gives eight
-// streams and eight independent chains; the up phase uses RB = 4.
-template <int RB, typename W>
-void dense_dot_rows(const float* x, const W* const* rows, int64_t D, float* out) {
+// streams and eight independent chains; the up phase uses RB = 4. Row r against x_at(r).
+template <int RB, typename W, typename XAt>
+void dense_dot_impl(XAt x_at, const W* const* rows, int64_t D, float* out) {
   const int64_t body = D / 8 * 8;
   __m256 acc[RB];
   for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < body; k += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + k);
-    for (int r = 0; r < RB; ++r) acc[r] = _mm256_fmadd_ps(load8(rows[r] + k), xv, acc[r]);
-  }
+  for (int64_t k = 0; k < body; k += 8)
+    for (int r = 0; r < RB; ++r)
+      acc[r] = _mm256_fmadd_ps(load8(rows[r] + k), _mm256_loadu_ps(x_at(r) + k), acc[r]);
   for (int r = 0; r < RB; ++r) {
+    const float* x = x_at(r);
     float s = hsum(acc[r]);
     for (int64_t k = body; k < D; ++k) s = std::fma(load1(rows[r] + k), x[k], s);
     out[r] = s;
   }
+}
+
+template <int RB, typename W>
+void dense_dot_rows(const float* x, const W* const* rows, int64_t D, float* out) {
+  dense_dot_impl<RB>([x](int) { return x; }, rows, D, out);
+}
+
+template <int RB, typename W>
+void dense_pairs_dot(const float* const* x, const W* const* rows, int64_t D, float* out) {
+  dense_dot_impl<RB>([x](int r) { return x[r]; }, rows, D, out);
 }
 
 // One row of W against one fp32 row of x on a single address stream (the dense GEMV's order:
@@ -165,37 +175,40 @@ void axpy_packed_rows(const float* h, const W* const* v, const uint8_t* const* m
   axpy_packed_groups_scalar<R>(h, v, meta, acc, body / 4, len / 4);
 }
 
+// n rows of x at once over R neuron groups (the driver's down phase): row j's acc[j][i] +=, per
+// group r in order, v0_r[i] h4[j][r][idx0(i)] then v1_r[i] h4[j][r][idx1(i)] -- for each row the
+// same fused multiply-adds in the same order whatever n is; the meta is decoded and the values
+// loaded once for all n rows.
 template <int R, typename W>
-void axpy_group_rows(const float* const* h4, const W* const* v0, const W* const* v1,
-                     const uint8_t* const* meta, float* acc, int64_t len) {
-  __m256 hv[R];
-  for (int r = 0; r < R; ++r) hv[r] = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(h4[r]));
+void axpy_group_rows(int n, const float* const* h4, float* const* acc, const W* const* v0,
+                     const W* const* v1, const uint8_t* const* meta, int64_t len) {
   const __m256i shift0 = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
   const __m256i shift1 = _mm256_add_epi32(shift0, _mm256_set1_epi32(2));
   const __m256i three = _mm256_set1_epi32(3);
   const int64_t body = len / 8 * 8;
   for (int64_t i = 0; i < body; i += 8) {
-    __m256 s = _mm256_loadu_ps(acc + i);
+    __m256i i0[R], i1[R];
+    __m256 w0[R], w1[R];
     for (int r = 0; r < R; ++r) {
       uint32_t word;
       std::memcpy(&word, meta[r] + i / 2, sizeof(word));
       const __m256i wv = _mm256_set1_epi32(static_cast<int>(word));
-      const __m256i i0 = _mm256_and_si256(_mm256_srlv_epi32(wv, shift0), three);
-      const __m256i i1 = _mm256_and_si256(_mm256_srlv_epi32(wv, shift1), three);
-      s = _mm256_fmadd_ps(load8(v0[r] + i), _mm256_permutevar8x32_ps(hv[r], i0), s);
-      s = _mm256_fmadd_ps(load8(v1[r] + i), _mm256_permutevar8x32_ps(hv[r], i1), s);
+      i0[r] = _mm256_and_si256(_mm256_srlv_epi32(wv, shift0), three);
+      i1[r] = _mm256_and_si256(_mm256_srlv_epi32(wv, shift1), three);
+      w0[r] = load8(v0[r] + i);
+      w1[r] = load8(v1[r] + i);
     }
-    _mm256_storeu_ps(acc + i, s);
-  }
-  for (int64_t i = body; i < len; ++i) {
-    float s = acc[i];
-    for (int r = 0; r < R; ++r) {
-      const unsigned nib = (meta[r][i / 2] >> ((i & 1) * 4)) & 0xFu;
-      s = std::fma(load1(v0[r] + i), h4[r][nib & 3u], s);
-      s = std::fma(load1(v1[r] + i), h4[r][nib >> 2], s);
+    for (int j = 0; j < n; ++j) {
+      __m256 s = _mm256_loadu_ps(acc[j] + i);
+      for (int r = 0; r < R; ++r) {
+        const __m256 hv = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(h4[j * R + r]));
+        s = _mm256_fmadd_ps(w0[r], _mm256_permutevar8x32_ps(hv, i0[r]), s);
+        s = _mm256_fmadd_ps(w1[r], _mm256_permutevar8x32_ps(hv, i1[r]), s);
+      }
+      _mm256_storeu_ps(acc[j] + i, s);
     }
-    acc[i] = s;
   }
+  axpy_group_rows_scalar<R>(n, h4, acc, v0, v1, meta, body, len);
 }
 
 #include "sparse_ffn_driver.inc"

@@ -92,9 +92,19 @@ def run(args: argparse.Namespace) -> int:
     # finish; its shutdown then stops the engine, whose loop returns here.
     config = uvicorn.Config(server.app, host=args.host, port=args.port, log_level="warning")
     web = uvicorn.Server(config)
-    thread = threading.Thread(target=web.run, name="pysparse-http", daemon=True)
+
+    def serve_http() -> None:
+        # However uvicorn ends (its lifespan shutdown, a signal while it was still starting, a
+        # failure), the engine on the main thread must stop too, or engine.run() never returns.
+        try:
+            web.run()
+        finally:
+            engine.stop(drain=not web.force_exit)
+
+    thread = threading.Thread(target=serve_http, name="pysparse-http", daemon=True)
 
     def on_signal(signum: int, frame: object) -> None:
+        server.draining = True  # /health answers 503 "draining" from now on
         if web.should_exit:  # a second Ctrl-C: stop now
             web.force_exit = True
             engine.stop(drain=False)

@@ -27,10 +27,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.background import BackgroundTask
 
 from pysparse.runtime.generate import GenerationError
 from pysparse.serving.engine import Engine, EngineStopped, QueueFull, Sampling, Sequence
@@ -93,7 +94,7 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -105,7 +106,7 @@ class _Common(BaseModel):
     @classmethod
     def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
         for k, v in (bias or {}).items():
-            if not k.lstrip("-").isdigit():
+            if not (k.isascii() and k.lstrip("-").isdigit()):
                 raise ValueError(f"keys are token ids; got {k!r}")
             if not -100 <= v <= 100:
                 raise ValueError(f"biases are in [-100, 100]; got {v} for token {k}")
@@ -256,20 +257,19 @@ class Server:
         async def metrics() -> Response:
             return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
-        @app.get("/v1/models")
+        auth = [Depends(self._authorize)]  # (before the body is validated: 401 wins over 400)
+
+        @app.get("/v1/models", dependencies=auth)
         async def models(request: Request) -> JSONResponse:
-            self._authorize(request)
             return JSONResponse({"object": "list", "data": [self._model_card()]})
 
-        @app.get("/v1/models/{name:path}")
+        @app.get("/v1/models/{name:path}", dependencies=auth)
         async def model(name: str, request: Request) -> JSONResponse:
-            self._authorize(request)
             self._check_model(name)
             return JSONResponse(self._model_card())
 
-        @app.post("/v1/completions")
+        @app.post("/v1/completions", dependencies=auth)
         async def completions(body: CompletionRequest, request: Request) -> Response:
-            self._authorize(request)
             self._check_model(body.model)
             if isinstance(body.prompt, str):
                 ids = self.tok(body.prompt, add_special_tokens=False)["input_ids"]
@@ -279,9 +279,8 @@ class Server:
                 ids = list(body.prompt)
             return await self._respond(request, body, ids, chat=False)
 
-        @app.post("/v1/chat/completions")
+        @app.post("/v1/chat/completions", dependencies=auth)
         async def chat(body: ChatRequest, request: Request) -> Response:
-            self._authorize(request)
             self._check_model(body.model)
             if not getattr(self.tok, "chat_template", None):
                 raise ApiError(
@@ -289,11 +288,16 @@ class Server:
                     "this model's tokenizer has no chat template; use /v1/completions",
                     "messages",
                 )
-            text = self.tok.apply_chat_template(
-                [{"role": m.role, "content": m.text()} for m in body.messages],
-                tokenize=False,
-                add_generation_prompt=True,
-            )
+            try:
+                text = self.tok.apply_chat_template(
+                    [{"role": m.role, "content": m.text()} for m in body.messages],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+            except Exception as exc:
+                raise ApiError(
+                    400, f"the model's chat template refused the messages: {exc}", "messages"
+                ) from exc
             ids = self.tok(text, add_special_tokens=False)["input_ids"]
             return await self._respond(request, body, ids, chat=True)
 
@@ -394,13 +398,17 @@ class Server:
             raise ApiError(400, str(exc), "prompt") from exc
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
-        pieces = self._pieces(seq, events, stops)
+        used = [0]  # tokens the response is made of (a stop string can end it before the engine)
+        pieces = self._pieces(seq, events, stops, used)
         if body.stream:
             self.metrics.requests.labels(endpoint, "200").inc()
             return StreamingResponse(
-                self._sse(request, seq, pieces, rid, created, chat, len(ids)),
+                self._sse(request, seq, pieces, rid, created, chat, len(ids), used),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                # runs however the response ends, also when the client left before the stream
+                # began (the generator's own finally never runs then)
+                background=BackgroundTask(self.engine.cancel, seq),
             )
         text: list[str] = []
         finish: list[str | None] = [None]
@@ -411,16 +419,22 @@ class Server:
                 finish[0] = reason or finish[0]
 
         task = asyncio.ensure_future(collect())
+        gone = False
         try:  # a client that goes away cancels its sequence (checked twice a second)
             while not task.done():
                 await asyncio.wait({task}, timeout=0.5)
                 if not task.done() and await request.is_disconnected():
+                    gone = True
                     task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
                     break
-            if not task.cancelled():
+            if not gone:
                 task.result()
         finally:
             self.engine.cancel(seq)  # (no-op when it finished)
+        if gone:  # nobody to answer; counted as nginx does a client that closed first
+            self.metrics.requests.labels(endpoint, "499").inc()
+            return Response(status_code=499)
         if seq.finish_reason == "error":
             self.metrics.requests.labels(endpoint, "500").inc()
             raise ApiError(500, f"generation failed: {seq.error}")
@@ -438,21 +452,23 @@ class Server:
                 "created": created,
                 "model": self.model_name,
                 "choices": [choice],
-                "usage": _usage(len(ids), len(seq.tokens)),
+                "usage": _usage(len(ids), used[0]),
             }
         )
 
     async def _pieces(
-        self, seq: Sequence, events: asyncio.Queue, stops: list[str]
+        self, seq: Sequence, events: asyncio.Queue, stops: list[str], used: list[int]
     ) -> AsyncIterator[tuple[str, str | None]]:
         """(text delta, finish reason on the last) as the engine produces tokens; stop strings
-        end it (the engine's sequence is cancelled)."""
+        end it (the engine's sequence is cancelled: it may have decoded a token or two more,
+        which ``used[0]``, the tokens taken into the text, does not count)."""
         detok = _Detokenizer(self.tok)
         held = ""  # text that might still turn into a stop string
         keep = max((len(s) for s in stops), default=1) - 1
         while True:
             kind, value = await events.get()
             if kind == "token":
+                used[0] += 1
                 held += detok.add(value)
             else:
                 held += detok.flush()
@@ -482,6 +498,7 @@ class Server:
         created: int,
         chat: bool,
         prompt_tokens: int,
+        used: list[int],
     ) -> AsyncIterator[bytes]:
         def event(delta: str | None, finish: str | None, first: bool = False) -> bytes:
             if chat:
@@ -509,7 +526,7 @@ class Server:
                 "choices": [choice],
             }
             if finish is not None:
-                chunk["usage"] = _usage(prompt_tokens, len(seq.tokens))
+                chunk["usage"] = _usage(prompt_tokens, used[0])
             return f"data: {json.dumps(chunk)}\n\n".encode()
 
         try:

@@ -245,6 +245,12 @@ class Engine:
         next step; nothing else is disturbed. Safe from any thread, any number of times."""
         with self._cond:
             seq._cancel = True
+            try:  # still waiting for a slot: it leaves the queue now (not when a slot frees)
+                self._pending.remove(seq)
+            except ValueError:
+                pass
+            else:
+                self._finish(seq, "cancelled")
             self._cond.notify_all()
 
     def start(self) -> Engine:
@@ -269,7 +275,7 @@ class Engine:
         passed); a scheduler in ``run`` returns from it on its own."""
         with self._cond:
             self._stopping = True
-            self._abort = not drain
+            self._abort = self._abort or not drain  # (a later draining stop undoes no abort)
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -330,7 +336,10 @@ class Engine:
             return
         self.active.append(seq)
         self.clock = max(self.clock, P)
-        self._emit(seq, token)
+        try:
+            self._emit(seq, token)
+        except Exception as exc:  # noqa: BLE001 (its callbacks raised: this request fails)
+            self._fail(seq, exc)
         if seq.finished:
             self._remove(len(self.active) - 1)
 
@@ -406,11 +415,11 @@ class Engine:
         if seq.finished:
             return
         seq.finish_reason, seq.error, seq.finished_s = reason, error, time.perf_counter()
-        self.observer.finished(seq)
         try:
+            self.observer.finished(seq)
             seq.on_finish(seq)
         except Exception:  # noqa: BLE001 (a caller's callback must not stop the engine)
-            _log.exception("on_finish of request %d raised", seq.id)
+            _log.exception("a finish callback of request %d raised", seq.id)
 
     def _fail(self, seq: Sequence, exc: BaseException) -> None:
         _log.error("request %d failed: %s: %s", seq.id, type(exc).__name__, exc)

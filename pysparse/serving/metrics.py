@@ -30,7 +30,8 @@ class _Rate:
 
     def value(self) -> float:
         now = time.monotonic()
-        recent = [(n, s) for t, n, s in self.events if t >= now - _WINDOW_S]
+        # (a copy first: the engine's thread appends while the HTTP thread reads)
+        recent = [(n, s) for t, n, s in list(self.events) if t >= now - _WINDOW_S]
         busy = sum(s for _, s in recent)
         return sum(n for n, _ in recent) / busy if busy else 0.0
 
