@@ -90,6 +90,7 @@ class Sequence:
     _position: int = 0  # the position (RoPE) of the next token to feed
     _last_s: float = 0.0  # when the last token came
     _generator: torch.Generator | None = None
+    _bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values)
 
     @property
     def finished(self) -> bool:
@@ -190,6 +191,10 @@ class Engine:
         self._stopping = False  # no new requests
         self._abort = False  # end now, failing what runs
         self.fault: Callable[[Sequence], None] | None = None  # tests: raise inside a request's step
+        # Called on the scheduler's thread after each round's tokens are handed out, before the
+        # next step: the server waits there until its event loop has taken them (see
+        # Server._mailbox), so that work does not run beside the next step's kernels.
+        self.after_step: Callable[[], None] | None = None
 
     # ---- the caller's side ------------------------------------------------------------------
 
@@ -307,6 +312,11 @@ class Engine:
             self._drop_cancelled()
             if self.active:
                 self._decode()
+            if self.after_step is not None:
+                try:
+                    self.after_step()
+                except Exception:  # noqa: BLE001 (a caller's hook must not stop the engine)
+                    _log.exception("the engine's after_step hook raised")
 
     def _prefill(self, seq: Sequence) -> None:
         slot = len(self.active)
@@ -371,14 +381,15 @@ class Engine:
         self.clock += 1
         self.steps += 1
         self.observer.decode(B, time.perf_counter() - t0)
-        greedy = logits.float().argmax(-1).tolist()
+        logits = self._biased(logits, self.active)  # (one copy for the batch, not one a row)
+        greedy = logits.argmax(-1).tolist()
         for i, seq in enumerate(self.active):
             seq._position += 1
             try:
                 if self.fault is not None:
                     self.fault(seq)
-                plain = seq.sampling.temperature <= 0 and not seq.sampling.logit_bias
-                token = greedy[i] if plain else self._sample(seq, logits[i : i + 1])
+                plain = seq.sampling.temperature <= 0
+                token = greedy[i] if plain else self._sample(seq, logits[i : i + 1], bias=False)
                 self._emit(seq, token)
             except Exception as exc:  # noqa: BLE001 (one row: that request fails)
                 self._fail(seq, exc)
@@ -386,12 +397,29 @@ class Engine:
             if self.active[i].finished:
                 self._remove(i)
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+    @staticmethod
+    def _biased(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """``logits`` [len(seqs), vocab] as fp32 with each row's logit_bias added (a copy when
+        any row has one)."""
+        rows = [(i, s) for i, s in enumerate(seqs) if s.sampling.logit_bias]
+        logits = logits.float()
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i, seq in rows:
+            if seq._bias is None:
+                b = seq.sampling.logit_bias
+                seq._bias = (
+                    torch.tensor(list(b), device=logits.device),
+                    torch.tensor(list(b.values()), dtype=logits.dtype, device=logits.device),
+                )
+            logits[i, seq._bias[0]] += seq._bias[1]
+        return logits
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor, bias: bool = True) -> int:
         s = seq.sampling
-        if s.logit_bias:
-            logits = logits.float().clone()
-            ids = torch.tensor(list(s.logit_bias), device=logits.device)
-            logits[:, ids] += torch.tensor(list(s.logit_bias.values()), device=logits.device)
+        if bias:
+            logits = self._biased(logits, [seq])
         if s.temperature <= 0:
             return int(logits.float().argmax(-1))
         return int(_choose(logits, True, s.temperature, s.top_k, s.top_p, seq._generator)[0])
