@@ -15,8 +15,19 @@ from pysparse.kernels import formats, ops
 from pysparse.kernels import reference as R
 
 # (M rows of x, d_model, d_ff): M = 1 (decode), odd M, the 16-row limit of the sparse route and 17
-# (dense route); d_model not a multiple of 8 (scalar column tails), d_ff not a multiple of 8.
-SHAPES = [(1, 4, 4), (1, 36, 20), (3, 44, 28), (8, 64, 100), (16, 132, 36), (17, 40, 24)]
+# (fp32 2:4: the sparse route in 16-row chunks up to 48 rows; others: the dense route), 33 (three
+# chunks, the last of one row), 49 (dense route); d_model not a multiple of 8 (scalar column
+# tails), d_ff not a multiple of 8.
+SHAPES = [
+    (1, 4, 4),
+    (1, 36, 20),
+    (3, 44, 28),
+    (8, 64, 100),
+    (16, 132, 36),
+    (17, 40, 24),
+    (33, 40, 24),
+    (49, 40, 24),
+]
 DENSE_ONLY_SHAPES = [(5, 37, 21), (2, 9, 3)]  # no 2:4 possible: d_model or d_ff not % 4
 
 
@@ -124,6 +135,7 @@ def test_24_dense_route_in_chunks(monkeypatch, dtype, chunk_kb):
     chunk of outputs at a time: tiny chunks cut W_down [D, F] into several, of 16 (1 KB) and of an
     odd 21 rows (2 KB at d_ff 24 fp32: a chunk starting at an odd output, the high meta nibble)."""
     monkeypatch.setenv("PYSPARSE_DENSE_CHUNK_KB", chunk_kb)
+    monkeypatch.setenv("PYSPARSE_FFN_CHUNK_MAX_ROWS", "16")  # (fp32 would take 16-row chunks)
     M, D, F = 19, 42 + 2, 24
     x, wg, wu, wdt, b1, b2 = make(M, D, F, dtype, seed=7)
     g24, u24, d24 = packed(wg, wu, wdt)
