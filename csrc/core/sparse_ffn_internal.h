@@ -20,7 +20,7 @@ void ffn_tail_avx2(const FfnProblem& p, const float* a, const int32_t* active, i
                    void* y, int64_t ldy);
 void dense_gemv_avx2(const float* x, int64_t M, const void* w, FfnDtype dtype, int64_t N,
                      int64_t K, float* y, int nthreads);
-// M >= 2 rows of x with AVX-512VL's 32 ymm registers (dense_rows_avx512.cpp): the same bits.
+// M >= 2 rows of x with AVX-512 (dense_rows_avx512.cpp: zmm, 4 rows of x a pass): the same bits.
 void dense_gemm_rows_avx512(const float* x, int64_t M, const void* w, FfnDtype dtype, int64_t N,
                             int64_t K, float* y, int nthreads);
 void unpack_down24_avx2(const void* values, const uint8_t* meta, int64_t F, int64_t D, int64_t n0,
